@@ -1,0 +1,50 @@
+"""``python -m sockudo``: the command-line entry point.
+
+gevent's monkey-patching happens here, first, and nowhere else.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from .config import load_config  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .logs import setup_logging  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sockudo", description="Pusher-compatible realtime server")
+    parser.add_argument("--config", help="TOML config file (default: $SOCKUDO_CONFIG, else built-in defaults)")
+    parser.add_argument("--host", help="listen address (overrides config and HOST)")
+    parser.add_argument("--port", type=int, help="listen port (overrides config and PORT)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config or os.environ.get("SOCKUDO_CONFIG") or None)
+        if args.host:
+            config = replace(config, host=args.host)
+        if args.port:
+            config = replace(config, port=args.port)
+    except ConfigError as exc:
+        print(f"sockudo: {exc}", file=sys.stderr)
+        return 2
+
+    setup_logging(config.log_format, config.log_level)
+    from .server.main import Server
+
+    try:
+        Server(config).serve_forever()
+    except OSError as exc:
+        logging.getLogger("sockudo").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Adapters route frames to sockets: locally, and (later) across nodes through Redis.
+
+Every method is synchronous. A cross-node adapter may block its caller's greenlet while it
+asks the other nodes; the handler neither knows nor cares.
+"""
+
+from .base import Adapter
+from .local import LocalAdapter
+
+__all__ = ["Adapter", "LocalAdapter"]

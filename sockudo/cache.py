@@ -1,0 +1,44 @@
+"""Key-value cache with TTL, for cache-channel payloads (spec §2.6). In memory on one node."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Cache(Protocol):
+    def get(self, key: str) -> tuple[str, float] | None:
+        """``(value, seconds_left)`` or None."""
+
+    def set(self, key: str, value: str, ttl_seconds: float) -> None: ...
+
+
+class MemoryCache:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._items: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str) -> tuple[str, float] | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        left = expires - self._clock()
+        if left <= 0:
+            del self._items[key]
+            return None
+        return value, left
+
+    def set(self, key: str, value: str, ttl_seconds: float) -> None:
+        self._items[key] = (value, self._clock() + ttl_seconds)
+        if len(self._items) > 1024 and len(self._items) % 1024 == 0:
+            self.sweep()
+
+    def sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, exp) in self._items.items() if exp <= now]:
+            del self._items[key]
+
+
+def cache_channel_key(app_id: str, channel: str) -> str:
+    return f"app:{app_id}:channel:{channel}:cache_miss"

@@ -1,0 +1,408 @@
+"""Configuration: code defaults, then a TOML file, then environment variables (spec §8.2).
+
+Read once at start-up into frozen dataclasses and passed down. Key names follow Sockudo's
+``config.toml`` so a Sockudo config file mostly carries over. Any invalid value fails
+start-up with a message naming the key; the server never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_APP_ID = "app-id"
+DEFAULT_APP_KEY = "app-key"
+DEFAULT_APP_SECRET = "app-secret"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One tenant. Unset limits fall back to Pusher's defaults (spec §8.1)."""
+
+    id: str
+    key: str
+    secret: str
+    enabled: bool = True
+    max_connections: int = 0  # 0 = unlimited
+    enable_client_messages: bool = False
+    max_client_events_per_second: int = 10  # per connection; 0 = off
+    max_presence_members_per_channel: int = 100
+    max_presence_member_size_in_kb: float = 2
+    max_channel_name_length: int = 200
+    max_event_name_length: int = 200
+    max_event_payload_in_kb: float = 10
+    max_event_channels_at_once: int = 100
+    max_event_batch_size: int = 10
+    enable_user_authentication: bool = False
+    enable_watchlist_events: bool = False
+    enable_subscription_count: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    webhooks: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9601
+    prefix: str = "sockudo_"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 6001
+    debug: bool = False
+    activity_timeout: int = 120
+    pong_timeout: int = 30
+    user_authentication_timeout: int = 3600
+    websocket_max_payload_kb: int = 64
+    max_connections: int = 0  # node-wide; 0 = unlimited
+    websocket_max_messages: int = 1000  # outbound frames queued per socket before 4100
+    request_limit_in_mb: float = 10
+    shutdown_grace_period: int = 10
+    adapter_driver: str = "local"
+    redis_url: str | None = None
+    log_format: str = "human"
+    log_level: str = "INFO"
+    node_id: str | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    apps: tuple[AppConfig, ...] = ()
+
+
+def builtin_default_app() -> AppConfig:
+    """The app ``make run`` serves with no configuration at all."""
+    return AppConfig(
+        id=DEFAULT_APP_ID,
+        key=DEFAULT_APP_KEY,
+        secret=DEFAULT_APP_SECRET,
+        enable_client_messages=True,
+    )
+
+
+# -- ${VAR} interpolation ------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Substitute ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is fatal."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"config: environment variable ${{{name}}} is not set and has no default")
+
+    return _VAR.sub(sub, text)
+
+
+# -- value coercion (numbers may be strings, as in Sockudo) --------------------
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
+    try:
+        number = int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: {key} must be a whole number, got {value!r}") from None
+    if isinstance(value, float) and value != number:
+        raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
+    if number < 0:
+        raise ConfigError(f"config: {key} must not be negative, got {value!r}")
+    return number
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {key} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: {key} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"config: {key} must not be negative, got {value!r}")
+    return number
+
+
+def _to_str(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"config: {key} must be a string, got {value!r}")
+    return str(value)
+
+
+def _to_str_tuple(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"config: {key} must be a list of strings or a comma-separated string")
+
+
+def _to_webhooks(key: str, value: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"config: {key} must be a list of tables")
+    return tuple(value)
+
+
+_COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    ann = str(annotation)
+    if ann == "tuple[str, ...]":
+        return _to_str_tuple(key, value)
+    if ann.startswith("tuple[Mapping"):
+        return _to_webhooks(key, value)
+    if ann == "str | None":
+        return None if value is None else _to_str(key, value)
+    for typ, fn in _COERCE.items():
+        if ann == typ.__name__:
+            return fn(key, value)
+    raise ConfigError(f"config: {key} has an unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ConfigError(f"config: unknown key {where}{name}")
+        kwargs[name] = _coerce(f"{where}{name}", known[name].type, value)
+    return cls(**kwargs)
+
+
+# -- apps ---------------------------------------------------------------------
+
+
+def parse_app(raw: Mapping[str, Any], where: str) -> AppConfig:
+    """An app table, flat or with Sockudo's nested ``policy.{limits,features,…}`` sections."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: {where} must be a table")
+    flat = {k: v for k, v in raw.items() if k != "policy"}
+    policy = raw.get("policy", {})
+    if not isinstance(policy, Mapping):
+        raise ConfigError(f"config: {where}.policy must be a table")
+    for section in policy.values():
+        if isinstance(section, Mapping):
+            flat.update(section)
+    for required in ("id", "key", "secret"):
+        if required not in flat or flat[required] in ("", None):
+            raise ConfigError(f"config: {where}.{required} is required")
+    return _build(AppConfig, flat, f"{where}.")
+
+
+def _check_apps(apps: tuple[AppConfig, ...]) -> None:
+    seen_ids: set[str] = set()
+    seen_keys: set[str] = set()
+    for app in apps:
+        if app.id in seen_ids:
+            raise ConfigError(f"config: app id {app.id!r} is defined twice")
+        if app.key in seen_keys:
+            raise ConfigError(f"config: app key {app.key!r} is defined twice (app {app.id!r})")
+        seen_ids.add(app.id)
+        seen_keys.add(app.key)
+
+
+# -- loading ------------------------------------------------------------------
+
+# Top-level scalar keys and the Config field each maps to.
+_TOP_LEVEL = {
+    "host": "host",
+    "port": "port",
+    "debug": "debug",
+    "activity_timeout": "activity_timeout",
+    "pong_timeout": "pong_timeout",
+    "user_authentication_timeout": "user_authentication_timeout",
+    "websocket_max_payload_kb": "websocket_max_payload_kb",
+    "max_connections": "max_connections",
+    "shutdown_grace_period": "shutdown_grace_period",
+    "node_id": "node_id",
+}
+
+# Environment variables and the Config field each overrides.
+_ENV = {
+    "HOST": "host",
+    "PORT": "port",
+    "DEBUG": "debug",
+    "ACTIVITY_TIMEOUT": "activity_timeout",
+    "PONG_TIMEOUT": "pong_timeout",
+    "USER_AUTHENTICATION_TIMEOUT": "user_authentication_timeout",
+    "WEBSOCKET_MAX_PAYLOAD_KB": "websocket_max_payload_kb",
+    "WEBSOCKET_MAX_MESSAGES": "websocket_max_messages",
+    "SOCKUDO_MAX_CONNECTIONS": "max_connections",
+    "SHUTDOWN_GRACE_PERIOD": "shutdown_grace_period",
+    "HTTP_API_REQUEST_LIMIT_IN_MB": "request_limit_in_mb",
+    "ADAPTER_DRIVER": "adapter_driver",
+    "REDIS_URL": "redis_url",
+    "LOG_OUTPUT_FORMAT": "log_format",
+    "LOG_LEVEL": "log_level",
+    "NODE_ID": "node_id",
+}
+
+_METRICS_ENV = {
+    "METRICS_ENABLED": "enabled",
+    "METRICS_HOST": "host",
+    "METRICS_PORT": "port",
+    "METRICS_PREFIX": "prefix",
+}
+
+_SECTIONS = {"websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging"}
+
+
+def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten the TOML document into Config keyword values (strings still raw)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TOP_LEVEL:
+            out[_TOP_LEVEL[key]] = value
+        elif key not in _SECTIONS:
+            raise ConfigError(f"config: unknown key {key}")
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config: [{name}] must be a table")
+        return value
+
+    def take(sec: Mapping[str, Any], prefix: str, mapping: Mapping[str, str]) -> None:
+        for key, value in sec.items():
+            if key not in mapping:
+                raise ConfigError(f"config: unknown key {prefix}.{key}")
+            out[mapping[key]] = value
+
+    take(section("websocket"), "websocket", {"max_messages": "websocket_max_messages",
+                                              "max_payload_kb": "websocket_max_payload_kb"})
+    take(section("http_api"), "http_api", {"request_limit_in_mb": "request_limit_in_mb"})
+    take(section("logging"), "logging", {"format": "log_format", "level": "log_level"})
+    adapter = dict(section("adapter"))
+    adapter.pop("redis", None)  # per-driver options are read by that driver
+    take(adapter, "adapter", {"driver": "adapter_driver"})
+    database = section("database")
+    redis = database.get("redis", {})
+    if not isinstance(redis, Mapping):
+        raise ConfigError("config: [database.redis] must be a table")
+    if "url" in redis:
+        out["redis_url"] = redis["url"]
+
+    metrics = section("metrics")
+    out["metrics"] = dict(metrics)
+
+    manager = section("app_manager")
+    driver = manager.get("driver", "memory")
+    if driver != "memory":
+        raise ConfigError(f"config: app_manager.driver {driver!r} is not supported (use \"memory\")")
+    array = manager.get("array", {})
+    if not isinstance(array, Mapping):
+        raise ConfigError("config: [app_manager.array] must be a table")
+    apps = array.get("apps", [])
+    if not isinstance(apps, list):
+        raise ConfigError("config: app_manager.array.apps must be a list of tables")
+    out["apps"] = tuple(parse_app(a, f"app_manager.array.apps[{i}]") for i, a in enumerate(apps))
+    return out
+
+
+def _default_app_from_env(env: Mapping[str, str], base: AppConfig | None) -> AppConfig | None:
+    """``SOCKUDO_DEFAULT_APP_*`` (§8.2). Returns the app to use, or None when env says nothing."""
+    prefix = "SOCKUDO_DEFAULT_APP_"
+    present = {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)}
+    if not present:
+        return None
+    values: dict[str, Any] = {}
+    for name, value in present.items():
+        if name not in {f.name for f in fields(AppConfig)} or name == "webhooks":
+            raise ConfigError(f"config: unknown environment variable {prefix}{name.upper()}")
+        values[name] = value
+    start = base or builtin_default_app()
+    merged = {f.name: getattr(start, f.name) for f in fields(AppConfig)}
+    built = _build(AppConfig, values, prefix)
+    for name in values:
+        merged[name] = getattr(built, name)
+    return AppConfig(**merged)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the Config: defaults → TOML file → environment. Raises ConfigError naming the key."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        try:
+            document = tomllib.loads(interpolate(text, env))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        raw = _from_toml(document)
+
+    for var, name in _ENV.items():
+        if var in env and env[var] != "":
+            raw[name] = env[var]
+    metrics_raw = dict(raw.pop("metrics", {}))
+    for var, name in _METRICS_ENV.items():
+        if var in env and env[var] != "":
+            metrics_raw[name] = env[var]
+
+    apps: tuple[AppConfig, ...] = raw.pop("apps", ())
+    config: Config = _build(Config, raw, "")
+    metrics: MetricsConfig = _build(MetricsConfig, metrics_raw, "metrics.")
+
+    if any(k in env for k in ("SOCKUDO_DEFAULT_APP_ID", "SOCKUDO_DEFAULT_APP_KEY", "SOCKUDO_DEFAULT_APP_SECRET")):
+        # An app from the environment replaces the file's apps (Sockudo's rule).
+        apps = (_default_app_from_env(env, None) or builtin_default_app(),)
+    elif not apps:
+        apps = (_default_app_from_env(env, None) or builtin_default_app(),)
+    else:
+        override = _default_app_from_env(env, apps[0])
+        if override is not None:
+            apps = (override, *apps[1:])
+    if env.get("SOCKUDO_DEFAULT_APP_ENABLED", "").strip().lower() == "false" and len(apps) == 1:
+        apps = ()
+
+    _check_apps(apps)
+    config = replace(config, apps=apps, metrics=metrics)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if not 0 < config.port < 65536:
+        raise ConfigError(f"config: port must be 1-65535, got {config.port}")
+    if config.metrics.enabled and not 0 < config.metrics.port < 65536:
+        raise ConfigError(f"config: metrics.port must be 1-65535, got {config.metrics.port}")
+    if config.activity_timeout < 1:
+        raise ConfigError("config: activity_timeout must be at least 1 second")
+    if config.adapter_driver != "local":
+        raise ConfigError(f"config: adapter.driver must be \"local\" (the only adapter so far), got {config.adapter_driver!r}")
+    if config.log_format not in ("human", "json"):
+        raise ConfigError(f"config: logging.format (LOG_OUTPUT_FORMAT) must be \"human\" or \"json\", got {config.log_format!r}")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"):
+        raise ConfigError(f"config: logging.level (LOG_LEVEL) is not a log level: {config.log_level!r}")
+    if config.websocket_max_messages < 1:
+        raise ConfigError("config: websocket.max_messages must be at least 1")

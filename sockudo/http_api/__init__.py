@@ -1,0 +1,5 @@
+"""The REST API: the only place Flask is imported."""
+
+from .app import create_app
+
+__all__ = ["create_app"]

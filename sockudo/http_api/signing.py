@@ -1,0 +1,57 @@
+"""Pusher request signing for every ``/apps/{id}/*`` route (spec §5.2)."""
+
+from __future__ import annotations
+
+from flask import current_app, g, request
+
+from ..auth import query_pairs, verify_rest_request
+from ..config import AppConfig
+from ..errors import ApiError
+from ..handler import Handler, Services
+
+
+def services() -> Services:
+    return current_app.extensions["sockudo"]["services"]  # type: ignore[no-any-return]
+
+
+def handler() -> Handler:
+    return current_app.extensions["sockudo"]["handler"]  # type: ignore[no-any-return]
+
+
+def require_signed_app(app_id: str | None = None) -> AppConfig:
+    """Authenticate the request; returns the app. ``app_id`` None: the key decides the app."""
+    s = services()
+    query = request.query_string.decode("latin-1")
+    if not query:
+        raise ApiError(400, "invalid_input", "Missing authentication query parameters")
+    params = {k.lower(): v for k, v in query_pairs(query)}
+    key = params.get("auth_key")
+    app = s.apps.by_key(key) if key else None
+    if app is None:
+        raise ApiError(404, "app_not_found", "Unknown auth_key")
+    if app_id is not None and app.id != app_id:
+        raise ApiError(401, "auth_failed", "auth_key does not belong to this app")
+    body = request.get_data(cache=True)
+    # PATH_INFO arrives latin-1 decoded per WSGI; restore the UTF-8 the client signed.
+    path = request.environ.get("PATH_INFO", request.path).encode("latin-1").decode("utf-8", "replace")
+    try:
+        verify_rest_request(
+            secret=app.secret, method=request.method, path=path, query_string=query, body=body, now=s.clock()
+        )
+    except ApiError:
+        s.metrics.connection_error(app.id, "api_authentication_failed")
+        raise
+    if not app.enabled:
+        raise ApiError(403, "app_disabled", "App is disabled")
+    g.app = app
+    return app
+
+
+def json_body() -> object:
+    """The request body as JSON; 415 without a JSON content type, 400 when unparsable."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    data = request.get_json(silent=True, cache=True)
+    if data is None:
+        raise ApiError(400, "invalid_input", "Body is not valid JSON")
+    return data

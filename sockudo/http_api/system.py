@@ -1,0 +1,57 @@
+"""Unsigned operational endpoints: ``/live``, ``/up``, ``/up/{app_id}``, ``/usage`` (spec §5.3)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+from flask.typing import ResponseReturnValue
+
+from .signing import handler, services
+
+bp = Blueprint("system", __name__)
+
+
+def _health(status: str, code: int) -> Response:
+    resp = Response(status, status=code, mimetype="text/plain")
+    resp.headers["X-Health-Check"] = status
+    return resp
+
+
+@bp.get("/live")
+def live() -> ResponseReturnValue:
+    return _health("OK", 200)
+
+
+@bp.get("/up")
+def up() -> ResponseReturnValue:
+    if handler().draining:
+        return _health("DRAINING", 503)
+    if not services().apps.all():
+        return _health("ERROR", 503)
+    return _health("OK", 200)
+
+
+@bp.get("/up/<app_id>")
+def up_app(app_id: str) -> ResponseReturnValue:
+    if handler().draining:
+        return _health("DRAINING", 503)
+    app = services().apps.by_id(app_id)
+    if app is None:
+        return _health("NOT_FOUND", 404)
+    if not app.enabled:
+        return _health("ERROR", 503)
+    return _health("OK", 200)
+
+
+@bp.get("/usage")
+def usage() -> ResponseReturnValue:
+    total = used = free = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        total = info.get("MemTotal", 0)
+        free = info.get("MemAvailable", info.get("MemFree", 0))
+        used = total - free
+    except OSError:
+        pass
+    percent = round(used * 100 / total, 2) if total else 0
+    return jsonify({"memory": {"free": free, "used": used, "total": total, "percent": percent}})

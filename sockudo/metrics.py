@@ -1,0 +1,143 @@
+"""Prometheus metrics, created against an injected registry (no module-level globals).
+
+Names follow Sockudo's where Sockudo has the metric; prometheus-client adds ``_total`` to
+every counter (see docs/metrics.md for the mapping). Labels are bounded: ``app_id`` and the
+metrics ``port``, plus a small enum where noted — never channel names, socket ids or users.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+
+class AppMetrics:
+    """Label children bound once per app, so hot paths do no label lookups."""
+
+    __slots__ = (
+        "connected",
+        "new_connections",
+        "new_disconnections",
+        "ws_received",
+        "ws_sent",
+        "bytes_received",
+        "bytes_sent",
+        "client_events",
+        "publishes",
+    )
+
+    def __init__(self, m: Metrics, app_id: str) -> None:
+        labels = (app_id, m.port)
+        self.connected = m.connected.labels(*labels)
+        self.new_connections = m.new_connections.labels(*labels)
+        self.new_disconnections = m.new_disconnections.labels(*labels)
+        self.ws_received = m.ws_messages_received.labels(*labels)
+        self.ws_sent = m.ws_messages_sent.labels(*labels)
+        self.bytes_received = m.socket_received_bytes.labels(*labels)
+        self.bytes_sent = m.socket_transmitted_bytes.labels(*labels)
+        self.client_events = m.client_events.labels(*labels)
+        self.publishes = m.publishes_accepted.labels(*labels)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, port: int | str = 9601, prefix: str = "sockudo_") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.port = str(port)
+        p = prefix
+        r = self.registry
+        app = ["app_id", "port"]
+        self.connected = Gauge(f"{p}connected", "WebSocket connections open now", app, registry=r)
+        self.new_connections = Counter(f"{p}new_connections", "WebSocket connections accepted", app, registry=r)
+        self.new_disconnections = Counter(f"{p}new_disconnections", "WebSocket connections closed", app, registry=r)
+        self.disconnect_reasons = Counter(
+            f"{p}disconnections_by_reason",
+            "Closed connections by reason (client_closed, error code, …)",
+            [*app, "reason"],
+            registry=r,
+        )
+        self.connection_errors = Counter(
+            f"{p}connection_errors", "Refused or failed connections and protocol errors", [*app, "error_type"], registry=r
+        )
+        self.socket_received_bytes = Counter(f"{p}socket_received_bytes", "WebSocket payload bytes received", app, registry=r)
+        self.socket_transmitted_bytes = Counter(
+            f"{p}socket_transmitted_bytes", "WebSocket payload bytes queued for sending", app, registry=r
+        )
+        self.ws_messages_received = Counter(f"{p}ws_messages_received", "WebSocket messages received", app, registry=r)
+        self.ws_messages_sent = Counter(f"{p}ws_messages_sent", "WebSocket messages queued for sending", app, registry=r)
+        self.http_received_bytes = Counter(f"{p}http_received_bytes", "REST request body bytes", app, registry=r)
+        self.http_transmitted_bytes = Counter(f"{p}http_transmitted_bytes", "REST response body bytes", app, registry=r)
+        self.http_calls_received = Counter(f"{p}http_calls_received", "REST calls received", app, registry=r)
+        ch = [*app, "channel_type"]
+        self.channel_subscriptions = Counter(f"{p}channel_subscriptions", "Successful subscriptions", ch, registry=r)
+        self.channel_unsubscriptions = Counter(f"{p}channel_unsubscriptions", "Unsubscriptions", ch, registry=r)
+        self.subscription_errors = Counter(
+            f"{p}subscription_errors", "Refused subscriptions by reason", [*ch, "reason"], registry=r
+        )
+        self.active_channels = Gauge(f"{p}active_channels", "Channels with a subscriber on this node", ch, registry=r)
+        self.presence_joins = Counter(f"{p}presence_member_joins", "Presence members added (first socket of a user)", app, registry=r)
+        self.presence_leaves = Counter(f"{p}presence_member_leaves", "Presence members removed (last socket of a user)", app, registry=r)
+        self.publishes_accepted = Counter(
+            f"{p}publish_accepted", "Events accepted for delivery (one per channel per publish)", app, registry=r
+        )
+        self.publishes_rejected = Counter(
+            f"{p}publish_rejected", "REST publishes refused, by reason", [*app, "reason"], registry=r
+        )
+        self.client_events = Counter(f"{p}client_events_received", "Client events accepted and relayed", app, registry=r)
+        self.client_events_rejected = Counter(
+            f"{p}client_events_rejected", "Client events refused, by reason", [*app, "reason"], registry=r
+        )
+        self.rate_limit_triggered = Counter(
+            f"{p}rate_limit_triggered", "Requests refused by a rate limit", [*app, "limiter_type", "request_context"], registry=r
+        )
+        self.broadcast_latency_ms = Histogram(
+            f"{p}broadcast_latency_ms",
+            "Time to queue a publish to every local recipient, in ms",
+            [*app, "channel_type", "recipient_count_bucket"],
+            buckets=LATENCY_MS_BUCKETS,
+            registry=r,
+        )
+        self.slow_consumer_disconnects = Counter(
+            f"{p}slow_consumer_disconnections", "Sockets closed with 4100 because their send queue was full", app, registry=r
+        )
+        self._apps: dict[str, AppMetrics] = {}
+
+    def app(self, app_id: str) -> AppMetrics:
+        bound = self._apps.get(app_id)
+        if bound is None:
+            bound = self._apps[app_id] = AppMetrics(self, app_id)
+        return bound
+
+    def connection_error(self, app_id: str, error_type: str) -> None:
+        self.connection_errors.labels(app_id, self.port, error_type).inc()
+
+    def disconnected(self, app_id: str, reason: str) -> None:
+        self.disconnect_reasons.labels(app_id, self.port, reason).inc()
+
+    def subscribed(self, app_id: str, channel_type: str, new_channel: bool) -> None:
+        self.channel_subscriptions.labels(app_id, self.port, channel_type).inc()
+        if new_channel:
+            self.active_channels.labels(app_id, self.port, channel_type).inc()
+
+    def unsubscribed(self, app_id: str, channel_type: str, channel_gone: bool) -> None:
+        self.channel_unsubscriptions.labels(app_id, self.port, channel_type).inc()
+        if channel_gone:
+            self.active_channels.labels(app_id, self.port, channel_type).dec()
+
+    def subscription_error(self, app_id: str, channel_type: str, reason: str) -> None:
+        self.subscription_errors.labels(app_id, self.port, channel_type, reason).inc()
+
+    def publish_rejected(self, app_id: str, reason: str) -> None:
+        self.publishes_rejected.labels(app_id, self.port, reason).inc()
+
+    def client_event_rejected(self, app_id: str, reason: str) -> None:
+        self.client_events_rejected.labels(app_id, self.port, reason).inc()
+
+    def rate_limited(self, app_id: str, limiter_type: str, context: str) -> None:
+        self.rate_limit_triggered.labels(app_id, self.port, limiter_type, context).inc()
+
+    def broadcast_latency(self, app_id: str, channel_type: str, recipients: int, ms: float) -> None:
+        if recipients <= 0:
+            return
+        bucket = "xs" if recipients <= 10 else "sm" if recipients <= 100 else "md" if recipients <= 1000 else "lg" if recipients <= 10000 else "xl"
+        self.broadcast_latency_ms.labels(app_id, self.port, channel_type, bucket).observe(ms)

@@ -1,0 +1,167 @@
+"""Wire-level names, frame encoding/decoding and channel rules of the Pusher protocol.
+
+Pure: no I/O. Every wire string the server speaks lives here (spec §1.3-§2.2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import Any
+
+# -- event names ---------------------------------------------------------------
+
+CONNECTION_ESTABLISHED = "pusher:connection_established"
+ERROR = "pusher:error"
+PING = "pusher:ping"
+PONG = "pusher:pong"
+SUBSCRIBE = "pusher:subscribe"
+UNSUBSCRIBE = "pusher:unsubscribe"
+SIGNIN = "pusher:signin"
+SIGNIN_SUCCESS = "pusher:signin_success"
+SUBSCRIPTION_ERROR = "pusher:subscription_error"
+CACHE_MISS = "pusher:cache_miss"
+SUBSCRIPTION_SUCCEEDED = "pusher_internal:subscription_succeeded"
+MEMBER_ADDED = "pusher_internal:member_added"
+MEMBER_REMOVED = "pusher_internal:member_removed"
+SUBSCRIPTION_COUNT = "pusher_internal:subscription_count"
+WATCHLIST_EVENTS = "pusher_internal:watchlist_events"
+
+CLIENT_EVENT_PREFIX = "client-"
+RESERVED_PREFIXES = ("pusher:", "pusher_internal:", "sockudo:", "sockudo_internal:")
+SYSTEM_PREFIXES = ("pusher:", "sockudo:")
+
+SERVER_TO_USER_PREFIX = "#server-to-user-"
+
+# -- frames --------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, as Pusher sends it."""
+    return _dumps(value)
+
+
+def frame(event: str, data: Any = None, channel: str | None = None, user_id: str | None = None) -> str:
+    """Encode one server frame; absent fields are omitted, never sent as null (§1.3)."""
+    out: dict[str, Any] = {"event": event}
+    if channel is not None:
+        out["channel"] = channel
+    if data is not None:
+        out["data"] = data
+    if user_id is not None:
+        out["user_id"] = user_id
+    return _dumps(out)
+
+
+def error_frame(code: int, message: str) -> str:
+    return frame(ERROR, {"code": code, "message": message})
+
+
+class FrameError(ValueError):
+    """An inbound frame that is not a JSON object with a string ``event``."""
+
+
+def decode_frame(text: str) -> dict[str, Any]:
+    """Parse an inbound frame. Client ``data`` may be an object or a JSON string (§1.3)."""
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("Invalid JSON") from exc
+    if not isinstance(msg, dict):
+        raise FrameError("Frame must be a JSON object")
+    event = msg.get("event")
+    if not isinstance(event, str) or not event:
+        raise FrameError("Frame has no event name")
+    channel = msg.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise FrameError("channel must be a string")
+    return msg
+
+
+def data_object(msg: dict[str, Any]) -> dict[str, Any]:
+    """The frame's ``data`` as an object: objects pass, JSON strings are parsed."""
+    data = msg.get("data")
+    if isinstance(data, str):
+        if not data:
+            return {}
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise FrameError("data is not valid JSON") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FrameError("data must be an object")
+    return data
+
+
+def system_event_name(event: str) -> str | None:
+    """``pusher:subscribe`` and ``sockudo:subscribe`` route alike (§1.3); returns ``subscribe``."""
+    for prefix in SYSTEM_PREFIXES:
+        if event.startswith(prefix):
+            return event[len(prefix):]
+    return None
+
+
+# -- channels ------------------------------------------------------------------
+
+
+class ChannelKind(Enum):
+    PUBLIC = "public"
+    PRIVATE = "private"
+    ENCRYPTED = "private_encrypted"
+    PRESENCE = "presence"
+    SERVER_TO_USER = "server_to_user"
+
+    @property
+    def needs_auth(self) -> bool:
+        return self in (ChannelKind.PRIVATE, ChannelKind.ENCRYPTED, ChannelKind.PRESENCE)
+
+
+def channel_kind(name: str) -> ChannelKind:
+    """Prefixes are checked most specific first (§2.1); cache variants keep their base kind."""
+    if name.startswith("private-encrypted-"):
+        return ChannelKind.ENCRYPTED
+    if name.startswith("private-"):
+        return ChannelKind.PRIVATE
+    if name.startswith("presence-"):
+        return ChannelKind.PRESENCE
+    if name.startswith(SERVER_TO_USER_PREFIX):
+        return ChannelKind.SERVER_TO_USER
+    return ChannelKind.PUBLIC
+
+
+_CACHE_PREFIXES = ("cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-")
+
+
+def is_cache_channel(name: str) -> bool:
+    """Cache channels are recognised by an anchored prefix (Sockudo's unanchored match is a bug)."""
+    return name.startswith(_CACHE_PREFIXES)
+
+
+def channel_type_label(name: str) -> str:
+    """A bounded label for metrics: the kind, never the name."""
+    return channel_kind(name).value
+
+
+_CHANNEL_CHARS = re.compile(r"\A[A-Za-z0-9\-_=@,.;:#]+\Z")
+
+
+def channel_name_error(name: Any, max_length: int) -> str | None:
+    """Why ``name`` is not a valid channel name, or None (§2.2)."""
+    if not isinstance(name, str) or not name:
+        return "Channel name is required"
+    if len(name) > max_length:
+        return f"Channel name too long (max {max_length} characters)"
+    if not _CHANNEL_CHARS.match(name):
+        return "Channel name contains invalid characters"
+    return None
+
+
+def server_to_user_id(channel: str) -> str | None:
+    if channel.startswith(SERVER_TO_USER_PREFIX):
+        return channel[len(SERVER_TO_USER_PREFIX):] or None
+    return None

@@ -1,0 +1,1 @@
+"""The gevent edge: the only package that imports gevent and geventwebsocket."""

@@ -1,0 +1,140 @@
+"""The composition root: builds the services, then runs the listeners until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+from prometheus_client import make_wsgi_app
+
+from ..adapter import LocalAdapter
+from ..apps import AppStore
+from ..cache import MemoryCache
+from ..config import Config
+from ..handler import Handler, Services
+from ..http_api import create_app
+from ..metrics import Metrics
+from . import runtime
+from .websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
+
+logger = logging.getLogger(__name__)
+
+
+class _QuietHandler(WebSocketHandler):
+    """gevent's per-request access log is noise at our volume (and would log query
+    strings, which carry auth signatures)."""
+
+    def log_request(self) -> None:
+        return None
+
+
+def build_services(config: Config) -> Services:
+    metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix)
+    return Services(
+        config=config,
+        apps=AppStore(config.apps),
+        adapter=LocalAdapter(),
+        cache=MemoryCache(time.time),
+        metrics=metrics,
+    )
+
+
+class Server:
+    def __init__(self, config: Config, services: Services | None = None) -> None:
+        self.config = config
+        self.services = services or build_services(config)
+        self.handler = Handler(self.services)
+        self.registry = ConnectionRegistry()
+        self.flask = create_app(self.services, self.handler)
+        self.http: WSGIServer | None = None
+        self.metrics_http: WSGIServer | None = None
+        self.stopped = runtime.Event()
+
+    # -- WSGI entry: WebSocket upgrades to the handler, everything else to Flask --
+
+    def _pre_start_hook(self, wsgi_handler: Any) -> bool:
+        """Returns True to refuse the upgrade and answer with plain HTTP instead."""
+        env = wsgi_handler.environ
+        return not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining or protocol_version(env) is None
+
+    def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("wsgi.websocket") is not None:
+            serve_websocket(environ, self.handler, self.registry)
+            return []
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(APP_PATH_PREFIX):
+            if self.handler.draining:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"Server is shutting down"]
+            if protocol_version(environ) is None:
+                start_response("400 Bad Request", [("Content-Type", "text/plain")])
+                return [b"protocol must be a number"]
+            start_response("426 Upgrade Required", [("Content-Type", "text/plain"), ("Upgrade", "websocket")])
+            return [b"WebSocket upgrade required"]
+        return self.flask(environ, start_response)
+
+    # -- background work --
+
+    def _liveness_loop(self) -> None:
+        cfg = self.config
+        interval = max(0.25, min(5.0, cfg.activity_timeout / 4, cfg.pong_timeout / 4))
+        while True:
+            runtime.sleep(interval)
+            now = time.time()
+            for conn in list(self.registry.connections.values()):
+                try:
+                    self.handler.check_liveness(conn, now)
+                except Exception:
+                    logger.exception("liveness check failed", extra={"socket_id": conn.socket_id})
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        cfg = self.config
+        self.http = WSGIServer((cfg.host, cfg.port), self.wsgi, handler_class=_QuietHandler, log=None)
+        self.http.pre_start_hook = self._pre_start_hook
+        self.http.start()
+        if cfg.metrics.enabled:
+            try:
+                self.metrics_http = WSGIServer(
+                    (cfg.metrics.host, cfg.metrics.port), make_wsgi_app(self.services.metrics.registry), log=None
+                )
+                self.metrics_http.start()
+            except OSError as exc:
+                logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
+                self.metrics_http = None
+        runtime.spawn(self._liveness_loop)
+        logger.info(
+            "sockudo listening",
+            extra={"host": cfg.host, "port": self.http.server_port, "metrics_port": cfg.metrics.port if self.metrics_http else None,
+                   "apps": [a.id for a in self.services.apps.all()]},
+        )
+
+    def shutdown(self) -> None:
+        """Graceful stop: refuse new sockets, tell clients to reconnect now (4200), wait."""
+        if self.handler.draining:
+            return
+        self.handler.draining = True
+        logger.info("shutting down", extra={"connections": len(self.registry.connections)})
+        for conn in list(self.registry.connections.values()):
+            self.handler.shutdown(conn)
+        deadline = time.monotonic() + self.config.shutdown_grace_period
+        while self.registry.connections and time.monotonic() < deadline:
+            runtime.sleep(0.05)
+        if self.http is not None:
+            self.http.stop(timeout=1)
+        if self.metrics_http is not None:
+            self.metrics_http.stop(timeout=1)
+        self.stopped.set()
+
+    def serve_forever(self) -> None:
+        self.start()
+        import gevent
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, lambda: runtime.spawn(self.shutdown))
+        self.stopped.wait()
