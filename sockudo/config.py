@@ -70,8 +70,14 @@ class Config:
     websocket_max_messages: int = 1000  # outbound frames queued per socket before 4100
     request_limit_in_mb: float = 10
     shutdown_grace_period: int = 10
-    adapter_driver: str = "local"
+    adapter_driver: str = "local"  # "redis" when REDIS_URL is set, unless ADAPTER_DRIVER says otherwise
     redis_url: str | None = None
+    redis_prefix: str = "sockudo_adapter:"
+    redis_sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
+    redis_sentinel_master: str = "mymaster"
+    requests_timeout_ms: int = 2000  # cross-node query deadline
+    heartbeat_interval: float = 5.0  # seconds between node heartbeats
+    node_timeout: float = 15.0  # a node silent this long is dead; its sockets are cleaned up
     log_format: str = "human"
     log_level: str = "INFO"
     node_id: str | None = None
@@ -259,6 +265,12 @@ _ENV = {
     "HTTP_API_REQUEST_LIMIT_IN_MB": "request_limit_in_mb",
     "ADAPTER_DRIVER": "adapter_driver",
     "REDIS_URL": "redis_url",
+    "REDIS_PREFIX": "redis_prefix",
+    "REDIS_SENTINELS": "redis_sentinels",
+    "REDIS_SENTINEL_MASTER": "redis_sentinel_master",
+    "ADAPTER_REQUESTS_TIMEOUT_MS": "requests_timeout_ms",
+    "ADAPTER_HEARTBEAT_INTERVAL": "heartbeat_interval",
+    "ADAPTER_NODE_TIMEOUT": "node_timeout",
     "LOG_OUTPUT_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "NODE_ID": "node_id",
@@ -300,14 +312,25 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     take(section("http_api"), "http_api", {"request_limit_in_mb": "request_limit_in_mb"})
     take(section("logging"), "logging", {"format": "log_format", "level": "log_level"})
     adapter = dict(section("adapter"))
-    adapter.pop("redis", None)  # per-driver options are read by that driver
+    adapter_redis = adapter.pop("redis", {})
+    if not isinstance(adapter_redis, Mapping):
+        raise ConfigError("config: [adapter.redis] must be a table")
     take(adapter, "adapter", {"driver": "adapter_driver"})
+    take(adapter_redis, "adapter.redis", {
+        "prefix": "redis_prefix",
+        "requests_timeout": "requests_timeout_ms",
+        "heartbeat_interval": "heartbeat_interval",
+        "node_timeout": "node_timeout",
+    })
     database = section("database")
     redis = database.get("redis", {})
     if not isinstance(redis, Mapping):
         raise ConfigError("config: [database.redis] must be a table")
-    if "url" in redis:
-        out["redis_url"] = redis["url"]
+    take(redis, "database.redis", {
+        "url": "redis_url",
+        "sentinels": "redis_sentinels",
+        "sentinel_master": "redis_sentinel_master",
+    })
 
     metrics = section("metrics")
     out["metrics"] = dict(metrics)
@@ -339,9 +362,11 @@ def _default_app_from_env(env: Mapping[str, str], base: AppConfig | None) -> App
         values[name] = value
     start = base or builtin_default_app()
     merged = {f.name: getattr(start, f.name) for f in fields(AppConfig)}
-    built = _build(AppConfig, values, prefix)
-    for name in values:
-        merged[name] = getattr(built, name)
+    # Coerce field by field: a per-field variable alone (no _ID/_KEY/_SECRET) must not need
+    # a whole AppConfig (building one raised TypeError for the missing id/key/secret).
+    known = {f.name: f for f in fields(AppConfig)}
+    for name, value in values.items():
+        merged[name] = _coerce(f"{prefix}{name.upper()}", known[name].type, value)
     return AppConfig(**merged)
 
 
@@ -370,6 +395,8 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             metrics_raw[name] = env[var]
 
     apps: tuple[AppConfig, ...] = raw.pop("apps", ())
+    if "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
+        raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
     config: Config = _build(Config, raw, "")
     metrics: MetricsConfig = _build(MetricsConfig, metrics_raw, "metrics.")
 
@@ -398,8 +425,18 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config: metrics.port must be 1-65535, got {config.metrics.port}")
     if config.activity_timeout < 1:
         raise ConfigError("config: activity_timeout must be at least 1 second")
-    if config.adapter_driver != "local":
-        raise ConfigError(f"config: adapter.driver must be \"local\" (the only adapter so far), got {config.adapter_driver!r}")
+    if config.adapter_driver not in ("local", "redis"):
+        raise ConfigError(f"config: adapter.driver must be \"local\" or \"redis\", got {config.adapter_driver!r}")
+    if config.adapter_driver == "redis" and not (config.redis_url or config.redis_sentinels):
+        raise ConfigError("config: adapter.driver \"redis\" needs REDIS_URL (database.redis.url) or database.redis.sentinels")
+    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("config: database.redis.url (REDIS_URL) must start with redis://, rediss:// or unix://")
+    for entry in config.redis_sentinels:
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"config: database.redis.sentinels entries must be host:port, got {entry!r}")
+    if config.heartbeat_interval <= 0 or config.node_timeout <= config.heartbeat_interval:
+        raise ConfigError("config: adapter.redis.node_timeout must be larger than heartbeat_interval (> 0)")
     if config.log_format not in ("human", "json"):
         raise ConfigError(f"config: logging.format (LOG_OUTPUT_FORMAT) must be \"human\" or \"json\", got {config.log_format!r}")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"):

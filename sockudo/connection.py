@@ -40,6 +40,7 @@ class Connection:
         "event_window_start",
         "event_window_count",
         "closed",
+        "held",
     )
 
     def __init__(self, socket_id: str, app: AppConfig, transport: Transport, protocol: int, now: float) -> None:
@@ -59,11 +60,31 @@ class Connection:
         self.event_window_start = 0.0
         self.event_window_count = 0
         self.closed = False
+        # While a subscribe waits on the cluster, broadcasts to this socket are held here so
+        # that the subscription ack always comes before the channel's events.
+        self.held: list[OutFrame] | None = None
 
     def send(self, frame: OutFrame) -> None:
-        if not self.closed:
+        """Deliver a broadcast (held while a subscription is being acknowledged)."""
+        if self.closed:
+            return
+        held = self.held
+        if held is not None:
+            held.append(frame)
+        else:
             self.transport.send(frame)
 
     def send_text(self, text: str) -> None:
+        """A direct reply to this socket; never held."""
         if not self.closed:
             self.transport.send(OutFrame(text))
+
+    def hold(self) -> None:
+        if self.held is None:
+            self.held = []
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held and not self.closed:
+            for frame in held:
+                self.transport.send(frame)

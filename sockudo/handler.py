@@ -223,6 +223,7 @@ class Handler:
             self._subscription_failed(conn, chan, SubscriptionError(PusherCode.CHANNEL_ERROR, error, 400, "ChannelError"))
             return
         assert isinstance(channel, str)
+        conn.hold()
         try:
             self._join(conn, channel, data)
         except SubscriptionError as exc:
@@ -230,6 +231,8 @@ class Handler:
             if exc.error_type == "AuthError":
                 self.metrics.connection_error(app.id, "authentication_failed")
             self._subscription_failed(conn, channel, exc)
+        finally:
+            conn.release()
 
     def _subscription_failed(self, conn: Connection, channel: str | None, exc: SubscriptionError) -> None:
         """``pusher:subscription_error`` on the channel, which pusher-js apps bind, and a
@@ -278,12 +281,12 @@ class Handler:
             if user_id not in members and len(members) >= app.max_presence_members_per_channel:
                 raise SubscriptionError(PusherCode.OVER_CAPACITY, "Presence channel is full", 400, "LimitReached")
 
-        count = self.adapter.subscribe(app.id, channel, conn)
+        local_count, occupied = self.adapter.subscribe(app.id, channel, conn)
         conn.channels[channel] = user_id
         if kind.needs_auth or kind is p.ChannelKind.SERVER_TO_USER:
             conn.auth_deadline = None
-        self.metrics.subscribed(app.id, kind.value, count == 1)
-        if count == 1:
+        self.metrics.subscribed(app.id, kind.value, local_count == 1)
+        if occupied:
             self.events.emit(app, {"name": "channel_occupied", "channel": channel})
 
         if kind is p.ChannelKind.PRESENCE:
@@ -303,7 +306,7 @@ class Handler:
         else:
             self._ack(conn, channel, kind)
             if app.enable_subscription_count:
-                self._subscription_count(app, channel, count)
+                self._subscription_count(app, channel)
 
         if p.is_cache_channel(channel):
             cached = self.s.cache.get(cache_channel_key(app.id, channel))
@@ -343,20 +346,22 @@ class Handler:
     def _leave(self, conn: Connection, channel: str) -> None:
         app = conn.app
         user_id = conn.channels.pop(channel, None)
-        remaining = self.adapter.unsubscribe(app.id, channel, conn.socket_id)
+        local_remaining, vacated = self.adapter.unsubscribe(app.id, channel, conn.socket_id)
         kind = p.channel_kind(channel)
-        self.metrics.unsubscribed(app.id, kind.value, remaining == 0)
+        self.metrics.unsubscribed(app.id, kind.value, local_remaining == 0)
         if user_id is not None and self.adapter.presence_leave(app.id, channel, conn.socket_id, user_id):
             self.metrics.presence_leaves.labels(app.id, self.metrics.port).inc()
             removed = p.frame(p.MEMBER_REMOVED, p.dumps({"user_id": user_id}), channel=channel)
             self._broadcast(app, channel, OutFrame(removed), except_socket_id=conn.socket_id)
             self.events.emit(app, {"name": "member_removed", "channel": channel, "user_id": user_id})
-        if remaining == 0:
+        if vacated:
             self.events.emit(app, {"name": "channel_vacated", "channel": channel})
         elif app.enable_subscription_count and kind is not p.ChannelKind.PRESENCE:
-            self._subscription_count(app, channel, remaining)
+            self._subscription_count(app, channel)
 
-    def _subscription_count(self, app: AppConfig, channel: str, count: int) -> None:
+    def _subscription_count(self, app: AppConfig, channel: str) -> None:
+        """Pusher's opt-in ``pusher_internal:subscription_count`` (spec §2.6), cluster-wide."""
+        count = self.adapter.subscriber_count(app.id, channel)
         text = p.frame(p.SUBSCRIPTION_COUNT, p.dumps({"subscription_count": count}), channel=channel)
         self._broadcast(app, channel, OutFrame(text))
         self.events.emit(app, {"name": "subscription_count", "channel": channel, "subscription_count": count})
@@ -480,6 +485,27 @@ class Handler:
     def _watchlist_notify(self, app: AppConfig, user_id: str, state: str) -> None:
         text = p.frame(p.WATCHLIST_EVENTS, {"events": [{"name": state, "user_ids": [user_id]}]})
         self.adapter.notify_watchers(app.id, user_id, OutFrame(text))
+
+    # -- cluster transitions reported by the adapter (a dead node, a healed outage) --
+
+    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
+        app = self.s.apps.by_id(app_id)
+        if app is None:
+            return
+        self.metrics.presence_leaves.labels(app.id, self.metrics.port).inc()
+        removed = p.frame(p.MEMBER_REMOVED, p.dumps({"user_id": user_id}), channel=channel)
+        self._broadcast(app, channel, OutFrame(removed))
+        self.events.emit(app, {"name": "member_removed", "channel": channel, "user_id": user_id})
+
+    def on_channel_vacated(self, app_id: str, channel: str) -> None:
+        app = self.s.apps.by_id(app_id)
+        if app is not None:
+            self.events.emit(app, {"name": "channel_vacated", "channel": channel})
+
+    def on_user_offline(self, app_id: str, user_id: str) -> None:
+        app = self.s.apps.by_id(app_id)
+        if app is not None and app.enable_watchlist_events:
+            self._watchlist_notify(app, user_id, "offline")
 
     # -- output helpers --------------------------------------------------------------
 

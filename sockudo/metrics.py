@@ -100,6 +100,49 @@ class Metrics:
         self.slow_consumer_disconnects = Counter(
             f"{p}slow_consumer_disconnections", "Sockets closed with 4100 because their send queue was full", app, registry=r
         )
+        # -- horizontal adapter (Sockudo names where they exist) --
+        self.adapter_resolve_time = Histogram(
+            f"{p}horizontal_adapter_resolve_time", "Cross-node query time, in ms", app,
+            buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000), registry=r,
+        )
+        self.adapter_sent_requests = Counter(f"{p}horizontal_adapter_sent_requests", "Cross-node queries sent", app, registry=r)
+        self.adapter_received_requests = Counter(
+            f"{p}horizontal_adapter_received_requests", "Cross-node queries answered by this node", app, registry=r
+        )
+        self.adapter_received_responses = Counter(
+            f"{p}horizontal_adapter_received_responses", "Replies received from other nodes", app, registry=r
+        )
+        self.adapter_resolved = Counter(
+            f"{p}horizontal_adapter_resolved_promises", "Cross-node queries answered by every node", app, registry=r
+        )
+        self.adapter_uncomplete = Counter(
+            f"{p}horizontal_adapter_uncomplete_promises",
+            "Cross-node queries that timed out with a partial answer (marked in the response and logged)", app, registry=r,
+        )
+        self.adapter_publish_latency_ms = Histogram(
+            f"{p}adapter_publish_latency_ms", "Time to hand a broadcast to Redis, from the publish call, in ms",
+            ["port"], buckets=LATENCY_MS_BUCKETS, registry=r,
+        )
+        self.adapter_receive_latency_ms = Histogram(
+            f"{p}adapter_receive_latency_ms",
+            "Publish on one node to delivery on this node (wall clocks of both nodes), in ms",
+            ["port"], buckets=LATENCY_MS_BUCKETS, registry=r,
+        )
+        self.adapter_duplicates_suppressed = Counter(
+            f"{p}adapter_duplicates_suppressed", "Own broadcasts received back from Redis and skipped", ["port"], registry=r
+        )
+        self.transport_dropped = Counter(
+            f"{p}horizontal_transport_messages_dropped", "Cross-node messages not sent (Redis unreachable or queue full)",
+            ["driver"], registry=r,
+        )
+        self.transport_reconnections = Counter(
+            f"{p}horizontal_transport_reconnections", "Reconnections to Redis after a lost connection", ["driver"], registry=r
+        )
+        self.adapter_up = Gauge(f"{p}adapter_connected", "1 while the cross-node adapter is connected", ["driver"], registry=r)
+        self.cluster_nodes = Gauge(f"{p}cluster_nodes", "Live nodes seen through the adapter (this one included)", registry=r)
+        self.dead_nodes_cleaned = Counter(
+            f"{p}dead_nodes_cleaned", "Dead nodes whose sockets and presence this node removed", registry=r
+        )
         self._apps: dict[str, AppMetrics] = {}
 
     def app(self, app_id: str) -> AppMetrics:

@@ -139,8 +139,20 @@ def list_channels(services: Services, app: AppConfig, prefix: str, info_raw: str
         raise ApiError(400, "invalid_input", f"Unknown info attribute {sorted(unknown)[0]}")
     if "user_count" in info and not prefix.startswith("presence-"):
         raise ApiError(400, "invalid_input", "user_count requires filter_by_prefix=presence-")
-    channels = services.adapter.channels(app.id, prefix)
-    return {"channels": {name: _channel_info(services, app, name, info) for name, count in channels.items() if count > 0}}
+    channels, complete = services.adapter.channels_checked(app.id, prefix)
+    out: dict[str, Any] = {"channels": {}}
+    for name, count in channels.items():
+        if count <= 0:
+            continue
+        entry: dict[str, Any] = {}
+        if "subscription_count" in info:
+            entry["subscription_count"] = count
+        if "user_count" in info:
+            entry["user_count"] = len(services.adapter.presence_members(app.id, name))
+        out["channels"][name] = entry
+    if not complete:
+        out["complete"] = False  # some node did not answer in time (logged by the adapter)
+    return out
 
 
 def channel_info(services: Services, app: AppConfig, channel: str, info_raw: str | None) -> dict[str, Any]:
@@ -154,10 +166,12 @@ def channel_info(services: Services, app: AppConfig, channel: str, info_raw: str
         raise ApiError(400, "invalid_input", f"Unknown info attribute {sorted(unknown)[0]}")
     if "user_count" in info and p.channel_kind(channel) is not p.ChannelKind.PRESENCE:
         raise ApiError(400, "invalid_input", "user_count is only available on presence channels")
-    count = services.adapter.subscriber_count(app.id, channel)
+    count, complete = services.adapter.subscriber_count_checked(app.id, channel)
     out: dict[str, Any] = {"occupied": count > 0}
     if "subscription_count" in info:
         out["subscription_count"] = count
+    if not complete:
+        out["subscription_count_complete"] = False  # Sockudo's marker for a partial cluster answer
     if "user_count" in info:
         out["user_count"] = len(services.adapter.presence_members(app.id, channel))
     if "cache" in info:

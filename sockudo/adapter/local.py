@@ -14,6 +14,8 @@ class LocalAdapter:
     def __init__(self) -> None:
         self.namespaces: dict[str, Namespace] = {}
 
+    healthy = True  # nothing outside this process to lose
+
     def namespace(self, app_id: str) -> Namespace:
         ns = self.namespaces.get(app_id)
         if ns is None:
@@ -48,12 +50,16 @@ class LocalAdapter:
 
     # -- channels --
 
-    def subscribe(self, app_id: str, channel: str, conn: Connection) -> int:
-        return self.namespace(app_id).subscribe(channel, conn)
+    def subscribe(self, app_id: str, channel: str, conn: Connection) -> tuple[int, bool]:
+        count = self.namespace(app_id).subscribe(channel, conn)
+        return count, count == 1
 
-    def unsubscribe(self, app_id: str, channel: str, socket_id: str) -> int:
+    def unsubscribe(self, app_id: str, channel: str, socket_id: str) -> tuple[int, bool]:
         ns = self.namespaces.get(app_id)
-        return ns.unsubscribe(channel, socket_id) if ns else 0
+        if ns is None or socket_id not in ns.channels.get(channel, ()):
+            return (ns.subscriber_count(channel) if ns else 0), False
+        remaining = ns.unsubscribe(channel, socket_id)
+        return remaining, remaining == 0
 
     def subscriber_count(self, app_id: str, channel: str) -> int:
         ns = self.namespaces.get(app_id)
@@ -64,6 +70,12 @@ class LocalAdapter:
         if ns is None:
             return {}
         return {name: len(subs) for name, subs in ns.channels.items() if name.startswith(prefix)}
+
+    def subscriber_count_checked(self, app_id: str, channel: str) -> tuple[int, bool]:
+        return self.subscriber_count(app_id, channel), True
+
+    def channels_checked(self, app_id: str, prefix: str = "") -> tuple[dict[str, int], bool]:
+        return self.channels(app_id, prefix), True
 
     def broadcast(self, app_id: str, channel: str, frame: OutFrame, except_socket_id: str | None = None) -> int:
         """Queue ``frame`` for every local subscriber; returns how many got it.

@@ -21,25 +21,32 @@ def live() -> ResponseReturnValue:
     return _health("OK", 200)
 
 
+def _readiness() -> tuple[str, int] | None:
+    """A failed readiness check, or None when ready (spec §5.3)."""
+    if handler().draining:
+        return "DRAINING", 503
+    if not services().apps.all():
+        return "ERROR", 503
+    if not services().adapter.healthy:
+        return "ERROR", 503  # the cross-node adapter cannot reach Redis
+    return None
+
+
 @bp.get("/up")
 def up() -> ResponseReturnValue:
-    if handler().draining:
-        return _health("DRAINING", 503)
-    if not services().apps.all():
-        return _health("ERROR", 503)
-    return _health("OK", 200)
+    failed = _readiness()
+    return _health(*failed) if failed else _health("OK", 200)
 
 
 @bp.get("/up/<app_id>")
 def up_app(app_id: str) -> ResponseReturnValue:
-    if handler().draining:
-        return _health("DRAINING", 503)
     app = services().apps.by_id(app_id)
     if app is None:
         return _health("NOT_FOUND", 404)
     if not app.enabled:
         return _health("ERROR", 503)
-    return _health("OK", 200)
+    failed = _readiness()
+    return _health(*failed) if failed else _health("OK", 200)
 
 
 @bp.get("/usage")

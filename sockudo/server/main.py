@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -34,13 +36,32 @@ class _QuietHandler(WebSocketHandler):
 
 def build_services(config: Config) -> Services:
     metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix)
+    adapter: Any
+    if config.adapter_driver == "redis":
+        from ..adapter.redis import RedisAdapter
+
+        adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id)
+    else:
+        adapter = LocalAdapter()
     return Services(
         config=config,
         apps=AppStore(config.apps),
-        adapter=LocalAdapter(),
+        adapter=adapter,
         cache=MemoryCache(time.time),
         metrics=metrics,
     )
+
+
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The main listener; with ``reuse_port`` several processes share one port (--workers)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 class Server:
@@ -50,6 +71,9 @@ class Server:
         self.handler = Handler(self.services)
         self.registry = ConnectionRegistry()
         self.flask = create_app(self.services, self.handler)
+        set_listener = getattr(self.services.adapter, "set_listener", None)
+        if set_listener is not None:
+            set_listener(self.handler)
         self.http: WSGIServer | None = None
         self.metrics_http: WSGIServer | None = None
         self.stopped = runtime.Event()
@@ -95,7 +119,9 @@ class Server:
 
     def start(self) -> None:
         cfg = self.config
-        self.http = WSGIServer((cfg.host, cfg.port), self.wsgi, handler_class=_QuietHandler, log=None)
+        reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"
+        self.http = WSGIServer(listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, handler_class=_QuietHandler,
+                               log=None)
         self.http.pre_start_hook = self._pre_start_hook
         self.http.start()
         if cfg.metrics.enabled:
@@ -108,9 +134,12 @@ class Server:
                 logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
                 self.metrics_http = None
         runtime.spawn(self._liveness_loop)
+        start_adapter = getattr(self.services.adapter, "start", None)
+        if start_adapter is not None:
+            start_adapter()
         logger.info(
             "sockudo listening",
-            extra={"host": cfg.host, "port": self.http.server_port, "metrics_port": cfg.metrics.port if self.metrics_http else None,
+            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver, "metrics_port": cfg.metrics.port if self.metrics_http else None,
                    "apps": [a.id for a in self.services.apps.all()]},
         )
 
@@ -125,6 +154,9 @@ class Server:
         deadline = time.monotonic() + self.config.shutdown_grace_period
         while self.registry.connections and time.monotonic() < deadline:
             runtime.sleep(0.05)
+        stop_adapter = getattr(self.services.adapter, "stop", None)
+        if stop_adapter is not None:
+            stop_adapter()
         if self.http is not None:
             self.http.stop(timeout=1)
         if self.metrics_http is not None:

@@ -14,3 +14,19 @@ Greenlet = gevent.Greenlet
 joinall = gevent.joinall
 killall = gevent.killall
 GreenletExit = gevent.GreenletExit
+
+
+class GeventRuntime:
+    """The primitives handed to services that run background work (the Redis adapter)."""
+
+    @staticmethod
+    def spawn(fn, *args):  # type: ignore[no-untyped-def]
+        return gevent.spawn(fn, *args)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        gevent.sleep(seconds)
+
+    @staticmethod
+    def event() -> gevent.event.Event:
+        return gevent.event.Event()
