@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML config file (default: $SOCKUDO_CONFIG, else built-in defaults)")
     parser.add_argument("--host", help="listen address (overrides config and HOST)")
     parser.add_argument("--port", type=int, help="listen port (overrides config and PORT)")
+    parser.add_argument(
+        "--workers", type=int,
+        help="server processes sharing the port (SO_REUSEPORT), joined through Redis (default: $WEB_CONCURRENCY or 1)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -31,11 +35,26 @@ def main(argv: list[str] | None = None) -> int:
             config = replace(config, host=args.host)
         if args.port:
             config = replace(config, port=args.port)
+        workers = args.workers if args.workers is not None else int(os.environ.get("WEB_CONCURRENCY", "1") or "1")
+    except ValueError:
+        print("sockudo: WEB_CONCURRENCY must be a whole number", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"sockudo: {exc}", file=sys.stderr)
         return 2
 
     setup_logging(config.log_format, config.log_level)
+    if workers > 1:
+        if config.adapter_driver != "redis":
+            print(
+                f"sockudo: --workers {workers} needs the Redis adapter so the processes act as one server; "
+                "set REDIS_URL (or [adapter] driver = \"redis\"), or run one worker",
+                file=sys.stderr,
+            )
+            return 2
+        from .server.supervisor import supervise
+
+        return supervise(workers, argv if argv is not None else sys.argv[1:], config)
     from .server.main import Server
 
     try:

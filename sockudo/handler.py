@@ -319,7 +319,7 @@ class Handler:
     def _parse_channel_data(self, app: AppConfig, channel_data: str) -> tuple[str, Any]:
         try:
             parsed = json.loads(channel_data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400, "InvalidChannelData") from None
         if not isinstance(parsed, dict):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data must be a JSON object", 400, "InvalidChannelData")
@@ -433,7 +433,7 @@ class Handler:
             raise PusherError(PusherCode.UNAUTHORIZED, "auth and user_data are required to sign in")
         try:
             user = json.loads(user_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting is bad input, not a server error
             user = None
         if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not user["id"]:
             raise PusherError(PusherCode.UNAUTHORIZED, "user_data must be a JSON object with a string id")

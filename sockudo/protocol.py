@@ -89,7 +89,7 @@ def data_object(msg: dict[str, Any]) -> dict[str, Any]:
             return {}
         try:
             data = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # deep nesting is bad input, not a server error
             raise FrameError("data is not valid JSON") from exc
     if data is None:
         return {}

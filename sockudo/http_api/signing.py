@@ -51,7 +51,10 @@ def json_body() -> object:
     """The request body as JSON; 415 without a JSON content type, 400 when unparsable."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    data = request.get_json(silent=True, cache=True)
+    try:
+        data = request.get_json(silent=True, cache=True)
+    except RecursionError:  # nested too deep to parse: bad input, not a server error
+        data = None
     if data is None:
         raise ApiError(400, "invalid_input", "Body is not valid JSON")
     return data
