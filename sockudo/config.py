@@ -25,6 +25,41 @@ DEFAULT_APP_SECRET = "app-secret"
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    """``[connection_recovery]`` (spec §7.3): the per-channel replay buffer for ``?protocol=2``."""
+
+    enabled: bool = False
+    buffer_ttl_seconds: int = 120
+    max_buffer_size: int = 100
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``[history]`` (spec §7.6): durable per-channel history (Redis Streams, or memory)."""
+
+    enabled: bool = False
+    retention_window_seconds: int = 86400
+    max_messages_per_channel: int = 1000
+    max_page_size: int = 100
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    """``[idempotency]`` (spec §7.5): repeated publishes with one key are delivered once."""
+
+    enabled: bool = True
+    ttl_seconds: int = 120
+    max_key_length: int = 128
+
+
+FEATURE_SECTIONS = {
+    "connection_recovery": RecoveryConfig,
+    "history": HistoryConfig,
+    "idempotency": IdempotencyConfig,
+}
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """One tenant. Unset limits fall back to Pusher's defaults (spec §8.1)."""
 
@@ -47,6 +82,11 @@ class AppConfig:
     enable_subscription_count: bool = False
     allowed_origins: tuple[str, ...] = ()
     webhooks: tuple[Mapping[str, Any], ...] = ()
+    # Per-app overrides of the feature sections, resolved against the globals at load time.
+    connection_recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    feature_overrides: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +122,9 @@ class Config:
     log_level: str = "INFO"
     node_id: str | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    connection_recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     apps: tuple[AppConfig, ...] = ()
 
 
@@ -111,7 +154,10 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
             return default
         raise ConfigError(f"config: environment variable ${{{name}}} is not set and has no default")
 
-    return _VAR.sub(sub, text)
+    # Whole-line comments are left alone, so a commented-out ${VAR} is not required.
+    return "".join(
+        line if line.lstrip().startswith("#") else _VAR.sub(sub, line) for line in text.splitlines(keepends=True)
+    )
 
 
 # -- value coercion (numbers may be strings, as in Sockudo) --------------------
@@ -219,7 +265,30 @@ def parse_app(raw: Mapping[str, Any], where: str) -> AppConfig:
     for required in ("id", "key", "secret"):
         if required not in flat or flat[required] in ("", None):
             raise ConfigError(f"config: {where}.{required} is required")
-    return _build(AppConfig, flat, f"{where}.")
+    overrides: dict[str, Any] = {}
+    for name in FEATURE_SECTIONS:
+        if name in flat:
+            value = flat.pop(name)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config: {where}.{name} must be a table")
+            overrides[name] = dict(value)
+    app: AppConfig = _build(AppConfig, flat, f"{where}.")
+    return replace(app, feature_overrides=overrides) if overrides else app
+
+
+def _resolve_features(app: AppConfig, config: Config) -> AppConfig:
+    """An app's feature sections: the global section with the app's overrides on top."""
+    values: dict[str, Any] = {}
+    for name, cls in FEATURE_SECTIONS.items():
+        base = getattr(config, name)
+        override = app.feature_overrides.get(name)
+        if override:
+            merged = {f.name: getattr(base, f.name) for f in fields(cls)}
+            merged.update(override)
+            values[name] = _build(cls, merged, f"app {app.id!r} {name}.")
+        else:
+            values[name] = base
+    return replace(app, **values)
 
 
 def _check_apps(apps: tuple[AppConfig, ...]) -> None:
@@ -283,7 +352,7 @@ _METRICS_ENV = {
     "METRICS_PREFIX": "prefix",
 }
 
-_SECTIONS = {"websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging"}
+_SECTIONS = {"websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging", *FEATURE_SECTIONS}
 
 
 def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -334,6 +403,8 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
 
     metrics = section("metrics")
     out["metrics"] = dict(metrics)
+    for name in FEATURE_SECTIONS:
+        out[name] = dict(section(name))
 
     manager = section("app_manager")
     driver = manager.get("driver", "memory")
@@ -356,9 +427,12 @@ def _default_app_from_env(env: Mapping[str, str], base: AppConfig | None) -> App
     if not present:
         return None
     values: dict[str, Any] = {}
+    settable = {f.name for f in fields(AppConfig)} - {"webhooks", "feature_overrides", *FEATURE_SECTIONS}
     for name, value in present.items():
-        if name not in {f.name for f in fields(AppConfig)} or name == "webhooks":
-            raise ConfigError(f"config: unknown environment variable {prefix}{name.upper()}")
+        if name not in settable:
+            # Sockudo's .env files carry variables we do not implement: say so, don't refuse to start.
+            logger.warning("ignoring unsupported environment variable %s%s", prefix, name.upper())
+            continue
         values[name] = value
     start = base or builtin_default_app()
     merged = {f.name: getattr(start, f.name) for f in fields(AppConfig)}
@@ -394,6 +468,14 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         if var in env and env[var] != "":
             metrics_raw[name] = env[var]
 
+    feature_raw = {name: dict(raw.pop(name, {})) for name in FEATURE_SECTIONS}
+    for name, cls in FEATURE_SECTIONS.items():
+        env_prefix = name.upper() + "_"
+        for f in fields(cls):
+            var = env_prefix + f.name.upper()
+            if env.get(var, "") != "":
+                feature_raw[name][f.name] = env[var]
+    features = {name: _build(cls, feature_raw[name], f"{name}.") for name, cls in FEATURE_SECTIONS.items()}
     apps: tuple[AppConfig, ...] = raw.pop("apps", ())
     if "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
         raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
@@ -409,11 +491,13 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         override = _default_app_from_env(env, apps[0])
         if override is not None:
             apps = (override, *apps[1:])
-    if env.get("SOCKUDO_DEFAULT_APP_ENABLED", "").strip().lower() == "false" and len(apps) == 1:
-        apps = ()
+    if env.get("SOCKUDO_DEFAULT_APP_ENABLED", "").strip().lower() == "false":
+        apps = ()  # Sockudo's rule: this variable clears every app
 
+    config = replace(config, metrics=metrics, **features)
+    apps = tuple(_resolve_features(app, config) for app in apps)
     _check_apps(apps)
-    config = replace(config, apps=apps, metrics=metrics)
+    config = replace(config, apps=apps)
     _validate(config)
     return config
 

@@ -1,0 +1,62 @@
+"""The in-memory TTL cache behind cache channels (spec §2.6), on a fake clock."""
+
+from __future__ import annotations
+
+from sockudo.cache import MemoryCache, cache_channel_key
+from tests.unit.fakes import FakeClock
+
+
+def test_get_returns_value_and_seconds_left() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(clock)
+    assert cache.get("k") is None
+    cache.set("k", "v", 60)
+    assert cache.get("k") == ("v", 60)
+    clock.advance(15)
+    assert cache.get("k") == ("v", 45)
+
+
+def test_entries_expire_at_their_ttl() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(clock)
+    cache.set("k", "v", 10)
+    clock.advance(9.5)
+    assert cache.get("k") is not None
+    clock.advance(0.5)
+    assert cache.get("k") is None
+
+
+def test_set_replaces_value_and_ttl() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(clock)
+    cache.set("k", "old", 10)
+    clock.advance(8)
+    cache.set("k", "new", 10)
+    clock.advance(8)
+    assert cache.get("k") == ("new", 2)
+
+
+def test_sweep_drops_only_expired_entries() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(clock)
+    cache.set("short", "a", 1)
+    cache.set("long", "b", 100)
+    clock.advance(5)
+    cache.sweep()
+    assert "short" not in cache._items
+    assert cache.get("long") == ("b", 95)
+
+
+def test_many_expired_entries_do_not_accumulate() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(clock)
+    for i in range(5000):
+        cache.set(f"k{i}", "v", 1)
+        clock.advance(0.01)
+    # Entries set more than a second ago are swept as new ones arrive.
+    assert len(cache._items) < 2100
+
+
+def test_cache_keys_separate_apps_and_channels() -> None:
+    keys = {cache_channel_key(a, c) for a in ("1", "2") for c in ("cache-a", "cache-b")}
+    assert len(keys) == 4
