@@ -151,8 +151,23 @@ Pusher.Runtime.createWebSocket = function (url) {
   emit({ client: name, type: 'ws_open_attempt', url: realUrl, socket_gen: gen });
   try {
     socket.addEventListener('open', () => emit({ client: name, type: 'ws_open', socket_gen: gen }));
-    socket.addEventListener('message', (ev) => {
-      if (rec.raw) emit({ client: name, type: 'raw', dir: 'in', data: String(ev.data), socket_gen: gen });
+    // Report the raw frame BEFORE pusher-js processes it: wrap the onmessage
+    // handler the transport installs (faye calls this['onmessage'] first).
+    let userOnMessage = null;
+    Object.defineProperty(socket, 'onmessage', {
+      configurable: true,
+      enumerable: true,
+      get() {
+        return userOnMessage;
+      },
+      set(fn) {
+        userOnMessage = typeof fn === 'function'
+          ? function (ev) {
+            if (rec.raw) emit({ client: name, type: 'raw', dir: 'in', data: String(ev && ev.data), socket_gen: gen });
+            return fn.apply(this, arguments);
+          }
+          : fn;
+      },
     });
     socket.addEventListener('close', (ev) => {
       emit({
@@ -383,10 +398,10 @@ function createClient(cmd) {
   rec.pusher = pusher;
   clients.set(name, rec);
 
-  pusher.connection.bind('state_change', (s) => {
+  bindFirst(pusher.connection, 'state_change', (s) => {
     emit({ client: name, type: 'state', current: s.current, previous: s.previous });
   });
-  pusher.connection.bind('connected', (data) => {
+  bindFirst(pusher.connection, 'connected', (data) => {
     emit({ client: name, type: 'connected', socket_id: (data && data.socket_id) || pusher.connection.socket_id });
   });
   pusher.connection.bind('connecting_in', (delay) => {
@@ -395,7 +410,7 @@ function createClient(cmd) {
   pusher.connection.bind('error', (err) => {
     emit({ client: name, type: 'error', code: extractCode(err), error: err });
   });
-  pusher.connection.bind('message', (m) => {
+  bindFirst(pusher.connection, 'message', (m) => {
     const ev = { client: name, type: 'message', event: m.event, channel: m.channel === undefined ? null : m.channel, data: m.data };
     if (m.user_id !== undefined) ev.user_id = m.user_id;
     emit(ev);
@@ -415,6 +430,21 @@ function createClient(cmd) {
   });
   pusher.connect();
   return rec;
+}
+
+/** Bind so that our callback runs before pusher-js's own handlers for the event
+ * (so 'message' precedes the channel 'event' it causes, 'connected' precedes
+ * the subscribe frames it triggers). Falls back to a plain bind. */
+function bindFirst(dispatcher, eventName, fn) {
+  dispatcher.bind(eventName, fn);
+  try {
+    const list = dispatcher.callbacks && dispatcher.callbacks._callbacks && dispatcher.callbacks._callbacks['_' + eventName];
+    if (Array.isArray(list) && list.length > 1 && list[list.length - 1].fn === fn) {
+      list.unshift(list.pop());
+    }
+  } catch (e) {
+    /* keep the plain bind */
+  }
 }
 
 function getClient(cmd) {
@@ -442,6 +472,69 @@ function snapshot(rec) {
     channels,
     user: p.user && p.user.user_data ? p.user.user_data : null,
   };
+}
+
+// ---------------------------------------------------------------------------
+// REST calls with the Node server SDK (what Laravel/Node backends publish with)
+// ---------------------------------------------------------------------------
+
+const REST_METHODS = ['trigger', 'triggerBatch', 'get', 'post', 'sendToUser', 'terminateUserConnections'];
+
+/** Credentials for `rest`: explicit fields win over those of the named client. */
+function restSdk(cmd) {
+  const rec = cmd.client !== undefined && cmd.client !== null ? getClient(cmd) : {};
+  const pick = (k) => (cmd[k] !== undefined ? cmd[k] : rec[k]);
+  const opts = {
+    appId: String(pick('appId') || ''),
+    key: String(pick('key') || ''),
+    secret: String(pick('secret') || ''),
+    host: pick('host') || '127.0.0.1',
+    port: String(pick('port') || ''),
+    useTLS: false,
+    timeout: cmd.timeout !== undefined ? Number(cmd.timeout) : 10000,
+  };
+  if (!opts.appId || !opts.key || !opts.secret || !opts.port) {
+    throw new Error('rest: appId, key, secret and port are required (or a client connected with them)');
+  }
+  const master = pick('encryptionMasterKeyBase64');
+  if (master) opts.encryptionMasterKeyBase64 = master;
+  return new PusherServer(opts);
+}
+
+function parseBody(text) {
+  if (text === undefined || text === null) return null;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    return String(text);
+  }
+}
+
+function runRest(cmd) {
+  const method = cmd.method;
+  if (REST_METHODS.indexOf(method) < 0) {
+    throw new Error('rest: unknown method "' + method + '" (one of ' + REST_METHODS.join(', ') + ')');
+  }
+  const args = Array.isArray(cmd.args) ? cmd.args : [];
+  const sdk = restSdk(cmd);
+  // Synchronous SDK validation errors (bad channel name, socket id...) become cmd_error.
+  const promise = Promise.resolve(sdk[method].apply(sdk, args));
+  const base = { client: cmd.client === undefined ? null : cmd.client, type: 'rest_result', id: cmd.id, method };
+  promise.then(
+    (res) => res.text().then((text) => {
+      emit(Object.assign({}, base, { ok: true, status: res.status, body: parseBody(text) }));
+    }),
+    (err) => {
+      emit(Object.assign({}, base, {
+        ok: false,
+        status: err && typeof err.status === 'number' ? err.status : null,
+        body: parseBody(err && err.body),
+        message: String((err && err.message) || err),
+      }));
+    },
+  ).catch((e) => {
+    emit(Object.assign({}, base, { ok: false, status: null, body: null, message: 'driver: ' + String(e && e.message || e) }));
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -496,6 +589,10 @@ const handlers = {
   query(cmd) {
     const rec = getClient(cmd);
     emit(Object.assign({ client: rec.name, type: 'query_result', id: cmd.id }, snapshot(rec)));
+  },
+  rest(cmd) {
+    // Node SDK call; the HTTP answer comes later as a rest_result event.
+    runRest(cmd);
   },
   ping() {
     // No-op: the ack proves the driver is alive and has processed everything before it.

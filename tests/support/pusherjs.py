@@ -293,6 +293,35 @@ class PusherJsDriver:
         """Round-trip a no-op through the driver: every earlier command has been executed."""
         self.send({"cmd": "ping"}, timeout=timeout)
 
+    def rest(
+        self,
+        method: str,
+        *args: Any,
+        client: str | None = None,
+        timeout: float = 10.0,
+        **creds: Any,
+    ) -> dict:
+        """Call the Node server SDK (``pusher`` 5): ``method`` is one of ``trigger``,
+        ``triggerBatch``, ``get``, ``post``, ``sendToUser``, ``terminateUserConnections``,
+        called with ``args`` as given (e.g. ``"trigger", "ch", "ev", {"x": 1}, {"socket_id": s}``
+        or ``"get", {"path": "/channels", "params": {"info": "user_count"}}``).
+
+        Credentials: ``app_id``, ``key``, ``secret``, ``port``, ``host``,
+        ``encryption_master_key_base64``, or ``client=`` to borrow a connected client's.
+        Returns the ``rest_result`` event: ``{ok, status, body, message?}``, ``body``
+        JSON-decoded when possible. An SDK-side validation error raises ``PusherJsError``.
+        """
+        cmd: dict[str, Any] = {"cmd": "rest", "method": method, "args": list(args)}
+        if client is not None:
+            cmd["client"] = client
+        for k, v in creds.items():
+            cmd[_camel(k)] = str(v) if k in ("app_id", "port") else v
+        since = self.mark()
+        ack = self.send(cmd, timeout=timeout)
+        assert ack is not None
+        return self.wait_for({"type": "rest_result", "id": ack["id"]}, timeout=timeout, since=since,
+                             desc=f"rest {method}")
+
     # -- clients ------------------------------------------------------------
 
     def connect(
