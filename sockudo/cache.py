@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Cache(Protocol):
@@ -38,6 +38,32 @@ class MemoryCache:
         now = self._clock()
         for key in [k for k, (_, exp) in self._items.items() if exp <= now]:
             del self._items[key]
+
+
+class RedisCache:
+    """Cache-channel payloads shared by every node (spec §8.4)."""
+
+    def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def get(self, key: str) -> tuple[str, float] | None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.prefix + key)
+            pipe.pttl(self.prefix + key)
+            value, pttl = pipe.execute()
+        except Exception:  # a cache miss is the safe answer when Redis is away
+            return None
+        if value is None:
+            return None
+        return (value.decode() if isinstance(value, bytes) else value), max(0.0, pttl / 1000)
+
+    def set(self, key: str, value: str, ttl_seconds: float) -> None:
+        try:
+            self.client.set(self.prefix + key, value, px=int(ttl_seconds * 1000))
+        except Exception:
+            pass  # best effort: a later publish stores it again
 
 
 def cache_channel_key(app_id: str, channel: str) -> str:

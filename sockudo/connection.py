@@ -41,6 +41,7 @@ class Connection:
         "event_window_count",
         "closed",
         "held",
+        "attach_serials",
     )
 
     def __init__(self, socket_id: str, app: AppConfig, transport: Transport, protocol: int, now: float) -> None:
@@ -63,6 +64,8 @@ class Connection:
         # While a subscribe waits on the cluster, broadcasts to this socket are held here so
         # that the subscription ack always comes before the channel's events.
         self.held: list[OutFrame] | None = None
+        # protocol 2: channel -> newest serial when this socket subscribed (for until_attach)
+        self.attach_serials: dict[str, int] | None = None
 
     def send(self, frame: OutFrame) -> None:
         """Deliver a broadcast (held while a subscription is being acknowledged)."""
@@ -83,8 +86,12 @@ class Connection:
         if self.held is None:
             self.held = []
 
-    def release(self) -> None:
+    def release(self, delivered: dict[str, int] | None = None) -> None:
+        """Send the held broadcasts; ``delivered`` maps channel -> the newest serial already
+        replayed to this socket, so a message replayed by a resume is not sent twice."""
         held, self.held = self.held, None
         if held and not self.closed:
             for frame in held:
+                if delivered and frame.serial is not None and frame.serial <= delivered.get(frame.channel or "", -1):
+                    continue
                 self.transport.send(frame)

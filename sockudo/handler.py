@@ -20,16 +20,19 @@ from .adapter import Adapter
 from .apps import AppStore
 from .auth import verify_channel_auth, verify_user_auth
 from .cache import Cache, cache_channel_key
+from .publisher import CACHE_TTL_SECONDS  # noqa: F401  (re-exported for the REST layer)
 from .config import AppConfig, Config
 from .connection import Connection, Transport
-from .errors import PusherCode, PusherError, SubscriptionError
+from .errors import ApiError, PusherCode, PusherError, SubscriptionError
+from .history import MemorySequencer, Sequencer, SequencerUnavailable
+from .idempotency import IdempotencyStore, MemoryIdempotency
 from .lifecycle import LifecycleSink, NullSink
 from .metrics import Metrics
+from .publisher import Publisher, PublishUnavailable
+from .recovery import RecoveryService, ReplayBuffers
 from .wsframe import OutFrame
 
 logger = logging.getLogger(__name__)
-
-CACHE_TTL_SECONDS = 3600
 
 
 @dataclass
@@ -43,6 +46,20 @@ class Services:
     metrics: Metrics
     events: LifecycleSink = field(default_factory=NullSink)
     clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    sequencer: Sequencer | None = None
+    buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
+    idempotency: IdempotencyStore | None = None
+    publisher: Publisher = field(init=False)
+    recovery: RecoveryService = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.sequencer is None:
+            self.sequencer = MemorySequencer(self.clock)
+        if self.idempotency is None:
+            self.idempotency = MemoryIdempotency(self.clock)
+        self.publisher = Publisher(self.adapter, self.cache, self.sequencer, self.buffers, self.metrics, self.apps)
+        self.recovery = RecoveryService(self.buffers, self.sequencer, self.metrics, self.clock)
 
 
 def new_socket_id() -> str:
@@ -208,6 +225,10 @@ class Handler:
                 self._leave(conn, channel)
         elif name == "signin":
             self._signin(conn, p.data_object(msg))
+        elif name == "resume":
+            self._resume(conn, p.data_object(msg))
+        elif name == "channel_history":
+            self._channel_history(conn, p.data_object(msg))
         # Other pusher:/sockudo: events are ignored (§1.3).
 
     # -- subscribe / unsubscribe ----------------------------------------------
@@ -233,6 +254,67 @@ class Handler:
             self._subscription_failed(conn, channel, exc)
         finally:
             conn.release()
+
+    # -- protocol 2: resume and history (spec §7.3, §7.6) ------------------------------
+
+    def _resume(self, conn: Connection, data: dict[str, Any]) -> None:
+        app = conn.app
+        if not app.connection_recovery.enabled:
+            raise PusherError(PusherCode.CLIENT_EVENT_ERROR, "Connection recovery is not enabled for this app")
+        positions = data.get("channel_positions")
+        legacy = data.get("channel_serials")
+        requests: list[tuple[str, str | None, Any, bool]] = []
+        if isinstance(positions, dict):
+            for channel, pos in positions.items():
+                pos = pos if isinstance(pos, dict) else {}
+                requests.append((channel, pos.get("stream_id"), pos.get("serial"), False))
+        elif isinstance(legacy, dict):
+            requests = [(channel, None, serial, True) for channel, serial in legacy.items()]
+        if not requests:
+            raise PusherError(PusherCode.WATCHLIST_LIMIT, "No resume positions given")
+
+        conn.hold()  # live messages wait until the replay is written (spec §7.3)
+        delivered: dict[str, int] = {}
+        try:
+            recovered: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            replays: list[str] = []
+            for channel, stream_id, serial, is_legacy in requests[:100]:
+                outcome = self.s.recovery.resume(app, channel, stream_id, serial, is_legacy,
+                                                 subscribed=channel in conn.channels)
+                if outcome.failure is not None:
+                    failed.append(outcome.failure)
+                    self._send(conn, p.frame("sockudo:resume_failed", p.dumps(outcome.failure), channel=channel))
+                    continue
+                replays.extend(outcome.frames)
+                if outcome.last_serial is not None:
+                    delivered[channel] = outcome.last_serial
+                recovered.append(outcome.recovered)
+            for text in replays:
+                conn.transport.send(OutFrame(text, text))
+            if replays:
+                m = self.metrics.app(app.id)
+                m.ws_sent.inc(len(replays))
+            self._send(conn, p.frame("sockudo:resume_success", p.dumps({"recovered": recovered, "failed": failed})))
+        finally:
+            conn.release(delivered)
+
+    def _channel_history(self, conn: Connection, data: dict[str, Any]) -> None:
+        from .history_api import read_history
+
+        channel = data.get("channel")
+        if not isinstance(channel, str) or channel not in conn.channels:
+            raise PusherError(PusherCode.CHANNEL_ERROR, "Subscribe to the channel before reading its history")
+        params = dict(data)
+        params.setdefault("limit", 100)
+        try:
+            page = read_history(self.s.sequencer, self.metrics, conn.app, channel, params,
+                                attach_serial=(conn.attach_serials or {}).get(channel))
+        except ApiError as exc:
+            self._send(conn, p.frame("sockudo:channel_history", p.dumps({"error": exc.message, "code": exc.slug,
+                                                                         "status": exc.status}), channel=channel))
+            return
+        self._send(conn, p.frame("sockudo:channel_history", p.dumps(page), channel=channel))
 
     def _subscription_failed(self, conn: Connection, channel: str | None, exc: SubscriptionError) -> None:
         """``pusher:subscription_error`` on the channel, which pusher-js apps bind, and a
@@ -336,12 +418,32 @@ class Handler:
         return str(raw_id), user_info
 
     def _ack(self, conn: Connection, channel: str, kind: p.ChannelKind) -> None:
+        payload: dict[str, Any] = {}
         if kind is p.ChannelKind.PRESENCE:
             members = self.adapter.presence_members(conn.app.id, channel)
-            data = p.dumps({"presence": {"ids": list(members), "hash": members, "count": len(members)}})
-        else:
-            data = "{}"
-        self._send(conn, p.frame(p.SUBSCRIPTION_SUCCEEDED, data, channel=channel))
+            payload = {"presence": {"ids": list(members), "hash": members, "count": len(members)}}
+        app = conn.app
+        if conn.protocol == 2 and (app.connection_recovery.enabled or app.history.enabled) \
+                and p.server_to_user_id(channel) is None:
+            # Protocol 2 (spec §7.3-§7.4): the ack carries the channel's position, so even an
+            # idle channel gives the client a starting point for a later resume.
+            try:
+                stream_id, serial = self.s.sequencer.ensure(app, channel)  # type: ignore[union-attr]
+            except SequencerUnavailable:
+                stream_id, serial = None, None
+            if serial is not None:
+                if conn.attach_serials is None:
+                    conn.attach_serials = {}
+                conn.attach_serials[channel] = serial
+                if app.history.enabled:
+                    payload["attach_serial"] = serial
+            frame = {"event": "sockudo_internal:subscription_succeeded", "channel": channel, "data": p.dumps(payload)}
+            if stream_id is not None:
+                frame["stream_id"] = stream_id
+                frame["serial"] = serial
+            self._send(conn, p.dumps(frame))
+            return
+        self._send(conn, p.frame(p.SUBSCRIPTION_SUCCEEDED, p.dumps(payload), channel=channel))
 
     def _leave(self, conn: Connection, channel: str) -> None:
         app = conn.app
@@ -409,8 +511,11 @@ class Handler:
             raise PusherError(PusherCode.CLIENT_EVENT_ERROR, "Client is not subscribed to this channel")
 
         user_id = conn.channels[channel] if kind is p.ChannelKind.PRESENCE else None
-        text = p.frame(event, data, channel=channel, user_id=user_id)
-        self._broadcast(app, channel, OutFrame(text), except_socket_id=conn.socket_id)
+        try:
+            self.s.publisher.publish(app, channel, event, data, except_socket_id=conn.socket_id, user_id=user_id,
+                                     count_publish=False)
+        except PublishUnavailable:
+            raise PusherError(PusherCode.GENERIC, "Message store unavailable; client event not delivered") from None
         self.metrics.app(app.id).client_events.inc()
         hook: dict[str, Any] = {
             "name": "client_event",

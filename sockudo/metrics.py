@@ -143,6 +143,44 @@ class Metrics:
         self.dead_nodes_cleaned = Counter(
             f"{p}dead_nodes_cleaned", "Dead nodes whose sockets and presence this node removed", registry=r
         )
+        # -- recovery, history, idempotency (Sockudo names) --
+        self.history_writes = Counter(f"{p}history_writes", "Messages stored in channel history", app, registry=r)
+        self.history_write_failures = Counter(
+            f"{p}history_write_failures", "Messages that could not be sequenced/stored (not delivered)", app, registry=r
+        )
+        self.history_reads = Counter(f"{p}history_reads", "History pages read (REST and WebSocket)", app, registry=r)
+        self.history_evictions = Counter(
+            f"{p}history_evictions", "History entries removed by retention (count or age)", ["port"], registry=r
+        )
+        self.history_cursor_errors = Counter(
+            f"{p}history_cursor_errors", "History reads refused for a tampered or mismatched cursor", app, registry=r
+        )
+        self.recovery_success = Counter(
+            f"{p}history_recovery_success", "Channels recovered by sockudo:resume, by tier", [*app, "source"], registry=r
+        )
+        self.recovery_failures = Counter(
+            f"{p}history_recovery_failures", "Channels that could not be recovered, by reason", [*app, "code"], registry=r
+        )
+        self.recovery_replayed = Counter(
+            f"{p}recovery_replayed_messages", "Messages replayed to resuming clients", [*app, "source"], registry=r
+        )
+        self.recovery_buffer_misses = Counter(
+            f"{p}recovery_buffer_misses", "Resumes the replay buffer could not serve (cold tier tried next)", app,
+            registry=r,
+        )
+        self.replay_buffer_messages = Gauge(
+            f"{p}replay_buffer_messages", "Messages held in this node's replay buffers", ["port"], registry=r
+        )
+        self.replay_buffer_channels = Gauge(
+            f"{p}replay_buffer_channels", "Channels with a replay buffer on this node", ["port"], registry=r
+        )
+        self.idempotency_publishes = Counter(
+            f"{p}idempotency_publish", "Publishes carrying an idempotency key", app, registry=r
+        )
+        self.idempotency_duplicates = Counter(
+            f"{p}idempotency_duplicates", "Publishes answered from the idempotency cache (not delivered again)", app,
+            registry=r,
+        )
         self._apps: dict[str, AppMetrics] = {}
 
     def app(self, app_id: str) -> AppMetrics:

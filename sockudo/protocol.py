@@ -56,6 +56,26 @@ def frame(event: str, data: Any = None, channel: str | None = None, user_id: str
     return _dumps(out)
 
 
+def to_v2(text: str, message_id: str) -> str:
+    """The protocol-2 form of a frame (spec §7.1-§7.2): ``pusher:``/``pusher_internal:`` become
+    ``sockudo:``/``sockudo_internal:``, and every non-ping frame carries a ``message_id``."""
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(msg, dict):
+        return text
+    event = msg.get("event")
+    if isinstance(event, str):
+        if event.startswith("pusher_internal:"):
+            msg["event"] = "sockudo_internal:" + event[len("pusher_internal:"):]
+        elif event.startswith("pusher:"):
+            msg["event"] = "sockudo:" + event[len("pusher:"):]
+        if event not in (PING, PONG) and "message_id" not in msg:
+            msg["message_id"] = message_id
+    return _dumps(msg)
+
+
 def error_frame(code: int, message: str) -> str:
     return frame(ERROR, {"code": code, "message": message})
 

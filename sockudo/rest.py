@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
+from collections.abc import Callable
+
+from . import idempotency
 from . import protocol as p
 from .cache import cache_channel_key
 from .config import AppConfig
 from .errors import ApiError, PusherCode
-from .handler import CACHE_TTL_SECONDS, Services
-from .wsframe import OutFrame
+from .handler import Services
+from .publisher import PublishUnavailable
 
 _SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
 _INFO_ATTRIBUTES = {"user_count", "subscription_count", "cache"}
@@ -76,25 +78,13 @@ def _validate_event(services: Services, app: AppConfig, body: Any, *, in_batch: 
 
 
 def _deliver(services: Services, app: AppConfig, event: dict[str, Any]) -> None:
-    adapter = services.adapter
-    m = services.metrics.app(app.id)
     for channel in event["channels"]:
-        frame = OutFrame(p.frame(event["name"], event["data"], channel=channel))
-        started = time.perf_counter()
-        user_id = p.server_to_user_id(channel)
-        if user_id is not None:
-            sent = adapter.send_to_user(app.id, user_id, frame, event["socket_id"])
-        else:
-            sent = adapter.broadcast(app.id, channel, frame, event["socket_id"])
-        if p.is_cache_channel(channel):
-            services.cache.set(cache_channel_key(app.id, channel), frame.text, CACHE_TTL_SECONDS)
-        m.publishes.inc()
-        if sent:
-            m.ws_sent.inc(sent)
-            m.bytes_sent.inc(sent * len(frame.text))
-            services.metrics.broadcast_latency(
-                app.id, p.channel_type_label(channel), sent, (time.perf_counter() - started) * 1000
-            )
+        try:
+            services.publisher.publish(app, channel, event["name"], event["data"], event["socket_id"], cache=True)
+        except PublishUnavailable:
+            services.metrics.publish_rejected(app.id, "store_unavailable")
+            raise ApiError(503, "service_unavailable", "Message store unavailable; the event was not published",
+                           headers={"Retry-After": "1"}) from None
 
 
 def _channel_info(services: Services, app: AppConfig, channel: str, info: set[str]) -> dict[str, Any]:
@@ -106,17 +96,59 @@ def _channel_info(services: Services, app: AppConfig, channel: str, info: set[st
     return out
 
 
-def trigger(services: Services, app: AppConfig, body: Any) -> dict[str, Any]:
-    """``POST /apps/{id}/events``."""
+def _idempotent(services: Services, app: AppConfig, key: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``run`` once per key inside the app's idempotency TTL; repeats get the first answer."""
+    cfg = app.idempotency
+    store = services.idempotency
+    assert store is not None
+    services.metrics.idempotency_publishes.labels(app.id, services.metrics.port).inc()
+    stored = idempotency.begin(store, key, cfg.ttl_seconds, services.sleep)
+    if stored is not None:
+        services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port).inc()
+        return json.loads(stored)  # type: ignore[no-any-return]
+    try:
+        response = run()
+    except BaseException:
+        store.release(key)  # let a retry publish
+        raise
+    try:
+        store.store(key, p.dumps(response), cfg.ttl_seconds)
+    except Exception:  # the publish happened; a lost record only weakens dedupe of a later retry
+        services.metrics.publish_rejected(app.id, "idempotency_store_failed")
+    return response
+
+
+def _request_key(app: AppConfig, body: Any, header_key: str | None) -> str | None:
+    if not app.idempotency.enabled:
+        return None
+    key = body.get("idempotency_key") if isinstance(body, dict) and "idempotency_key" in body else header_key
+    if key is None:
+        return None
+    return idempotency.validate_key(key, app.idempotency.max_key_length)
+
+
+def trigger(services: Services, app: AppConfig, body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
+    """``POST /apps/{id}/events``; ``idempotency_key`` in the body or ``X-Idempotency-Key``."""
     event = _validate_event(services, app, body, in_batch=False)
-    _deliver(services, app, event)
-    if event["info"]:
-        return {"channels": {c: _channel_info(services, app, c, event["info"]) for c in event["channels"]}}
-    return {}
+    key = _request_key(app, body, idempotency_key)
+
+    def run() -> dict[str, Any]:
+        _deliver(services, app, event)
+        if event["info"]:
+            return {"channels": {c: _channel_info(services, app, c, event["info"]) for c in event["channels"]}}
+        return {}
+
+    if key is None:
+        return run()
+    return _idempotent(services, app, f"app:{app.id}:idempotency:{key}", run)
 
 
-def trigger_batch(services: Services, app: AppConfig, body: Any) -> dict[str, Any]:
-    """``POST /apps/{id}/batch_events``: items are validated first, then run in order."""
+def trigger_batch(services: Services, app: AppConfig, body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
+    """``POST /apps/{id}/batch_events``: every item is validated before any is published.
+
+    ``X-Idempotency-Key`` covers the whole request; an item's own ``idempotency_key`` dedupes
+    that item (a duplicate item is skipped and answered with ``{}``).
+    """
     batch = body.get("batch") if isinstance(body, dict) else None
     if not isinstance(batch, list):
         raise _reject(services, app, 400, "invalid_input", "invalid_input", "batch must be a list of events")
@@ -124,11 +156,29 @@ def trigger_batch(services: Services, app: AppConfig, body: Any) -> dict[str, An
         raise _reject(services, app, 400, "limit_exceeded", "batch_too_large",
                       f"At most {app.max_event_batch_size} events per batch")
     events = [_validate_event(services, app, item, in_batch=True) for item in batch]
-    for event in events:
-        _deliver(services, app, event)
-    if any(e["info"] for e in events):
-        return {"batch": [_channel_info(services, app, e["channels"][0], e["info"]) if e["info"] else {} for e in events]}
-    return {}
+    item_keys = [_request_key(app, item, None) for item in batch]
+    want_info = any(e["info"] for e in events)
+
+    def run() -> dict[str, Any]:
+        results: list[dict[str, Any]] = []
+        for event, key in zip(events, item_keys, strict=True):
+            def one(event: dict[str, Any] = event) -> dict[str, Any]:
+                _deliver(services, app, event)
+                return _channel_info(services, app, event["channels"][0], event["info"]) if event["info"] else {}
+
+            if key is None:
+                results.append(one())
+            else:
+                before = services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port)._value.get()
+                result = _idempotent(services, app, f"app:{app.id}:idempotency:{key}", one)
+                duplicate = services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port)._value.get() > before
+                results.append({} if duplicate else result)
+        return {"batch": results} if want_info else {}
+
+    if idempotency_key is None or not app.idempotency.enabled:
+        return run()
+    key = idempotency.validate_key(idempotency_key, app.idempotency.max_key_length)
+    return _idempotent(services, app, f"app:{app.id}:batch-idempotency:{key}", run)
 
 
 def list_channels(services: Services, app: AppConfig, prefix: str, info_raw: str | None) -> dict[str, Any]:

@@ -9,6 +9,9 @@ code. Outbound frames are encoded once per publish and the same bytes go to ever
 from __future__ import annotations
 
 import struct
+import uuid
+
+from .protocol import to_v2
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -56,14 +59,23 @@ class OutFrame:
     """One outbound text message, shared by every recipient of a publish.
 
     ``wire`` is the encoded WebSocket frame, computed on first use and then reused,
-    so a fan-out to N sockets encodes once.
+    so a fan-out to N sockets encodes once. Protocol-2 sockets get ``wire_v2``: the same
+    message with ``sockudo:`` prefixes, a ``message_id`` and, on channels with recovery or
+    history, its ``stream_id``/``serial`` — also encoded once, and only if such a socket exists.
     """
 
-    __slots__ = ("text", "_wire")
+    __slots__ = ("text", "_wire", "v2_text", "_wire_v2", "channel", "serial", "meta")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, v2_text: str | None = None, channel: str | None = None,
+                 serial: int | None = None) -> None:
         self.text = text
         self._wire: bytes | None = None
+        self.v2_text = v2_text
+        self._wire_v2: bytes | None = None
+        self.channel = channel
+        self.serial = serial
+        # (stream_id, published_ms, message_id) of a sequenced message, for other nodes' buffers
+        self.meta: tuple[str, int, str] | None = None
 
     @property
     def wire(self) -> bytes:
@@ -71,6 +83,19 @@ class OutFrame:
         if wire is None:
             wire = self._wire = encode_text(self.text)
         return wire
+
+    @property
+    def wire_v2(self) -> bytes:
+        wire = self._wire_v2
+        if wire is None:
+            wire = self._wire_v2 = encode_text(self.text_v2)
+        return wire
+
+    @property
+    def text_v2(self) -> str:
+        if self.v2_text is None:
+            self.v2_text = to_v2(self.text, str(uuid.uuid4()))
+        return self.v2_text
 
     def __repr__(self) -> str:
         return f"OutFrame({self.text!r})"

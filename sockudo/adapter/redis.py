@@ -96,6 +96,9 @@ class RedisAdapter:
         self._acquire_script = self.client.register_script(c.ACQUIRE_LUA)
         self._release_script = self.client.register_script(c.RELEASE_LUA)
         self.listener: ClusterListener | None = None
+        # Called with (app_id, channel, v2_text, stream_id, serial, published_ms, message_id) for a
+        # sequenced message published elsewhere, so this node's replay buffer has it too.
+        self.on_remote_message: Callable[..., None] | None = None
         self.healthy = False
         self._dirty = True  # holdings must be (re)written to Redis
         self._stopping = False
@@ -249,7 +252,16 @@ class RedisAdapter:
         app_id, text = msg.get("app_id"), msg.get("message")
         if not isinstance(app_id, str) or not isinstance(text, str):
             return
-        frame = OutFrame(text)
+        v2_text = msg.get("message_v2")
+        serial = msg.get("serial")
+        frame = OutFrame(text, v2_text if isinstance(v2_text, str) else None, msg.get("channel"),
+                         serial if isinstance(serial, int) else None)
+        if frame.serial is not None and frame.v2_text is not None and self.on_remote_message is not None:
+            try:
+                self.on_remote_message(app_id, frame.channel, frame.v2_text, str(msg.get("stream_id")), frame.serial,
+                                       int(msg.get("published_ms", 0)), str(msg.get("message_id", "")))
+            except Exception:
+                logger.exception("could not buffer a remote message")
         except_id = msg.get("except_socket_id")
         user_id = msg.get("user_id")
         if isinstance(user_id, str):
@@ -557,6 +569,11 @@ class RedisAdapter:
                                     "timestamp_ms": time.time() * 1000}
         if except_socket_id is not None:
             envelope["except_socket_id"] = except_socket_id
+        if frame.v2_text is not None:
+            envelope["message_v2"] = frame.v2_text
+        if frame.meta is not None and frame.serial is not None:
+            envelope["stream_id"], envelope["published_ms"], envelope["message_id"] = frame.meta
+            envelope["serial"] = frame.serial
         self._publish(self.keys.broadcast, c.encode(envelope))
         return sent
 

@@ -6,7 +6,10 @@ from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from .. import rest
-from .signing import require_signed_app, services
+from ..errors import ApiError
+from ..history import SequencerUnavailable
+from ..history_api import read_history
+from .signing import json_body, require_signed_app, services
 
 bp = Blueprint("channels", __name__)
 
@@ -22,6 +25,29 @@ def list_channels(app_id: str) -> ResponseReturnValue:
 def channel_users(app_id: str, channel: str) -> ResponseReturnValue:
     app = require_signed_app(app_id)
     return jsonify(rest.channel_users(services(), app, channel))
+
+
+@bp.get("/apps/<app_id>/channels/<path:channel>/history")
+def channel_history(app_id: str, channel: str) -> ResponseReturnValue:
+    app = require_signed_app(app_id)
+    s = services()
+    return jsonify(read_history(s.sequencer, s.metrics, app, channel, request.args.to_dict()))
+
+
+@bp.post("/apps/<app_id>/channels/<path:channel>/history/reset")
+def reset_history(app_id: str, channel: str) -> ResponseReturnValue:
+    """Operator reset: a new stream id; resumes across it fail with ``stream_reset``."""
+    app = require_signed_app(app_id)
+    body = json_body()
+    if not isinstance(body, dict) or body.get("confirm_channel") != channel or body.get("confirm_operation") != "reset":
+        raise ApiError(400, "invalid_input", "confirm_channel must name the channel and confirm_operation be \"reset\"")
+    s = services()
+    try:
+        s.sequencer.reset(app, channel)  # type: ignore[union-attr]
+    except SequencerUnavailable:
+        raise ApiError(503, "service_unavailable", "History store unavailable") from None
+    s.buffers.channels.pop((app.id, channel), None)
+    return jsonify({"ok": True})
 
 
 @bp.get("/apps/<app_id>/channels/<path:channel>")

@@ -37,19 +37,34 @@ class _QuietHandler(WebSocketHandler):
 def build_services(config: Config) -> Services:
     metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix)
     adapter: Any
+    extras: dict[str, Any] = {}
+    cache: Any = MemoryCache(time.time)
     if config.adapter_driver == "redis":
-        from ..adapter.redis import RedisAdapter
+        from ..adapter.redis import RedisAdapter, make_client
+        from ..cache import RedisCache
+        from ..history import RedisSequencer
+        from ..idempotency import RedisIdempotency
 
         adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id)
+        # Shared state must be cluster-wide (spec §8.4): serials/history, idempotency keys and
+        # cache-channel payloads live in Redis, under their own prefix.
+        client = make_client(config)
+        extras["sequencer"] = RedisSequencer(client, prefix="sockudo:")
+        extras["idempotency"] = RedisIdempotency(client, prefix="sockudo:")
+        cache = RedisCache(client, prefix="sockudo:")
     else:
         adapter = LocalAdapter()
-    return Services(
+    services = Services(
         config=config,
         apps=AppStore(config.apps),
         adapter=adapter,
-        cache=MemoryCache(time.time),
+        cache=cache,
         metrics=metrics,
+        **extras,
     )
+    if hasattr(adapter, "on_remote_message"):
+        adapter.on_remote_message = services.publisher.record_remote
+    return services
 
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -103,6 +118,25 @@ class Server:
 
     # -- background work --
 
+    def _housekeeping_loop(self) -> None:
+        """Retention and buffer expiry, once in a while (one greenlet for the whole node)."""
+        s = self.services
+        while True:
+            runtime.sleep(5.0)
+            try:
+                apps = s.apps.all()
+                s.buffers.sweep({a.id: a.connection_recovery for a in apps}, int(time.time() * 1000))
+                s.metrics.replay_buffer_messages.labels(s.metrics.port).set(s.buffers.size())
+                s.metrics.replay_buffer_channels.labels(s.metrics.port).set(len(s.buffers.channels))
+                assert s.sequencer is not None
+                s.sequencer.sweep(apps)
+                purged = getattr(s.sequencer, "purged", 0)
+                if purged:
+                    s.metrics.history_evictions.labels(s.metrics.port).inc(purged)
+                    s.sequencer.purged = 0  # type: ignore[union-attr]
+            except Exception:
+                logger.exception("housekeeping failed")
+
     def _liveness_loop(self) -> None:
         cfg = self.config
         interval = max(0.25, min(5.0, cfg.activity_timeout / 4, cfg.pong_timeout / 4))
@@ -134,6 +168,7 @@ class Server:
                 logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
                 self.metrics_http = None
         runtime.spawn(self._liveness_loop)
+        runtime.spawn(self._housekeeping_loop)
         start_adapter = getattr(self.services.adapter, "start", None)
         if start_adapter is not None:
             start_adapter()

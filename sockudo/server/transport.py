@@ -37,10 +37,13 @@ class WsTransport:
         "dead",
         "writer",
         "on_slow_consumer",
+        "v2",
     )
 
-    def __init__(self, sock: socket.socket, max_messages: int, on_slow_consumer: Callable[[], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket, max_messages: int, on_slow_consumer: Callable[[], None] | None = None,
+                 v2: bool = False) -> None:
         self.sock = sock
+        self.v2 = v2  # protocol-2 socket: write each frame's protocol-2 form
         self.queue: deque[OutFrame | bytes] = deque()
         self.max_messages = max_messages
         self.wakeup = runtime.Event()
@@ -102,17 +105,18 @@ class WsTransport:
     def _write_loop(self) -> None:
         queue = self.queue
         sendall = self.sock.sendall
+        v2 = self.v2
         try:
             while not self.dead:
                 if queue:
                     if len(queue) == 1:
                         item = queue.popleft()
-                        data = item if isinstance(item, bytes) else item.wire
+                        data = item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire
                     else:
                         parts = []
                         for _ in range(min(len(queue), BATCH)):
                             item = queue.popleft()
-                            parts.append(item if isinstance(item, bytes) else item.wire)
+                            parts.append(item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire)
                         data = b"".join(parts)
                     sendall(data)
                     continue

@@ -79,7 +79,9 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
 
     metrics = handler.metrics
     transport = WsTransport(
-        sock, config.websocket_max_messages, on_slow_consumer=lambda: metrics.slow_consumer_disconnects.labels(app.id, metrics.port).inc()
+        sock, config.websocket_max_messages,
+        on_slow_consumer=lambda: metrics.slow_consumer_disconnects.labels(app.id, metrics.port).inc(),
+        v2=version == 2,
     )
     conn = handler.open(app, transport, version)
     registry.connections[conn.socket_id] = conn

@@ -1,0 +1,94 @@
+"""Publishing one application event to a channel: the single path REST publishes and client
+events share (spec §5.4, §3, §7.2-§7.3).
+
+It builds the frame once (and its protocol-2 form once, with ``message_id`` and, on channels
+with recovery or history, ``stream_id``/``serial``), records it in the replay buffer, stores
+cache-channel payloads, and hands the frame to the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from . import protocol as p
+from .cache import Cache, cache_channel_key
+from .config import AppConfig
+from .history import Sequencer, SequencerUnavailable, StoredMessage
+from .metrics import Metrics
+from .recovery import BufferedMessage, ReplayBuffers
+from .wsframe import OutFrame
+
+logger = logging.getLogger(__name__)
+
+CACHE_TTL_SECONDS = 3600
+
+
+class PublishUnavailable(Exception):
+    """The message could not be sequenced/stored, so it was not delivered (nothing half-written)."""
+
+
+class Publisher:
+    def __init__(self, adapter: Any, cache: Cache, sequencer: Sequencer, buffers: ReplayBuffers, metrics: Metrics,
+                 apps: Any) -> None:
+        self.adapter = adapter
+        self.cache = cache
+        self.sequencer = sequencer
+        self.buffers = buffers
+        self.metrics = metrics
+        self.apps = apps
+
+    def publish(self, app: AppConfig, channel: str, event: str, data: Any, except_socket_id: str | None = None,
+                user_id: str | None = None, cache: bool = False, count_publish: bool = True) -> int:
+        """Deliver to every subscriber in the cluster; returns how many local sockets got it."""
+        text = p.frame(event, data, channel=channel, user_id=user_id)
+        frame = OutFrame(text, channel=channel)
+        target_user = p.server_to_user_id(channel)
+        sequenced = app.connection_recovery.enabled or app.history.enabled
+        if sequenced and target_user is None:
+            message_id = str(uuid.uuid4())
+            try:
+                stream_id, serial, published_ms = self.sequencer.next(app, channel, message_id, event, data, user_id)
+            except SequencerUnavailable as exc:
+                self.metrics.history_write_failures.labels(app.id, self.metrics.port).inc()
+                logger.error("cannot sequence a message; not delivered",
+                             extra={"app_id": app.id, "error": str(exc)[:200]})
+                raise PublishUnavailable("Message store unavailable") from exc
+            if app.history.enabled:
+                self.metrics.history_writes.labels(app.id, self.metrics.port).inc()
+            stored = StoredMessage(serial, published_ms, message_id, event, data, user_id)
+            frame.v2_text = stored.frame_v2(channel, stream_id)
+            frame.serial = serial
+            if app.connection_recovery.enabled:
+                self.buffers.append(app.id, channel, BufferedMessage(serial, published_ms, frame.v2_text, message_id),
+                                    stream_id, app.connection_recovery, published_ms)
+            frame.meta = (stream_id, published_ms, message_id)
+
+        started = time.perf_counter()
+        if target_user is not None:
+            sent = self.adapter.send_to_user(app.id, target_user, frame, except_socket_id)
+        else:
+            sent = self.adapter.broadcast(app.id, channel, frame, except_socket_id)
+        if cache and p.is_cache_channel(channel):
+            self.cache.set(cache_channel_key(app.id, channel), text, CACHE_TTL_SECONDS)
+        bound = self.metrics.app(app.id)
+        if count_publish:
+            bound.publishes.inc()
+        if sent:
+            bound.ws_sent.inc(sent)
+            bound.bytes_sent.inc(sent * len(text))
+            self.metrics.broadcast_latency(app.id, p.channel_type_label(channel), sent,
+                                           (time.perf_counter() - started) * 1000)
+        return sent
+
+    def record_remote(self, app_id: str, channel: str, v2_text: str, stream_id: str, serial: int,
+                      published_ms: int, message_id: str) -> None:
+        """A sequenced message published on another node: keep it for resumes here too."""
+        app = self.apps.by_id(app_id)
+        if app is None or not app.connection_recovery.enabled:
+            return
+        self.buffers.append(app_id, channel, BufferedMessage(serial, published_ms, v2_text, message_id), stream_id,
+                            app.connection_recovery, published_ms)
+
