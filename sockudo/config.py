@@ -263,7 +263,7 @@ def parse_app(raw: Mapping[str, Any], where: str) -> AppConfig:
         if isinstance(section, Mapping):
             flat.update(section)
     for required in ("id", "key", "secret"):
-        if required not in flat or flat[required] in ("", None):
+        if required not in flat or str(flat[required]).strip() in ("", "None"):
             raise ConfigError(f"config: {where}.{required} is required")
     overrides: dict[str, Any] = {}
     for name in FEATURE_SECTIONS:
@@ -346,6 +346,7 @@ _ENV = {
 }
 
 _METRICS_ENV = {
+    "METRICS_PROMETHEUS_PREFIX": "prefix",
     "METRICS_ENABLED": "enabled",
     "METRICS_HOST": "host",
     "METRICS_PORT": "port",
@@ -401,8 +402,18 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
         "sentinel_master": "redis_sentinel_master",
     })
 
-    metrics = section("metrics")
-    out["metrics"] = dict(metrics)
+    metrics = dict(section("metrics"))
+    driver = metrics.pop("driver", "prometheus")
+    if driver != "prometheus":
+        raise ConfigError(f"config: metrics.driver must be \"prometheus\", got {driver!r}")
+    prometheus = metrics.pop("prometheus", {})
+    if not isinstance(prometheus, Mapping):
+        raise ConfigError("config: [metrics.prometheus] must be a table")
+    for key, value in prometheus.items():
+        if key != "prefix":
+            raise ConfigError(f"config: unknown key metrics.prometheus.{key}")
+        metrics["prefix"] = value  # Sockudo's spelling of metrics.prefix
+    out["metrics"] = metrics
     for name in FEATURE_SECTIONS:
         out[name] = dict(section(name))
 
@@ -496,6 +507,10 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
 
     config = replace(config, metrics=metrics, **features)
     apps = tuple(_resolve_features(app, config) for app in apps)
+    for app in apps:
+        for required in ("id", "key", "secret"):
+            if not getattr(app, required).strip():
+                raise ConfigError(f"config: app {required} must not be empty (SOCKUDO_DEFAULT_APP_{required.upper()})")
     _check_apps(apps)
     config = replace(config, apps=apps)
     _validate(config)

@@ -112,7 +112,7 @@ class Handler:
         """
         app = self.s.apps.by_key(app_key)
         if app is None:
-            self.metrics.connection_error(app_key[:64], "app_not_found")
+            self.metrics.connection_error("unknown", "app_not_found")  # never a client-chosen label
             raise PusherError(PusherCode.APP_NOT_FOUND, f"App key {app_key} does not exist", fatal=True)
         if not app.enabled:
             self.metrics.connection_error(app.id, "app_disabled")

@@ -7,7 +7,7 @@ metrics ``port``, plus a small enum where noted — never channel names, socket 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 LATENCY_MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -41,8 +41,12 @@ class AppMetrics:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, port: int | str = 9601, prefix: str = "sockudo_") -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, port: int | str = 9601, prefix: str = "sockudo_",
+                 process: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        if process:  # process_* (RSS, CPU, fds) and python_info, as operators expect on every target
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self.port = str(port)
         p = prefix
         r = self.registry

@@ -35,7 +35,7 @@ class _QuietHandler(WebSocketHandler):
 
 
 def build_services(config: Config) -> Services:
-    metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix)
+    metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix, process=True)
     adapter: Any
     extras: dict[str, Any] = {}
     cache: Any = MemoryCache(time.time)

@@ -85,7 +85,7 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     )
     conn = handler.open(app, transport, version)
     registry.connections[conn.socket_id] = conn
-    reason = "client_closed"
+    reason: str | None = None
 
     def on_ping(payload: bytes) -> None:
         handler.touch(conn)
@@ -118,10 +118,10 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
                 handler.binary_message(conn)
             elif opcode == OP_CLOSE:
                 code = close_code_of(payload)
-                reason = "client_closed"
                 if transport.closing:
-                    reason = f"closed_{transport.close_code}"
+                    reason = f"closed_{transport.close_code}"  # the client answered our close
                 else:
+                    reason = "client_closed"
                     transport.close(code if code and code < 5000 and code not in (1005, 1006, 1015) else 1000, "")
                 break
     except FrameProtocolError as exc:
@@ -131,8 +131,8 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     except (EOFError, OSError, ValueError):
         reason = f"closed_{transport.close_code}" if transport.closing else "connection_lost"
     finally:
-        if transport.closing and reason == "client_closed":
-            reason = f"closed_{transport.close_code}"
+        if reason is None:
+            reason = f"closed_{transport.close_code}" if transport.closing else "connection_lost"
         registry.connections.pop(conn.socket_id, None)
         try:
             handler.close(conn, reason)
