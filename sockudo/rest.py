@@ -37,7 +37,7 @@ def _info_set(raw: Any) -> set[str]:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def _validate_event(services: Services, app: AppConfig, body: Any, *, in_batch: bool) -> dict[str, Any]:
+def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, Any]:
     """Check one event against the app's limits; returns the normalised event."""
     if not isinstance(body, dict):
         raise _reject(services, app, 400, "invalid_input", "invalid_input", "Event must be a JSON object")
@@ -96,8 +96,11 @@ def _channel_info(services: Services, app: AppConfig, channel: str, info: set[st
     return out
 
 
-def _idempotent(services: Services, app: AppConfig, key: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``run`` once per key inside the app's idempotency TTL; repeats get the first answer."""
+def _idempotent(services: Services, app: AppConfig, key: str,
+                run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """Run ``run`` once per key inside the app's idempotency TTL; repeats get the first answer.
+
+    Returns ``(response, duplicate)``."""
     cfg = app.idempotency
     store = services.idempotency
     assert store is not None
@@ -105,7 +108,7 @@ def _idempotent(services: Services, app: AppConfig, key: str, run: Callable[[], 
     stored = idempotency.begin(store, key, cfg.ttl_seconds, services.sleep)
     if stored is not None:
         services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port).inc()
-        return json.loads(stored)  # type: ignore[no-any-return]
+        return json.loads(stored), True
     try:
         response = run()
     except BaseException:
@@ -115,7 +118,7 @@ def _idempotent(services: Services, app: AppConfig, key: str, run: Callable[[], 
         store.store(key, p.dumps(response), cfg.ttl_seconds)
     except Exception:  # the publish happened; a lost record only weakens dedupe of a later retry
         services.metrics.publish_rejected(app.id, "idempotency_store_failed")
-    return response
+    return response, False
 
 
 def _request_key(app: AppConfig, body: Any, header_key: str | None) -> str | None:
@@ -129,7 +132,7 @@ def _request_key(app: AppConfig, body: Any, header_key: str | None) -> str | Non
 
 def trigger(services: Services, app: AppConfig, body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
     """``POST /apps/{id}/events``; ``idempotency_key`` in the body or ``X-Idempotency-Key``."""
-    event = _validate_event(services, app, body, in_batch=False)
+    event = _validate_event(services, app, body)
     key = _request_key(app, body, idempotency_key)
 
     def run() -> dict[str, Any]:
@@ -140,7 +143,7 @@ def trigger(services: Services, app: AppConfig, body: Any, idempotency_key: str 
 
     if key is None:
         return run()
-    return _idempotent(services, app, f"app:{app.id}:idempotency:{key}", run)
+    return _idempotent(services, app, f"app:{app.id}:idempotency:{key}", run)[0]
 
 
 def trigger_batch(services: Services, app: AppConfig, body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def trigger_batch(services: Services, app: AppConfig, body: Any, idempotency_key
     if len(batch) > app.max_event_batch_size:
         raise _reject(services, app, 400, "limit_exceeded", "batch_too_large",
                       f"At most {app.max_event_batch_size} events per batch")
-    events = [_validate_event(services, app, item, in_batch=True) for item in batch]
+    events = [_validate_event(services, app, item) for item in batch]
     item_keys = [_request_key(app, item, None) for item in batch]
     want_info = any(e["info"] for e in events)
 
@@ -169,16 +172,14 @@ def trigger_batch(services: Services, app: AppConfig, body: Any, idempotency_key
             if key is None:
                 results.append(one())
             else:
-                before = services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port)._value.get()
-                result = _idempotent(services, app, f"app:{app.id}:idempotency:{key}", one)
-                duplicate = services.metrics.idempotency_duplicates.labels(app.id, services.metrics.port)._value.get() > before
+                result, duplicate = _idempotent(services, app, f"app:{app.id}:idempotency:{key}", one)
                 results.append({} if duplicate else result)
         return {"batch": results} if want_info else {}
 
     if idempotency_key is None or not app.idempotency.enabled:
         return run()
     key = idempotency.validate_key(idempotency_key, app.idempotency.max_key_length)
-    return _idempotent(services, app, f"app:{app.id}:batch-idempotency:{key}", run)
+    return _idempotent(services, app, f"app:{app.id}:batch-idempotency:{key}", run)[0]
 
 
 def list_channels(services: Services, app: AppConfig, prefix: str, info_raw: str | None) -> dict[str, Any]:
