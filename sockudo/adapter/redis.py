@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 20000
 PUBLISH_BATCH = 256
+LEAVE_TIMEOUT = 2.0  # seconds a graceful stop spends leaving the cluster through Redis
 FAILURES = (RedisError, OSError)
 
 
@@ -103,6 +104,10 @@ class RedisAdapter:
         self._dirty = True  # holdings must be (re)written to Redis
         self._stopping = False
         self._peers: set[str] = set()
+        # Peer → when it was last seen live (monotonic). A peer missing from Redis's node set
+        # (Redis restarted empty, or failed over) is still expected until node_timeout passes,
+        # so queries wait for it and are marked partial instead of being silently local.
+        self._peer_seen: dict[str, float] = {}
         self._pending: dict[str, tuple[c.PendingQuery, Any]] = {}
         self._outbox: deque[tuple[str, str, float]] = deque()
         self._outbox_wakeup = runtime.event()
@@ -118,19 +123,37 @@ class RedisAdapter:
         self.runtime.spawn(self._publish_loop)
         self.runtime.spawn(self._heartbeat_loop)
 
-    def stop(self) -> None:
-        """Leave the cluster: the caller has closed every socket already."""
+    def stop(self, timeout: float = LEAVE_TIMEOUT) -> None:
+        """Leave the cluster: the caller has closed every socket already. Bounded by
+        ``timeout`` so an unreachable Redis (connect timeouts, Sentinel lookups) cannot hold
+        the exit past the shutdown grace period; the survivors' dead-node cleanup then
+        releases what this node held."""
         self._stopping = True
+        if not self.healthy:
+            logger.warning("redis unreachable; leaving this node's cleanup to the dead-node timeout")
+            return
+        finished = self.runtime.event()
+        self.runtime.spawn(self._leave, finished)
+        finished.wait(timeout)
+        if not finished.is_set():
+            logger.warning("leaving the cluster timed out; the dead-node timeout will clean up",
+                           extra={"timeout_s": timeout})
+
+    def _leave(self, finished: Any) -> None:
         try:
             self._flush_outbox()
             pipe = self.client.pipeline(transaction=False)
             pipe.zrem(self.keys.nodes, self.node_id)
             for app_id in self._connection_apps:
                 pipe.hdel(self.keys.connections(app_id), self.node_id)
+            # Tell the others now: until their next heartbeat they would wait for our replies.
+            pipe.publish(self.keys.requests, self._node_dead_message(self.node_id))
             pipe.execute()
             self._release_all_holdings(self.node_id, notify=False)
         except FAILURES as exc:
             logger.warning("could not leave the cluster cleanly: %s", exc)
+        finally:
+            finished.set()
 
     def set_listener(self, listener: ClusterListener) -> None:
         self.listener = listener
@@ -280,6 +303,9 @@ class RedisAdapter:
 
     def _on_request(self, req: dict[str, Any]) -> None:
         kind, app_id = req.get("request_type"), req.get("app_id")
+        if kind == c.NODE_DEAD and isinstance(req.get("dead_node_id"), str):
+            self._forget_peer(req["dead_node_id"])
+            return
         if not isinstance(app_id, str):
             return
         reply: dict[str, Any] = {"request_id": req.get("request_id"), "node_id": self.node_id, "app_id": app_id}
@@ -370,7 +396,12 @@ class RedisAdapter:
         pipe.zrangebyscore(self.keys.nodes, "-inf", f"({cutoff}")
         pipe.info("server")
         _, live, dead, info = pipe.execute()
-        self._peers = {n.decode() if isinstance(n, bytes) else n for n in live} - {self.node_id}
+        now = time.monotonic()
+        for n in live:
+            self._peer_seen[n.decode() if isinstance(n, bytes) else n] = now
+        self._peer_seen.pop(self.node_id, None)
+        self._peer_seen = {n: t for n, t in self._peer_seen.items() if now - t < self.config.node_timeout}
+        self._peers = set(self._peer_seen)
         self.metrics.cluster_nodes.set(len(self._peers) + 1)
         run_id = info.get("run_id") if isinstance(info, dict) else None
         if self._redis_run_id is not None and run_id != self._redis_run_id:
@@ -382,12 +413,32 @@ class RedisAdapter:
         for node in dead:
             self._cleanup_dead(node.decode() if isinstance(node, bytes) else node)
 
+    def _node_dead_message(self, dead_node_id: str) -> str:
+        return c.encode({"request_id": uuid.uuid4().hex, "node_id": self.node_id, "app_id": "",
+                         "request_type": c.NODE_DEAD, "dead_node_id": dead_node_id})
+
+    def _forget_peer(self, node_id: str) -> None:
+        """``node_id`` is gone: stop counting on it, and stop waiting for its replies."""
+        if node_id == self.node_id:
+            return
+        self._peers.discard(node_id)
+        self._peer_seen.pop(node_id, None)
+        self.metrics.cluster_nodes.set(len(self._peers) + 1)
+        for pending, done in list(self._pending.values()):
+            pending.expected.discard(node_id)
+            if pending.complete:
+                done.set()
+
     def _cleanup_dead(self, node_id: str) -> None:
         if node_id == self.node_id:
             return  # we were too slow to beat (a long pause); our holdings are still ours
+        self._forget_peer(node_id)
         if not self.client.set(self.keys.cleanup_lock(node_id), self.node_id, nx=True, ex=60):
             return  # another survivor is on it
         logger.warning("node is dead; removing its sockets from the cluster", extra={"dead_node_id": node_id})
+        # Queued ahead of the member_removed broadcasts, so peers have dropped the node
+        # from their queries by the time clients see its members leave.
+        self._publish(self.keys.requests, self._node_dead_message(node_id))
         released = self._release_all_holdings(node_id, notify=True)
         pipe = self.client.pipeline(transaction=False)
         pipe.zrem(self.keys.nodes, node_id)

@@ -76,7 +76,8 @@ class ServerProcess:
     """``python -m sockudo`` on free ports, with its log kept for assertions."""
 
     def __init__(self, apps: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
-                 config_text: str | None = None, **top: Any) -> None:
+                 config_text: str | None = None, extra_args: list[str] | None = None, **top: Any) -> None:
+        self.extra_args = list(extra_args or [])  # e.g. ["--workers", "2"]
         self.port = free_port()
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-test-")
@@ -104,7 +105,7 @@ class ServerProcess:
     def start(self, wait: bool = True) -> ServerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockudo", "--config", self.config_path],
+            [sys.executable, "-m", "sockudo", "--config", self.config_path, *self.extra_args],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait:
@@ -147,10 +148,15 @@ class ServerProcess:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free port, no persistence."""
+    """A throwaway ``redis-server`` on a free port, no persistence.
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    ``extra_args`` are appended to the command line (e.g. ``["--replicaof", "127.0.0.1", "6379"]``);
+    ``port`` pins the port (default: a free one). ``restart()`` comes back on the SAME port.
+    """
+
+    def __init__(self, extra_args: list[str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -162,7 +168,8 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed; run `make test`, which installs it")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -176,3 +183,25 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: the abrupt death of the instance (no shutdown, no goodbye to clients)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> RedisServer:
+        """Stop, then start a fresh, empty redis-server on the same port."""
+        self.stop()
+        wait_until(lambda: _port_free(self.port), timeout=10, message=f"port {self.port} to be free again")
+        return self.start()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,760 @@
+"""Several server processes joined through Redis behave as one server (issue 3, spec §8.4).
+
+Real redis-server (plus a replica and a Sentinel for the failover test), real ``python -m
+sockudo`` processes on their own ports, real pusher-js clients (``tests/js/driver.js``) and the
+official Python server SDK. Nodes run with a 1 s heartbeat and a 3 s node timeout so node death
+is noticed in seconds.
+
+"Exactly once" is shown by counting the frames each client received after a bounded
+observation window (absence can only be observed for a bounded time), or by a later sentinel
+event on the same path where ordering guarantees it. Waits have deadlines; nothing sleeps for a
+fixed time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pusher
+import pytest
+import redis
+
+from tests.conftest import APP, sdk_for
+from tests.support.cluster import (
+    DEAD_NODE_BOUND,
+    SentinelServer,
+    metric,
+    metrics_at,
+    node_env,
+    start_all,
+    tracebacks,
+    up_status,
+    wait_formed,
+)
+from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
+from tests.support.pusherjs import PusherJsClient, PusherJsDriver
+from tests.support.wsraw import RawClient
+
+APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
+
+#: The bounded window in which a duplicate would have to show up to be caught.
+DUPLICATE_WINDOW = 0.75
+#: Shutdown grace period of the test nodes (keeps teardown short).
+GRACE = 3
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _flushed_redis(redis_server: RedisServer) -> Iterator[None]:
+    """Each test starts from an empty shared Redis: no node, presence or count state of an
+    earlier test (a node killed with SIGKILL leaves its holdings behind)."""
+    client = redis.Redis(port=redis_server.port)
+    client.flushall()
+    client.close()
+    yield
+
+
+@pytest.fixture
+def cluster(server_factory: Callable[..., ServerProcess],
+            redis_server: RedisServer) -> Callable[..., list[ServerProcess]]:
+    """``cluster(n, apps=[APP], env=node_env(shared redis), formed=True, **config)``: n nodes
+    started side by side; with ``formed`` it waits until every node is connected and sees the
+    others."""
+
+    def start(n: int, *, apps: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
+              formed: bool = True, **top: Any) -> list[ServerProcess]:
+        top.setdefault("shutdown_grace_period", GRACE)
+        node_environment = node_env(redis_server.url) if env is None else env
+        nodes = [server_factory(apps or [APP], start=False, env=node_environment, **top) for _ in range(n)]
+        start_all(nodes)
+        if formed:
+            wait_formed(nodes)
+        return nodes
+
+    return start
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (to stop and restart without disturbing others)."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def user(uid: str) -> dict[str, Any]:
+    return {"user_id": uid, "user_info": {"name": uid.upper()}}
+
+
+def connect(js: PusherJsDriver, name: str, node: ServerProcess | int, app: dict[str, Any] = APP,
+            uid: str | None = None, *channels: str) -> PusherJsClient:
+    """A connected pusher-js client of ``app`` on ``node`` (or a port), subscribed to ``channels``."""
+    port = node if isinstance(node, int) else node.port
+    client = js.connect(name, key=app["key"], port=port, secret=app["secret"], app_id=app["id"],
+                        user_data=user(uid) if uid else None, raw=False)
+    client.wait_connected()
+    for channel in channels:
+        client.subscribe(channel)
+    for channel in channels:
+        client.wait_subscribed(channel)
+    return client
+
+
+def received(client: PusherJsClient, channel: str, event: str) -> list[Any]:
+    """Data of every ``event`` pusher-js emitted on ``channel`` so far."""
+    return [e["data"] for e in client.events("event") if e["channel"] == channel and e["event"] == event]
+
+
+def presence_frames(client: PusherJsClient, channel: str, kind: str) -> list[str]:
+    """User ids of the ``pusher_internal:member_{kind}`` frames the client received. Frames, not
+    pusher-js events: pusher-js hides a member_removed for a member it no longer lists."""
+    return [str(e["data"]["user_id"]) for e in client.events("message")
+            if e["channel"] == channel and e["event"] == f"pusher_internal:member_{kind}"]
+
+
+def succeeded_presence(client: PusherJsClient, channel: str) -> dict[str, Any]:
+    """The ``presence`` object of the raw subscription_succeeded frame (ids as sent, duplicates kept)."""
+    frames = [e for e in client.events("message")
+              if e["channel"] == channel and e["event"] == "pusher_internal:subscription_succeeded"]
+    assert frames, f"{client.name} has no subscription_succeeded on {channel}"
+    return frames[-1]["data"]["presence"]
+
+
+def member_view(client: PusherJsClient, channel: str) -> set[str]:
+    """The member list an app shows: the last subscription_succeeded, then added/removed in order."""
+    view: set[str] = set()
+    for e in client.events("message"):
+        if e["channel"] != channel:
+            continue
+        if e["event"] == "pusher_internal:subscription_succeeded":
+            view = {str(i) for i in e["data"]["presence"]["ids"]}
+        elif e["event"] == "pusher_internal:member_added":
+            view.add(str(e["data"]["user_id"]))
+        elif e["event"] == "pusher_internal:member_removed":
+            view.discard(str(e["data"]["user_id"]))
+    return view
+
+
+def user_ids(node: ServerProcess, channel: str) -> list[str]:
+    """``GET /channels/{channel}/users`` through the SDK, sorted."""
+    return sorted(u["id"] for u in sdk_for(node).users_info(channel)["users"])
+
+
+def wait_member_frame(client: PusherJsClient, channel: str, kind: str, uid: str,
+                      timeout: float = 10.0) -> dict[str, Any]:
+    return client.wait_for(
+        lambda e: e.get("type") == "message" and e.get("channel") == channel
+        and e.get("event") == f"pusher_internal:member_{kind}" and str(e["data"].get("user_id")) == uid,
+        timeout=timeout, desc=f"member_{kind} {uid} on {channel}",
+    )
+
+
+_attempts = itertools.count()
+
+
+def delivered_across(sdk: pusher.Pusher, client: PusherJsClient, channel: str, timeout: float = 1.0) -> bool:
+    """Trigger a fresh event through ``sdk``; True once ``client`` (elsewhere) receives it."""
+    n = next(_attempts)
+    try:
+        sdk.trigger(channel, "probe", {"n": n})
+    except Exception:  # the REST call may fail while a node is restarting; the probe retries
+        return False
+    try:
+        client.wait_for(lambda e: e.get("type") == "event" and e.get("channel") == channel
+                        and e.get("event") == "probe" and e["data"] == {"n": n}, timeout=timeout)
+    except AssertionError:
+        return False
+    return True
+
+
+def free_port_pair() -> int:
+    """A free port whose successor is free too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def honest_count(nodes: list[ServerProcess], channel: str, expected: int, wrong: list[str]) -> bool:
+    """Ask every node for the channel's subscription_count. An answer must be right or flagged
+    partial (``subscription_count_complete: false``); wrong unflagged answers are collected in
+    ``wrong``. True once every node gives the right, complete answer."""
+    settled = True
+    for node in nodes:
+        info = sdk_for(node).channel_info(channel, ["subscription_count"])
+        complete = info.get("subscription_count_complete", True)
+        if complete and info.get("subscription_count") != expected:
+            wrong.append(f"node {node.port} answered {info} (expected {expected})")
+        settled = settled and complete and info.get("subscription_count") == expected
+    return settled
+
+
+def open_raw(node: ServerProcess, key: str) -> RawClient | None:
+    """A raw socket if the node admits it, else None (the refusal is consumed)."""
+    client = RawClient.open(node, key)
+    frame = client.recv(5)
+    if frame["event"] == "pusher:connection_established":
+        return client
+    client.close()
+    return None
+
+
+class HealthRoutingProxy:
+    """A tiny TCP load balancer: each new connection goes to the first backend whose ``/up``
+    answers 200, as a real balancer uses the readiness check. Threads, no gevent."""
+
+    def __init__(self, backends: list[ServerProcess]) -> None:
+        self.backends = backends
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.sockets: list[socket.socket] = []
+        self.routed: list[int] = []  # backend port of every accepted connection
+        self.closed = False
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _pick(self) -> ServerProcess | None:
+        for node in self.backends:
+            try:
+                if up_status(node) == 200:
+                    return node
+            except Exception:
+                continue
+        return None
+
+    def _accept_loop(self) -> None:
+        while not self.closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream: socket.socket) -> None:
+        node = self._pick()
+        if node is None:
+            downstream.close()
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+        except OSError:
+            downstream.close()
+            return
+        upstream.settimeout(None)
+        self.routed.append(node.port)
+        self.sockets += [downstream, upstream]
+        threading.Thread(target=self._pump, args=(upstream, downstream), daemon=True).start()
+        self._pump(downstream, upstream)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+# -- delivery across nodes -----------------------------------------------------------------
+
+
+def test_rest_events_reach_subscribers_on_every_node_exactly_once(cluster, pusherjs) -> None:
+    nodes = cluster(3)
+    channel = "cluster-fanout"
+    subscribers = [connect(pusherjs, f"sub-{i}", node, APP, None, channel) for i, node in enumerate(nodes)]
+
+    # six events, published through all three nodes in turn
+    sdks = [sdk_for(node) for node in nodes]
+    for n in range(6):
+        sdks[n % 3].trigger(channel, "news", {"n": n})
+    for sub in subscribers:
+        wait_until(lambda sub=sub: len(received(sub, channel, "news")) >= 6, timeout=10,
+                   message=f"{sub.name} to receive the six events")
+    pusherjs.assert_no_event({"type": "event", "event": "news"}, within=DUPLICATE_WINDOW)
+    for sub in subscribers:
+        assert sorted(d["n"] for d in received(sub, channel, "news")) == list(range(6)), sub.name
+        # events published through one node keep their order on every node
+        for origin in range(3):
+            got = [d["n"] for d in received(sub, channel, "news") if d["n"] % 3 == origin]
+            assert got == sorted(got), (sub.name, got)
+
+
+def test_client_events_and_socket_exclusion_across_nodes(cluster, pusherjs) -> None:
+    a, b = cluster(2)
+    channel = "private-cluster-chat"
+    a1 = connect(pusherjs, "a1", a, APP, None, channel)
+    a2 = connect(pusherjs, "a2", a, APP, None, channel)
+    b1 = connect(pusherjs, "b1", b, APP, None, channel)
+
+    # a client event from node A reaches node A's and node B's other subscribers, not its sender
+    assert a1.trigger(channel, "client-hello", {"from": "a1"})
+    for client in (a2, b1):
+        assert client.wait_event(channel, "client-hello")["data"] == {"from": "a1"}
+    sdk_for(a).trigger(channel, "after-a1", {})
+    a1.wait_event(channel, "after-a1")
+    assert received(a1, channel, "client-hello") == []
+
+    # and the other way round
+    assert b1.trigger(channel, "client-hello", {"from": "b1"})
+    for client in (a1, a2):
+        client.wait_for(lambda e: e.get("event") == "client-hello" and e.get("data") == {"from": "b1"})
+    sdk_for(b).trigger(channel, "after-b1", {})
+    b1.wait_event(channel, "after-b1")
+    assert [d["from"] for d in received(b1, channel, "client-hello")] == ["a1"]
+
+    # REST socket_id exclusion: published on B, excluding a socket on A (and vice versa). The
+    # follow-up event takes the same path, so the excluded client would have had it first.
+    sdk_for(b).trigger(channel, "excluded", {"x": 1}, socket_id=a1.socket_id)
+    sdk_for(b).trigger(channel, "after-exclusion", {})
+    for client in (a2, b1):
+        client.wait_event(channel, "excluded")
+    a1.wait_event(channel, "after-exclusion")
+    assert received(a1, channel, "excluded") == []
+
+    sdk_for(a).trigger(channel, "excluded-2", {"x": 2}, socket_id=b1.socket_id)
+    sdk_for(a).trigger(channel, "after-exclusion-2", {})
+    for client in (a1, a2):
+        client.wait_event(channel, "excluded-2")
+    b1.wait_event(channel, "after-exclusion-2")
+    assert received(b1, channel, "excluded-2") == []
+
+    pusherjs.assert_no_event(
+        lambda e: e.get("type") == "event" and e.get("event", "").startswith(("client-", "excluded")),
+        within=DUPLICATE_WINDOW)
+    assert len(received(a2, channel, "client-hello")) == 2
+    assert len(received(b1, channel, "excluded")) == 1
+
+
+# -- presence and counts across nodes -----------------------------------------------------------
+
+
+def test_presence_lists_users_and_counts_identical_from_every_node(cluster, pusherjs) -> None:
+    nodes = cluster(3)
+    channel, public = "presence-cluster-room", "cluster-counted"
+    members: list[PusherJsClient] = []
+    for i, node in enumerate(nodes):
+        client = connect(pusherjs, f"u{i}", node, APP, f"u{i}", channel, public)
+        members.append(client)
+        # each joiner on a new node is told about the members on the others
+        presence = succeeded_presence(client, channel)
+        assert sorted(presence["ids"]) == [f"u{j}" for j in range(i + 1)]
+        assert presence["hash"] == {f"u{j}": {"name": f"U{j}"} for j in range(i + 1)}
+        assert presence["count"] == i + 1
+
+    # the same user on all three nodes: listed once, announced once
+    for i, node in enumerate(nodes):
+        client = connect(pusherjs, f"watcher-{i}", node, APP, "watcher", channel)
+        presence = succeeded_presence(client, channel)
+        assert sorted(presence["ids"]) == ["u0", "u1", "u2", "watcher"]
+        assert presence["count"] == 4
+
+    expected_added = {0: ["u1", "u2", "watcher"], 1: ["u2", "watcher"], 2: ["watcher"]}
+    for i, client in enumerate(members):
+        wait_until(lambda i=i, client=client: presence_frames(client, channel, "added") == expected_added[i],
+                   timeout=10, message=f"u{i}'s member_added frames")
+    pusherjs.assert_no_event({"type": "message", "event": "pusher_internal:member_added"}, within=DUPLICATE_WINDOW)
+    for i, client in enumerate(members):
+        assert presence_frames(client, channel, "added") == expected_added[i]
+        assert member_view(client, channel) == {"u0", "u1", "u2", "watcher"}
+
+    for node in nodes:
+        sdk = sdk_for(node)
+        assert user_ids(node, channel) == ["u0", "u1", "u2", "watcher"]
+        assert sdk.channel_info(channel, ["user_count", "subscription_count"]) == {
+            "occupied": True, "user_count": 4, "subscription_count": 6}
+        assert sdk.channel_info(public, ["subscription_count"]) == {"occupied": True, "subscription_count": 3}
+        assert sdk.channels_info("presence-", ["user_count"])["channels"] == {channel: {"user_count": 4}}
+        assert sdk.channels_info()["channels"] == {channel: {}, public: {}}
+    assert tracebacks(*nodes) == 0
+
+
+def test_same_user_on_two_nodes_one_member_added_one_member_removed(cluster, pusherjs) -> None:
+    a, b = cluster(2)
+    channel = "presence-cluster-dup"
+    observers = [connect(pusherjs, "obs-a", a, APP, "obs-a", channel),
+                 connect(pusherjs, "obs-b", b, APP, "obs-b", channel)]
+
+    tab1 = connect(pusherjs, "dup-tab1", a, APP, "dup", channel)
+    tab2 = connect(pusherjs, "dup-tab2", b, APP, "dup", channel)
+    assert sorted(succeeded_presence(tab2, channel)["ids"]) == ["dup", "obs-a", "obs-b"]
+    # a later joiner through node B: its member_added follows any the second tab caused
+    connect(pusherjs, "late", b, APP, "late", channel)
+    for obs in observers:
+        wait_member_frame(obs, channel, "added", "late")
+        assert presence_frames(obs, channel, "added").count("dup") == 1, obs.name
+
+    # closing one tab: the user is still present, nobody is told anything
+    tab1.disconnect()
+    for node in (a, b):
+        wait_until(lambda node=node: sdk_for(node).channel_info(channel, ["subscription_count"]) == {
+            "occupied": True, "subscription_count": 4}, timeout=10, message="the first tab's subscription to be gone")
+    sdk_for(a).trigger(channel, "after-tab1", {})
+    for obs in observers:
+        obs.wait_event(channel, "after-tab1")
+    pusherjs.assert_no_event({"type": "message", "event": "pusher_internal:member_removed"}, within=DUPLICATE_WINDOW)
+    for node in (a, b):
+        assert user_ids(node, channel) == ["dup", "late", "obs-a", "obs-b"]
+
+    # closing the last tab: exactly one member_removed on both nodes
+    tab2.disconnect()
+    for obs in observers:
+        wait_member_frame(obs, channel, "removed", "dup")
+    pusherjs.assert_no_event({"type": "message", "event": "pusher_internal:member_removed"}, within=DUPLICATE_WINDOW)
+    for obs in observers:
+        assert presence_frames(obs, channel, "removed") == ["dup"], obs.name
+        assert member_view(obs, channel) == {"late", "obs-a", "obs-b"}
+    for node in (a, b):
+        assert user_ids(node, channel) == ["late", "obs-a", "obs-b"]
+
+
+def test_max_connections_is_cluster_wide(cluster) -> None:
+    a, b = cluster(2, apps=[APP, APP_ONE])
+    first = RawClient.connect(a, APP_ONE["key"])
+    try:
+        for node in (b, a):
+            RawClient.open(node, APP_ONE["key"]).expect_error_then_close(4004)
+        # the other app is not affected
+        RawClient.connect(b, APP["key"]).close()
+    finally:
+        first.close()
+    # once the socket on A is gone, node B admits one
+    second = wait_until(lambda: open_raw(b, APP_ONE["key"]), timeout=10, interval=0.1,
+                        message="node B to admit a socket after node A's closed")
+    try:
+        RawClient.open(a, APP_ONE["key"]).expect_error_then_close(4004)
+    finally:
+        second.close()
+
+
+# -- node failure -------------------------------------------------------------------------------
+
+
+def test_kill_9_removes_the_dead_nodes_members_within_the_bound(cluster, pusherjs) -> None:
+    a, b, c = cluster(3, apps=[APP, APP_ONE])
+    channel, public = "presence-cluster-kill", "cluster-kill-count"
+    obs_a = connect(pusherjs, "obs-a", a, APP, "obs-a", channel, public)
+    obs_c = connect(pusherjs, "obs-c", c, APP, "obs-c", channel, public)
+    connect(pusherjs, "v1", b, APP, "v1", channel, public)
+    connect(pusherjs, "v2", b, APP, "v2", channel)
+    both_a = connect(pusherjs, "both-a", a, APP, "both", channel)  # this user also has a tab on the dying node
+    connect(pusherjs, "both-b", b, APP, "both", channel)
+    quota = RawClient.connect(b, APP_ONE["key"])  # the app's only allowed socket, on the dying node
+    everyone = ["both", "obs-a", "obs-c", "v1", "v2"]
+    for obs in (obs_a, obs_c):
+        wait_until(lambda obs=obs: member_view(obs, channel) == set(everyone), timeout=10)
+    assert user_ids(a, channel) == everyone
+    assert sdk_for(a).channel_info(public, ["subscription_count"])["subscription_count"] == 3
+    RawClient.open(a, APP_ONE["key"]).expect_error_then_close(4004)
+
+    killed_at = time.monotonic()
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(timeout=5)
+    for obs in (obs_a, obs_c):
+        for uid in ("v1", "v2"):
+            wait_member_frame(obs, channel, "removed", uid, timeout=DEAD_NODE_BOUND + 6)
+    elapsed = time.monotonic() - killed_at
+    assert elapsed <= DEAD_NODE_BOUND + 2, f"members removed {elapsed:.1f}s after the kill (bound {DEAD_NODE_BOUND}s)"
+
+    for uid in ("v1", "v2"):
+        wait_member_frame(both_a, channel, "removed", uid)
+    pusherjs.assert_no_event({"type": "message", "event": "pusher_internal:member_removed"}, within=DUPLICATE_WINDOW)
+    for obs in (obs_a, obs_c, both_a):
+        # one member_removed per user, and none for the user still connected on node A
+        assert sorted(presence_frames(obs, channel, "removed")) == ["v1", "v2"], obs.name
+    for obs in (obs_a, obs_c):
+        assert member_view(obs, channel) == {"both", "obs-a", "obs-c"}
+    for node in (a, c):
+        assert user_ids(node, channel) == ["both", "obs-a", "obs-c"]
+        info = sdk_for(node).channel_info(channel, ["user_count", "subscription_count"])
+        assert info == {"occupied": True, "user_count": 3, "subscription_count": 3}
+        assert sdk_for(node).channel_info(public, ["subscription_count"])["subscription_count"] == 2
+    # the dead node's socket no longer counts against the app's quota
+    admitted = wait_until(lambda: open_raw(a, APP_ONE["key"]), timeout=5, message="the quota to be freed")
+    admitted.close()
+    quota.close()
+    assert tracebacks(a, c) == 0
+
+
+# -- Redis failure ------------------------------------------------------------------------------
+
+
+def test_redis_restart_mid_run_resumes_delivery_and_presence(cluster, pusherjs, own_redis: RedisServer) -> None:
+    own_redis.start()
+    a, b = cluster(2, env=node_env(own_redis.url))
+    channel, public = "presence-cluster-restart", "cluster-restart"
+    ua = connect(pusherjs, "ua", a, APP, "ua", channel, public)
+    ub = connect(pusherjs, "ub", b, APP, "ub", channel, public)
+    assert delivered_across(sdk_for(a), ub, public, timeout=5)
+    assert user_ids(b, channel) == ["ua", "ub"]
+
+    # outage: readiness fails, local delivery and the REST API keep working
+    own_redis.stop()
+    wait_until(lambda: up_status(a) == 503 and up_status(b) == 503, timeout=10, message="/up to report the outage")
+    sdk_for(a).trigger(public, "local-during-outage", {})
+    ua.wait_event(public, "local-during-outage")
+    assert user_ids(a, channel) == ["ua"]  # only what this node knows by itself
+
+    # a new, empty redis-server on the same port: everything resumes without restarting a node
+    assert sdk_for(a).channel_info(public, ["subscription_count"]) == {
+        "occupied": True, "subscription_count": 1, "subscription_count_complete": False}  # partial, and says so
+
+    # a new, empty redis-server on the same port: everything resumes without restarting a node.
+    # While the nodes find each other again, a count is right or flagged partial, never silently wrong.
+    own_redis.start()
+    wrong: list[str] = []
+    wait_until(lambda: honest_count([a, b], public, 2, wrong), timeout=20, interval=0.05,
+               message="complete cluster-wide counts again")
+    assert not wrong, wrong
+    wait_until(lambda: up_status(a) == 200 and up_status(b) == 200, timeout=20, message="/up to recover")
+    wait_until(lambda: delivered_across(sdk_for(a), ub, public), timeout=20, message="A → B delivery to resume")
+    wait_until(lambda: delivered_across(sdk_for(b), ua, public), timeout=20, message="B → A delivery to resume")
+    for node in (a, b):
+        wait_until(lambda node=node: user_ids(node, channel) == ["ua", "ub"], timeout=10,
+                   message="presence to be registered again")
+
+    # a quick restart (no pause in between) is noticed too
+    own_redis.restart()
+    wait_until(lambda: honest_count([a, b], public, 2, wrong), timeout=20, interval=0.05,
+               message="complete counts after a quick restart")
+    assert not wrong, wrong
+    wait_until(lambda: delivered_across(sdk_for(b), ua, public), timeout=20, message="delivery after a quick restart")
+    for node in (a, b):
+        wait_until(lambda node=node: user_ids(node, channel) == ["ua", "ub"], timeout=10,
+                   message="presence to be registered after a quick restart")
+
+    # nobody left or joined as far as the clients are concerned
+    assert presence_frames(ua, channel, "removed") == [] and presence_frames(ub, channel, "removed") == []
+    assert member_view(ua, channel) == member_view(ub, channel) == {"ua", "ub"}
+    assert tracebacks(a, b) == 0, a.log() + b.log()
+    for node in (a, b):
+        warnings = [line for line in node.log().splitlines() if "WARNING" in line or "ERROR" in line]
+        assert len(warnings) <= 12, "\n".join(warnings)  # a few lines per outage, not a storm
+
+
+def test_startup_with_redis_down_becomes_ready_once_redis_starts(cluster, pusherjs, own_redis: RedisServer) -> None:
+    a, b = cluster(2, env=node_env(own_redis.url), formed=False)  # nothing listens on the port yet
+    assert up_status(a) == 503 and up_status(b) == 503
+    channel = "cluster-late-redis"
+    sub = connect(pusherjs, "sub", b, APP, None, channel)  # local service works meanwhile
+
+    own_redis.start()
+    wait_formed([a, b], timeout=20)
+    wait_until(lambda: delivered_across(sdk_for(a), sub, channel), timeout=10, message="A → B delivery")
+    assert tracebacks(a, b) == 0
+
+
+# -- several processes on one port --------------------------------------------------------------
+
+
+def test_workers_share_one_port_and_see_each_others_events(server_factory, redis_server, pusherjs) -> None:
+    metrics_port = free_port_pair()  # worker i serves its metrics on metrics.port + i
+    node = server_factory([APP], env=node_env(redis_server.url, METRICS_PORT=str(metrics_port)),
+                          extra_args=["--workers", "2"], shutdown_grace_period=GRACE)
+    ports = (metrics_port, metrics_port + 1)
+    try:
+        wait_until(lambda: all(metric(metrics_at(p), "sockudo_cluster_nodes") == 2 for p in ports), timeout=20,
+                   interval=0.1, message="both workers to join the cluster")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{node.log()}") from None
+    wait_until(lambda: up_status(node) == 200, timeout=10)
+
+    channel = "private-cluster-workers"
+    clients: list[PusherJsClient] = []
+
+    def spread() -> bool:
+        return len(clients) >= 4 and all(metric(metrics_at(p), "sockudo_connected") > 0 for p in ports)
+
+    while not spread():
+        assert len(clients) < 30, "every connection landed on the same worker"
+        clients.append(connect(pusherjs, f"w{len(clients)}", node, APP, None, channel))
+
+    sdk = sdk_for(node)
+    sdk.trigger(channel, "to-all", {"k": 1})
+    assert clients[0].trigger(channel, "client-from-w0", {"k": 2})
+    for client in clients:
+        client.wait_event(channel, "to-all")
+    for client in clients[1:]:
+        client.wait_event(channel, "client-from-w0")
+    pusherjs.assert_no_event(lambda e: e.get("type") == "event" and e.get("event") in ("to-all", "client-from-w0"),
+                             within=DUPLICATE_WINDOW)
+    for client in clients:
+        assert len(received(client, channel, "to-all")) == 1
+        assert len(received(client, channel, "client-from-w0")) == (0 if client is clients[0] else 1)
+    # both workers answer the REST API with the cluster-wide count
+    for _ in range(6):
+        assert sdk.channel_info(channel, ["subscription_count"])["subscription_count"] == len(clients)
+
+
+@pytest.mark.parametrize("how", ["--workers", "WEB_CONCURRENCY"])
+def test_workers_without_redis_refuse_to_start(server_factory, how: str) -> None:
+    env = {"REDIS_URL": "", "REDIS_SENTINELS": "", "ADAPTER_DRIVER": "", "WEB_CONCURRENCY": ""}
+    extra: list[str] = []
+    if how == "--workers":
+        extra = ["--workers", "2"]
+    else:
+        env["WEB_CONCURRENCY"] = "2"
+    node = server_factory([APP], start=False, env=env, extra_args=extra)
+    node.start(wait=False)
+    assert node.proc is not None
+    code = node.proc.wait(timeout=20)
+    assert code != 0
+    assert "needs the Redis adapter" in node.log()
+
+
+# -- Redis Sentinel -------------------------------------------------------------------------------
+
+
+def test_sentinel_failover_during_traffic(cluster, pusherjs) -> None:
+    master = RedisServer().start()
+    replica = RedisServer(["--replicaof", "127.0.0.1", str(master.port)]).start()
+    sentinel = SentinelServer(master)
+    stop_traffic = threading.Event()
+    nodes: list[ServerProcess] = []
+    try:
+        replica_client = redis.Redis(port=replica.port, decode_responses=True)
+        wait_until(lambda: replica_client.info("replication").get("master_link_status") == "up", timeout=10,
+                   message="the replica to sync")
+        sentinel.start()
+        wait_until(lambda: sentinel.known_replicas() >= 1, timeout=15, interval=0.1,
+                   message="the sentinel to discover the replica")
+
+        env = node_env(None, REDIS_URL="", REDIS_SENTINELS=sentinel.address, REDIS_SENTINEL_MASTER="mymaster")
+        nodes = cluster(2, env=env)
+        a, b = nodes
+        channel = "cluster-sentinel"
+        sub = connect(pusherjs, "sub", b, APP, None, channel)
+        assert delivered_across(sdk_for(a), sub, channel, timeout=5)
+
+        sent = itertools.count()
+        last_sent = [-1]
+
+        def traffic() -> None:
+            sdk = sdk_for(a)
+            while not stop_traffic.is_set():
+                n = next(sent)
+                try:
+                    sdk.trigger(channel, "tick", {"n": n})
+                    last_sent[0] = n
+                except Exception:
+                    pass
+                stop_traffic.wait(0.05)
+
+        threading.Thread(target=traffic, daemon=True).start()
+        wait_until(lambda: received(sub, channel, "tick"), timeout=5, message="traffic to flow")
+
+        master.kill()
+        wait_until(lambda: sentinel.master_port() == replica.port, timeout=20, interval=0.2,
+                   message="the sentinel to promote the replica")
+        promoted_at = last_sent[0]
+        wait_until(lambda: any(d["n"] > promoted_at for d in received(sub, channel, "tick")), timeout=30,
+                   interval=0.1, message="cross-node delivery on the new master")
+        stop_traffic.set()
+        wait_until(lambda: up_status(a) == 200 and up_status(b) == 200, timeout=10)
+        assert delivered_across(sdk_for(b), connect(pusherjs, "sub-a", a, APP, None, channel), channel, timeout=5)
+        assert tracebacks(a, b) == 0
+
+        # with no Redis and no Sentinel left at all, a SIGTERM still ends within the grace period
+        sentinel.stop()
+        replica.stop()
+        wait_until(lambda: up_status(a) == 503, timeout=15, message="/up to report the lost Redis")
+        terminated_at = time.monotonic()
+        a.signal(signal.SIGTERM)
+        assert a.proc is not None
+        assert a.proc.wait(timeout=GRACE + 10) == 0
+        assert time.monotonic() - terminated_at < GRACE, a.log()
+    finally:
+        stop_traffic.set()
+        for node in nodes:  # while their Redis is still there to say goodbye to
+            node.stop()
+        sentinel.stop()
+        replica.stop()
+        master.stop()
+
+
+# -- graceful shutdown ----------------------------------------------------------------------------
+
+
+def test_sigterm_sends_4200_and_clients_move_to_the_surviving_node(cluster, pusherjs, redis_server) -> None:
+    # A long node timeout: members leaving promptly can only be the graceful shutdown's doing.
+    a, b = cluster(2, env=node_env(redis_server.url, ADAPTER_NODE_TIMEOUT="60"))
+    channel = "presence-cluster-term"
+    proxy = HealthRoutingProxy([b, a])  # prefers B while B is ready, like a load balancer
+    try:
+        obs = connect(pusherjs, "obs", a, APP, "obs", channel)
+        mover = connect(pusherjs, "mover", proxy.port, APP, "mover", channel)
+        stayer = connect(pusherjs, "stayer", b, APP, "stayer", channel)  # tied to B, cannot move
+        assert proxy.routed == [b.port]
+        wait_until(lambda: member_view(obs, channel) == {"obs", "mover", "stayer"}, timeout=10)
+        mark = pusherjs.mark()
+
+        terminated_at = time.monotonic()
+        b.signal(signal.SIGTERM)
+        for client in (mover, stayer):
+            error = client.wait_message("pusher:error", since=mark)
+            assert error["data"]["code"] == 4200, error
+            client.wait_closed(4200, since=mark)
+        # the stayer's membership ends with the shutdown, not after the dead-node timeout
+        wait_member_frame(obs, channel, "removed", "stayer", timeout=10)
+        assert time.monotonic() - terminated_at < 5
+        assert b.proc is not None
+        b.proc.wait(timeout=GRACE + 5)
+        assert time.monotonic() - terminated_at < GRACE + 2
+        assert b.proc.returncode == 0, b.log()
+        # the node said goodbye: the survivor stops asking it at once (no partial, slow answer)
+        asked_at = time.monotonic()
+        assert "subscription_count_complete" not in sdk_for(a).channel_info(channel, ["subscription_count"])
+        assert time.monotonic() - asked_at < 1
+
+        # pusher-js reconnects by itself (4200 = reconnect now) through the balancer to node A
+        mover.wait_for(lambda e: e.get("type") == "connected" and e["_seq"] > mark, timeout=15,
+                       desc="mover reconnected")
+        mover.wait_for(lambda e: e.get("type") == "event" and e.get("channel") == channel
+                       and e.get("event") == "pusher:subscription_succeeded" and e["_seq"] > mark, timeout=10)
+        assert proxy.routed[-1] == a.port
+        stayer.disconnect()
+
+        # presence is consistent on the survivor, whatever order the leave and rejoin took
+        wait_until(lambda: member_view(obs, channel) == {"obs", "mover"}, timeout=10,
+                   message="the observer's member list")
+        assert member_view(mover, channel) == {"obs", "mover"}
+        assert user_ids(a, channel) == ["mover", "obs"]
+        assert sdk_for(a).channel_info(channel, ["user_count", "subscription_count"]) == {
+            "occupied": True, "user_count": 2, "subscription_count": 2}
+        assert presence_frames(obs, channel, "removed").count("stayer") == 1
+        assert tracebacks(a, b) == 0
+    finally:
+        proxy.close()
