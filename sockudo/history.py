@@ -214,9 +214,30 @@ if ARGV[2] == '1' then
     redis.call('XDEL', KEYS[2], first[1][1])
     purged = purged + 1
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) + 60000)
 end
 return {sid, serial, ms, purged}
+"""
+
+# Retention of one stream outside an append: by count, then by age against Redis's clock.
+# Returns {purged, published_ms of the oldest entry kept (0 when empty)}.
+TRIM_LUA = """
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local purged = 0
+local maxlen = tonumber(ARGV[2])
+if maxlen > 0 then purged = redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen) end
+for i = 1, 1000 do
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first == 0 then return {purged, 0} end
+  local fields = first[1][2]
+  local ts = 0
+  for j = 1, #fields, 2 do if fields[j] == 't' then ts = tonumber(fields[j + 1]) end end
+  if ts >= cutoff then return {purged, ts} end
+  redis.call('XDEL', KEYS[1], first[1][1])
+  purged = purged + 1
+end
+return {purged, cutoff}
 """
 
 
@@ -241,7 +262,10 @@ class RedisSequencer:
         self.client = client
         self.prefix = prefix
         self._next = client.register_script(NEXT_LUA)
+        self._trim = client.register_script(TRIM_LUA)
         self.purged = 0
+        # Streams this node wrote to -> when (ms) their oldest entry ages out, for ``sweep``.
+        self.expiry_due: dict[tuple[str, str], int] = {}
 
     def _keys(self, app_id: str, channel: str) -> tuple[str, str]:
         return f"{self.prefix}app:{app_id}:stream:{channel}", f"{self.prefix}app:{app_id}:history:{channel}"
@@ -259,7 +283,17 @@ class RedisSequencer:
         except Exception as exc:  # redis errors, including OOM with noeviction
             raise SequencerUnavailable(str(exc)) from exc
         self.purged += int(purged)
+        if cfg.enabled:
+            self.expiry_due.setdefault((app.id, channel), int(ms) + cfg.retention_window_seconds * 1000)
         return (sid.decode() if isinstance(sid, bytes) else sid), int(serial), int(ms)
+
+    def _apply_retention(self, app: AppConfig, channel: str) -> int:
+        """Trim one stream now; returns when its oldest kept entry ages out (0: empty)."""
+        _, hist_key = self._keys(app.id, channel)
+        retention_ms = app.history.retention_window_seconds * 1000
+        purged, oldest_ms = self._trim(keys=[hist_key], args=[retention_ms, app.history.max_messages_per_channel])
+        self.purged += int(purged)
+        return int(oldest_ms) + retention_ms if int(oldest_ms) else 0
 
     def position(self, app_id: str, channel: str) -> tuple[str, int] | None:
         seq_key, _ = self._keys(app_id, channel)
@@ -294,6 +328,8 @@ class RedisSequencer:
         if position is None:
             return StreamState(None, None)
         try:
+            if app.history.enabled:
+                self._apply_retention(app, channel)  # a read never shows what retention removed
             pipe = self.client.pipeline(transaction=False)
             pipe.xrange(hist_key, "-", "+", count=1)
             pipe.xrevrange(hist_key, "+", "-", count=1)
@@ -329,8 +365,30 @@ class RedisSequencer:
             raise SequencerUnavailable(str(exc)) from exc
 
     def sweep(self, apps: list[AppConfig]) -> int:
-        """Idle streams expire whole (PEXPIRE on every append); nothing to do here."""
-        return 0
+        """Retention by age for the streams this node wrote to, when their oldest entry is due.
+
+        (An idle stream nobody sweeps still expires whole a minute after its retention window.)
+        """
+        by_id = {a.id: a for a in apps}
+        now_ms = int(time.time() * 1000)
+        before = self.purged
+        for key, due in list(self.expiry_due.items()):
+            if due > now_ms:
+                continue
+            app = by_id.get(key[0])
+            if app is None or not app.history.enabled:
+                del self.expiry_due[key]
+                continue
+            try:
+                next_due = self._apply_retention(app, key[1])
+            except Exception as exc:  # Redis down: try again next time
+                logger.warning("history retention sweep failed", extra={"app_id": key[0], "error": str(exc)[:200]})
+                break
+            if next_due:
+                self.expiry_due[key] = next_due
+            else:
+                del self.expiry_due[key]
+        return self.purged - before
 
 
 # -- cursors ------------------------------------------------------------------------

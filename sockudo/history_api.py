@@ -136,9 +136,14 @@ def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str,
         out_items.append({
             "stream_id": stream_id, "serial": m.serial, "published_at_ms": m.published_ms,
             "message_id": m.message_id, "event_name": m.event, "operation_kind": "create",
-            "payload_size_bytes": len(p.dumps(m.data).encode("utf-8")), "message": json.loads(frame),
+            # The payload as published: a string's own bytes, not its JSON-quoted form.
+            "payload_size_bytes": len((m.data if isinstance(m.data, str) else p.dumps(m.data)).encode("utf-8")),
+            "message": json.loads(frame),
         })
-    truncated = state.oldest_serial is not None and state.oldest_serial > 1
+    # Messages were removed by retention when the oldest kept is not serial 1, or when
+    # nothing is kept although the stream has had messages (all aged out).
+    truncated = (state.oldest_serial is not None and state.oldest_serial > 1) or (
+        state.oldest_serial is None and bool(state.newest_serial))
     return {
         "items": out_items,
         "direction": direction,

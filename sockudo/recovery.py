@@ -127,8 +127,11 @@ class ReplayBuffers:
         if newest - after_serial > cfg.max_buffer_size:
             result.code = POSITION_EXPIRED
             return result
+        # The buffer may already hold a message newer than ``newest`` (published while the
+        # position was being read): it is contiguous, so replay it too; the socket's hold
+        # gate drops the live copy. A buffer *behind* the store cannot prove continuity.
         if buf is None or buf.stream_id != current_stream or buf.oldest_serial is None \
-                or buf.oldest_serial > after_serial + 1 or buf.newest_serial != newest:
+                or buf.oldest_serial > after_serial + 1 or (buf.newest_serial or 0) < newest:
             result.code = POSITION_EXPIRED  # evicted, or a gap: the cold tier may still help
             return result
         result.messages = [m for m in buf.entries if m.serial > after_serial]
@@ -225,6 +228,19 @@ class RecoveryService:
                         "channel": channel, "source": source, "replayed": len(frames),
                         "position": {"stream_id": current[0], "serial": last_serial, "last_message_id": last_id},
                     })
+            # The available range to report is what history still holds (the client can
+            # backfill it), not just this node's buffer.
+            try:
+                retained = self.sequencer.state(app, channel).oldest_serial
+            except SequencerUnavailable:
+                retained = None
+            if retained is not None and (result.oldest_serial is None or retained < result.oldest_serial):
+                result.oldest_serial = retained
+        if legacy and not result.ok:
+            # A serial without a stream id can only be trusted against this node's buffer;
+            # anything else cannot be verified (spec §7.3), whatever the hot tier said.
+            result.code = CONTINUITY_UNVERIFIABLE
+            stream_id = None
         if not result.ok:
             reason = {
                 STREAM_RESET: "The channel's stream was reset; re-subscribe and read history",

@@ -44,10 +44,13 @@ def reset_history(app_id: str, channel: str) -> ResponseReturnValue:
     s = services()
     try:
         s.sequencer.reset(app, channel)  # type: ignore[union-attr]
+        # Start the new stream now, so a resume across the reset is told ``stream_reset``
+        # (not "cannot verify") even before the next message.
+        stream_id, _ = s.sequencer.ensure(app, channel)  # type: ignore[union-attr]
     except SequencerUnavailable:
         raise ApiError(503, "service_unavailable", "History store unavailable") from None
     s.buffers.channels.pop((app.id, channel), None)
-    return jsonify({"ok": True})
+    return jsonify({"ok": True, "stream_id": stream_id})
 
 
 @bp.get("/apps/<app_id>/channels/<path:channel>")

@@ -54,14 +54,18 @@ class FakeClock:
 
 
 class RecordingTransport:
-    """Records every frame's text and the close call; never blocks."""
+    """Records every frame's text and the close call; never blocks.
 
-    def __init__(self) -> None:
+    ``v2``: a protocol-2 socket, which (like the server's transport) writes each frame's
+    protocol-2 form."""
+
+    def __init__(self, v2: bool = False) -> None:
+        self.v2 = v2
         self.sent: list[str] = []
         self.closes: list[tuple[int, str]] = []
 
     def send(self, frame: Any) -> None:
-        self.sent.append(frame.text)
+        self.sent.append(frame.text_v2 if self.v2 else frame.text)
 
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
@@ -190,7 +194,7 @@ class World:
 
     def connect(self, app_key: str | None = None, origin: str | None = None, protocol: int = 7) -> Client:
         app = self.handler.admit(app_key or self.app.key, origin)
-        transport = RecordingTransport()
+        transport = RecordingTransport(v2=protocol == 2)
         conn = self.handler.open(app, transport, protocol)
         return Client(self, conn, transport)
 
