@@ -79,9 +79,12 @@ def make_client(config: Config, **options: Any) -> redis.Redis:
             host, _, port = entry.rpartition(":")
             addresses.append((host, int(port)))
         sentinel = Sentinel(addresses, sentinel_kwargs={"socket_timeout": 2.0, "socket_connect_timeout": 2.0}, **options)
-        return sentinel.master_for(config.redis_sentinel_master, **options)
+        return sentinel.master_for(config.redis_sentinel_master, max_connections=1000, **options)
     assert config.redis_url is not None
-    return redis.Redis.from_url(config.redis_url, **options)
+    # A burst of subscribes must wait for a pooled connection, not fail with "Too many
+    # connections" (redis-py's default pool refuses the 101st) and mark Redis unreachable.
+    pool = redis.BlockingConnectionPool.from_url(config.redis_url, max_connections=200, timeout=5, **options)
+    return redis.Redis(connection_pool=pool)
 
 
 class RedisAdapter:

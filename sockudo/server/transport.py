@@ -1,9 +1,16 @@
-"""The per-socket transport: a bounded outbound queue drained by one writer greenlet.
+"""The per-socket transport: write now if the kernel takes it, else queue for one writer.
 
 Two greenlets must never write one gevent socket, and a slow client must never hold up a
-fan-out. So ``send`` only appends to a deque (never blocks, never switches); a single writer
-greenlet drains it, joining queued frames into one ``sendall``. A client whose queue reaches
-``max_messages`` is disconnected with 4100 (spec §1.5) instead of growing memory.
+fan-out. ``send`` never blocks and never switches greenlets:
+
+- when nothing is queued, the frame goes straight to the kernel with one non-blocking
+  ``send`` on the raw socket (the common case: a fan-out to N sockets is N syscalls in the
+  publisher's greenlet, with no greenlet switch per socket);
+- when the kernel takes only part (or nothing), the rest is queued and a writer greenlet is
+  spawned to drain the queue with blocking ``sendall``; it exits once the queue is empty, so
+  an idle connection costs no greenlet at all;
+- a client whose queue reaches ``max_messages`` is disconnected with 4100 (spec §1.5)
+  instead of growing memory.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from .. import protocol
 from ..errors import PusherCode
@@ -27,13 +35,13 @@ BATCH = 64
 class WsTransport:
     __slots__ = (
         "sock",
+        "raw",
         "queue",
         "max_messages",
-        "wakeup",
-        "waiting",
         "closing",
         "close_code",
         "close_reason",
+        "close_queued",
         "dead",
         "writer",
         "on_slow_consumer",
@@ -43,54 +51,96 @@ class WsTransport:
     def __init__(self, sock: socket.socket, max_messages: int, on_slow_consumer: Callable[[], None] | None = None,
                  v2: bool = False) -> None:
         self.sock = sock
+        # gevent's socket wraps a non-blocking OS socket; writing to that directly is a plain
+        # syscall that fails with BlockingIOError instead of parking the greenlet.
+        self.raw: Any = getattr(sock, "_sock", None)
         self.v2 = v2  # protocol-2 socket: write each frame's protocol-2 form
         self.queue: deque[OutFrame | bytes] = deque()
         self.max_messages = max_messages
-        self.wakeup = runtime.Event()
-        self.waiting = False
         self.closing = False
         self.close_code = 1000
         self.close_reason = ""
+        self.close_queued = False
         self.dead = False
         self.on_slow_consumer = on_slow_consumer
-        self.writer = runtime.spawn(self._write_loop)
+        self.writer: Any = None
 
-    # -- called from any greenlet; never blocks --
+    # -- called from any greenlet; never blocks, never switches --
 
     def send(self, frame: OutFrame) -> None:
         if self.closing:
             return
         queue = self.queue
-        if len(queue) >= self.max_messages:
-            self._slow_consumer()
+        if queue or self.writer is not None:
+            if len(queue) >= self.max_messages:
+                self._slow_consumer()
+                return
+            queue.append(frame)
             return
-        queue.append(frame)
-        if self.waiting:
-            self.wakeup.set()
+        self._write_now(frame.wire_v2 if self.v2 else frame.wire)
 
     def send_pong(self, payload: bytes) -> None:
-        if not self.closing:
+        if self.closing:
+            return
+        if self.queue or self.writer is not None:
             self.queue.append(encode(OP_PONG, payload))
-            if self.waiting:
-                self.wakeup.set()
+        else:
+            self._write_now(encode(OP_PONG, payload))
 
     def close(self, code: int, reason: str) -> None:
+        """Send the close frame after everything already queued, then half-close."""
         if self.closing:
             return
         self.closing = True
         self.close_code = code
         self.close_reason = reason
-        self.wakeup.set()
         runtime.spawn_later(CLOSE_FLUSH_SECONDS, self.abort)
+        if self.dead:
+            return
+        if self.writer is None:
+            self._start_writer()
 
     def abort(self) -> None:
         """Cut the TCP connection now; wakes a reader or writer blocked on it."""
         self.dead = True
-        self.wakeup.set()
+        self.queue.clear()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def stop(self) -> None:
+        """The connection is over: release anything queued and let a writer finish."""
+        self.closing = True
+        self.dead = True
+        self.queue.clear()
+
+    # -- internals --
+
+    def _write_now(self, data: bytes) -> None:
+        if self.dead:
+            return
+        raw = self.raw
+        if raw is None:  # not a gevent socket (tests): queue it for the writer
+            self.queue.append(data)
+            self._start_writer()
+            return
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # The peer went away: harmless; the reader sees EOF and cleans up.
+            self.dead = True
+            self.queue.clear()
+            return
+        if sent < len(data):
+            self.queue.appendleft(data[sent:])
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.writer is None and not self.dead:
+            self.writer = runtime.spawn(self._drain)
 
     def _slow_consumer(self) -> None:
         if self.on_slow_consumer is not None:
@@ -100,46 +150,36 @@ class WsTransport:
         self.queue.append(OutFrame(protocol.error_frame(PusherCode.OVER_CAPACITY, message)))
         self.close(PusherCode.OVER_CAPACITY, message)
 
-    # -- the writer greenlet --
-
-    def _write_loop(self) -> None:
+    def _drain(self) -> None:
+        """The writer greenlet: blocking writes until the queue is empty (then it exits)."""
         queue = self.queue
         sendall = self.sock.sendall
         v2 = self.v2
         try:
             while not self.dead:
                 if queue:
-                    if len(queue) == 1:
+                    parts = []
+                    for _ in range(min(len(queue), BATCH)):
                         item = queue.popleft()
-                        data = item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire
-                    else:
-                        parts = []
-                        for _ in range(min(len(queue), BATCH)):
-                            item = queue.popleft()
-                            parts.append(item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire)
-                        data = b"".join(parts)
-                    sendall(data)
+                        parts.append(item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire)
+                    sendall(parts[0] if len(parts) == 1 else b"".join(parts))
                     continue
-                if self.closing:
+                if self.closing and not self.close_queued:
+                    self.close_queued = True
                     sendall(encode_close(self.close_code, self.close_reason))
                     try:
                         self.sock.shutdown(socket.SHUT_WR)
                     except OSError:
                         pass
-                    return
-                self.waiting = True
-                self.wakeup.wait()
-                self.waiting = False
-                self.wakeup.clear()
+                return
         except OSError:
-            # The peer went away mid-write: harmless, the reader sees EOF and cleans up.
             self.dead = True
             queue.clear()
             self.abort()
+        finally:
+            self.writer = None
 
-    def stop(self) -> None:
-        """The connection is over: release the writer and anything queued."""
-        self.closing = True
-        self.dead = True
-        self.queue.clear()
-        self.wakeup.set()
+    def join_writer(self, timeout: float) -> None:
+        writer = self.writer
+        if writer is not None:
+            writer.join(timeout=timeout)

@@ -139,6 +139,6 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
         except Exception:
             logger.exception("error cleaning up a connection", extra={"app_id": app.id, "socket_id": conn.socket_id})
         if transport.closing and not transport.dead:
-            transport.writer.join(timeout=5.0)
+            transport.join_writer(timeout=5.0)
         transport.stop()
         ws.closed = True
