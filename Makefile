@@ -1,5 +1,5 @@
 # Two commands for a newcomer: `make run` and `make test`. Both work on a fresh machine
-# with only Python 3.11 and Node 20 (make test installs redis-server with apt-get if absent).
+# with only Python 3.11 and Node 20 (make test installs redis-server and prometheus with apt-get if absent).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,8 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JS_STAMP := tests/js/node_modules/.installed
 PYTEST_ARGS ?=
+# The benchmark suite has its own venv: the server's pins plus the Flask-SocketIO baseline.
+BENCH_VENV := bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
 
-.PHONY: run test test-unit test-integration redis-server venv js clean lint bench
+.PHONY: run test test-unit test-integration redis-server prometheus venv js clean lint bench soak
 
 run: $(STAMP)
 	$(PY) -m sockudo $(ARGS)
@@ -36,14 +40,40 @@ redis-server:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null \
 	  || { echo "make: could not install redis-server"; exit 1; }; }
 
-test: $(STAMP) $(JS_STAMP) redis-server
+# The observability tests start their own Prometheus (and run promtool); this only makes sure
+# Debian's package is there.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing prometheus with apt-get"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null \
+	  || { echo "make: could not install prometheus"; exit 1; }; }
+
+test: $(STAMP) $(JS_STAMP) redis-server prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) $(JS_STAMP) redis-server
+test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+$(BENCH_STAMP): requirements.txt bench/requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+# Several minutes; BENCH_ARGS="--quick" for a ~2 minute smoke run, or name scenarios.
+bench: $(BENCH_STAMP) $(JS_STAMP) redis-server
+	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
+
+# Two nodes and Redis under connection, subscription and presence churn plus publishes, then
+# checks that every bookkeeping returns to empty and RSS to baseline (tests/soak.py). 30 minutes
+# by default; `make test` runs a short variant (tests/integration/test_soak.py, SOAK_CI_SECONDS).
+SOAK_SECONDS ?= 1800
+soak: $(STAMP) redis-server
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak
+
 clean:
-	rm -rf $(VENV) tests/js/node_modules .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache

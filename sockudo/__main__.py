@@ -19,7 +19,20 @@ from .logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sockudo", description="Pusher-compatible realtime server")
+    command = sys.argv[1:] if argv is None else argv
+    if command[:1] == ["webhooks"]:  # python -m sockudo webhooks dead-letters list|replay
+        from .webhook_cli import main as webhooks_main
+
+        return webhooks_main(command[1:])
+    if command[:1] == ["metrics"]:  # python -m sockudo metrics tail [--host H] [--port P]
+        from .metrics_cli import main as metrics_main
+
+        return metrics_main(command[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m sockudo", description="Pusher-compatible realtime server",
+        epilog="Also: python -m sockudo webhooks dead-letters list|replay [--config FILE] [--id ID]; "
+               "python -m sockudo metrics tail [--host H] [--port P]",
+    )
     parser.add_argument("--config", help="TOML config file (default: $SOCKUDO_CONFIG, else built-in defaults)")
     parser.add_argument("--host", help="listen address (overrides config and HOST)")
     parser.add_argument("--port", type=int, help="listen port (overrides config and PORT)")
@@ -43,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockudo: {exc}", file=sys.stderr)
         return 2
 
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, secrets=[app.secret for app in config.apps])
     if workers > 1:
         if config.adapter_driver != "redis":
             print(

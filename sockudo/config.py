@@ -16,6 +16,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
+from .listener import RateLimiterConfig, SslConfig, parse_rate_limiter, parse_ssl
+from .push.settings import PushSettings
+from .push.settings import parse_settings as parse_push_settings
+from .webhooks import WebhookEndpoint, WebhookSettings, parse_endpoints, parse_settings
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class AppConfig:
     enable_client_messages: bool = False
     max_client_events_per_second: int = 10  # per connection; 0 = off
     max_presence_members_per_channel: int = 100
+    max_channels_per_connection: int = 100  # subscriptions one socket may hold; 0 = unlimited. Over it: 4300
     max_presence_member_size_in_kb: float = 2
     max_channel_name_length: int = 200
     max_event_name_length: int = 200
@@ -81,7 +86,7 @@ class AppConfig:
     enable_watchlist_events: bool = False
     enable_subscription_count: bool = False
     allowed_origins: tuple[str, ...] = ()
-    webhooks: tuple[Mapping[str, Any], ...] = ()
+    webhooks: tuple[WebhookEndpoint, ...] = ()  # validated at load (sockudo/webhooks.py)
     # Per-app overrides of the feature sections, resolved against the globals at load time.
     connection_recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -90,11 +95,27 @@ class AppConfig:
 
 
 @dataclass(frozen=True)
+class TcpExporterConfig:
+    """``[metrics.tcp_exporter]`` (spec §1.3): metric operations streamed over TCP as protobuf."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5000
+    buffer_size: int = 1024  # events held per stage before samples are dropped (>= 1; never unbounded)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 9601
     prefix: str = "sockudo_"
+    # Constant labels on every series (docs/observability.md). ``node`` falls back to
+    # ``node_id`` (NODE_ID), then the host name; never a random id (restarts would add series).
+    environment: str = "default"
+    region: str = "default"
+    node: str | None = None
+    tcp_exporter: TcpExporterConfig = field(default_factory=TcpExporterConfig)
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,10 @@ class Config:
     max_connections: int = 0  # node-wide; 0 = unlimited
     websocket_max_messages: int = 1000  # outbound frames queued per socket before 4100
     request_limit_in_mb: float = 10
+    # Slow-loris protection of the HTTP side (0 = off): the request line and headers must arrive
+    # within the first, a request body within the second; lifted once a WebSocket is established.
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
     shutdown_grace_period: int = 10
     adapter_driver: str = "local"  # "redis" when REDIS_URL is set, unless ADAPTER_DRIVER says otherwise
     redis_url: str | None = None
@@ -121,10 +146,15 @@ class Config:
     log_format: str = "human"
     log_level: str = "INFO"
     node_id: str | None = None
+    health_check_timeout_ms: int = 2000  # each readiness check of /up is bounded by this (spec §3)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     connection_recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)  # [webhooks]
+    push: PushSettings = field(default_factory=PushSettings)  # [push] (sockudo/push/settings.py)
+    rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)  # [rate_limiter] (sockudo/listener.py)
+    ssl: SslConfig = field(default_factory=SslConfig)  # [ssl]
     apps: tuple[AppConfig, ...] = ()
 
 
@@ -215,10 +245,8 @@ def _to_str_tuple(key: str, value: Any) -> tuple[str, ...]:
     raise ConfigError(f"config: {key} must be a list of strings or a comma-separated string")
 
 
-def _to_webhooks(key: str, value: Any) -> tuple[Mapping[str, Any], ...]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ConfigError(f"config: {key} must be a list of tables")
-    return tuple(value)
+def _to_webhooks(key: str, value: Any) -> tuple[WebhookEndpoint, ...]:
+    return parse_endpoints(key, value)
 
 
 _COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
@@ -228,7 +256,7 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     ann = str(annotation)
     if ann == "tuple[str, ...]":
         return _to_str_tuple(key, value)
-    if ann.startswith("tuple[Mapping"):
+    if ann.startswith("tuple[WebhookEndpoint"):
         return _to_webhooks(key, value)
     if ann == "str | None":
         return None if value is None else _to_str(key, value)
@@ -317,6 +345,7 @@ _TOP_LEVEL = {
     "max_connections": "max_connections",
     "shutdown_grace_period": "shutdown_grace_period",
     "node_id": "node_id",
+    "health_check_timeout_ms": "health_check_timeout_ms",
 }
 
 # Environment variables and the Config field each overrides.
@@ -332,6 +361,8 @@ _ENV = {
     "SOCKUDO_MAX_CONNECTIONS": "max_connections",
     "SHUTDOWN_GRACE_PERIOD": "shutdown_grace_period",
     "HTTP_API_REQUEST_LIMIT_IN_MB": "request_limit_in_mb",
+    "HTTP_API_HEADER_TIMEOUT_SECONDS": "http_header_timeout",
+    "HTTP_API_BODY_TIMEOUT_SECONDS": "http_body_timeout",
     "ADAPTER_DRIVER": "adapter_driver",
     "REDIS_URL": "redis_url",
     "REDIS_PREFIX": "redis_prefix",
@@ -343,6 +374,7 @@ _ENV = {
     "LOG_OUTPUT_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "NODE_ID": "node_id",
+    "HEALTH_CHECK_TIMEOUT_MS": "health_check_timeout_ms",
 }
 
 _METRICS_ENV = {
@@ -351,9 +383,21 @@ _METRICS_ENV = {
     "METRICS_HOST": "host",
     "METRICS_PORT": "port",
     "METRICS_PREFIX": "prefix",
+    "SOCKUDO_ENVIRONMENT": "environment",
+    "SOCKUDO_REGION": "region",
+    "SOCKUDO_NODE": "node",
 }
 
-_SECTIONS = {"websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging", *FEATURE_SECTIONS}
+_TCP_EXPORTER_ENV = {
+    "METRICS_TCP_EXPORTER_ENABLED": "enabled",
+    "METRICS_TCP_EXPORTER_HOST": "host",
+    "METRICS_TCP_EXPORTER_PORT": "port",
+    "METRICS_TCP_EXPORTER_BUFFER_SIZE": "buffer_size",
+}
+
+_SECTIONS = {"websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging", "webhooks", "push",
+             "rate_limiter", "ssl",
+             *FEATURE_SECTIONS}
 
 
 def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -379,7 +423,9 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
 
     take(section("websocket"), "websocket", {"max_messages": "websocket_max_messages",
                                               "max_payload_kb": "websocket_max_payload_kb"})
-    take(section("http_api"), "http_api", {"request_limit_in_mb": "request_limit_in_mb"})
+    take(section("http_api"), "http_api", {"request_limit_in_mb": "request_limit_in_mb",
+                                            "header_timeout_seconds": "http_header_timeout",
+                                            "body_timeout_seconds": "http_body_timeout"})
     take(section("logging"), "logging", {"format": "log_format", "level": "log_level"})
     adapter = dict(section("adapter"))
     adapter_redis = adapter.pop("redis", {})
@@ -414,6 +460,10 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config: unknown key metrics.prometheus.{key}")
         metrics["prefix"] = value  # Sockudo's spelling of metrics.prefix
     out["metrics"] = metrics
+    out["webhooks"] = dict(section("webhooks"))
+    out["push"] = dict(section("push"))
+    out["rate_limiter"] = dict(section("rate_limiter"))
+    out["ssl"] = dict(section("ssl"))
     for name in FEATURE_SECTIONS:
         out[name] = dict(section(name))
 
@@ -487,11 +537,23 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             if env.get(var, "") != "":
                 feature_raw[name][f.name] = env[var]
     features = {name: _build(cls, feature_raw[name], f"{name}.") for name, cls in FEATURE_SECTIONS.items()}
+    webhooks_raw = raw.pop("webhooks", {})
+    push_raw = raw.pop("push", {})
+    listener = {"rate_limiter": parse_rate_limiter(raw.pop("rate_limiter", {}), env),
+                "ssl": parse_ssl(raw.pop("ssl", {}), env)}
     apps: tuple[AppConfig, ...] = raw.pop("apps", ())
     if "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
         raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
     config: Config = _build(Config, raw, "")
+    tcp_raw = metrics_raw.pop("tcp_exporter", {})
+    if not isinstance(tcp_raw, Mapping):
+        raise ConfigError("config: [metrics.tcp_exporter] must be a table")
+    tcp_raw = dict(tcp_raw)
+    for var, name in _TCP_EXPORTER_ENV.items():
+        if var in env and env[var] != "":
+            tcp_raw[name] = env[var]
     metrics: MetricsConfig = _build(MetricsConfig, metrics_raw, "metrics.")
+    metrics = replace(metrics, tcp_exporter=_build(TcpExporterConfig, tcp_raw, "metrics.tcp_exporter."))
 
     if any(k in env for k in ("SOCKUDO_DEFAULT_APP_ID", "SOCKUDO_DEFAULT_APP_KEY", "SOCKUDO_DEFAULT_APP_SECRET")):
         # An app from the environment replaces the file's apps (Sockudo's rule).
@@ -505,7 +567,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     if env.get("SOCKUDO_DEFAULT_APP_ENABLED", "").strip().lower() == "false":
         apps = ()  # Sockudo's rule: this variable clears every app
 
-    config = replace(config, metrics=metrics, **features)
+    config = replace(config, metrics=metrics, webhooks=parse_settings(webhooks_raw, env), **features, **listener)
+    redis_configured = bool(config.redis_url or config.redis_sentinels)
+    config = replace(config, push=parse_push_settings(push_raw, env, redis_configured=redis_configured))
     apps = tuple(_resolve_features(app, config) for app in apps)
     for app in apps:
         for required in ("id", "key", "secret"):
@@ -517,13 +581,34 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     return config
 
 
+_FEATURE_MINIMUM_ONE = {
+    "connection_recovery": ("buffer_ttl_seconds", "max_buffer_size"),
+    "history": ("retention_window_seconds", "max_page_size"),
+    "idempotency": ("ttl_seconds", "max_key_length"),
+}
+
+
 def _validate(config: Config) -> None:
     if not 0 < config.port < 65536:
         raise ConfigError(f"config: port must be 1-65535, got {config.port}")
     if config.metrics.enabled and not 0 < config.metrics.port < 65536:
         raise ConfigError(f"config: metrics.port must be 1-65535, got {config.metrics.port}")
+    tcp = config.metrics.tcp_exporter
+    if tcp.enabled and not 0 < tcp.port < 65536:
+        raise ConfigError(f"config: metrics.tcp_exporter.port must be 1-65535, got {tcp.port}")
+    if tcp.buffer_size < 1:
+        raise ConfigError("config: metrics.tcp_exporter.buffer_size must be at least 1 (buffering is always bounded)")
+    if config.health_check_timeout_ms < 1:
+        raise ConfigError("config: health_check_timeout_ms (HEALTH_CHECK_TIMEOUT_MS) must be at least 1")
     if config.activity_timeout < 1:
         raise ConfigError("config: activity_timeout must be at least 1 second")
+    # A zero TTL, window or page size would silently disable the feature (Redis even refuses
+    # EX 0, so every keyed publish would be a 503): checked globally and per app.
+    for where, holder in [("", config), *((f"app {a.id!r} ", a) for a in config.apps)]:
+        for section, names in _FEATURE_MINIMUM_ONE.items():
+            for name in names:
+                if getattr(getattr(holder, section), name) < 1:
+                    raise ConfigError(f"config: {where}{section}.{name} must be at least 1")
     if config.adapter_driver not in ("local", "redis"):
         raise ConfigError(f"config: adapter.driver must be \"local\" or \"redis\", got {config.adapter_driver!r}")
     if config.adapter_driver == "redis" and not (config.redis_url or config.redis_sentinels):
@@ -542,3 +627,5 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config: logging.level (LOG_LEVEL) is not a log level: {config.log_level!r}")
     if config.websocket_max_messages < 1:
         raise ConfigError("config: websocket.max_messages must be at least 1")
+    if config.webhooks.queue_driver == "redis" and not (config.redis_url or config.redis_sentinels):
+        raise ConfigError("config: webhooks.queue_driver \"redis\" needs REDIS_URL (database.redis.url) or sentinels")

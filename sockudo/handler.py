@@ -50,6 +50,7 @@ class Services:
     sequencer: Sequencer | None = None
     buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
     idempotency: IdempotencyStore | None = None
+    push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
     publisher: Publisher = field(init=False)
     recovery: RecoveryService = field(init=False)
 
@@ -356,6 +357,11 @@ class Handler:
             # Re-subscribing is idempotent; re-send the ack (spec §2.3).
             self._ack(conn, channel, kind)
             return
+        limit = app.max_channels_per_connection
+        if limit and len(conn.channels) >= limit:
+            # A bound on what one socket may hold (docs/security.md): 4300, like other channel limits.
+            raise SubscriptionError(PusherCode.CHANNEL_ERROR, f"Too many channels on one connection (max {limit})",
+                                    400, "LimitReached")
 
         if kind is p.ChannelKind.PRESENCE:
             assert user_id is not None
@@ -400,7 +406,7 @@ class Handler:
 
     def _parse_channel_data(self, app: AppConfig, channel_data: str) -> tuple[str, Any]:
         try:
-            parsed = json.loads(channel_data)
+            parsed = p.loads(channel_data)
         except (ValueError, RecursionError):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400, "InvalidChannelData") from None
         if not isinstance(parsed, dict):
@@ -537,7 +543,7 @@ class Handler:
         if not isinstance(auth, str) or not isinstance(user_data, str):
             raise PusherError(PusherCode.UNAUTHORIZED, "auth and user_data are required to sign in")
         try:
-            user = json.loads(user_data)
+            user = p.loads(user_data)
         except (ValueError, RecursionError):  # deep nesting is bad input, not a server error
             user = None
         if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not user["id"]:

@@ -14,6 +14,7 @@ from .metrics import Metrics
 
 NEWEST_FIRST = {"newest_first", "backwards", "reverse"}
 OLDEST_FIRST = {"oldest_first", "forwards", "forward"}
+MAX_PARAM = 2**63 - 1
 
 
 def _int_param(params: dict[str, Any], *names: str) -> int | None:
@@ -27,6 +28,8 @@ def _int_param(params: dict[str, Any], *names: str) -> int | None:
             raise ApiError(400, "invalid_input", f"{name} must be a whole number") from None
         if number < 0:
             raise ApiError(400, "invalid_input", f"{name} must not be negative")
+        if number > MAX_PARAM:  # Redis stream ids are 64-bit: larger is bad input, not a 503
+            raise ApiError(400, "invalid_input", f"{name} is too large")
         return number
     return None
 

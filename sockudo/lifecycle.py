@@ -1,7 +1,7 @@
 """Channel and member lifecycle events, in Pusher's webhook event shape (spec §6).
 
-The handler reports them here; the webhook issue plugs a queue-backed sink in. Until
-then the null sink drops nothing that anyone has asked for.
+The handler reports them here. When an app has webhooks the composition root plugs in
+``webhook_sink.WebhookSink``; otherwise the null sink drops nothing anyone asked for.
 """
 
 from __future__ import annotations

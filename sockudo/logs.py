@@ -1,32 +1,90 @@
 """Logging setup: human-readable by default, one JSON object per line with
 ``LOG_OUTPUT_FORMAT=json`` (python-json-logger). Callers pass structured fields with
-``extra={"app_id": …, "socket_id": …}``; secrets and payloads are never logged."""
+``extra={"app_id": …, "socket_id": …}``; secrets and payloads are never logged, and the
+``RedactionFilter`` on the root handler makes sure of it whoever logs (``sockudo.redaction``).
+
+A JSON line (docs/observability.md)::
+
+    {"timestamp": "2026-05-01T12:00:00.123456Z", "level": "warn", "target": "sockudo.push",
+     "message": "provider rejected", "app_id": "app-id", "publish_id": "pub_123",
+     "provider": "apns", "error": "BadDeviceToken"}
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import sys
+from collections.abc import Iterable
 
 from pythonjsonlogger.json import JsonFormatter
+
+from .redaction import RedactionFilter, Redactor
+
+
+def rfc3339(created: float) -> str:
+    """``2026-05-01T12:00:00.123456Z`` (UTC)."""
+    return _dt.datetime.fromtimestamp(created, _dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class _Formatter(JsonFormatter):
     def add_fields(self, log_record, record, message_dict):  # type: ignore[no-untyped-def]
         super().add_fields(log_record, record, message_dict)
-        log_record["level"] = record.levelname.lower().replace("warning", "warn")
-        log_record["target"] = record.name
         log_record.pop("levelname", None)
         log_record.pop("name", None)
+        log_record.pop("timestamp", None)
+        rest = dict(log_record)
+        log_record.clear()  # rebuilt in place: timestamp, level, target, message, then the fields
+        log_record["timestamp"] = rfc3339(record.created)
+        log_record["level"] = record.levelname.lower().replace("warning", "warn")
+        log_record["target"] = record.name
+        log_record.update(rest)
 
 
-def setup_logging(fmt: str = "human", level: str = "INFO") -> None:
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class _HumanFormatter(logging.Formatter):
+    """``<time> <LEVEL> <target>: <message> key=value …`` (the event fields, as Sockudo's text format)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_ATTRS]
+        if not fields:
+            return text
+        head, sep, tail = text.partition("\n")  # fields go on the message line, before any traceback
+        return f"{head} {' '.join(fields)}{sep}{tail}"
+
+
+def json_formatter() -> logging.Formatter:
+    # Key order of each line: timestamp, level, target, message, then the event fields.
+    return _Formatter("%(timestamp)s %(levelname)s %(name)s %(message)s")
+
+
+def install_redaction(redactor: Redactor) -> RedactionFilter:
+    """Put one ``RedactionFilter`` on every handler that exists now (root first)."""
+    flt = RedactionFilter(redactor)
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if not any(isinstance(f, RedactionFilter) for f in handler.filters):
+                handler.addFilter(flt)
+    return flt
+
+
+def setup_logging(fmt: str = "human", level: str = "INFO", secrets: Iterable[str] = ()) -> RedactionFilter:
+    """Configure the root handler on stderr. ``secrets`` (the apps' secrets) are redacted by value."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"asctime": "timestamp"}))
+        handler.setFormatter(json_formatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s"))
+        handler.setFormatter(_HumanFormatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING"))
+    logging.captureWarnings(True)  # warnings.warn(...) goes through the same handler and filter
+    return install_redaction(Redactor(secrets))

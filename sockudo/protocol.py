@@ -84,10 +84,43 @@ class FrameError(ValueError):
     """An inbound frame that is not a JSON object with a string ``event``."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (_INF, -_INF):  # 1e400: Python says inf, and would write it back as Infinity
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+_INF = float("inf")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_CHAR = re.compile("[\ud800-\udfff]")  # a str made from bytes with errors="surrogateescape"
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` for client input, stricter than Python's: ``NaN``/``Infinity``, numbers out
+    of float range (``1e400``) and ``\\uD800``-style escapes that decode to a lone surrogate raise
+    ``ValueError``. Python accepts all three, and would relay them to other clients as a frame
+    that is not JSON (``Infinity``) or cannot be encoded as UTF-8 (which killed the writer
+    greenlet of every recipient)."""
+    if not text.isascii() and _SURROGATE_CHAR.search(text):
+        raise ValueError("text is not valid Unicode")
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _dumps(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("string escapes a lone surrogate") from None
+    return value
+
+
 def decode_frame(text: str) -> dict[str, Any]:
     """Parse an inbound frame. Client ``data`` may be an object or a JSON string (§1.3)."""
     try:
-        msg = json.loads(text)
+        msg = loads(text)
     except (ValueError, RecursionError) as exc:
         raise FrameError("Invalid JSON") from exc
     if not isinstance(msg, dict):
@@ -108,7 +141,7 @@ def data_object(msg: dict[str, Any]) -> dict[str, Any]:
         if not data:
             return {}
         try:
-            data = json.loads(data)
+            data = loads(data)
         except (ValueError, RecursionError) as exc:  # deep nesting is bad input, not a server error
             raise FrameError("data is not valid JSON") from exc
     if data is None:

@@ -236,7 +236,8 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
     if "queue_driver" in merged:
         driver = _str("webhooks.queue_driver", merged["queue_driver"]).strip().lower()
         if driver not in QUEUE_DRIVERS:
-            raise ConfigError(f"config: webhooks.queue_driver must be one of {', '.join(QUEUE_DRIVERS)}, got {driver!r}")
+            choices = ", ".join(QUEUE_DRIVERS)
+            raise ConfigError(f"config: webhooks.queue_driver must be one of {choices}, got {driver!r}")
         values["queue_driver"] = driver
     if "enabled" in batching:
         values["batching_enabled"] = _bool("webhooks.batching.enabled", batching["enabled"])
@@ -296,7 +297,9 @@ class WebhookEndpoint:
 
     def wants(self, event: Mapping[str, Any]) -> bool:
         channel = event.get("channel")
-        return event.get("name") in self.event_types and self.filter.matches(channel if isinstance(channel, str) else "")
+        if event.get("name") not in self.event_types:
+            return False
+        return self.filter.matches(channel if isinstance(channel, str) else "")
 
     def timeout_ms(self, settings: WebhookSettings) -> int:
         return self.request_timeout_ms if self.request_timeout_ms is not None else settings.request_timeout_ms
@@ -339,7 +342,9 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
         try:
             pattern = re.compile(source)
         except re.error as exc:
-            raise ConfigError(f"config: {where}.filter.channel_pattern is not a valid regular expression: {exc}") from None
+            raise ConfigError(
+                f"config: {where}.filter.channel_pattern is not a valid regular expression: {exc}"
+            ) from None
     namespaces: list[str] = []
     if flt.get("channel_namespace") is not None:
         namespaces.append(_str(f"{where}.filter.channel_namespace", flt["channel_namespace"]))
@@ -348,9 +353,12 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config: {where}.filter.channel_namespaces must be a list of strings")
         namespaces.extend(value)
+    def optional(key: str) -> str | None:
+        return _str(f"{where}.filter.{key}", flt[key]) if flt.get(key) is not None else None
+
     channel_filter = ChannelFilter(
-        prefix=_str(f"{where}.filter.channel_prefix", flt["channel_prefix"]) if flt.get("channel_prefix") is not None else None,
-        suffix=_str(f"{where}.filter.channel_suffix", flt["channel_suffix"]) if flt.get("channel_suffix") is not None else None,
+        prefix=optional("channel_prefix"),
+        suffix=optional("channel_suffix"),
         pattern=pattern,
         namespaces=tuple(namespaces),
     )
@@ -493,6 +501,7 @@ class Delivery:
     timeout_ms: int
     retry: RetryPolicy
     prefix: str = "sockudo_adapter:webhooks:"  # where dead letters go
+    dead_letter_limit: int = 10_000
 
     @property
     def job_timeout_s(self) -> int:
@@ -519,6 +528,7 @@ class Delivery:
             "timeout_ms": self.timeout_ms,
             "retry": self.retry.to_dict(),
             "prefix": self.prefix,
+            "dead_letter_limit": self.dead_letter_limit,
         }
 
     @classmethod
@@ -535,6 +545,7 @@ class Delivery:
             timeout_ms=int(raw.get("timeout_ms", 10_000)),
             retry=RetryPolicy.from_dict(raw.get("retry", {})),
             prefix=str(raw.get("prefix", "sockudo_adapter:webhooks:")),
+            dead_letter_limit=int(raw.get("dead_letter_limit", 10_000)),
         )
 
 
@@ -574,6 +585,7 @@ def build_deliveries(
             timeout_ms=endpoint.timeout_ms(settings),
             retry=endpoint.retry_policy(settings),
             prefix=prefix,
+            dead_letter_limit=settings.dead_letter_limit,
         ))
     return deliveries
 
@@ -599,6 +611,7 @@ def resign(record: Mapping[str, Any], app_key: str, secret: str, time_ms: int, s
         timeout_ms=int(record.get("timeout_ms", settings.request_timeout_ms)),
         retry=settings.retry,
         prefix=prefix,
+        dead_letter_limit=settings.dead_letter_limit,
     )
 
 

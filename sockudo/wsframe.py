@@ -48,7 +48,9 @@ def encode(opcode: int, payload: bytes) -> bytes:
 
 
 def encode_text(text: str) -> bytes:
-    return encode(OP_TEXT, text.encode("utf-8"))
+    # "replace": a lone surrogate must never reach here (client JSON is decoded strictly), but
+    # if one did, an exception in the writer greenlet would silence the socket for good.
+    return encode(OP_TEXT, text.encode("utf-8", "replace"))
 
 
 def encode_close(code: int, reason: str = "") -> bytes:
@@ -222,3 +224,24 @@ def close_code_of(payload: bytes) -> int | None:
     if len(payload) >= 2:
         return int(struct.unpack("!H", payload[:2])[0])
     return None
+
+
+def _valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455 §7.4.1 and the IANA registry); 1005/1006/1015 never travel."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def reply_close_code(payload: bytes) -> int:
+    """The code to answer a client's close frame with: its own code echoed when valid (§5.5.1),
+    1000 for an empty close, 1002 for an invalid code or a 1-byte payload, 1007 for a reason
+    that is not UTF-8 (§7.1.6). Echoing whatever arrived put invalid codes on the wire."""
+    if not payload:
+        return CLOSE_NORMAL
+    code = close_code_of(payload)
+    if code is None or not _valid_close_code(code):
+        return CLOSE_PROTOCOL_ERROR
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return CLOSE_INVALID_PAYLOAD
+    return code

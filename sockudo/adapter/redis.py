@@ -105,6 +105,7 @@ class RedisAdapter:
         self.on_remote_message: Callable[..., None] | None = None
         self.healthy = False
         self._dirty = True  # holdings must be (re)written to Redis
+        self._listening = False  # the pub/sub listener is subscribed (commands may still fail)
         self._stopping = False
         self._peers: set[str] = set()
         # Peer → when it was last seen live (monotonic). A peer missing from Redis's node set
@@ -236,10 +237,12 @@ class RedisAdapter:
                     if message is not None and message.get("type") == "message":
                         self._dispatch(message["channel"], message["data"])
             except FAILURES as exc:
+                self._listening = False
                 self._failed("subscribe", exc)
                 self.runtime.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:  # a bug in dispatch must not end cross-node delivery
+                self._listening = False
                 logger.exception("error in the redis listener")
                 self.runtime.sleep(backoff)
             finally:
@@ -252,6 +255,7 @@ class RedisAdapter:
     def _connected(self, first: bool) -> None:
         self._heartbeat()
         self._resync()
+        self._listening = True
         if not first:
             self.metrics.transport_reconnections.labels("redis").inc()
             logger.info("redis reachable again; cross-node delivery resumed")
@@ -384,11 +388,24 @@ class RedisAdapter:
         while not self._stopping:
             try:
                 self._heartbeat()
+                if not self.healthy and self._listening:
+                    self._recovered()
             except FAILURES as exc:
                 self._failed("heartbeat", exc)
             except Exception:
                 logger.exception("heartbeat failed")
             self.runtime.sleep(self.config.heartbeat_interval)
+
+    def _recovered(self) -> None:
+        """Commands work again while the pub/sub listener never dropped (a command failed on its
+        own: Redis out of memory, a timeout). Without this, only a reconnect of the listener
+        made the node healthy again, so after an OOM it stayed local-only until restarted."""
+        self._resync()
+        self.healthy = True
+        self.metrics.adapter_up.labels("redis").set(1)
+        self.metrics.transport_reconnections.labels("redis").inc()
+        logger.info("redis commands succeed again; cross-node delivery resumed")
+        self._outbox_wakeup.set()
 
     def _heartbeat(self) -> None:
         now_ms = int(time.time() * 1000)

@@ -10,17 +10,18 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import ApiError
 from ..handler import Handler, Services
-from . import channels, events, system, users
+from . import channels, events, push, system, users
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(services: Services, handler: Handler) -> Flask:
-    app = Flask("sockudo")
+    app = Flask("sockudo", static_folder=None)  # no static route: nothing here is a file server
     app.config["MAX_CONTENT_LENGTH"] = int(services.config.request_limit_in_mb * 1024 * 1024)
     app.extensions["sockudo"] = {"services": services, "handler": handler}
 
     app.register_blueprint(system.bp)
+    app.register_blueprint(push.bp)
     for bp in (events.bp, channels.bp, users.bp):
         app.register_blueprint(bp)
     app.before_request(_before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import current_app, g, request
 
 from ..auth import query_pairs, verify_rest_request
+from ..protocol import loads
 from ..config import AppConfig
 from ..errors import ApiError
 from ..handler import Handler, Services
@@ -52,8 +53,10 @@ def json_body() -> object:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
     try:
-        data = request.get_json(silent=True, cache=True)
-    except RecursionError:  # nested too deep to parse: bad input, not a server error
+        # The strict parser: NaN, 1e400 and escaped lone surrogates are bad input (400), not
+        # a UnicodeEncodeError (500) or an idempotency key Redis cannot store (503) later on.
+        data = loads(request.get_data(cache=True).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep is bad input too
         data = None
     if data is None:
         raise ApiError(400, "invalid_input", "Body is not valid JSON")

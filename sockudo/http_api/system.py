@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
+from ..health import DRAINING, ERROR, NOT_FOUND, OK, Readiness, build_readiness
 from .signing import handler, services
 
 bp = Blueprint("system", __name__)
@@ -18,35 +19,46 @@ def _health(status: str, code: int) -> Response:
 
 @bp.get("/live")
 def live() -> ResponseReturnValue:
-    return _health("OK", 200)
+    return _health(OK, 200)
+
+
+def readiness() -> Readiness:
+    """The server's readiness checks (``sockudo.health``), built on first use if the composition
+    root did not build them."""
+    ext = current_app.extensions["sockudo"]
+    if ext.get("readiness") is None:
+        ext["readiness"] = build_readiness(services())
+    return ext["readiness"]  # type: ignore[no-any-return]
 
 
 def _readiness() -> tuple[str, int] | None:
-    """A failed readiness check, or None when ready (spec §5.3)."""
+    """A failed readiness check, or None when ready (spec §3)."""
+    r = readiness()
     if handler().draining:
-        return "DRAINING", 503
+        return DRAINING, 503
     if not services().apps.all():
-        return "ERROR", 503
-    if not services().adapter.healthy:
-        return "ERROR", 503  # the cross-node adapter cannot reach Redis
-    return None
+        r.failed("apps")
+        return ERROR, 503
+    verdict = r.evaluate(draining=False)
+    return None if verdict.status == OK else (verdict.status, verdict.http_status)
 
 
 @bp.get("/up")
 def up() -> ResponseReturnValue:
     failed = _readiness()
-    return _health(*failed) if failed else _health("OK", 200)
+    return _health(*failed) if failed else _health(OK, 200)
 
 
 @bp.get("/up/<app_id>")
 def up_app(app_id: str) -> ResponseReturnValue:
     app = services().apps.by_id(app_id)
     if app is None:
-        return _health("NOT_FOUND", 404)
+        return _health(NOT_FOUND, 404)
     if not app.enabled:
-        return _health("ERROR", 503)
+        readiness().failed("app_disabled")
+        return _health(ERROR, 503)
     failed = _readiness()
-    return _health(*failed) if failed else _health("OK", 200)
+    return _health(*failed) if failed else _health(OK, 200)
 
 
 @bp.get("/usage")

@@ -10,8 +10,6 @@ import time
 from typing import Any
 
 from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
-from prometheus_client import make_wsgi_app
 
 from ..adapter import LocalAdapter
 from ..apps import AppStore
@@ -20,18 +18,31 @@ from ..config import Config
 from ..handler import Handler, Services
 from ..http_api import create_app
 from ..metrics import Metrics
-from . import runtime
+from ..webhook_sink import build_webhook_sink
+from . import observability, runtime
+from .guard import Guard, GuardedHandler, main_server
 from .websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
 
 logger = logging.getLogger(__name__)
 
+STARTUP_ADAPTER_WAIT_SECONDS = 3.0
 
-class _QuietHandler(WebSocketHandler):
+
+class _QuietHandler(GuardedHandler):
     """gevent's per-request access log is noise at our volume (and would log query
     strings, which carry auth signatures)."""
 
     def log_request(self) -> None:
         return None
+
+    def handle(self) -> None:
+        # Without TCP_NODELAY a keep-alive REST client waits ~40 ms per request (headers and
+        # body go out in two writes and meet delayed ACKs); WebSocket frames want it too.
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle()
 
 
 def build_services(config: Config) -> Services:
@@ -54,6 +65,16 @@ def build_services(config: Config) -> Services:
         cache = RedisCache(client, prefix="sockudo:")
     else:
         adapter = LocalAdapter()
+    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter)
+    if webhooks is not None:
+        extras["events"] = webhooks
+    from ..push.service import build_push
+
+    extras["push"] = build_push(config, registry=metrics.registry)
+    if extras["push"] is not None:
+        from ..push.metrics import PushQueueCollector
+
+        metrics.registry.register(PushQueueCollector(extras["push"].queue_stats))
     services = Services(
         config=config,
         apps=AppStore(config.apps),
@@ -118,6 +139,17 @@ class Server:
 
     # -- background work --
 
+    def _push_maintenance_loop(self) -> None:
+        """Push jobs whose worker died are re-enqueued once their lease lapses (sockudo/push)."""
+        push = self.services.push
+        interval = push.settings.maintenance_interval_ms / 1000
+        while True:
+            runtime.sleep(interval)
+            try:
+                push.tick()
+            except Exception as exc:
+                logger.warning("push maintenance failed: %s", exc)
+
     def _housekeeping_loop(self) -> None:
         """Retention and buffer expiry, once in a while (one greenlet for the whole node)."""
         s = self.services
@@ -153,25 +185,40 @@ class Server:
 
     def start(self) -> None:
         cfg = self.config
+        adapter = self.services.adapter
+        if hasattr(adapter, "start"):
+            adapter.start()
+            # Give Redis a moment before taking sockets: decisions made before the adapter is
+            # connected are node-local (a second channel_occupied, a duplicate member_added).
+            # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
+            if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
+                logger.warning("starting without redis; cross-node delivery begins once it is reachable")
         reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"
-        self.http = WSGIServer(listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, handler_class=_QuietHandler,
-                               log=None)
+        metrics = self.services.metrics
+        guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context))
+        # Timeouts, per-IP limits and TLS of the main listener: sockudo/server/guard.py.
+        self.http = main_server(cfg, listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, guard,
+                                handler_class=_QuietHandler, log=None, error_log=observability.WSGI_ERROR_LOG)
         self.http.pre_start_hook = self._pre_start_hook
         self.http.start()
         if cfg.metrics.enabled:
             try:
                 self.metrics_http = WSGIServer(
-                    (cfg.metrics.host, cfg.metrics.port), make_wsgi_app(self.services.metrics.registry), log=None
+                    (cfg.metrics.host, cfg.metrics.port), observability.metrics_app(cfg, self.services.metrics.registry),
+                    log=None, error_log=observability.WSGI_ERROR_LOG,
                 )
                 self.metrics_http.start()
             except OSError as exc:
                 logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
                 self.metrics_http = None
+        observability.attach(self)  # readiness, TCP metrics exporter, gevent errors into logging
         runtime.spawn(self._liveness_loop)
         runtime.spawn(self._housekeeping_loop)
-        start_adapter = getattr(self.services.adapter, "start", None)
-        if start_adapter is not None:
-            start_adapter()
+        if self.services.push is not None:
+            runtime.spawn(self._push_maintenance_loop)
+        start_events = getattr(self.services.events, "start", None)
+        if start_events is not None:
+            start_events()
         logger.info(
             "sockudo listening",
             extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver, "metrics_port": cfg.metrics.port if self.metrics_http else None,
@@ -189,6 +236,9 @@ class Server:
         deadline = time.monotonic() + self.config.shutdown_grace_period
         while self.registry.connections and time.monotonic() < deadline:
             runtime.sleep(0.05)
+        stop_events = getattr(self.services.events, "stop", None)
+        if stop_events is not None:
+            stop_events()  # pending debounces, batches and the enqueue backlog (webhooks)
         stop_adapter = getattr(self.services.adapter, "stop", None)
         if stop_adapter is not None:
             stop_adapter()
@@ -196,6 +246,7 @@ class Server:
             self.http.stop(timeout=1)
         if self.metrics_http is not None:
             self.metrics_http.stop(timeout=1)
+        observability.detach(self)
         self.stopped.set()
 
     def serve_forever(self) -> None:

@@ -49,6 +49,7 @@ def supervise(workers: int, argv: list[str], config: Config) -> int:
             "WEB_CONCURRENCY": "1",
             "SOCKUDO_WORKER_INDEX": str(index),
             "METRICS_PORT": str(config.metrics.port + index),
+            "METRICS_TCP_EXPORTER_PORT": str(config.metrics.tcp_exporter.port + index),  # one exporter each
             "PORT": str(config.port),
             "HOST": config.host,
         })

@@ -25,6 +25,7 @@ from .. import protocol
 from ..errors import PusherCode
 from ..wsframe import OP_PONG, OutFrame, encode, encode_close
 from . import runtime
+from .guard import is_tls
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class WsTransport:
         "writer",
         "on_slow_consumer",
         "v2",
+        "tls",
     )
 
     def __init__(self, sock: socket.socket, max_messages: int, on_slow_consumer: Callable[[], None] | None = None,
@@ -53,7 +55,9 @@ class WsTransport:
         self.sock = sock
         # gevent's socket wraps a non-blocking OS socket; writing to that directly is a plain
         # syscall that fails with BlockingIOError instead of parking the greenlet.
-        self.raw: Any = getattr(sock, "_sock", None)
+        # Never for TLS: its ``_sock`` is the OS socket *under* the TLS layer (plaintext on the wire).
+        self.tls = is_tls(sock)
+        self.raw: Any = None if self.tls else getattr(sock, "_sock", None)
         self.v2 = v2  # protocol-2 socket: write each frame's protocol-2 form
         self.queue: deque[OutFrame | bytes] = deque()
         self.max_messages = max_messages
@@ -167,10 +171,11 @@ class WsTransport:
                 if self.closing and not self.close_queued:
                     self.close_queued = True
                     sendall(encode_close(self.close_code, self.close_reason))
-                    try:
-                        self.sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
+                    if not self.tls:  # TLS: the reader still needs the TLS layer for the reply
+                        try:
+                            self.sock.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
                 return
         except OSError:
             self.dead = True

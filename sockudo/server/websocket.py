@@ -23,10 +23,11 @@ from ..wsframe import (
     FrameProtocolError,
     FrameReader,
     MessageTooBig,
-    close_code_of,
     encode_close,
     encode_text,
+    reply_close_code,
 )
+from .guard import is_tls
 from .transport import WsTransport
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def _refuse(sock: socket.socket, exc: PusherError) -> None:
     """Handshake refusal: ``pusher:error`` then close with the same code (spec §1.2)."""
     try:
         sock.sendall(encode_text(protocol.error_frame(exc.code, exc.message)) + encode_close(exc.code, exc.message))
-        sock.shutdown(socket.SHUT_WR)
+        if not is_tls(sock):  # a TLS socket loses its TLS layer on shutdown (guard.is_tls)
+            sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
 
@@ -117,12 +119,11 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
             elif opcode == OP_BINARY:
                 handler.binary_message(conn)
             elif opcode == OP_CLOSE:
-                code = close_code_of(payload)
                 if transport.closing:
                     reason = f"closed_{transport.close_code}"  # the client answered our close
                 else:
                     reason = "client_closed"
-                    transport.close(code if code and code < 5000 and code not in (1005, 1006, 1015) else 1000, "")
+                    transport.close(reply_close_code(payload), "")
                 break
     except FrameProtocolError as exc:
         reason = "protocol_error"

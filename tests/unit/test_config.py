@@ -366,3 +366,81 @@ def test_config_is_frozen() -> None:
     config = load_config(None, env={})
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
+
+
+# -- [connection_recovery], [history], [idempotency] (spec §7.3, §7.5, §7.6) -------------------
+
+
+FeatureApps = """
+[connection_recovery]
+enabled = true
+max_buffer_size = 20
+
+[history]
+enabled = true
+retention_window_seconds = 3600
+
+[[app_manager.array.apps]]
+id = "100"
+key = "key-100"
+secret = "secret-100"
+history = { max_page_size = 10 }
+idempotency = { enabled = false }
+
+[[app_manager.array.apps]]
+id = "200"
+key = "key-200"
+secret = "secret-200"
+[app_manager.array.apps.connection_recovery]
+buffer_ttl_seconds = 30
+"""
+
+
+def test_feature_sections_from_the_file_env_and_per_app_overrides(toml: Callable[[str], str]) -> None:
+    env = {"HISTORY_MAX_MESSAGES_PER_CHANNEL": "50", "IDEMPOTENCY_TTL_SECONDS": "30",
+           "CONNECTION_RECOVERY_BUFFER_TTL_SECONDS": "90"}
+    config = load_config(toml(FeatureApps), env=env)
+    assert config.history.retention_window_seconds == 3600 and config.history.max_messages_per_channel == 50
+    first, second = config.apps
+    # An app's table wins over the global section (file and environment); the rest is inherited.
+    history = first.history
+    assert (history.enabled, history.max_page_size, history.max_messages_per_channel) == (True, 10, 50)
+    assert (first.idempotency.enabled, first.idempotency.ttl_seconds) == (False, 30)
+    assert (first.connection_recovery.enabled, first.connection_recovery.buffer_ttl_seconds) == (True, 90)
+    assert (second.connection_recovery.buffer_ttl_seconds, second.connection_recovery.max_buffer_size) == (30, 20)
+    assert second.history.max_page_size == 100 and second.idempotency.enabled
+
+
+def test_feature_switches_from_the_environment_alone() -> None:
+    config = load_config(None, env={"CONNECTION_RECOVERY_ENABLED": "true", "HISTORY_ENABLED": "1",
+                                    "HISTORY_RETENTION_WINDOW_SECONDS": "60", "IDEMPOTENCY_ENABLED": "false"})
+    (app,) = config.apps
+    assert app.connection_recovery.enabled and app.history.enabled
+    assert app.history.retention_window_seconds == 60
+    assert not app.idempotency.enabled
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[history]\nmax_page_size = \"many\"\n", "history.max_page_size"),
+    ("[history]\nbackend = \"postgres\"\n", "history.backend"),
+    ("[[app_manager.array.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nhistory = 3\n", "history"),
+])
+def test_bad_feature_values_fail_naming_the_key(toml: Callable[[str], str], text: str, key: str) -> None:
+    assert key in _error(toml(text))
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[idempotency]\nttl_seconds = 0\n", "idempotency.ttl_seconds"),
+    ("[idempotency]\nmax_key_length = 0\n", "idempotency.max_key_length"),
+    ("[history]\nmax_page_size = 0\n", "history.max_page_size"),
+    ("[history]\nretention_window_seconds = 0\n", "history.retention_window_seconds"),
+    ("[history]\nmax_messages_per_channel = -1\n", "history.max_messages_per_channel"),
+    ("[connection_recovery]\nmax_buffer_size = 0\n", "connection_recovery.max_buffer_size"),
+    ("[connection_recovery]\nbuffer_ttl_seconds = -5\n", "connection_recovery.buffer_ttl_seconds"),
+    ("[[app_manager.array.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nidempotency = { ttl_seconds = 0 }\n",
+     "idempotency.ttl_seconds"),
+])
+def test_feature_values_out_of_range_fail(toml: Callable[[str], str], text: str, key: str) -> None:
+    """A zero TTL or page size would silently break the feature (Redis refuses EX 0: every keyed
+    publish would answer 503), so start-up refuses it."""
+    assert key in _error(toml(text))

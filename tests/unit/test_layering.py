@@ -25,6 +25,12 @@ PURE_CORE = [
     "sockudo.cache",
     "sockudo.lifecycle",
     "sockudo.metrics",
+    "sockudo.metrics_labels",
+    "sockudo.metrics_tcp",
+    "sockudo.redaction",
+    "sockudo.health",
+    "sockudo.logs",
+    "sockudo.listener",
 ]
 ROOT = Path(__file__).resolve().parents[2]
 EDGES = ("gevent", "geventwebsocket", "flask", "werkzeug")

@@ -1,0 +1,1 @@
+"""Baseline servers the suite measures Sockudo against, each a standalone script."""

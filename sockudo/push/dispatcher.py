@@ -1,0 +1,559 @@
+"""The push pipeline's work: planning a publish and dispatching delivery batches (spec §6.1, §6.7–6.9).
+
+Runs inside RQ work-horses (``workers/push.py``) or the embedded in-process queue. Every job is a
+*job record* in the store (``plan`` or ``dispatch``) with a **lease**: the worker renews it after
+each delivery; a record whose lease lapses (its worker was killed) is re-enqueued by the
+maintenance tick. Re-running a job is always safe — each delivery (publishId, deviceId) is
+*claimed* before sending and *settled* after, atomically, so a delivery that already has an end
+is never sent again. Only a request that was in flight when its worker died may be sent twice;
+such devices are listed in the status record's ``possibleDuplicates``.
+
+Retries are scheduled (a new ``dispatch`` record due later, ``enqueue_at`` in RQ), never slept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import status as st
+from .crypto import CryptoError, sha256_hex, unseal
+from .metrics import PushMetrics, RecordingMetrics
+from .providers import (
+    CREDENTIAL_AUTH,
+    DEVICE_TERMINAL,
+    REJECTED,
+    RETRYABLE,
+    ProviderClients,
+    ProviderResult,
+    SendContext,
+)
+from .queue import DISPATCH_JOB, PLAN_JOB
+from .retry import next_attempt, parse_retry_after
+from .settings import PushSettings
+
+logger = logging.getLogger("sockudo_push")
+
+Metrics = PushMetrics | RecordingMetrics
+# A scheduled job this overdue has no running RQ scheduler (its lock may belong to a dead worker).
+SCHEDULER_STALL_MS = 5000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def credential_aad(app_id: str, provider: str) -> str:
+    return f"push-credential:{app_id}:{provider}"
+
+
+def load_credentials(store: Any, key: str | None, app_id: str, provider: str) -> dict[str, Any] | None:
+    entry = store.get_credential(app_id, provider)
+    if entry is None or key is None:
+        return None
+    try:
+        material = json.loads(unseal(key, entry["sealed"], credential_aad(app_id, provider)))
+    except (CryptoError, ValueError):
+        logger.error(
+            "stored push credentials do not decrypt with the configured key",
+            extra={"app_id": app_id, "provider": provider, "error": "credential_decrypt_failed"},
+        )
+        return None
+    material["version"] = entry.get("version", 1)
+    return dict(material)
+
+
+def dead_letter_id(app_id: str, publish_id: str, key: str, at_ms: int) -> str:
+    return sha256_hex(f"{app_id}:{publish_id}:{key}:{at_ms}")[:32]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: PushSettings,
+        store: Any,
+        queue: Any,
+        clients: Callable[[], ProviderClients],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self._clients_factory = clients
+        self._clients: ProviderClients | None = None
+        self.metrics = metrics
+        self.clock = clock
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leases: dict[str, tuple[int, int]] = {}  # job → (renewed at, lease deadline), ms
+
+    def clients(self) -> ProviderClients:
+        if self._clients is None:
+            self._clients = self._clients_factory()
+        return self._clients
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- scheduling helpers --
+
+    def _renew(self, batch_id: str, force: bool = False) -> int:
+        """Extend the job's lease — every lease/4 at most — and return its deadline."""
+        now = self.now_ms()
+        renewed_at, until = self._leases.get(batch_id, (0, 0))
+        if force or now - renewed_at >= self.settings.lease_ms // 4:
+            until = now + self.settings.lease_ms
+            self.store.renew(batch_id, until)
+            self._leases[batch_id] = (now, until)
+        return until
+
+    def submit(self, batch_id: str, batch: dict[str, Any]) -> bool:
+        """Record a job (lease deadline = due + lease) and hand it to the queue; False if it existed."""
+        due = int(batch.get("dueMs") or self.now_ms())
+        if not self.store.put_batch(batch_id, batch, due + self.settings.lease_ms):
+            return False
+        self.enqueue(batch_id, batch)
+        return True
+
+    def enqueue(self, batch_id: str, batch: dict[str, Any]) -> None:
+        func = PLAN_JOB if batch.get("kind") == "plan" else DISPATCH_JOB
+        try:
+            job_id = self.queue.enqueue(func, batch_id, at_ms=batch.get("dueMs"))
+            self.store.set_job(batch_id, job_id)
+        except Exception as exc:  # the lease reaper enqueues it once Redis answers again
+            logger.warning(
+                "could not enqueue push job; the maintenance tick retries it",
+                extra={"app_id": batch.get("app"), "publish_id": batch.get("pid"), "error": str(exc)},
+            )
+
+    # -- entry point --
+
+    def run(self, batch_id: str) -> None:
+        batch = self.store.get_batch(batch_id)
+        if batch is None:
+            return  # finished by an earlier run
+        due = int(batch.get("dueMs") or 0)
+        if due > self.now_ms() + 50:  # started early (a reaper takeover, a queue's coarse clock): wait again
+            self.store.renew(batch_id, due + self.settings.lease_ms)
+            self.enqueue(batch_id, batch)
+            return
+        self._renew(batch_id, force=True)
+        try:
+            if batch.get("kind") == "plan":
+                self.run_plan(batch_id, batch)
+            else:
+                self.run_batch(batch_id, batch)
+        finally:
+            self._leases.pop(batch_id, None)
+
+    # -- planning --
+
+    def _expand(self, app_id: str, recipients: list[list[str]]) -> list[str]:
+        ids: dict[str, None] = {}
+        for kind, value in recipients:
+            if kind == "device":
+                if self.store.get_device(app_id, value) is not None:
+                    ids.setdefault(value)
+            elif kind == "client":
+                for device_id in self.store.client_devices(app_id, value):
+                    ids.setdefault(device_id)
+            elif kind == "channel":
+                for device_id in self.store.channel_devices(app_id, value):
+                    ids.setdefault(device_id)
+        return list(ids)
+
+    def run_plan(self, batch_id: str, batch: dict[str, Any]) -> None:
+        app_id, publish_id = batch["app"], batch["pid"]
+        started = time.perf_counter()
+        record = self.store.get_status(app_id, publish_id)
+        plan = self.store.get_plan(app_id, publish_id)
+        if record is None or plan is None:
+            self.store.finish_batch(batch_id)
+            return
+        now = self.now_ms()
+        if st.rank(str(record.get("state"))) < st.rank(st.PLANNING):
+            self.store.set_state(app_id, publish_id, st.PLANNING, now)
+        ids = self.store.save_plan_devices(app_id, publish_id, self._expand(app_id, plan["recipients"]))
+        due = max(now, int(plan.get("notBeforeMs") or 0))
+        fields: dict[str, Any] = {"planned": len(ids)}
+        if due > now:
+            fields["retryAfterMs"] = due
+        if not ids:
+            change = self.store.set_state(
+                app_id,
+                publish_id,
+                st.SUCCEEDED,
+                now,
+                {**fields, "errorReason": "no registered devices matched the recipients"},
+            )
+            self._completed(app_id, publish_id, change)
+            self.store.finish_batch(batch_id)
+            return
+        self.store.set_state(app_id, publish_id, st.DISPATCHING, now, fields)
+        size = self.settings.batch_size
+        emitted: dict[str, int] = {}
+        for index in range(0, len(ids), size):
+            chunk = ids[index : index + size]
+            devices = self.store.get_devices(app_id, chunk)
+            items = []
+            for device_id, device in zip(chunk, devices, strict=True):
+                provider = device["provider"] if device else "unknown"
+                emitted[provider] = emitted.get(provider, 0) + 1
+                items.append([device_id, 1, provider, None])
+            self.submit(
+                f"{app_id}:{publish_id}:d{index // size}",
+                {"kind": "dispatch", "app": app_id, "pid": publish_id, "items": items, "dueMs": due},
+            )
+            self._renew(batch_id)
+        for provider, count in emitted.items():
+            self.metrics.inc("sockudo_push_delivery_jobs_emitted", {"provider": provider, "app": app_id}, count)
+        if due > now:
+            self.metrics.inc("sockudo_push_scheduled_jobs", {"app": app_id, "status": "not_before"})
+        self.metrics.observe("sockudo_push_planner_duration_seconds", {"app": app_id}, time.perf_counter() - started)
+        logger.info(
+            "push publish planned",
+            extra={
+                "app_id": app_id,
+                "publish_id": publish_id,
+                "planned": len(ids),
+                "not_before_ms": plan.get("notBeforeMs"),
+            },
+        )
+        self.store.finish_batch(batch_id)
+
+    # -- dispatch --
+
+    def run_batch(self, batch_id: str, batch: dict[str, Any]) -> None:
+        app_id, publish_id = batch["app"], batch["pid"]
+        record = self.store.get_status(app_id, publish_id)
+        plan = self.store.get_plan(app_id, publish_id)
+        if record is None or plan is None:
+            self.store.finish_batch(batch_id)
+            return
+        first_ms = max(int(record.get("createdAtMs") or 0), int(plan.get("notBeforeMs") or 0))
+        items = batch["items"]
+        devices = self.store.get_devices(app_id, [item[0] for item in items])
+        credentials: dict[str, dict[str, Any] | None] = {}
+        busy = False
+        for (device_id, attempt, provider, replay), device in zip(items, devices, strict=True):
+            if device is not None:
+                provider = device["provider"]  # re-registered since planning: send where it is now
+            busy |= self._deliver(
+                batch_id,
+                app_id,
+                publish_id,
+                plan,
+                first_ms,
+                device_id,
+                int(attempt),
+                provider,
+                replay,
+                device,
+                credentials,
+            )
+        if not busy:  # else another live run of this job still works on it and finishes it
+            self.store.finish_batch(batch_id)
+
+    def _deliver(
+        self,
+        batch_id: str,
+        app_id: str,
+        publish_id: str,
+        plan: dict[str, Any],
+        first_ms: int,
+        device_id: str,
+        attempt: int,
+        provider: str,
+        replay: str | None,
+        device: dict[str, Any] | None,
+        credentials: dict[str, dict[str, Any] | None],
+    ) -> bool:
+        """Claim, send, settle one delivery. True when another live worker holds it."""
+        key = device_id if replay is None else f"{device_id}#replay:{replay}"
+        now = self.now_ms()
+        # The delivery's lease is the job's: when a takeover finds the job lapsed, its in-flight
+        # delivery has lapsed too.
+        lease_until = self._renew(batch_id)
+        claim = self.store.claim(app_id, publish_id, key, attempt, self.owner, now, lease_until)
+        if claim.claim is st.Claim.BUSY:
+            return True
+        if claim.claim is st.Claim.SKIP:
+            return False
+        labels = {"provider": provider, "app": app_id}
+        if claim.increments.get("retryAttempted"):
+            self.metrics.inc("sockudo_push_retry_attempted", labels)
+        log = {
+            "app_id": app_id,
+            "publish_id": publish_id,
+            "provider": provider,
+            "device_id": device_id,
+            "attempt": attempt,
+        }
+        if claim.possible_duplicate:
+            logger.warning("push delivery resent: its previous worker died mid-request (possible duplicate)", extra=log)
+        expires = plan.get("expiresAtMs")
+        if expires is not None and now >= int(expires):
+            self._settle(app_id, publish_id, key, st.Outcome.EXPIRED, provider, replay, reason="expired")
+            self.metrics.inc("sockudo_push_dispatched", {**labels, "status": "expired"})
+            return False
+        if device is None:
+            self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason="device_not_found")
+            return False
+        log["token_hash"] = device.get("tokenHash")
+        if provider not in credentials:
+            credentials[provider] = load_credentials(self.store, self.settings.credentials_key, app_id, provider)
+        creds = credentials[provider]
+        started = time.perf_counter()
+        if creds is None:
+            result = ProviderResult(REJECTED, CREDENTIAL_AUTH, "credentials_missing")
+        else:
+            ctx = SendContext(
+                app_id, publish_id, device_id, int(expires) if expires is not None else None, self.clock()
+            )
+            result = self.clients().send(provider, device, plan["rendered"][provider], creds, ctx)
+        elapsed = time.perf_counter() - started
+        self.metrics.inc("sockudo_push_dispatched", {**labels, "status": result.outcome})
+        self.metrics.observe("sockudo_push_dispatch_duration_seconds", {**labels, "status": result.outcome}, elapsed)
+        if result.failure_class:
+            self.metrics.inc("sockudo_push_provider_failures", {**labels, "failure_class": result.failure_class})
+        log.update({"error": result.reason or None, "failure_class": result.failure_class, "status": result.status})
+        if result.outcome == "accepted":
+            logger.info("push delivered", extra=log)
+            self._settle(app_id, publish_id, key, st.Outcome.ACCEPTED, provider, replay, message_id=result.message_id)
+            return False
+        if result.outcome == RETRYABLE:
+            self._retry(app_id, publish_id, key, device_id, attempt, provider, replay, plan, first_ms, result, log)
+            return False
+        # rejected
+        if result.failure_class == DEVICE_TERMINAL:
+            logger.warning("push token invalid; device and its subscriptions deleted", extra=log)
+            if self.store.delete_device(app_id, device_id):
+                self.metrics.inc("sockudo_push_token_invalidations", labels)
+            self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason)
+            return False
+        logger.warning("push delivery rejected", extra=log)
+        change = self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason)
+        if not change.duplicate and replay is None:
+            self._dead_letter(app_id, publish_id, key, device_id, provider, result, attempt, stage="delivery_result")
+
+    def _retry(
+        self,
+        app_id: str,
+        publish_id: str,
+        key: str,
+        device_id: str,
+        attempt: int,
+        provider: str,
+        replay: str | None,
+        plan: dict[str, Any],
+        first_ms: int,
+        result: ProviderResult,
+        log: dict[str, Any],
+    ) -> None:
+        labels = {"provider": provider, "app": app_id}
+        now = self.now_ms()
+        decision = next_attempt(
+            self.settings.retry,
+            attempt=attempt,
+            key=f"{app_id}:{publish_id}:{key}",
+            now_ms=now,
+            first_attempt_ms=first_ms,
+            retry_after_ms=parse_retry_after(result.retry_after, now),
+            expires_at_ms=plan.get("expiresAtMs"),
+        )
+        if decision.retry:
+            retry_id = f"{app_id}:{publish_id}:r:{key}:{attempt + 1}"
+            # The job record first: a crash after it leaves a retry that runs (and is flagged as a
+            # possible duplicate), never a delivery that nobody will attempt again.
+            batch = {
+                "kind": "dispatch",
+                "app": app_id,
+                "pid": publish_id,
+                "dueMs": decision.due_ms,
+                "items": [[device_id, attempt + 1, provider, replay]],
+            }
+            created = self.store.put_batch(retry_id, batch, decision.due_ms + self.settings.lease_ms)
+            change = self._settle(
+                app_id,
+                publish_id,
+                key,
+                st.Outcome.RETRY,
+                provider,
+                replay,
+                next_attempt=attempt + 1,
+                due_ms=decision.due_ms,
+            )
+            if change.duplicate:
+                if created:
+                    self.store.finish_batch(retry_id)
+                return
+            if created:
+                self.enqueue(retry_id, batch)
+            self.metrics.inc("sockudo_push_retry_scheduled", labels)
+            self.metrics.inc("sockudo_push_scheduled_jobs", {"app": app_id, "status": "retry"})
+            logger.warning(
+                "push delivery failed; retry scheduled",
+                extra={**log, "retry_delay_ms": decision.due_ms - now, "retryable": True},
+            )
+            return
+        if decision.reason == "expired":
+            self.metrics.inc("sockudo_push_retry_expired", labels)
+            logger.warning("push delivery expired before its next retry", extra=log)
+            self._settle(app_id, publish_id, key, st.Outcome.EXPIRED, provider, replay, reason=result.reason)
+            return
+        self.metrics.inc("sockudo_push_retry_dead_lettered", labels)
+        logger.error("push delivery dead-lettered", extra={**log, "reason": decision.reason})
+        change = self._settle(
+            app_id,
+            publish_id,
+            key,
+            st.Outcome.DEAD_LETTER,
+            provider,
+            replay,
+            reason=f"{decision.reason}:{result.reason}",
+        )
+        if not change.duplicate and replay is None:
+            self._dead_letter(
+                app_id,
+                publish_id,
+                key,
+                device_id,
+                provider,
+                result,
+                attempt,
+                stage="retry",
+                reason=f"{decision.reason}: {result.reason}",
+            )
+
+    def _settle(
+        self,
+        app_id: str,
+        publish_id: str,
+        key: str,
+        outcome: st.Outcome,
+        provider: str,
+        replay: str | None,
+        *,
+        reason: str = "",
+        message_id: str | None = None,
+        next_attempt: int | None = None,
+        due_ms: int | None = None,
+    ) -> st.Change:
+        change = self.store.settle(
+            app_id,
+            publish_id,
+            key,
+            outcome,
+            self.now_ms(),
+            next_attempt=next_attempt,
+            due_ms=due_ms,
+            replay=replay is not None,
+            reason=reason,
+        )
+        if change.duplicate:
+            self.metrics.inc("sockudo_push_duplicate_suppressed", {"app": app_id})
+        if replay is not None and outcome is not st.Outcome.RETRY and not change.duplicate:
+            self.store.update_dead_letter(
+                app_id,
+                replay,
+                {
+                    "replayState": {"accepted": "succeeded", "dead_letter": "dead_lettered"}.get(
+                        outcome.value, outcome.value
+                    ),
+                    "replayReason": reason or None,
+                    "messageId": message_id,
+                    "replayable": outcome is not st.Outcome.ACCEPTED,
+                    "replayedAtMs": self.now_ms(),
+                },
+            )
+        self._completed(app_id, publish_id, change)
+        return change
+
+    def _completed(self, app_id: str, publish_id: str, change: st.Change) -> None:
+        if change.terminal is None:
+            return
+        self.metrics.inc("sockudo_push_delivery_status", {"status": change.terminal, "app": app_id})
+        record = self.store.get_status(app_id, publish_id) or {}
+        logger.info(
+            "push publish completed",
+            extra={
+                "app_id": app_id,
+                "publish_id": publish_id,
+                "state": change.terminal,
+                **{c: int(record.get(c) or 0) for c in ("planned", "succeeded", "failed", "expired", "deadLettered")},
+            },
+        )
+
+    def _dead_letter(
+        self,
+        app_id: str,
+        publish_id: str,
+        key: str,
+        device_id: str,
+        provider: str,
+        result: ProviderResult,
+        attempts: int,
+        *,
+        stage: str,
+        reason: str | None = None,
+    ) -> None:
+        at = self.now_ms()
+        letter = {
+            "deadLetterId": dead_letter_id(app_id, publish_id, key, at),
+            "appId": app_id,
+            "publishId": publish_id,
+            "provider": provider,
+            "stage": stage,
+            "key": device_id,
+            "reason": reason or result.reason,
+            "failureClass": result.failure_class,
+            "attempts": attempts,
+            "occurredAtMs": at,
+            "replayable": True,
+            "replayState": None,
+            "replayCount": 0,
+        }
+        self.store.add_dead_letter(app_id, letter, self.settings.dead_letter_ttl_days * 86_400)
+        logger.warning(
+            "push dead letter recorded",
+            extra={
+                "app_id": app_id,
+                "publish_id": publish_id,
+                "provider": provider,
+                "error": letter["reason"],
+                "dead_letter_id": letter["deadLetterId"],
+            },
+        )
+
+    # -- maintenance: jobs whose worker died --
+
+    def reap(self, limit: int = 100) -> int:
+        now = self.now_ms()
+        taken = self.store.take_expired(now, now + self.settings.lease_ms, limit)
+        requeued = 0
+        for batch_id in taken:
+            batch = self.store.get_batch(batch_id)
+            if batch is None:
+                self.store.finish_batch(batch_id)
+                continue
+            state = self.queue.job_state(self.store.get_job(batch_id))
+            if state == "queued":
+                continue  # still waiting behind others: nobody has started it, nothing died
+            if state == "scheduled" and int(batch.get("dueMs") or 0) > now - SCHEDULER_STALL_MS:
+                continue  # RQ's scheduler will move it when due
+            self.enqueue(batch_id, {**batch, "dueMs": None})
+            requeued += 1
+            self.metrics.inc(
+                "sockudo_push_queue_local_requeued", {"stage": str(batch.get("kind")), "reason": "lease_expired"}
+            )
+            logger.warning(
+                "push job taken over: its worker stopped renewing the lease",
+                extra={"app_id": batch.get("app"), "publish_id": batch.get("pid"), "batch_id": batch_id},
+            )
+        return requeued

@@ -1,0 +1,112 @@
+"""Webhook metrics, created against an injected registry (the server's, or a worker's own).
+
+Event-level counters (``queued``, ``delivered``) count one per event per endpoint, so
+``queued - delivered - dead-lettered events`` is what is still in flight. Attempt-level
+counters (``failed``, ``retried``) count HTTP attempts. Labels stay bounded: ``app_id``,
+``event_type`` (7 names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``) —
+never URLs, channels or delivery ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class WebhookMetrics:
+    def __init__(self, registry: CollectorRegistry, prefix: str = "sockudo_") -> None:
+        p = prefix
+        r = registry
+        self.queued = Counter(
+            f"{p}webhooks_queued", "Webhook events handed to the delivery queue (one per event per endpoint)",
+            ["app_id", "event_type"], registry=r,
+        )
+        self.delivered = Counter(
+            f"{p}webhooks_delivered", "Webhook events delivered with a 2xx answer (one per event per endpoint)",
+            ["app_id", "event_type"], registry=r,
+        )
+        self.failed = Counter(
+            f"{p}webhooks_failed",
+            "Failed delivery attempts, by reason (timeout, connect, request, http_5xx, http_<4xx>)",
+            ["app_id", "reason"], registry=r,
+        )
+        self.retried = Counter(
+            f"{p}webhooks_retried", "Retries scheduled after a retryable failure", ["app_id"], registry=r,
+        )
+        self.dead_lettered = Counter(
+            f"{p}webhooks_dead_lettered",
+            "Deliveries given up and stored as dead letters, by reason "
+            "(permanent_failure, retries_exhausted, worker_failure)",
+            ["app_id", "reason"], registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            f"{p}webhooks_delivery_latency_seconds", "Duration of one delivery attempt (the HTTP request), in seconds",
+            ["app_id"], buckets=SECONDS_BUCKETS, registry=r,
+        )
+        self.delivery_delay_seconds = Histogram(
+            f"{p}webhooks_delivery_delay_seconds",
+            "From the batch's first event to its 2xx answer (queueing and retries included), in seconds",
+            ["app_id"], buckets=SECONDS_BUCKETS, registry=r,
+        )
+        self.debounce_cancelled = Counter(
+            f"{p}webhooks_debounce_cancelled",
+            "Leaves (channel_vacated, member_removed) cancelled by a rejoin inside the debounce window",
+            ["app_id", "event_type"], registry=r,
+        )
+        self.enqueue_failures = Counter(
+            f"{p}webhooks_enqueue_failures", "Attempts to enqueue deliveries that failed (kept in memory and retried)",
+            registry=r,
+        )
+        self.dropped = Counter(
+            f"{p}webhooks_dropped", "Deliveries dropped because the in-process backlog was full", ["app_id"],
+            registry=r,
+        )
+        self.abandoned = Counter(
+            f"{p}webhooks_abandoned_jobs", "Jobs left 'started' by a dead worker and put back on the queue",
+            registry=r,
+        )
+
+
+@dataclass
+class QueueStats:
+    backend: str  # "redis" | "memory"
+    queue: str
+    depth: dict[str, int]  # state -> count: ready, delayed, active, dead_letter
+    oldest_age_seconds: float
+
+
+class QueueCollector(Collector):
+    """Queue depth and oldest age, read at scrape time (Sockudo's ``sockudo_queue_depth{state}``)."""
+
+    def __init__(self, read: Callable[[], QueueStats], prefix: str = "sockudo_") -> None:
+        self.read = read
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.read()
+        except Exception as exc:  # a scrape must not fail because the queue backend is down
+            logger.debug("webhook queue stats unavailable: %s", exc)
+            return
+        depth = GaugeMetricFamily(
+            f"{self.prefix}queue_depth", "Jobs in the queue by state (ready, delayed, active, dead_letter)",
+            labels=["backend", "queue", "state"],
+        )
+        for state, count in stats.depth.items():
+            depth.add_metric([stats.backend, stats.queue, state], count)
+        yield depth
+        age = GaugeMetricFamily(
+            f"{self.prefix}queue_oldest_age_seconds", "Age of the oldest ready job (0 when none waits)",
+            labels=["backend", "queue"],
+        )
+        age.add_metric([stats.backend, stats.queue], stats.oldest_age_seconds)
+        yield age

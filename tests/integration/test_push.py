@@ -1,0 +1,970 @@
+"""Push notifications end to end: a real server, real Redis, real RQ workers (``python -m workers``)
+and local fake APNs (HTTP/2 over TLS), FCM (with its OAuth token endpoint) and Web Push services
+that check what the real ones check (tests/support/fake_push.py).
+
+One server and two workers serve the module (their queue and Redis prefix are unique to this run);
+each test uses its own devices, tokens and channels. Waits have deadlines; nothing sleeps blindly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import redis
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sockudo.push import crypto
+from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription
+from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
+
+APP = {"id": "100", "key": "push-key", "secret": "push-secret"}
+OTHER = {"id": "200", "key": "other-key", "secret": "other-secret"}
+TOPIC = "com.example.orders"
+TEAM_ID, KEY_ID = "TEAM123456", "KEY1234567"
+CREDENTIALS_KEY = "test-credentials-key-" + uuid.uuid4().hex
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def signed(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: Any = None,
+    params: dict[str, str] | None = None,
+    app: dict[str, str] = APP,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    secret: str | None = None,
+    send_instead: bytes | None = None,
+) -> requests.Response:
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    query = {k: str(v) for k, v in (params or {}).items()}
+    query.update(auth_key=app["key"], auth_timestamp=str(int(time.time())), auth_version="1.0")
+    if method == "POST":
+        query["body_md5"] = hashlib.md5(data).hexdigest()
+    to_sign = "\n".join(
+        [method, path, "&".join(f"{k.lower()}={v}" for k, v in sorted(query.items(), key=lambda kv: kv[0].lower()))]
+    )  # Pusher signs lower-cased parameter names
+    query["auth_signature"] = hmac.new((secret or app["secret"]).encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+    all_headers = {"Content-Type": "application/json"} if method == "POST" else {}
+    all_headers.update(headers or {})
+    if send_instead is not None:  # a body other than the one signed
+        data = send_instead
+    return requests.request(
+        method, f"{server.url}{path}?{urlencode(query)}", data=data or None, headers=all_headers, timeout=10
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class Worker:
+    """``python -m workers <queue>`` in its own process group (so kill -9 takes its work-horse too)."""
+
+    def __init__(self, queue: str, env: dict[str, str], log_path: str) -> None:
+        self.log_path = log_path
+        self.metrics_port = free_port()
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                queue,
+                "--metrics-port",
+                str(self.metrics_port),
+                "--metrics-host",
+                "127.0.0.1",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def metrics_text(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and its work-horse (RQ puts the horse in a session of its own)."""
+        victims = [self.proc.pid, *descendants(self.proc.pid)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+class Push:
+    """The module's server, workers, fakes and keys."""
+
+    def __init__(self, redis_server: RedisServer) -> None:
+        self.dir = tempfile.mkdtemp(prefix="sockudo-push-")
+        self.apns_key = ec.generate_private_key(ec.SECP256R1())
+        self.vapid_key = ec.generate_private_key(ec.SECP256R1())
+        self.vapid_public = crypto.b64url(crypto.p256_public_raw(self.vapid_key))
+        self.apns = FakeAPNs(
+            team_id=TEAM_ID, key_id=KEY_ID, public_key=self.apns_key.public_key(), topic=TOPIC, cert_dir=self.dir
+        )
+        self.fcm = FakeFCM()
+        self.webpush = FakeWebPush(vapid_public_key=self.vapid_public)
+        run = uuid.uuid4().hex[:8]
+        self.queue = f"push-{run}"
+        self.prefix = f"sockudo:push:{run}:"
+        self.redis = redis.Redis.from_url(redis_server.url)
+        self.env = {
+            "REDIS_URL": redis_server.url,
+            "PUSH_CREDENTIALS_KEY": CREDENTIALS_KEY,
+            "PUSH_ALLOW_INSECURE_ENDPOINTS": "true",
+            "PUSH_CA_FILE": self.apns.cert_path,
+            "APNS_ENDPOINT": self.apns.url,
+            "FCM_ENDPOINT": self.fcm.url,
+            "PUSH_QUEUE_NAME": self.queue,
+            "PUSH_REDIS_PREFIX": self.prefix,
+            "PUSH_LEASE_MS": "2000",
+            "PUSH_MAINTENANCE_INTERVAL_MS": "200",
+            "PUSH_REQUEST_TIMEOUT_MS": "1500",
+            "PUSH_BATCH_SIZE": "2",
+            "PUSH_RETRY_MAX_ATTEMPTS": "3",
+            "PUSH_RETRY_INITIAL_BACKOFF_MS": "200",
+            "PUSH_RETRY_MAX_BACKOFF_MS": "400",
+            "WEBHOOK_REAP_INTERVAL_MS": "500",
+        }
+        self.server = ServerProcess([APP, OTHER], env=self.env).start()
+        self.worker_env = {**self.server.env, "SOCKUDO_CONFIG": self.server.config_path}
+        self.workers = [self.start_worker() for _ in range(2)]
+        self.upload_credentials()
+
+    def start_worker(self) -> Worker:
+        return Worker(self.queue, self.worker_env, os.path.join(self.dir, f"worker-{uuid.uuid4().hex[:6]}.log"))
+
+    def logs(self) -> str:
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as fh:
+                    out.append(f"--- {name}\n{fh.read()[-6000:]}")
+        return self.server.log()[-6000:] + "\n" + "\n".join(out)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.server.stop()
+        self.apns.close()
+        self.fcm.close()
+        self.webpush.close()
+
+    def reset(self) -> None:
+        for fake in (self.apns, self.fcm, self.webpush):
+            with fake.lock:
+                fake.scripts.clear()
+                fake.down = False
+                fake.delay = 0.0
+
+    # -- API --
+
+    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        return signed(self.server, method, f"/apps/{APP['id']}/push{path}", body, **kwargs)
+
+    def upload_credentials(self) -> None:
+        pem = self.apns_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        for provider, body in (
+            ("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
+            ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
+            (
+                "webpush",
+                {"publicKey": self.vapid_public, "privateKey": crypto.b64url(crypto.p256_raw_private(self.vapid_key))},
+            ),
+        ):
+            resp = self.call("POST", f"/credentials/{provider}", body)
+            assert resp.status_code == 201, resp.text
+
+    def register(
+        self, device_id: str, recipient: dict[str, Any], client_id: str | None = None, platform: str = "ios"
+    ) -> requests.Response:
+        body: dict[str, Any] = {
+            "id": device_id,
+            "platform": platform,
+            "formFactor": "phone",
+            "push": {"recipient": recipient},
+        }
+        if client_id:
+            body["clientId"] = client_id
+        return self.call("POST", "/deviceRegistrations", body)
+
+    def apns_device(self, device_id: str, **kw: Any) -> str:
+        token = os.urandom(32).hex()
+        assert self.register(device_id, {"transportType": "apns", "deviceToken": token}, **kw).status_code == 201
+        return token
+
+    def fcm_device(self, device_id: str, **kw: Any) -> str:
+        token = "fcm-" + uuid.uuid4().hex
+        resp = self.register(device_id, {"transportType": "gcm", "registrationToken": token}, platform="android", **kw)
+        assert resp.status_code == 201, resp.text
+        return token
+
+    def web_device(self, device_id: str, **kw: Any) -> tuple[str, ec.EllipticCurvePrivateKey, str]:
+        sub = uuid.uuid4().hex
+        key, p256dh, auth = web_subscription()
+        resp = self.register(
+            device_id,
+            {"transportType": "web", "endpoint": self.webpush.endpoint(sub), "p256dh": p256dh, "auth": auth},
+            platform="browser",
+            **kw,
+        )
+        assert resp.status_code == 201, resp.text
+        return sub, key, auth
+
+    def subscribe(self, channel: str, device_id: str) -> None:
+        resp = self.call("POST", "/channelSubscriptions", {"channel": channel, "deviceId": device_id})
+        assert resp.status_code == 201, resp.text
+
+    def publish(self, body: dict[str, Any]) -> requests.Response:
+        return self.call("POST", "/publish", body)
+
+    def status(self, publish_id: str) -> dict[str, Any]:
+        resp = self.call("GET", f"/publish/{publish_id}/status")
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    def wait_state(self, publish_id: str, states: tuple[str, ...], timeout: float = 20) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            status = self.status(publish_id)
+            return status if status["state"] in states else None
+
+        try:
+            return wait_until(done, timeout=timeout, interval=0.05, message=f"publish {publish_id} to reach {states}")
+        except AssertionError:
+            print(self.status(publish_id))
+            print(self.logs())
+            raise
+
+
+@pytest.fixture(scope="module")
+def push(redis_server: RedisServer) -> Iterator[Push]:
+    harness = Push(redis_server)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(autouse=True)
+def _reset(push: Push) -> Iterator[None]:
+    push.reset()
+    yield
+    push.reset()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (other labels ignored)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def channel_name() -> str:
+    return "orders-" + uuid.uuid4().hex[:8]
+
+
+# -- the happy path ----------------------------------------------------------------------------
+
+
+def test_channel_publish_reaches_apns_fcm_and_web_push(push: Push) -> None:
+    channel = channel_name()
+    apns_token = push.apns_device("ios-1")
+    fcm_token = push.fcm_device("android-1")
+    sub, ua_key, auth = push.web_device("browser-1")
+    for device in ("ios-1", "android-1", "browser-1"):
+        push.subscribe(channel, device)
+
+    resp = push.publish(
+        {
+            "recipients": [{"type": "channel", "channel": channel}],
+            "payload": {"title": "Order updated", "body": "Packed", "templateData": {"orderId": 42}},
+        }
+    )
+    assert resp.status_code == 202, resp.text
+    accepted = resp.json()
+    assert accepted["status"] == "accepted" and accepted["expectedRecipients"] == 3
+    assert accepted["publishId"] == accepted["publish_id"]
+
+    status = push.wait_state(accepted["publishId"], ("succeeded", "partially_succeeded", "failed", "dead_lettered"))
+    assert status["state"] == "succeeded", status
+    assert status["counters"] == {
+        "planned": 3,
+        "dispatched": 3,
+        "succeeded": 3,
+        "failed": 0,
+        "expired": 0,
+        "retryScheduled": 0,
+        "retryAttempted": 0,
+        "deadLettered": 0,
+    }
+    assert push.apns.accepted_count(apns_token) == 1
+    assert push.fcm.accepted_count(fcm_token) == 1
+    assert push.webpush.accepted_count(sub) == 1
+    assert push.apns.auth_failures == push.fcm.auth_failures == push.webpush.auth_failures == 0
+    # Kept for support and incident review: publish_status_ttl_days (30).
+    ttl = push.redis.ttl(f"{push.prefix}pub:{APP['id']}:{accepted['publishId']}")
+    assert 29 * 86400 < ttl <= 30 * 86400
+    # APNs: the alert and custom data as Apple expects them, with our headers.
+    delivered = push.apns.accepted[apns_token][0]
+    assert delivered["payload"] == {
+        "aps": {"alert": {"title": "Order updated", "body": "Packed"}},
+        "data": {"orderId": 42},
+    }
+    assert delivered["headers"]["apns-topic"] == TOPIC and delivered["headers"]["apns-push-type"] == "alert"
+    # FCM: data values are strings on the wire.
+    assert push.fcm.accepted[fcm_token][0]["message"]["data"] == {"orderId": "42"}
+    # Web Push: only the subscription's private key opens the message.
+    body, headers = push.webpush.bodies[sub][0]
+    assert headers["content-encoding"] == "aes128gcm"
+    assert json.loads(crypto.webpush_decrypt(body, ua_key, auth)) == {
+        "notification": {"title": "Order updated", "body": "Packed"},
+        "data": {"orderId": 42},
+    }
+
+
+def test_seed_workflow_sync_false_returns_publish_id_and_status_answers(push: Push) -> None:
+    channel = channel_name()
+    token = push.fcm_device("seed-android")
+    push.subscribe(channel, "seed-android")
+    # The seed's SDK example: snake_case publish_id in the answer, `sync: false` in the request.
+    resp = push.publish(
+        {
+            "recipients": [{"type": "channel", "channel": channel}],
+            "payload": {"title": "Order updated", "body": "Packed"},
+            "sync": False,
+        }
+    )
+    assert resp.status_code == 202, resp.text
+    publish_id = resp.json()["publish_id"]
+    assert publish_id.startswith("pub_")
+    status = push.wait_state(publish_id, ("succeeded",))
+    assert status["publishId"] == publish_id and status["appId"] == APP["id"]
+    assert push.fcm.accepted_count(token) == 1
+    # `sync: true` (or ?mode=sync) is tolerated and answered asynchronously, and says so.
+    resp = push.publish(
+        {"recipients": [{"type": "device", "device_id": "seed-android"}], "payload": {"body": "again"}, "sync": True}
+    )
+    assert resp.status_code == 202 and resp.headers["X-Sockudo-Forced-Async"] == "publish-api-is-async"
+    assert push.call("GET", "/publish/no-such-publish/status").status_code == 404
+
+
+def test_client_and_device_recipients_plan_one_delivery_per_device(push: Push) -> None:
+    user = "user-" + uuid.uuid4().hex[:6]
+    phone = push.apns_device("u-phone-" + user, client_id=user)
+    tablet = push.fcm_device("u-tablet-" + user, client_id=user)
+    resp = push.publish(
+        {
+            "publishId": "multi-" + user,
+            "recipients": [{"type": "client", "client_id": user}, {"type": "device", "device_id": "u-phone-" + user}],
+            "payload": {"title": "Hello"},
+        }
+    )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["expectedRecipients"] == 3  # counted per recipient at admission …
+    status = push.wait_state("multi-" + user, ("succeeded",))
+    assert status["counters"]["planned"] == 2  # … but one delivery per device
+    assert push.apns.accepted_count(phone) == 1 and push.fcm.accepted_count(tablet) == 1
+
+
+def test_dead_tokens_delete_the_device_and_its_subscriptions(push: Push) -> None:
+    channel = channel_name()
+    apns_token = push.apns_device("dead-ios")
+    fcm_token = push.fcm_device("dead-android")
+    sub, _, _ = push.web_device("dead-browser")
+    for device in ("dead-ios", "dead-android", "dead-browser"):
+        push.subscribe(channel, device)
+    push.apns.script(apns_token, [(400, {"reason": "BadDeviceToken"}, {})])
+    push.fcm.script(fcm_token, [FakeFCM.unregistered()])
+    push.webpush.script(sub, [(410, None, {})])
+
+    publish_id = push.publish(
+        {"recipients": [{"type": "channel", "channel": channel}], "payload": {"title": "x"}}
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("failed", "partially_succeeded", "succeeded"))
+    assert status["state"] == "failed"
+    assert status["counters"]["failed"] == 3 and status["counters"]["deadLettered"] == 0
+    assert sorted((u["deviceId"], u["reason"]) for u in status["undelivered"]) == [
+        ("dead-android", "UNREGISTERED"),
+        ("dead-browser", "http_410"),
+        ("dead-ios", "BadDeviceToken"),
+    ]
+    for device in ("dead-ios", "dead-android", "dead-browser"):
+        assert push.call("GET", f"/deviceRegistrations/{device}").status_code == 404
+    listed = push.call("GET", "/channelSubscriptions", params={"channel": channel}).json()
+    assert listed["items"] == []
+    # Device-terminal failures are not dead letters (nothing to replay to a dead token).
+    letters = push.call("GET", "/deadLetters").json()["items"]
+    assert publish_id not in {d["publishId"] for d in letters}
+
+
+def test_429_with_retry_after_is_retried_no_sooner_and_succeeds(push: Push) -> None:
+    token = push.apns_device("throttled-ios")
+    push.apns.script(token, [(429, {"reason": "TooManyRequests"}, {"retry-after": "2"})])
+    publish_id = push.publish(
+        {"recipients": [{"type": "device", "device_id": "throttled-ios"}], "payload": {"title": "later"}}
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("succeeded", "failed", "dead_lettered"), timeout=20)
+    assert status["state"] == "succeeded", status
+    assert status["counters"]["retryScheduled"] == 1 and status["counters"]["retryAttempted"] == 1
+    first, second = push.apns.requests[token][:2]
+    assert second - first >= 2.0, f"retried after {second - first:.2f}s, Retry-After said 2"
+    assert push.apns.accepted_count(token) == 1
+
+
+def test_provider_down_past_the_retry_budget_dead_letters_then_replay_delivers(push: Push) -> None:
+    token = push.fcm_device("outage-android")
+    push.fcm.down = True
+    publish_id = push.publish(
+        {"recipients": [{"type": "device", "device_id": "outage-android"}], "payload": {"title": "outage"}}
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("dead_lettered", "succeeded", "failed"))
+    assert status["state"] == "dead_lettered"
+    assert status["counters"]["deadLettered"] == 1 and status["counters"]["retryScheduled"] == 2  # 3 attempts
+    assert len(push.fcm.requests[token]) == 3
+    letters = push.call("GET", "/deadLetters", params={"provider": "fcm"}).json()["items"]
+    letter = next(d for d in letters if d["publishId"] == publish_id)
+    assert letter["replayable"] and letter["key"] == "outage-android" and letter["attempts"] == 3
+
+    push.fcm.down = False
+    resp = push.call("POST", f"/deadLetters/{letter['deadLetterId']}/replay")
+    assert resp.status_code == 202, resp.text
+    wait_until(lambda: push.fcm.accepted_count(token) == 1, timeout=15, message="replayed delivery")
+
+    def replayed() -> dict[str, Any] | None:
+        items = push.call("GET", "/deadLetters", params={"provider": "fcm"}).json()["items"]
+        found = next(d for d in items if d["deadLetterId"] == letter["deadLetterId"])
+        return found if found["replayState"] == "succeeded" else None
+
+    assert wait_until(replayed, timeout=10)["messageId"].startswith("projects/")
+    status = push.status(publish_id)
+    assert status["state"] == "dead_lettered"  # the record is monotonic; replays are counted beside it
+    assert status["replays"] == {"replayed": 1, "replaySucceeded": 1, "replayFailed": 0}
+    again = push.call("POST", f"/deadLetters/{letter['deadLetterId']}/replay")
+    assert again.status_code == 400  # already delivered
+    assert push.call("POST", "/deadLetters/nope/replay").status_code == 404
+
+
+def test_scheduled_publish_is_not_sent_before_not_before_ms(push: Push) -> None:
+    token = push.fcm_device("scheduled-android")
+    not_before = int(time.time() * 1000) + 1500
+    publish_id = push.publish(
+        {
+            "recipients": [{"type": "device", "device_id": "scheduled-android"}],
+            "payload": {"title": "soon"},
+            "notBeforeMs": not_before,
+        }
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("dispatching",))
+    assert status["retryAfterMs"] == not_before and status["notBeforeMs"] == not_before
+    push.wait_state(publish_id, ("succeeded",))
+    assert push.fcm.requests[token][0] * 1000 >= not_before
+
+
+def test_a_push_is_never_sent_after_expires_at_ms(push: Push) -> None:
+    token = push.apns_device("expiring-ios")
+    push.apns.down = True  # every attempt answers 503 until the push expires
+    expires = int(time.time() * 1000) + 700
+    publish_id = push.publish(
+        {
+            "recipients": [{"type": "device", "device_id": "expiring-ios"}],
+            "payload": {"title": "now or never"},
+            "expiresAtMs": expires,
+        }
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("expired", "dead_lettered", "succeeded"))
+    assert status["state"] == "expired" and status["counters"]["expired"] == 1
+    assert all(t * 1000 < expires for t in push.apns.requests[token])
+    assert push.apns.accepted_count(token) == 0
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_publish_input_is_refused_with_the_documented_status(push: Push) -> None:
+    push.apns_device("bad-input-ios")
+    device = [{"type": "device", "device_id": "bad-input-ios"}]
+
+    def refused(body: dict[str, Any], status: int, code: str, words: str) -> None:
+        resp = push.publish(body)
+        assert resp.status_code == status, resp.text
+        assert resp.json()["code"] == code and resp.json()["status"] == status
+        assert words in resp.json()["error"], resp.json()
+
+    refused(
+        {"recipients": [{"type": "carrierPigeon", "coop": "x"}], "payload": {"title": "x"}},
+        400,
+        "invalid_input",
+        "unknown recipient type 'carrierPigeon'",
+    )
+    refused(
+        {"recipients": [{"type": "registeredTopic", "topic": "news"}], "payload": {"title": "x"}},
+        400,
+        "invalid_input",
+        "not supported",
+    )
+    refused({"recipients": [], "payload": {"title": "x"}}, 400, "invalid_input", "recipients")
+    refused({"recipients": device, "payload": {"title": "x" * 300}}, 400, "invalid_input", "payload.title exceeds 256")
+    refused(
+        {"recipients": device, "payload": {"title": "x", "templateData": {"blob": "y" * 9000}}},
+        400,
+        "invalid_input",
+        "templateData exceeds 8192",
+    )
+    # Per-provider limits on the rendered payloads (APNs aps+data, FCM message, Web Push plaintext).
+    refused(
+        {"recipients": device, "payload": {"title": "x", "body": "b" * 4000, "templateData": {"k": "v" * 100}}},
+        400,
+        "invalid_input",
+        "payload exceeds 4096 bytes",
+    )
+    refused(
+        {
+            "recipients": device,
+            "payload": {"title": "x"},
+            "providerOverrides": [{"provider": "apns", "payload": {"aps": {"alert": "a" * 4100}}}],
+        },
+        400,
+        "invalid_input",
+        "exceeds 4096 bytes",
+    )
+    # The icon goes to FCM (notification.image) and Web Push, not to APNs: only they overflow.
+    refused(
+        {
+            "recipients": device,
+            "payload": {"title": "x", "body": "b" * 3000, "icon": "https://cdn.example.com/" + "i" * 1500},
+        },
+        400,
+        "invalid_input",
+        "fcm payload exceeds 4096 bytes",
+    )
+    refused(
+        {
+            "recipients": device,
+            "payload": {"title": "x"},
+            "providerOverrides": [{"provider": "webPush", "payload": {"notification": {"title": "t" * 4100}}}],
+        },
+        400,
+        "invalid_input",
+        "providerOverrides[0].payload exceeds 4096 bytes",
+    )
+    refused({"recipients": device, "payload": {"title": "x"}, "expiresAtMs": 1000}, 400, "invalid_input", "past")
+    refused(
+        {"recipients": device, "payload": {"title": "x"}, "publishId": "bad id with spaces"},
+        400,
+        "invalid_input",
+        "publishId",
+    )
+    resp = push.call("POST", "/publish", raw=b"recipients=1", headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 415
+
+
+def test_publish_id_makes_publishing_idempotent_and_a_different_body_conflicts(push: Push) -> None:
+    token = push.fcm_device("idem-android")
+    body = {
+        "publishId": "idem-" + uuid.uuid4().hex[:6],
+        "recipients": [{"type": "device", "device_id": "idem-android"}],
+        "payload": {"title": "once"},
+    }
+    first = push.publish(body)
+    assert first.status_code == 202 and "duplicate" not in first.json()
+    push.wait_state(body["publishId"], ("succeeded",))
+    again = push.publish(body)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    assert again.json()["status"] == "succeeded" and again.json()["publishId"] == body["publishId"]
+    snake = push.publish({**{k: v for k, v in body.items() if k != "publishId"}, "publish_id": body["publishId"]})
+    assert snake.status_code == 202 and snake.json()["duplicate"] is True  # the seed's spelling, same publish
+    conflict = push.publish({**body, "payload": {"title": "twice"}})
+    assert conflict.status_code == 409 and conflict.json()["code"] == "conflict"
+    assert push.fcm.accepted_count(token) == 1
+
+
+def test_missing_credentials_answer_503_with_the_reason(push: Push) -> None:
+    token = os.urandom(32).hex()
+    resp = signed(
+        push.server,
+        "POST",
+        f"/apps/{OTHER['id']}/push/deviceRegistrations",
+        {"id": "other-ios", "platform": "ios", "push": {"recipient": {"transportType": "apns", "deviceToken": token}}},
+        app=OTHER,
+    )
+    assert resp.status_code == 201, resp.text
+    resp = signed(
+        push.server,
+        "POST",
+        f"/apps/{OTHER['id']}/push/publish",
+        {"recipients": [{"type": "device", "device_id": "other-ios"}], "payload": {"title": "x"}},
+        app=OTHER,
+    )
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["code"] == "service_unavailable"
+    assert "no apns credentials for app 200" in resp.json()["error"]
+    # Channels too: the check follows who is subscribed now.
+    other = f"/apps/{OTHER['id']}/push"
+    channel = channel_name()
+    assert (
+        signed(
+            push.server,
+            "POST",
+            f"{other}/channelSubscriptions",
+            {"channel": channel, "deviceId": "other-ios"},
+            app=OTHER,
+        ).status_code
+        == 201
+    )
+    to_channel = {"recipients": [{"type": "channel", "channel": channel}], "payload": {"title": "x"}}
+    assert signed(push.server, "POST", f"{other}/publish", to_channel, app=OTHER).status_code == 503
+    assert signed(
+        push.server, "DELETE", f"{other}/channelSubscriptions", params={"channel": channel}, app=OTHER
+    ).json() == {"deleted": 1}
+    empty = signed(push.server, "POST", f"{other}/publish", to_channel, app=OTHER)
+    assert empty.status_code == 202 and empty.json()["expectedRecipients"] == 0
+
+
+def test_bad_signatures_and_foreign_keys_are_refused(push: Push) -> None:
+    path = f"/apps/{APP['id']}/push/deviceRegistrations"
+    assert signed(push.server, "GET", path, secret="wrong-secret").status_code == 401
+    foreign = signed(push.server, "GET", path, app=OTHER)  # validly signed, by another app
+    assert foreign.status_code == 403 and foreign.json()["code"] == "forbidden"
+    assert requests.get(push.server.url + path, timeout=5).status_code == 400  # not signed at all
+    subscribe_only = push.call("GET", "/deviceRegistrations", headers={"x-sockudo-push-capability": "push-subscribe"})
+    assert subscribe_only.status_code == 403
+    tampered = push.call(
+        "POST",
+        "/publish",
+        {"recipients": [{"type": "device", "device_id": "x"}], "payload": {"title": "signed"}},
+        send_instead=b'{"recipients": [{"type": "channel", "channel": "all"}], "payload": {}}',
+    )
+    assert tampered.status_code == 401
+
+
+# -- devices, subscriptions, credentials ---------------------------------------------------------
+
+
+def test_device_registry_and_subscriptions_api(push: Push) -> None:
+    user = "reg-" + uuid.uuid4().hex[:6]
+    tokens = [push.fcm_device(f"{user}-{i}", client_id=user) for i in range(5)]
+    again = push.register(
+        f"{user}-0", {"transportType": "gcm", "registrationToken": tokens[0]}, client_id=user, platform="android"
+    )
+    assert again.json()["change"] == "unchanged"
+    moved = push.register(
+        f"{user}-0",
+        {"transportType": "gcm", "registrationToken": "fcm-new-" + user},
+        client_id=user,
+        platform="android",
+    )
+    assert moved.json()["change"] == "updated"
+    view = push.call("GET", f"/deviceRegistrations/{user}-0").json()
+    assert view["recipient"] == {
+        "transportType": "gcm",
+        "provider": "fcm",
+        "tokenHash": hashlib.sha256(("fcm-new-" + user).encode()).hexdigest(),
+    }
+    assert "fcm-new-" not in json.dumps(view)  # tokens are never returned
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2", "clientId": user, **({"cursor": cursor} if cursor else {})}
+        page = push.call("GET", "/deviceRegistrations", params=params).json()
+        seen += [d["id"] for d in page["items"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert seen == [f"{user}-{i}" for i in range(5)]
+
+    channel = channel_name()
+    for i in range(3):
+        push.subscribe(channel, f"{user}-{i}")
+    subs = push.call("GET", "/channelSubscriptions", params={"channel": channel}).json()
+    assert [s["deviceId"] for s in subs["items"]] == [f"{user}-{i}" for i in range(3)]
+    assert channel in push.call("GET", "/channelSubscriptions/channels", params={"limit": "1000"}).json()["items"]
+    assert push.call(
+        "DELETE", "/channelSubscriptions", params={"channel": channel, "deviceId": f"{user}-2"}
+    ).json() == {"deleted": 1}
+    assert push.call("DELETE", "/channelSubscriptions").status_code == 400
+    assert push.call("POST", "/channelSubscriptions", {"channel": channel, "deviceId": "nope"}).status_code == 404
+
+    assert push.call("DELETE", f"/deviceRegistrations/{user}-4").status_code == 204
+    assert push.call("DELETE", f"/deviceRegistrations/{user}-4").status_code == 404
+    assert push.call("DELETE", "/deviceRegistrations").status_code == 400  # no clientId
+    assert push.call("DELETE", "/deviceRegistrations", params={"clientId": user}).json() == {
+        "deleted": 4,
+        "consistency": "eventual",
+    }
+    assert push.call("GET", "/channelSubscriptions", params={"channel": channel}).json()["items"] == []
+
+    bad = push.register("bad-token", {"transportType": "apns", "deviceToken": "not-hex"})
+    assert bad.status_code == 400 and "deviceToken" in bad.json()["error"]
+    assert push.register("hms", {"transportType": "hms", "registrationToken": "x"}).status_code == 400
+
+
+def test_credentials_are_write_only_and_never_logged(push: Push) -> None:
+    listed = push.call("GET", "/credentials").json()["items"]
+    assert {c["provider"] for c in listed} == {"apns", "fcm", "webpush"}
+    assert all(set(c) == {"appId", "credentialId", "provider", "version", "updatedAtMs"} for c in listed)
+    bad = push.call("POST", "/credentials/apns", {"teamId": "T", "keyId": "K", "privateKey": "not a key"})
+    assert bad.status_code == 400
+    raw_keys = [k.decode() for k in push.redis.scan_iter(match=f"{push.prefix}cred:*")]
+    assert raw_keys and all(push.redis.hget(k, "sealed").startswith(b"envelope:v1:aes256gcm:") for k in raw_keys)
+    secrets = [crypto.b64url(crypto.p256_raw_private(push.vapid_key)), "BEGIN PRIVATE KEY", CREDENTIALS_KEY]
+    logs = push.logs()
+    assert not any(s in logs for s in secrets)
+    stored = b"".join(push.redis.hget(k, "sealed") or b"" for k in raw_keys)
+    assert b"PRIVATE KEY" not in stored
+
+
+def test_push_metrics_on_the_server_and_the_workers(push: Push) -> None:
+    token = push.fcm_device("metrics-android")
+    publish_id = push.publish(
+        {"recipients": [{"type": "device", "device_id": "metrics-android"}], "payload": {"title": "m"}}
+    ).json()["publishId"]
+    push.wait_state(publish_id, ("succeeded",))
+    assert push.fcm.accepted_count(token) == 1
+    text = push.server.metrics_text()
+    assert metric(text, "sockudo_push_publish_accepted_total", app="100", result="accepted") >= 1
+    assert metric(text, "sockudo_push_fanout_size_count", app="100") >= 1
+    assert "sockudo_push_queue_oldest_age_seconds" in text and "sockudo_push_queue_depth" in text
+
+    def dispatched() -> float:
+        return sum(
+            metric(w.metrics_text(), "sockudo_push_dispatched_total", app="100", provider="fcm", status="accepted")
+            for w in push.workers
+        )
+
+    wait_until(dispatched, timeout=10, message="worker push metrics")
+    joined = "".join(w.metrics_text() for w in push.workers)
+    # Access tokens are shared by all workers and jobs (cached in Redis): no token per delivery.
+    assert 1 <= push.fcm.token_requests <= 3
+    assert 1 <= len(push.apns.jwts_seen) <= 3
+    assert metric(joined, "sockudo_push_delivery_status_total", app="100", status="succeeded") >= 1
+    assert metric(joined, "sockudo_push_dispatch_duration_seconds_count", provider="fcm", status="accepted") >= 1
+
+
+# -- crashes -------------------------------------------------------------------------------------
+
+
+def test_kill_9_of_a_worker_mid_dispatch_loses_no_delivery(push: Push) -> None:
+    channel = channel_name()
+    tokens = {}
+    for i in range(10):
+        tokens[f"crash-{i}"] = push.apns_device(f"crash-{i}")
+        push.subscribe(channel, f"crash-{i}")
+    push.apns.delay = 0.25  # every answer takes a while: workers are caught mid-request
+    publish_id = push.publish(
+        {"recipients": [{"type": "channel", "channel": channel}], "payload": {"title": "crash"}}
+    ).json()["publishId"]
+    wait_until(
+        lambda: sum(push.apns.accepted_count(t) for t in tokens.values()) >= 1, timeout=15, message="dispatch under way"
+    )
+    from rq import Queue
+    from rq import Worker as RqWorker
+
+    def busy_worker() -> Worker | None:
+        busy = {w.pid for w in RqWorker.all(queue=Queue(push.queue, connection=push.redis)) if w.get_current_job_id()}
+        return next((w for w in push.workers if w.proc.pid in busy and descendants(w.proc.pid)), None)
+
+    victim = wait_until(busy_worker, timeout=10, interval=0.01, message="a worker busy with a batch")
+    push.workers.remove(victim)
+    victim.kill9()  # the worker and its work-horse, mid-batch
+    push.workers.append(push.start_worker())
+    status = push.wait_state(publish_id, ("succeeded", "partially_succeeded", "failed", "dead_lettered"), timeout=40)
+    assert status["state"] == "succeeded", status
+    assert status["counters"]["planned"] == 10 and status["counters"]["succeeded"] == 10
+    duplicates = set(status.get("possibleDuplicates", []))
+    assert "push job taken over" in push.server.log()  # the dead worker's batch was re-run
+    for device, token in tokens.items():
+        count = push.apns.accepted_count(token)
+        # Exactly one accepted delivery each — unless the status names the device as possibly
+        # delivered twice (its request was in flight when the worker died).
+        assert count == 1 or (count == 2 and device in duplicates), (device, count, duplicates)
+
+
+# -- embedded mode (no Redis) and the endpoint guard ----------------------------------------------
+
+
+def test_embedded_mode_without_redis_delivers_and_refuses_local_endpoints_by_default(
+    push: Push, server_factory: Any
+) -> None:
+    """``make run`` has no Redis: push runs from the in-process queue. Without the explicit test
+    switch, provider endpoints on plain http / loopback are refused (here: the fake FCM)."""
+    server = server_factory(
+        [APP],
+        env={"PUSH_CREDENTIALS_KEY": CREDENTIALS_KEY, "FCM_ENDPOINT": push.fcm.url, "PUSH_RETRY_MAX_ATTEMPTS": "1"},
+    )
+
+    def call(method: str, path: str, body: Any = None) -> requests.Response:
+        return signed(server, method, f"/apps/{APP['id']}/push{path}", body)
+
+    assert call("POST", "/credentials/fcm", {"serviceAccountJson": push.fcm.service_account()}).status_code == 201
+    web = call(
+        "POST",
+        "/deviceRegistrations",
+        {
+            "id": "w",
+            "platform": "browser",
+            "push": {
+                "recipient": {
+                    "transportType": "web",
+                    "endpoint": "https://127.0.0.1/push/x",
+                    "p256dh": web_subscription()[1],
+                    "auth": crypto.b64url(os.urandom(16)),
+                }
+            },
+        },
+    )
+    assert web.status_code == 400 and "local or private host" in web.json()["error"]
+    token = "fcm-" + uuid.uuid4().hex
+    assert (
+        call(
+            "POST",
+            "/deviceRegistrations",
+            {
+                "id": "a",
+                "platform": "android",
+                "push": {"recipient": {"transportType": "gcm", "registrationToken": token}},
+            },
+        ).status_code
+        == 201
+    )
+    publish_id = call(
+        "POST", "/publish", {"recipients": [{"type": "device", "device_id": "a"}], "payload": {"title": "x"}}
+    ).json()["publishId"]
+
+    def final() -> dict[str, Any] | None:
+        status = call("GET", f"/publish/{publish_id}/status").json()
+        return status if status["state"] in ("failed", "succeeded") else None
+
+    status = wait_until(final, timeout=10)
+    assert status["state"] == "failed"
+    assert status["undelivered"][0]["reason"].startswith("endpoint_refused")
+    assert push.fcm.accepted_count(token) == 0 and not push.fcm.requests.get(token)
+
+    no_key = server_factory([APP])
+    resp = signed(
+        no_key, "POST", f"/apps/{APP['id']}/push/credentials/fcm", {"serviceAccountJson": push.fcm.service_account()}
+    )
+    assert resp.status_code == 400 and "PUSH_CREDENTIALS_KEY" in resp.json()["error"]
+
+
+def test_embedded_mode_delivers_with_the_test_switch(push: Push, server_factory: Any) -> None:
+    server = server_factory(
+        [APP],
+        env={
+            "PUSH_CREDENTIALS_KEY": CREDENTIALS_KEY,
+            "FCM_ENDPOINT": push.fcm.url,
+            "PUSH_ALLOW_INSECURE_ENDPOINTS": "true",
+        },
+    )
+    path = f"/apps/{APP['id']}/push"
+    assert (
+        signed(
+            server, "POST", f"{path}/credentials/fcm", {"serviceAccountJson": push.fcm.service_account()}
+        ).status_code
+        == 201
+    )
+    token = "fcm-" + uuid.uuid4().hex
+    assert (
+        signed(
+            server,
+            "POST",
+            f"{path}/deviceRegistrations",
+            {
+                "id": "a",
+                "platform": "android",
+                "push": {"recipient": {"transportType": "gcm", "registrationToken": token}},
+            },
+        ).status_code
+        == 201
+    )
+    assert signed(server, "POST", f"{path}/channelSubscriptions", {"channel": "c", "deviceId": "a"}).status_code == 201
+    publish_id = signed(
+        server,
+        "POST",
+        f"{path}/publish",
+        {"recipients": [{"type": "channel", "channel": "c"}], "payload": {"title": "x"}},
+    ).json()["publishId"]
+    wait_until(
+        lambda: signed(server, "GET", f"{path}/publish/{publish_id}/status").json()["state"] == "succeeded", timeout=10
+    )
+    assert push.fcm.accepted_count(token) == 1
+
+
+def test_batch_publish(push: Push) -> None:
+    token = push.fcm_device("batch-android")
+    item = {"recipients": [{"type": "device", "device_id": "batch-android"}], "payload": {"title": "one"}}
+    resp = push.call("POST", "/batch/publish", [item, {**item, "payload": {"title": "two"}}])
+    assert resp.status_code == 202, resp.text
+    ids = [i["publishId"] for i in resp.json()["items"]]
+    assert len(set(ids)) == 2
+    for publish_id in ids:
+        push.wait_state(publish_id, ("succeeded",))
+    assert push.fcm.accepted_count(token) == 2
+    bad = push.call("POST", "/batch/publish", [item, {"recipients": [{"type": "nope"}], "payload": {"title": "x"}}])
+    assert bad.status_code == 400 and "items[1]" in bad.json()["error"]
+    assert push.fcm.accepted_count(token) == 2  # nothing of a refused batch was published
+
+
+def test_an_expired_apns_provider_token_is_replaced_and_the_push_resent_at_once(push: Push) -> None:
+    token = push.apns_device("expired-jwt-ios")
+    push.apns.script(token, [(403, {"reason": "ExpiredProviderToken"}, {})])
+    publish_id = push.publish(
+        {"recipients": [{"type": "device", "device_id": "expired-jwt-ios"}], "payload": {"title": "jwt"}}
+    ).json()["publishId"]
+    status = push.wait_state(publish_id, ("succeeded", "failed", "dead_lettered"))
+    assert status["state"] == "succeeded" and status["counters"]["retryScheduled"] == 0
+    assert len(push.apns.requests[token]) == 2 and push.apns.accepted_count(token) == 1

@@ -1,0 +1,545 @@
+"""Webhooks end to end: real servers, a real redis-server, real ``python -m workers`` (RQ)
+processes, real WebSocket clients and a local HTTP receiver scripted per path.
+
+Every wait is a deadline (``wait_until``); settings are shortened (debounce, backoff, budget)
+so the module stays well under its time budget.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pusher
+import pytest
+import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import sdk_for
+from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
+from tests.support.wsraw import RawClient
+
+KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
+ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss",
+             "subscription_count"]
+FAST = {  # short windows so the module stays fast
+    "debounce_ms": 300,
+    "batching": {"enabled": True, "duration": 50, "size": 100},
+    "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_time_ms": 20000},
+}
+SDK = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
+
+
+# -- a scripted receiver ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: str
+    status: int | None = None  # None: never answered (hung, or its sender died)
+
+    @property
+    def delivery_id(self) -> str:
+        return self.headers["X-Sockudo-Delivery-Id"]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return json.loads(self.body)["events"]
+
+
+@dataclass
+class Receiver:
+    """``script[path]`` answers in order (an int status, or ``"hang"``), then 200. It dedupes like
+    a careful receiver: ``processed`` counts each delivery id once, on its first 2xx."""
+
+    port: int = 0
+    script: dict[str, list[int | str]] = field(default_factory=dict)
+    requests: list[Received] = field(default_factory=list)
+    processed: dict[str, Received] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Receiver:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                path = self.path.split("?", 1)[0]
+                got = Received(path, dict(self.headers), body)
+                outer.requests.append(got)
+                steps = outer.script.get(path)
+                action = steps.pop(0) if steps else 200
+                if action == "hang":
+                    outer.release.wait(60)
+                    return  # no answer at all
+                got.status = int(action)
+                if 200 <= got.status < 300:
+                    outer.processed.setdefault(got.delivery_id, got)
+                try:
+                    self.send_response(got.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in list(self.requests) if r.path == path]
+
+    def events_at(self, path: str, answered: bool = True) -> list[dict[str, Any]]:
+        return [e for r in self.at(path) if not answered or r.status == 200 for e in r.events]
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+# -- Redis and worker processes -----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A database of the session's redis-server of our own, empty for each test."""
+    client = redis.Redis(port=redis_server.port, db=9)
+    client.flushdb()
+    yield f"redis://127.0.0.1:{redis_server.port}/9"
+    client.flushdb()
+    client.close()
+
+
+class WorkerProcess:
+    """``python -m workers`` in its own process group (so ``kill -9`` takes the whole worker:
+    main process, work-horse and scheduler)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.metrics_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
+        self.log_path = os.path.join(self.dir, "worker.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
+        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port)],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_until(self._ready, timeout=20, message="worker metrics endpoint")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return metric_value(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name, labels)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def children(self) -> list[int]:
+        """The work-horse and the scheduler (RQ puts the horse in a process group of its own)."""
+        assert self.proc is not None
+        found: list[int] = []
+        pending = [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/children") as fh:
+                        kids = [int(k) for k in fh.read().split()]
+                except OSError:
+                    continue
+                found.extend(kids)
+                pending.extend(kids)
+        return found
+
+    def kill9(self, horse_only: bool = False) -> None:
+        """``kill -9`` of the whole worker (main process, work-horse, scheduler), or of the
+        work-horse alone (the worker survives and sees it die)."""
+        assert self.proc is not None
+        victims = self.children() if horse_only else [self.proc.pid, *self.children()]
+        if horse_only:
+            victims = [pid for pid in victims if os.getpgid(pid) == pid]  # the horse leads its own group
+            assert victims, "no work-horse running"
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not horse_only:
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def worker_factory(redis_url: str) -> Iterator[Callable[[], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make() -> WorkerProcess:
+        worker = WorkerProcess(redis_url)
+        started.append(worker)
+        return worker.start()
+
+    yield make
+    for worker in started:
+        worker.stop()
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+def app(*hooks: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"id": APP_ID, "key": KEY, "secret": SECRET, "enable_client_messages": True, "webhooks": list(hooks),
+            **extra}
+
+
+def webhooks(**overrides: Any) -> dict[str, Any]:
+    settings = {**FAST, **overrides}
+    if "retry" in overrides:
+        settings["retry"] = {**FAST["retry"], **overrides["retry"]}
+    return settings
+
+
+def assert_signed(request: Received) -> dict[str, Any]:
+    body = SDK.validate_webhook(request.headers["X-Pusher-Key"], request.headers["X-Pusher-Signature"], request.body)
+    assert body is not None, f"the SDK refused the webhook at {request.path}: {request.headers} {request.body}"
+    assert request.headers["Content-Type"] == "application/json"
+    return body
+
+
+def cli(server: ServerProcess, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sockudo", "webhooks", "dead-letters", *args,
+                           "--config", server.config_path], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def dead_letters(server: ServerProcess, env: dict[str, str]) -> list[dict[str, Any]]:
+    out = cli(server, "list", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+# -- every event type, signed; filters and headers ---------------------------------------------
+
+
+def test_every_event_type_arrives_signed_filtered_and_with_headers(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker_factory()
+    server = server_factory([app(
+        {"url": receiver.url("/all?token=abc"), "event_types": ALL_TYPES, "headers": {"X-Custom": "hello"}},
+        {"url": receiver.url("/presence"), "event_types": ["member_added", "channel_occupied"],
+         "filter": {"channel_prefix": "presence-"}},
+        enable_subscription_count=True)], env={"REDIS_URL": redis_url}, webhooks=webhooks())
+    room = "presence-room"
+    c1 = RawClient.connect(server, KEY)
+    c1.subscribe("cache-prices")
+    c1.expect("pusher:cache_miss", channel="cache-prices")
+    c1.subscribe(room, SDK.authenticate(room, c1.socket_id, {"user_id": "u1"}))
+    c2 = RawClient.connect(server, KEY)
+    c2.subscribe(room, SDK.authenticate(room, c2.socket_id, {"user_id": "u2"}))
+    c1.send_json({"event": "client-hi", "channel": room, "data": {"x": 1}})
+    c2.expect("client-hi")
+    c2.close()
+    wait_until(lambda: {"name": "member_removed", "channel": room, "user_id": "u2"} in receiver.events_at("/all"),
+               timeout=15, message="member_removed u2")
+    c1.close()
+
+    def vacated() -> bool:
+        names = {(e["name"], e["channel"]) for e in receiver.events_at("/all")}
+        return {("channel_vacated", room), ("channel_vacated", "cache-prices")} <= names
+    wait_until(vacated, timeout=15, message="both channels vacated")
+
+    events = receiver.events_at("/all")
+    assert {e["name"] for e in events} == set(ALL_TYPES)
+    by_name = {e["name"]: e for e in reversed(events)}  # first occurrence of each
+    assert by_name["cache_miss"] == {"name": "cache_miss", "channel": "cache-prices", "data": "{}"}
+    assert by_name["subscription_count"] == {"name": "subscription_count", "channel": "cache-prices",
+                                             "subscription_count": 1}
+    client_event = by_name["client_event"]
+    assert client_event == {"name": "client_event", "channel": room, "event": "client-hi",
+                            "data": json.dumps({"x": 1}, separators=(",", ":")), "socket_id": c1.socket_id,
+                            "user_id": "u1"} or json.loads(client_event["data"]) == {"x": 1}
+    assert client_event["user_id"] == "u1" and client_event["socket_id"] == c1.socket_id
+    assert [e for e in events if e["name"] == "member_added"] == [
+        {"name": "member_added", "channel": room, "user_id": "u1"},
+        {"name": "member_added", "channel": room, "user_id": "u2"}]
+
+    for request in receiver.at("/all"):
+        assert_signed(request)
+        assert request.headers["X-Custom"] == "hello"
+    presence = receiver.at("/presence")
+    assert presence, "the filtered endpoint got nothing"
+    for request in presence:
+        assert_signed(request)
+        assert "X-Custom" not in request.headers
+    assert sorted((e["name"], e.get("user_id", "")) for e in receiver.events_at("/presence")) == [
+        ("channel_occupied", ""), ("member_added", "u1"), ("member_added", "u2")]
+    assert len({r.delivery_id for r in receiver.requests}) == len(receiver.requests)
+
+
+# -- retries, permanent failures, dead letters and replay -----------------------------------------
+
+
+def test_500_three_times_then_200_is_delivered_once_with_retries_counted(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker = worker_factory()
+    receiver.script["/flaky"] = [500, 500, 500]
+    server = server_factory([app({"url": receiver.url("/flaky?token=abc123"), "event_types": ["channel_occupied"]})],
+                            env={"REDIS_URL": redis_url}, webhooks=webhooks())
+    client = RawClient.connect(server, KEY)
+    client.subscribe("flaky-channel")
+    wait_until(lambda: receiver.events_at("/flaky"), timeout=20, message="the 4th attempt answered 200")
+
+    attempts = receiver.at("/flaky")
+    assert [r.status for r in attempts] == [500, 500, 500, 200]
+    assert len({r.delivery_id for r in attempts}) == 1 and len({r.body for r in attempts}) == 1
+    assert receiver.events_at("/flaky") == [{"name": "channel_occupied", "channel": "flaky-channel"}]
+    assert_signed(attempts[-1])
+    labels = {"app_id": APP_ID}
+    wait_until(lambda: worker.metric("sockudo_webhooks_delivered_total", {**labels, "event_type": "channel_occupied"}),
+               timeout=5, message="delivered counted")
+    assert worker.metric("sockudo_webhooks_retried_total", labels) == 3
+    assert worker.metric("sockudo_webhooks_failed_total", {**labels, "reason": "http_5xx"}) == 3
+    assert worker.metric("sockudo_webhooks_dead_lettered_total", labels) == 0
+    assert metric_value(server.metrics_text(), "sockudo_webhooks_queued_total",
+                        {**labels, "event_type": "channel_occupied"}) == 1
+
+    log = worker.log()
+    failures = [line for line in log.splitlines() if "webhook delivery failed" in line]
+    assert len(failures) == 3
+    assert all(f"delivery_id={attempts[0].delivery_id}" in line and "status=500" in line for line in failures)
+    assert [f"attempt={n}" in line for n, line in enumerate(failures, 1)] == [True] * 3
+    for secret in ("abc123", "/flaky", "flaky-channel", attempts[0].headers["X-Pusher-Signature"]):
+        assert secret not in log
+    client.close()
+
+
+def test_404_is_not_retried_and_becomes_one_dead_letter(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker = worker_factory()
+    receiver.script["/gone"] = [404] * 5
+    env = {"REDIS_URL": redis_url}
+    server = server_factory([app({"url": receiver.url("/gone"), "event_types": ["channel_occupied"]})], env=env,
+                            webhooks=webhooks())
+    client = RawClient.connect(server, KEY)
+    client.subscribe("gone-channel")
+    (letter,) = wait_until(lambda: dead_letters(server, env), timeout=20, message="a dead letter")
+    assert (letter["reason"], letter["status"], letter["attempts"]) == ("permanent_failure", 404, 1)
+    (request,) = receiver.at("/gone")
+    assert letter["delivery_id"] == request.delivery_id
+    wait_until(lambda: worker.metric("sockudo_webhooks_dead_lettered_total",
+                                     {"app_id": APP_ID, "reason": "permanent_failure"}) == 1, timeout=5)
+    assert worker.metric("sockudo_webhooks_retried_total") == 0
+    # The job finished with its final answer; nothing is scheduled, so nothing can come again.
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard("rq:scheduled:webhooks") == 0 and client.llen("rq:queue:webhooks") == 0
+    assert len(receiver.at("/gone")) == 1
+    client.close()
+
+
+def test_receiver_down_past_the_budget_then_replay_delivers_it(
+        server_factory: Callable[..., ServerProcess], redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker_factory()
+    down_port = free_port()  # nothing listens here yet
+    env = {"REDIS_URL": redis_url}
+    server = server_factory(
+        [app({"url": f"http://127.0.0.1:{down_port}/late?sig=topsecret", "event_types": ["channel_occupied"]})],
+        env=env, webhooks=webhooks(retry={"initial_backoff_ms": 200, "max_elapsed_time_ms": 1500}))
+    client = RawClient.connect(server, KEY)
+    client.subscribe("late-channel")
+    (letter,) = wait_until(lambda: dead_letters(server, env), timeout=20, message="the budget to run out")
+    # Waits of 200, 400, 800 ms fit in 1.5 s on paper; RQ's scheduler runs due jobs once a
+    # second, so real time decides how many attempts fit. At least one retry happened.
+    assert (letter["reason"], letter["error"]) == ("retries_exhausted", "connect") and letter["attempts"] >= 2
+
+    listed = cli(server, "list", env=env)
+    assert letter["id"] in listed.stdout and "retries_exhausted" in listed.stdout
+    assert "topsecret" not in listed.stdout and "late-channel" not in listed.stdout
+
+    back = Receiver(port=down_port).start()
+    try:
+        replay = cli(server, "replay", "--all", env=env)
+        assert replay.returncode == 0, replay.stderr
+        wait_until(lambda: back.processed, timeout=15, message="the replayed delivery")
+        (request,) = back.at("/late")
+        body = assert_signed(request)
+        assert body["events"] == [{"name": "channel_occupied", "channel": "late-channel"}]
+        assert request.delivery_id == letter["delivery_id"]
+        assert dead_letters(server, env) == []
+    finally:
+        back.stop()
+    client.close()
+
+
+# -- a worker killed mid-delivery ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["worker", "work-horse"])
+def test_kill_9_of_the_worker_mid_delivery_still_delivers_exactly_once(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess], victim: str) -> None:
+    first = worker_factory()
+    receiver.script["/slowpoke"] = ["hang"]
+    server = server_factory(
+        [app({"url": receiver.url("/slowpoke"), "event_types": ["channel_occupied"], "request_timeout_ms": 4000})],
+        env={"REDIS_URL": redis_url}, webhooks=webhooks())
+    client = RawClient.connect(server, KEY)
+    client.subscribe("doomed-channel")
+    wait_until(lambda: receiver.at("/slowpoke"), timeout=15, message="the first attempt to reach the receiver")
+    if victim == "work-horse":
+        first.kill9(horse_only=True)  # RQ's worker sees its horse die and retries the job itself
+        wait_until(lambda: receiver.processed, timeout=20, message="redelivery by the same worker")
+    else:
+        first.kill9()  # main process, work-horse and scheduler, mid-request: nobody is left to notice
+        second = worker_factory()
+        wait_until(lambda: receiver.processed, timeout=30, message="redelivery by the second worker")
+        assert second.metric("sockudo_webhooks_abandoned_jobs_total") == 1
+
+    attempts = receiver.at("/slowpoke")
+    assert [r.status for r in attempts] == [None, 200]
+    assert attempts[0].delivery_id == attempts[1].delivery_id  # the receiver's dedupe key
+    assert len(receiver.processed) == 1
+    assert receiver.events_at("/slowpoke") == [{"name": "channel_occupied", "channel": "doomed-channel"}]
+    client.close()
+
+
+def test_a_hanging_endpoint_does_not_hold_up_another(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker_factory()
+    worker_factory()
+    receiver.script["/stuck"] = ["hang"]
+    server = server_factory([app(
+        {"url": receiver.url("/stuck"), "event_types": ["channel_occupied"], "request_timeout_ms": 5000},
+        {"url": receiver.url("/quick"), "event_types": ["channel_occupied"]})],
+        env={"REDIS_URL": redis_url}, webhooks=webhooks())
+    client = RawClient.connect(server, KEY)
+    client.subscribe("shared-channel")
+    wait_until(lambda: receiver.events_at("/quick") and receiver.at("/stuck"), timeout=10,
+               message="the quick endpoint served while the other hangs")
+    assert [r.status for r in receiver.at("/stuck")] == [None]
+    receiver.release.set()  # let the stuck request end (unanswered) so its worker can stop
+    client.close()
+
+
+# -- two nodes: cluster-wide occupancy and a cross-node debounce --------------------------------------
+
+
+def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    worker_factory()
+    env = {"REDIS_URL": redis_url}
+    config = dict(apps=[app({"url": receiver.url("/occ"), "event_types": ["channel_occupied", "channel_vacated"]})],
+                  env=env, webhooks=webhooks(debounce_ms=1500))
+    node1, node2 = server_factory(**config), server_factory(**config)
+    events = lambda: receiver.events_at("/occ")  # noqa: E731
+
+    a = RawClient.connect(node1, KEY)
+    a.subscribe("room")
+    b = RawClient.connect(node2, KEY)
+    b.subscribe("room")
+    wait_until(events, timeout=10, message="channel_occupied")
+    a.close()  # node 1 is empty, node 2 still has a subscriber: no vacated
+    sdk2 = sdk_for(node2, {"id": APP_ID, "key": KEY, "secret": SECRET})
+    wait_until(lambda: sdk2.channel_info("room", ["subscription_count"]).get("subscription_count") == 1, timeout=10)
+
+    b.close()  # the last one anywhere: node 2 marks a pending vacated in Redis …
+    wait_until(lambda: not sdk2.channel_info("room").get("occupied"), timeout=5)
+    c = RawClient.connect(node1, KEY)
+    c.subscribe("room")  # … and node 1's rejoin, inside the window, cancels it (and its own occupied)
+    wait_until(lambda: metric_value(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total",
+                                    {"event_type": "channel_vacated"}) == 1, timeout=5)
+    c.close()
+    wait_until(lambda: len(events()) == 2, timeout=15, message="the final channel_vacated")
+    assert events() == [{"name": "channel_occupied", "channel": "room"},
+                        {"name": "channel_vacated", "channel": "room"}]
+
+
+# -- no Redis: the embedded queue --------------------------------------------------------------------
+
+
+def test_embedded_mode_delivers_retries_and_keeps_dead_letters_in_memory(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver) -> None:
+    receiver.script["/emb"] = [503]
+    receiver.script["/nope"] = [410]
+    server = server_factory([app({"url": receiver.url("/emb"), "event_types": ["channel_occupied", "client_event"]},
+                                 {"url": receiver.url("/nope"), "event_types": ["channel_occupied"]})],
+                            webhooks=webhooks())
+    client = RawClient.connect(server, KEY)
+    client.subscribe("local-channel")
+    wait_until(lambda: receiver.events_at("/emb"), timeout=10, message="the retried delivery")
+    assert [r.status for r in receiver.at("/emb")] == [503, 200]
+    assert_signed(receiver.at("/emb")[-1])
+    text = lambda: server.metrics_text()  # noqa: E731
+    wait_until(lambda: metric_value(text(), "sockudo_queue_depth",
+                                    {"backend": "memory", "state": "dead_letter"}) == 1, timeout=5)
+    assert metric_value(text(), "sockudo_webhooks_retried_total", {"app_id": APP_ID}) == 1
+    assert metric_value(text(), "sockudo_webhooks_dead_lettered_total",
+                        {"app_id": APP_ID, "reason": "permanent_failure"}) == 1
+    assert metric_value(text(), "sockudo_webhooks_delivered_total",
+                        {"app_id": APP_ID, "event_type": "channel_occupied"}) == 1
+    assert len(receiver.at("/nope")) == 1
+    client.close()

@@ -1,0 +1,529 @@
+"""Local fake push providers that check what the real ones check (spec §6.11).
+
+- :class:`FakeAPNs`: HTTP/2 over TLS (ALPN ``h2``, a self-signed certificate made here with
+  ``cryptography``; the server under test trusts it through ``push.ca_file``), served with the
+  ``h2`` library. Verifies the ES256 provider token (``kid``, ``iss``, ``iat`` age) against the
+  configured key and the ``apns-*`` headers; answers with APNs's JSON ``{"reason": …}`` errors.
+- :class:`FakeFCM`: HTTP/1.1; its OAuth token endpoint verifies the RS256 service-account
+  assertion (``iss``, ``scope``, ``aud``, ``exp``) and issues bearer tokens; ``messages:send``
+  accepts only those tokens and checks the v1 message shape (string ``data`` values, ``token``).
+- :class:`FakeWebPush`: HTTP/1.1 push service; verifies the VAPID ``Authorization: vapid t=…, k=…``
+  (ES256 signature with ``k``, ``aud`` = the endpoint's origin, ``exp`` ≤ 24 h, ``sub``) and the
+  ``aes128gcm`` headers, and keeps the encrypted bodies for the test to decrypt.
+
+Every fake can be scripted per token (``script``) or taken down (``down``), and counts accepted
+deliveries per token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from sockudo.push import crypto
+
+Reply = tuple[int, Any, dict[str, str]]  # status, JSON body (or None), headers
+
+
+def self_signed_cert(directory: str) -> tuple[str, str]:
+    """A certificate for localhost / 127.0.0.1; returns (cert path, key path)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = os.path.join(directory, "fake-apns.crt"), os.path.join(directory, "fake-apns.key")
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path
+
+
+class _Scripted:
+    """Per-token scripted replies, an outage switch, a response delay, delivery bookkeeping."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.scripts: dict[str, list[Reply]] = defaultdict(list)
+        self.down = False
+        self.delay = 0.0
+        self.accepted: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.requests: dict[str, list[float]] = defaultdict(list)  # token → request times
+        self.auth_failures = 0
+        self.bad_requests: list[str] = []
+
+    def script(self, token: str, replies: Iterable[Reply]) -> None:
+        with self.lock:
+            self.scripts[token].extend(replies)
+
+    def next_reply(self, token: str) -> Reply | None:
+        with self.lock:
+            self.requests[token].append(time.time())
+            if self.down:
+                return (503, {"reason": "ServiceUnavailable"}, {})
+            if self.scripts.get(token):
+                return self.scripts[token].pop(0)
+        return None
+
+    def record(self, token: str, item: dict[str, Any]) -> None:
+        with self.lock:
+            self.accepted[token].append(item)
+
+    def accepted_count(self, token: str) -> int:
+        with self.lock:
+            return len(self.accepted.get(token, ()))
+
+    def total_accepted(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.accepted.values())
+
+
+# -- APNs --------------------------------------------------------------------------------------
+
+APNS_PUSH_TYPES = {
+    "alert",
+    "background",
+    "voip",
+    "complication",
+    "fileprovider",
+    "mdm",
+    "liveactivity",
+    "location",
+    "pushtotalk",
+    "widgets",
+    "controls",
+}
+
+
+class FakeAPNs(_Scripted):
+    def __init__(
+        self, *, team_id: str, key_id: str, public_key: ec.EllipticCurvePublicKey, topic: str, cert_dir: str
+    ) -> None:
+        super().__init__()
+        self.team_id, self.key_id, self.public_key, self.topic = team_id, key_id, public_key, topic
+        self.cert_path, key_path = self_signed_cert(cert_dir)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(self.cert_path, key_path)
+        self.tls.set_alpn_protocols(["h2"])
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.jwts_seen: set[str] = set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            sock = self.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        if sock.selected_alpn_protocol() != "h2":  # APNs speaks HTTP/2 only
+            sock.close()
+            return
+        with self.lock:
+            self.connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        streams: dict[int, dict[str, Any]] = {}
+        try:
+            while True:
+                data = sock.recv(65535)
+                if not data:
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
+                    elif isinstance(event, h2.events.DataReceived):
+                        streams[event.stream_id]["body"] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        stream = streams.pop(event.stream_id)
+                        status, body, headers = self._handle(stream["headers"], stream["body"])
+                        if self.delay:
+                            time.sleep(self.delay)
+                        payload = json.dumps(body).encode() if body is not None else b""
+                        response_headers = [(":status", str(status)), *headers.items()]
+                        if payload:
+                            response_headers.append(("content-type", "application/json"))
+                        conn.send_headers(event.stream_id, response_headers, end_stream=not payload)
+                        if payload:
+                            conn.send_data(event.stream_id, payload, end_stream=True)
+                sock.sendall(conn.data_to_send())
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            sock.close()
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
+        out = {"apns-id": apns_id}
+        match = re.fullmatch(r"/3/device/([0-9a-fA-F]+)", headers.get(":path", ""))
+        if headers.get(":method") != "POST":
+            return (405, {"reason": "MethodNotAllowed"}, out)
+        if match is None:
+            return (400, {"reason": "BadDeviceToken"}, out)
+        token = match.group(1)
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            self.auth_failures += 1
+            return (403, {"reason": "MissingProviderToken"}, out)
+        jwt = auth[7:]
+        try:
+            header, claims = crypto.jwt_verify(jwt, self.public_key)
+        except crypto.CryptoError:
+            self.auth_failures += 1
+            return (403, {"reason": "InvalidProviderToken"}, out)
+        if header.get("kid") != self.key_id or claims.get("iss") != self.team_id:
+            self.auth_failures += 1
+            return (403, {"reason": "InvalidProviderToken"}, out)
+        iat = claims.get("iat")
+        if not isinstance(iat, int) or iat > time.time() + 60:
+            self.auth_failures += 1
+            return (403, {"reason": "InvalidProviderToken"}, out)
+        if time.time() - iat > 3600:
+            return (403, {"reason": "ExpiredProviderToken"}, out)
+        self.jwts_seen.add(jwt)
+        if "apns-topic" not in headers:
+            return (400, {"reason": "MissingTopic"}, out)
+        if headers["apns-topic"] != self.topic:
+            return (400, {"reason": "TopicDisallowed"}, out)
+        if headers.get("apns-push-type", "alert") not in APNS_PUSH_TYPES:
+            return (400, {"reason": "InvalidPushType"}, out)
+        if headers.get("apns-priority", "10") not in ("1", "5", "10"):
+            return (400, {"reason": "BadPriority"}, out)
+        if "apns-expiration" in headers and not headers["apns-expiration"].isdigit():
+            return (400, {"reason": "BadExpirationDate"}, out)
+        if len(headers.get("apns-collapse-id", "").encode()) > 64:
+            return (400, {"reason": "BadCollapseId"}, out)
+        try:
+            uuid.UUID(apns_id)
+        except ValueError:
+            return (400, {"reason": "BadMessageId"}, out)
+        if len(body) > 4096:
+            return (413, {"reason": "PayloadTooLarge"}, out)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return (400, {"reason": "PayloadEmpty"}, out)
+        if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
+            return (400, {"reason": "PayloadEmpty"}, out)
+        reply = self.next_reply(token)
+        if reply is not None:
+            status, rbody, rheaders = reply
+            return (status, rbody, {**out, **rheaders})
+        self.record(token, {"apns_id": apns_id, "payload": payload, "headers": headers})
+        return (200, None, out)
+
+
+# -- HTTP/1.1 fakes ----------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _serve(handler_cls: type[BaseHTTPRequestHandler]) -> _Server:
+    server = _Server(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: Any = None
+    # One write per response (flushed after each request) and no Nagle: otherwise headers and
+    # body go out as two segments and delayed ACKs add ~40 ms to every keep-alive request.
+    wbufsize = 65536
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        return None
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if payload:
+            self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class FakeFCM(_Scripted):
+    SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+
+    def __init__(
+        self, *, project_id: str = "demo-project", client_email: str = "push@demo-project.iam.example"
+    ) -> None:
+        super().__init__()
+        self.project_id, self.client_email = project_id, client_email
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key_id = uuid.uuid4().hex
+        self.issued: dict[str, float] = {}
+        self.token_requests = 0
+        fake = self
+
+        class Handler(_Handler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self._body()
+                if self.path == "/token":
+                    return self._reply(*fake.token(body))
+                match = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", self.path)
+                if match is None:
+                    return self._reply(404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}})
+                status, rbody, headers = fake.send(match.group(1), self.headers.get("authorization", ""), body)
+                if fake.delay:
+                    time.sleep(fake.delay)
+                return self._reply(status, rbody, headers)
+
+        self.server = _serve(Handler)
+        self.port = self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def service_account(self) -> dict[str, Any]:
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        return {
+            "type": "service_account",
+            "project_id": self.project_id,
+            "private_key_id": self.key_id,
+            "private_key": pem,
+            "client_email": self.client_email,
+            "token_uri": f"{self.url}/token",
+        }
+
+    def token(self, body: bytes) -> Reply:
+        with self.lock:
+            self.token_requests += 1
+        form = parse_qs(body.decode())
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or not form.get("assertion"):
+            return (400, {"error": "unsupported_grant_type"}, {})
+        try:
+            header, claims = crypto.jwt_verify(form["assertion"][0], self.key.public_key())
+        except crypto.CryptoError:
+            self.auth_failures += 1
+            return (400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {})
+        now = time.time()
+        if (
+            claims.get("iss") != self.client_email
+            or claims.get("aud") != f"{self.url}/token"
+            or self.SCOPE not in str(claims.get("scope", "")).split()
+            or header.get("kid") != self.key_id
+            or not isinstance(claims.get("exp"), int)
+            or not isinstance(claims.get("iat"), int)
+            or claims["exp"] <= now
+            or claims["exp"] - claims["iat"] > 3600
+        ):
+            self.auth_failures += 1
+            return (400, {"error": "invalid_grant", "error_description": "Invalid JWT claims."}, {})
+        token = "ya29." + uuid.uuid4().hex
+        with self.lock:
+            self.issued[token] = now + 3600
+        return (200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}, {})
+
+    def send(self, project: str, authorization: str, body: bytes) -> Reply:
+        def error(code: int, status: str, message: str, fcm_code: str | None = None) -> Reply:
+            details = (
+                [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": fcm_code}]
+                if fcm_code
+                else []
+            )
+            return (code, {"error": {"code": code, "message": message, "status": status, "details": details}}, {})
+
+        token = authorization[7:] if authorization.startswith("Bearer ") else ""
+        with self.lock:
+            valid = self.issued.get(token, 0) > time.time()
+        if not valid:
+            self.auth_failures += 1
+            return error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+        if project != self.project_id:
+            return error(403, "PERMISSION_DENIED", "SenderId mismatch", "SENDER_ID_MISMATCH")
+        try:
+            message = json.loads(body)["message"]
+        except (ValueError, KeyError, TypeError):
+            return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.", "INVALID_ARGUMENT")
+        registration = message.get("token")
+        if not isinstance(registration, str) or not registration:
+            return error(400, "INVALID_ARGUMENT", "Recipient of the message is not set.", "INVALID_ARGUMENT")
+        data = message.get("data", {})
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            return error(
+                400, "INVALID_ARGUMENT", "Invalid value at 'message.data' (string expected)", "INVALID_ARGUMENT"
+            )
+        if len(body) > 4096 + 512:
+            return error(400, "INVALID_ARGUMENT", "Message is too big", "INVALID_ARGUMENT")
+        reply = self.next_reply(registration)
+        if reply is not None:
+            return reply
+        name = f"projects/{self.project_id}/messages/{uuid.uuid4().int % 10**16}"
+        self.record(registration, {"name": name, "message": message})
+        return (200, {"name": name}, {})
+
+    @staticmethod
+    def unregistered() -> Reply:
+        return (
+            404,
+            {
+                "error": {
+                    "code": 404,
+                    "message": "Requested entity was not found.",
+                    "status": "NOT_FOUND",
+                    "details": [
+                        {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED"}
+                    ],
+                }
+            },
+            {},
+        )
+
+
+class FakeWebPush(_Scripted):
+    def __init__(self, *, vapid_public_key: str) -> None:
+        super().__init__()
+        self.vapid_public_key = vapid_public_key.rstrip("=")
+        self.bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = defaultdict(list)
+        fake = self
+
+        class Handler(_Handler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self._body()
+                match = re.fullmatch(r"/push/([A-Za-z0-9_\-]+)", self.path)
+                if match is None:
+                    return self._reply(404)
+                status, rbody, headers = fake.receive(
+                    match.group(1), {k.lower(): v for k, v in self.headers.items()}, body
+                )
+                if fake.delay:
+                    time.sleep(fake.delay)
+                return self._reply(status, rbody, headers)
+
+        self.server = _serve(Handler)
+        self.port = self.server.server_address[1]
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def endpoint(self, subscription_id: str) -> str:
+        return f"{self.origin}/push/{subscription_id}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def receive(self, sub: str, headers: dict[str, str], body: bytes) -> Reply:
+        try:
+            token, key = crypto.parse_vapid_authorization(headers.get("authorization", ""))
+            public = crypto.p256_public_from_raw(crypto.b64url_decode(key))
+            _, claims = crypto.jwt_verify(token, public)
+        except crypto.CryptoError:
+            self.auth_failures += 1
+            return (401, None, {})
+        now = time.time()
+        exp = claims.get("exp")
+        if (
+            claims.get("aud") != self.origin
+            or not isinstance(exp, int)
+            or exp <= now
+            or exp > now + 86400
+            or not str(claims.get("sub", "")).startswith(("mailto:", "https:"))
+        ):
+            self.auth_failures += 1
+            return (403, None, {})
+        if key.rstrip("=") != self.vapid_public_key:  # the subscription was made for another server key
+            self.auth_failures += 1
+            return (403, None, {})
+        if headers.get("content-encoding") != "aes128gcm" or "ttl" not in headers or not headers["ttl"].isdigit():
+            self.bad_requests.append(sub)
+            return (400, None, {})
+        if len(body) > 4096 + 103:
+            return (413, None, {})
+        reply = self.next_reply(sub)
+        if reply is not None:
+            return reply
+        message_id = uuid.uuid4().hex
+        with self.lock:
+            self.bodies[sub].append((body, headers))
+        self.record(sub, {"id": message_id})
+        return (201, None, {"location": f"{self.origin}/message/{message_id}"})
+
+
+def web_subscription() -> tuple[ec.EllipticCurvePrivateKey, str, str]:
+    """A browser's subscription keys: (private key, p256dh b64url, auth b64url)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, crypto.b64url(crypto.p256_public_raw(key)), crypto.b64url(os.urandom(16))

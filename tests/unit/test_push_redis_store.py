@@ -1,0 +1,63 @@
+"""The Redis push store under concurrent workers (a real redis-server): every delivery counted
+once, the publish completed exactly once, even with each result reported twice at the same time."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import redis
+
+from sockudo.push import status as st
+from sockudo.push.redis_store import RedisStore
+from tests.support.procs import RedisServer
+
+
+def test_concurrent_duplicated_settles_count_once_and_complete_once(redis_server: RedisServer) -> None:
+    store = RedisStore(redis.Redis.from_url(redis_server.url), f"t:{uuid.uuid4().hex[:6]}:")
+    record = st.new_record("a", "p", intent_hash="h", expected=200, now_ms=0, not_before_ms=None, expires_at_ms=None)
+    assert store.create_status("a", "p", record, {}, 3600) is None
+    assert store.create_status("a", "p", record, {}, 3600) is not None  # the second admission sees the first
+    store.set_state("a", "p", st.DISPATCHING, 1, {"planned": 200})
+    terminals: list[str] = []
+    lock = threading.Lock()
+
+    def worker(devices: range) -> None:
+        for d in devices:
+            outcome = st.Outcome.ACCEPTED if d % 10 else st.Outcome.REJECTED
+            change = store.settle("a", "p", f"d{d}", outcome, 2, reason="x")
+            if change.terminal:
+                with lock:
+                    terminals.append(change.terminal)
+
+    # Four threads, two over each half: every device's result arrives twice, concurrently.
+    threads = [
+        threading.Thread(target=worker, args=(r,))
+        for r in (range(0, 100), range(0, 100), range(100, 200), range(100, 200))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = store.get_status("a", "p")
+    assert final is not None
+    assert (int(final["succeeded"]), int(final["failed"]), int(final["dispatched"])) == (180, 20, 200)
+    assert final["state"] == st.PARTIALLY_SUCCEEDED and terminals == [st.PARTIALLY_SUCCEEDED]
+    undelivered, _ = store.status_detail("a", "p")
+    assert len(undelivered) == 20 and {u["outcome"] for u in undelivered} == {"rejected"}
+
+
+def test_claims_and_leases(redis_server: RedisServer) -> None:
+    store = RedisStore(redis.Redis.from_url(redis_server.url), f"t:{uuid.uuid4().hex[:6]}:")
+    record = st.new_record("a", "p", intent_hash="h", expected=1, now_ms=0, not_before_ms=None, expires_at_ms=None)
+    store.create_status("a", "p", record, {}, 3600)
+    assert store.claim("a", "p", "d", 1, "w1", 100, 200).claim is st.Claim.SEND
+    assert store.claim("a", "p", "d", 1, "w2", 150, 250).claim is st.Claim.BUSY
+    again = store.claim("a", "p", "d", 1, "w2", 300, 400)
+    assert again.claim is st.Claim.SEND_AGAIN and store.status_detail("a", "p")[1] == ["d"]
+    assert store.put_batch("b1", {"kind": "dispatch", "dueMs": 0}, 1000)
+    assert not store.put_batch("b1", {"kind": "dispatch", "dueMs": 0}, 1000)
+    assert store.take_expired(999, 5000) == [] and store.take_expired(1000, 5000) == ["b1"]
+    assert store.take_expired(1000, 5000) == []  # taken once, its deadline moved on
+    store.finish_batch("b1")
+    assert store.get_batch("b1") is None and store.take_expired(10_000, 20_000) == []

@@ -1,0 +1,83 @@
+"""``python -m workers``: an RQ worker for the ``webhooks`` queue (``rq worker --with-scheduler``
+semantics) with webhook metrics and prompt recovery of jobs left by crashed workers.
+
+    python -m workers [--url redis://…] [--config sockudo.toml] [--metrics-port 9602] [queue …]
+
+Redis comes from ``--url``, else ``REDIS_URL`` / ``REDIS_SENTINELS`` or the config file's
+``[database.redis]`` (the server's settings). Plain ``rq worker --with-scheduler webhooks``
+also delivers; see docs/webhooks.md for what it lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sockudo.webhooks import RQ_QUEUE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="Webhook delivery worker (RQ)")
+    parser.add_argument("queues", nargs="*", default=[RQ_QUEUE], help=f"queues to work on (default: {RQ_QUEUE})")
+    parser.add_argument("--url", help="Redis URL (default: $REDIS_URL, else the config's [database.redis])")
+    parser.add_argument("--config", help="sockudo TOML config, for Redis settings (default: $SOCKUDO_CONFIG)")
+    parser.add_argument("--name", help="worker name (default: RQ's)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (default: $WORKER_METRICS_PORT; unset: off)")
+    parser.add_argument("--metrics-host", default=os.environ.get("WORKER_METRICS_HOST", "0.0.0.0"))
+    parser.add_argument("--reap-interval", type=float, default=None,
+                        help="seconds between sweeps for jobs left by dead workers (default: "
+                             "$WEBHOOK_REAP_INTERVAL_MS/1000, else 5; 0 turns it off)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    args = parser.parse_args(argv)
+
+    from sockudo.config import load_config
+    from sockudo.errors import ConfigError
+    from sockudo.logs import setup_logging
+
+    if args.config:  # job functions (e.g. workers.push) read the same configuration
+        os.environ.setdefault("SOCKUDO_CONFIG", args.config)
+    try:
+        config = load_config(args.config or os.environ.get("SOCKUDO_CONFIG") or None)
+    except ConfigError as exc:
+        print(f"workers: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_format, config.log_level)
+
+    if args.url:
+        import redis
+
+        connection = redis.Redis.from_url(args.url)
+    elif config.redis_url or config.redis_sentinels:
+        from sockudo.adapter.redis import make_client
+
+        connection = make_client(config)
+    else:
+        print("workers: no Redis configured (use --url, REDIS_URL or [database.redis] url)", file=sys.stderr)
+        return 2
+
+    metrics_port = args.metrics_port
+    if metrics_port is None and os.environ.get("WORKER_METRICS_PORT"):
+        metrics_port = int(os.environ["WORKER_METRICS_PORT"])
+    reap_interval = args.reap_interval
+    if reap_interval is None:
+        reap_interval = float(os.environ.get("WEBHOOK_REAP_INTERVAL_MS") or 5000) / 1000.0
+
+    from sockudo.metrics_labels import constant_labels
+
+    from .worker import run_worker
+
+    try:
+        run_worker(connection, args.queues, name=args.name, metrics_port=metrics_port, metrics_host=args.metrics_host,
+                   reap_interval=reap_interval, burst=args.burst, logging_level=config.log_level.upper(),
+                   prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"})
+    except OSError as exc:
+        logging.getLogger("workers").error("worker stopped: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

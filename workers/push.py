@@ -1,0 +1,92 @@
+"""Push jobs, enqueued by the server as ``workers.push.plan`` / ``workers.push.dispatch`` with a job
+record id (spec §6.1). Run them with ``python -m workers push`` (or plain
+``rq worker --with-scheduler push``); the worker reads the same configuration as the server
+(``SOCKUDO_CONFIG`` / ``--config`` and the environment: Redis, ``[push]``, the credentials key).
+
+Each job is idempotent: deliveries are claimed and settled in the store, so RQ or the lease
+reaper may run a job again after a crash without double counting. The job's metric operations
+are left in ``job.meta["sockudo_push_metrics"]`` for the worker's main process to count (forked
+work-horses share no registry).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rq import get_current_job
+
+from sockudo.push.metrics import RecordingMetrics
+
+logger = logging.getLogger(__name__)
+
+METRICS_META = "sockudo_push_metrics"
+
+_service: Any = None
+_metrics: RecordingMetrics | None = None
+_config: Any = None
+
+
+def preload() -> None:
+    """Called in the worker's main process: forked work-horses inherit these imports and the parsed
+    configuration instead of paying for them on every job. Opens no connection (sockets must not
+    be shared across forks)."""
+    global _config
+    import h2.connection  # noqa: F401
+    import httpx  # noqa: F401
+
+    import sockudo.push.providers  # noqa: F401
+    import sockudo.push.redis_store  # noqa: F401
+    from sockudo.config import load_config
+    from sockudo.errors import ConfigError
+
+    try:
+        _config = load_config(os.environ.get("SOCKUDO_CONFIG") or None)
+    except ConfigError:
+        _config = None  # reported by the job that needs it
+
+
+def service() -> Any:
+    """The push composition for this process, built once from the server's configuration."""
+    global _service, _metrics
+    if _service is None:
+        from sockudo.config import load_config
+        from sockudo.push.service import build_push
+
+        config = _config or load_config(os.environ.get("SOCKUDO_CONFIG") or None)
+        if not (config.redis_url or config.redis_sentinels):
+            raise RuntimeError("push workers need Redis (REDIS_URL or the config's [database.redis])")
+        _metrics = RecordingMetrics()
+        _service = build_push(config, _metrics)
+        if _service is None:
+            raise RuntimeError("push is disabled in the configuration ([push] enabled = false)")
+    return _service
+
+
+def _run(batch_id: str) -> dict[str, Any]:
+    svc = service()
+    try:
+        svc.dispatcher.run(batch_id)
+    finally:
+        job = get_current_job()
+        if job is not None and _metrics is not None:
+            ops = _metrics.take()
+            if ops:
+                job.meta[METRICS_META] = ops
+                try:
+                    job.save_meta()
+                except Exception:  # metrics must not fail a job whose deliveries are settled
+                    logger.warning("could not save push metrics to the job")
+    return {"batch": batch_id}
+
+
+def plan(batch_id: str) -> dict[str, Any]:
+    """Expand a publish into per-device deliveries and enqueue the dispatch batches."""
+    return _run(batch_id)
+
+
+def dispatch(batch_id: str) -> dict[str, Any]:
+    """Send one batch of deliveries (or one retry / replay)."""
+    return _run(batch_id)
+
