@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import current_app, g, request
 
 from ..auth import query_pairs, verify_rest_request
@@ -19,10 +21,10 @@ def handler() -> Handler:
     return current_app.extensions["sockudo"]["handler"]  # type: ignore[no-any-return]
 
 
-def require_signed_app(app_id: str | None = None) -> AppConfig:
-    """Authenticate the request; returns the app. ``app_id`` None: the key decides the app."""
-    s = services()
-    query = request.query_string.decode("latin-1")
+def authenticate(s: Services, app_id: str | None, method: str, environ: dict[str, Any], body: bytes) -> AppConfig:
+    """Check a request's Pusher signature (spec §5.2); returns the app. No Flask here, so the
+    publish fast path (``fastpath.py``) and the Flask routes share exactly one check."""
+    query = environ.get("QUERY_STRING", "")
     if not query:
         raise ApiError(400, "invalid_input", "Missing authentication query parameters")
     params = {k.lower(): v for k, v in query_pairs(query)}
@@ -32,18 +34,21 @@ def require_signed_app(app_id: str | None = None) -> AppConfig:
         raise ApiError(404, "app_not_found", "Unknown auth_key")
     if app_id is not None and app.id != app_id:
         raise ApiError(401, "auth_failed", "auth_key does not belong to this app")
-    body = request.get_data(cache=True)
     # PATH_INFO arrives latin-1 decoded per WSGI; restore the UTF-8 the client signed.
-    path = request.environ.get("PATH_INFO", request.path).encode("latin-1").decode("utf-8", "replace")
+    path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
     try:
-        verify_rest_request(
-            secret=app.secret, method=request.method, path=path, query_string=query, body=body, now=s.clock()
-        )
+        verify_rest_request(secret=app.secret, method=method, path=path, query_string=query, body=body, now=s.clock())
     except ApiError:
         s.metrics.connection_error(app.id, "api_authentication_failed")
         raise
     if not app.enabled:
         raise ApiError(403, "app_disabled", "App is disabled")
+    return app
+
+
+def require_signed_app(app_id: str | None = None) -> AppConfig:
+    """Authenticate the request; returns the app. ``app_id`` None: the key decides the app."""
+    app = authenticate(services(), app_id, request.method, request.environ, request.get_data(cache=True))
     g.app = app
     return app
 

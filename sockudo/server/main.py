@@ -16,7 +16,7 @@ from ..apps import AppStore
 from ..cache import MemoryCache
 from ..config import Config
 from ..handler import Handler, Services
-from ..http_api import create_app
+from ..http_api import create_app, fastpath
 from ..metrics import Metrics
 from ..webhook_sink import build_webhook_sink
 from . import observability, runtime
@@ -135,6 +135,9 @@ class Server:
                 return [b"protocol must be a number"]
             start_response("426 Upgrade Required", [("Content-Type", "text/plain"), ("Upgrade", "websocket")])
             return [b"WebSocket upgrade required"]
+        publish = fastpath.match(environ)
+        if publish is not None:
+            return fastpath.serve(self.services, environ, start_response, *publish)
         return self.flask(environ, start_response)
 
     # -- background work --
