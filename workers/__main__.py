@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"workers: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_format, config.log_level)
+    # App secrets are redacted by value, as in the server (jobs carry signed bodies; RQ logs job args).
+    setup_logging(config.log_format, config.log_level, secrets=[app.secret for app in config.apps])
 
     if args.url:
         import redis

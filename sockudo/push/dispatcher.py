@@ -178,24 +178,33 @@ class Dispatcher:
             return
         now = self.now_ms()
         if st.rank(str(record.get("state"))) < st.rank(st.PLANNING):
-            self.store.set_state(app_id, publish_id, st.PLANNING, now)
+            self._status(
+                "planner", app_id, publish_id, lambda: self.store.set_state(app_id, publish_id, st.PLANNING, now)
+            )
         ids = self.store.save_plan_devices(app_id, publish_id, self._expand(app_id, plan["recipients"]))
         due = max(now, int(plan.get("notBeforeMs") or 0))
         fields: dict[str, Any] = {"planned": len(ids)}
         if due > now:
             fields["retryAfterMs"] = due
         if not ids:
-            change = self.store.set_state(
+            change = self._status(
+                "planner",
                 app_id,
                 publish_id,
-                st.SUCCEEDED,
-                now,
-                {**fields, "errorReason": "no registered devices matched the recipients"},
+                lambda: self.store.set_state(
+                    app_id,
+                    publish_id,
+                    st.SUCCEEDED,
+                    now,
+                    {**fields, "errorReason": "no registered devices matched the recipients"},
+                ),
             )
             self._completed(app_id, publish_id, change)
             self.store.finish_batch(batch_id)
             return
-        self.store.set_state(app_id, publish_id, st.DISPATCHING, now, fields)
+        self._status(
+            "planner", app_id, publish_id, lambda: self.store.set_state(app_id, publish_id, st.DISPATCHING, now, fields)
+        )
         size = self.settings.batch_size
         emitted: dict[str, int] = {}
         for index in range(0, len(ids), size):
@@ -280,7 +289,12 @@ class Dispatcher:
         # The delivery's lease is the job's: when a takeover finds the job lapsed, its in-flight
         # delivery has lapsed too.
         lease_until = self._renew(batch_id)
-        claim = self.store.claim(app_id, publish_id, key, attempt, self.owner, now, lease_until)
+        claim = self._status(
+            "retry",
+            app_id,
+            publish_id,
+            lambda: self.store.claim(app_id, publish_id, key, attempt, self.owner, now, lease_until),
+        )
         if claim.claim is st.Claim.BUSY:
             return True
         if claim.claim is st.Claim.SKIP:
@@ -445,16 +459,21 @@ class Dispatcher:
         next_attempt: int | None = None,
         due_ms: int | None = None,
     ) -> st.Change:
-        change = self.store.settle(
+        change = self._status(
+            "feedback",
             app_id,
             publish_id,
-            key,
-            outcome,
-            self.now_ms(),
-            next_attempt=next_attempt,
-            due_ms=due_ms,
-            replay=replay is not None,
-            reason=reason,
+            lambda: self.store.settle(
+                app_id,
+                publish_id,
+                key,
+                outcome,
+                self.now_ms(),
+                next_attempt=next_attempt,
+                due_ms=due_ms,
+                replay=replay is not None,
+                reason=reason,
+            ),
         )
         if change.duplicate:
             self.metrics.inc("sockudo_push_duplicate_suppressed", {"app": app_id})
@@ -473,6 +492,32 @@ class Dispatcher:
                 },
             )
         self._completed(app_id, publish_id, change)
+        return change
+
+    def _status(self, component: str, app_id: str, publish_id: str, write: Callable[[], st.Change]) -> st.Change:
+        """One status write (planner state change, retry claim, feedback settle). A write that
+        fails (CAS given up, store error: re-raised, the job is re-run) or is refused as a
+        backwards transition counts in ``sockudo_push_status_update_failures_total``."""
+        try:
+            change = write()
+        except Exception as exc:
+            reason = "cas_exhausted" if isinstance(exc, st.CasExhausted) else "store_error"
+            self.metrics.inc("sockudo_push_status_update_failures", {"component": component, "reason": reason})
+            logger.error(
+                "push status update failed",
+                extra={"app_id": app_id, "publish_id": publish_id, "component": component, "reason": reason,
+                       "error": f"{type(exc).__name__}: {exc}"},
+            )
+            raise
+        if change.violation:
+            self.metrics.inc(
+                "sockudo_push_status_update_failures", {"component": component, "reason": "invariant_violation"}
+            )
+            self.metrics.inc("sockudo_push_invariant_violations", {"invariant": "status_transition"})
+            logger.warning(
+                "push status update refused: it would go backwards",
+                extra={"app_id": app_id, "publish_id": publish_id, "component": component},
+            )
         return change
 
     def _completed(self, app_id: str, publish_id: str, change: st.Change) -> None:

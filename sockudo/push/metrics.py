@@ -116,6 +116,13 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None
         ("invariant",),
         None,
     ),
+    "sockudo_push_status_update_failures": (
+        "counter",
+        "Delivery status updates (claim, settle, state change) that failed or were refused, by component "
+        "(planner, retry, feedback) and reason (cas_exhausted, invariant_violation, store_error)",
+        ("component", "reason"),
+        None,
+    ),
     "sockudo_push_status_cas_conflicts": (
         "counter",
         "Status transactions retried after a concurrent write",

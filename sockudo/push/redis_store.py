@@ -85,7 +85,7 @@ class RedisStore:
                     return result
                 except WatchError:
                     self.on_conflict(component)
-        raise RuntimeError(f"push store: {component} transaction kept conflicting")
+        raise st.CasExhausted(f"push store: {component} transaction kept conflicting")
 
     # -- devices --
 
@@ -455,12 +455,14 @@ class RedisStore:
                     continue
             break
         else:
-            raise RuntimeError("push store: feedback transaction kept conflicting")
+            raise st.CasExhausted("push store: feedback transaction kept conflicting")
         done = None if replay else st.terminal_state(after)
         if done is not None and not st.is_terminal(str(after.get("state"))):
             # Every worker that sees the last count computes the same state; the first write wins.
-            if self.set_state(app_id, publish_id, done, now_ms).terminal == done:
+            final = self.set_state(app_id, publish_id, done, now_ms)
+            if final.terminal == done:
                 change.terminal = done
+            change.violation = final.violation  # another terminal state won: counted by the caller
         return change
 
     def delivery_state(self, app_id: str, publish_id: str, key: str) -> str | None:

@@ -61,6 +61,10 @@ class Claim(StrEnum):
     BUSY = "busy"  # held by another worker whose lease is still running
 
 
+class CasExhausted(RuntimeError):
+    """A status transaction kept conflicting with concurrent writes and was given up."""
+
+
 @dataclass
 class Change:
     """What a transition writes: status fields, the delivery's new state, side effects."""

@@ -1,9 +1,7 @@
-"""Observability end to end (issue 7): real servers on Redis, a real webhook worker, a real
-Prometheus (Debian's package) scraping them, the TCP exporter decoded with the protobuf schema,
-JSON logs read back from the server's output.
-
-What the issue's scripted scenario cannot cover yet is push (no push server code is wired in):
-``test_scenario_moves_every_signal`` lists it in ``NOT_YET``.
+"""Observability end to end (issue 7): real servers on Redis, a real worker (webhooks and push)
+with local fake APNs and FCM (tests/support/fake_push.py), a real Prometheus (Debian's package)
+scraping them, the TCP exporter decoded with the protobuf schema, JSON logs read back from the
+server's and the worker's output.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import os
 import re
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,13 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import node_env, start_all, wait_formed
 from tests.support.eventproto import EventReader
+from tests.support.fake_push import FakeAPNs, FakeFCM
 from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
 from tests.support.prometheus import ALERTS, DASHBOARD, PrometheusServer, binary, fast_rules
 from tests.support.wsraw import RawClient
@@ -109,14 +112,14 @@ class WebhookReceiver:
 
 
 class Worker:
-    """``python -m workers`` (the webhook RQ worker) with its metrics port."""
+    """``python -m workers`` (the RQ worker: webhooks and push queues) with its metrics port."""
 
-    def __init__(self, redis_url: str, env: dict[str, str]) -> None:
+    def __init__(self, redis_url: str, env: dict[str, str], queues: tuple[str, ...] = ("webhooks",)) -> None:
         self.metrics_port = free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix="sockudo-worker-")) / "worker.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--url", redis_url, "--metrics-port", str(self.metrics_port),
+            [sys.executable, "-m", "workers", *queues, "--url", redis_url, "--metrics-port", str(self.metrics_port),
              "--metrics-host", "127.0.0.1"],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
@@ -126,10 +129,13 @@ class Worker:
                 raise RuntimeError(f"worker exited:\n{self.log_path.read_text()}")
             return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
 
-        wait_until(ready, timeout=30, message="the webhook worker's metrics port")
+        wait_until(ready, timeout=30, message="the worker's metrics port")
 
     def metrics_text(self) -> str:
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -159,33 +165,90 @@ def node_settings(webhooks: WebhookReceiver | None = None, tcp_port: int | None 
             "node": node}
 
 
-def make_node(redis_url: str, node: str, **kwargs: Any) -> ServerProcess:
+def make_node(redis_url: str, node: str, env: dict[str, str] | None = None, **kwargs: Any) -> ServerProcess:
     settings = node_settings(node=node, **kwargs)
     env = node_env(redis_url, SOCKUDO_ENVIRONMENT=LABELS["environment"], SOCKUDO_REGION=LABELS["region"],
-                   SOCKUDO_NODE=settings.pop("node"), LOG_OUTPUT_FORMAT="json", LOG_LEVEL="DEBUG")
+                   SOCKUDO_NODE=settings.pop("node"), LOG_OUTPUT_FORMAT="json", LOG_LEVEL="DEBUG", **(env or {}))
     apps = settings.pop("apps")
     return ServerProcess(apps, env=env, **settings)
 
 
-# -- the deployment shared by the module: two nodes, a worker, a webhook receiver ---------------
+# -- push against local fake providers (as tests/integration/test_push.py) ---------------------
+
+TOPIC, TEAM_ID, KEY_ID = "com.example.orders", "TEAM123456", "KEY1234567"
+
+
+class PushProviders:
+    """Fake APNs (HTTP/2, TLS) and FCM, and the environment that points push at them."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="sockudo-obs-push-")
+        self.apns_key = ec.generate_private_key(ec.SECP256R1())
+        self.apns = FakeAPNs(team_id=TEAM_ID, key_id=KEY_ID, public_key=self.apns_key.public_key(), topic=TOPIC,
+                             cert_dir=self.dir)
+        self.fcm = FakeFCM()
+        self.env = {"PUSH_CREDENTIALS_KEY": "obs-credentials-key-" + uuid.uuid4().hex,
+                    "PUSH_ALLOW_INSECURE_ENDPOINTS": "true", "PUSH_CA_FILE": self.apns.cert_path,
+                    "APNS_ENDPOINT": self.apns.url, "FCM_ENDPOINT": self.fcm.url}
+
+    @staticmethod
+    def call(server: ServerProcess, method: str, path: str, body: Any = None) -> requests.Response:
+        return signed(server, method, f"/apps/{APP['id']}/push{path}", body=body)
+
+    def upload_credentials(self, server: ServerProcess) -> None:
+        pem = self.apns_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()).decode()
+        for provider, body in (("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
+                               ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())})):
+            resp = self.call(server, "POST", f"/credentials/{provider}", body)
+            assert resp.status_code == 201, resp.text
+
+    def device(self, server: ServerProcess, device_id: str, provider: str, channel: str) -> str:
+        """Register a device (apns or fcm), subscribe it to ``channel``; returns its token."""
+        if provider == "apns":
+            token = os.urandom(32).hex()
+            body = {"id": device_id, "platform": "ios", "formFactor": "phone",
+                    "push": {"recipient": {"transportType": "apns", "deviceToken": token}}}
+        else:
+            token = "fcm-" + uuid.uuid4().hex
+            body = {"id": device_id, "platform": "android", "formFactor": "phone",
+                    "push": {"recipient": {"transportType": "gcm", "registrationToken": token}}}
+        resp = self.call(server, "POST", "/deviceRegistrations", body)
+        assert resp.status_code == 201, resp.text
+        resp = self.call(server, "POST", "/channelSubscriptions", {"channel": channel, "deviceId": device_id})
+        assert resp.status_code == 201, resp.text
+        return token
+
+    def stop(self) -> None:
+        self.apns.close()
+        self.fcm.close()
+
+
+# -- the deployment shared by the module: two nodes, a worker, a webhook receiver, push fakes ----
 
 
 class Deployment:
     def __init__(self) -> None:
         self.redis = RedisServer().start()
         self.webhooks = WebhookReceiver()
+        self.push = PushProviders()
         self.tcp_port = free_port()
-        self.a = make_node(self.redis.url, "node-a", webhooks=self.webhooks, tcp_port=self.tcp_port)
-        self.b = make_node(self.redis.url, "node-b", webhooks=self.webhooks)
+        self.a = make_node(self.redis.url, "node-a", env=self.push.env, webhooks=self.webhooks,
+                           tcp_port=self.tcp_port)
+        self.b = make_node(self.redis.url, "node-b", env=self.push.env, webhooks=self.webhooks)
         start_all([self.a, self.b])
         wait_formed([self.a, self.b])
-        self.worker = Worker(self.redis.url, {**self.a.env, "SOCKUDO_NODE": "worker-1"})
+        # The worker reads the server's configuration (apps, [push]) like a deployed one would.
+        self.worker = Worker(self.redis.url, {**self.a.env, "SOCKUDO_NODE": "worker-1",
+                                              "SOCKUDO_CONFIG": self.a.config_path}, queues=("webhooks", "push"))
+        self.push.upload_credentials(self.a)
 
     def stop(self) -> None:
         self.worker.stop()
         for node in (self.a, self.b):
             node.stop()
         self.webhooks.stop()
+        self.push.stop()
         self.redis.stop()
 
 
@@ -197,13 +260,6 @@ def deployment() -> Iterator[Deployment]:
 
 
 # -- the scripted scenario ---------------------------------------------------------------------
-
-#: Signals of the seed's table the scenario cannot move yet, and why.
-NOT_YET = {
-    "push: accepted, scheduled, dispatched, provider errors, publish status outcomes":
-        "push is not wired into the server yet (sockudo/push/ defines the metrics)",
-}
-
 
 def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     a, b = deployment.a, deployment.b
@@ -261,6 +317,43 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     assert signed(a, "GET", path).status_code == 200
     assert signed(a, "GET", path, {"cursor": "not-a-cursor"}).status_code == 400
 
+    # push with one bad token: a good FCM device and an APNs device the provider calls dead, on one
+    # channel, published as the seed's status workflow has it (sync: false -> publish_id -> status)
+    push = deployment.push
+    good = push.device(a, "obs-android-zz1", "fcm", "orders-zz1")
+    dead = push.device(a, "obs-ios-zz1", "apns", "orders-zz1")
+    push.apns.script(dead, [(400, {"reason": "BadDeviceToken"}, {})])
+    resp = push.call(a, "POST", "/publish", {"recipients": [{"type": "channel", "channel": "orders-zz1"}],
+                                             "payload": {"title": "Order updated", "body": "Packed"},
+                                             "sync": False})
+    assert resp.status_code == 202, resp.text
+    publish_id = resp.json()["publish_id"]
+    # and one scheduled for later (notBeforeMs) to the good device
+    resp = push.call(a, "POST", "/publish", {"recipients": [{"type": "device", "device_id": "obs-android-zz1"}],
+                                             "payload": {"title": "Later"},
+                                             "notBeforeMs": int(time.time() * 1000) + 2000})
+    assert resp.status_code == 202, resp.text
+    later_id = resp.json()["publish_id"]
+
+    def push_state(server: ServerProcess, pid: str) -> str | None:
+        answer = push.call(server, "GET", f"/publish/{pid}/status")
+        assert answer.status_code == 200, answer.text
+        state = answer.json()["state"]
+        return state if state in ("succeeded", "partially_succeeded", "failed", "expired", "dead_lettered") else None
+
+    # The status endpoint answers for the publish_id, on either node.
+    assert wait_until(lambda: push_state(b, publish_id), timeout=30, interval=0.1,
+                      message="the push publish to complete") == "partially_succeeded"
+    status = push.call(a, "GET", f"/publish/{publish_id}/status").json()
+    assert status["publishId"] == publish_id and status["appId"] == APP["id"]
+    assert {k: status["counters"][k] for k in ("planned", "dispatched", "succeeded", "failed")} == {
+        "planned": 2, "dispatched": 2, "succeeded": 1, "failed": 1}
+    assert [(u["deviceId"], u["reason"]) for u in status["undelivered"]] == [("obs-ios-zz1", "BadDeviceToken")]
+    assert push.call(a, "GET", "/deviceRegistrations/obs-ios-zz1").status_code == 404  # the dead token is gone
+    assert wait_until(lambda: push_state(a, later_id), timeout=30, interval=0.1,
+                      message="the scheduled push to complete") == "succeeded"
+    assert push.fcm.accepted_count(good) == 2 and push.apns.accepted_count(dead) == 0
+
     # webhooks: the subscriptions above made channels occupied -> one good, one failing endpoint
     def webhook_outcomes() -> bool:
         w = deployment.worker.metrics_text()
@@ -297,6 +390,23 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
             "webhooks failed": delta(before_w, tw, "sockudo_webhooks_failed_total", **app),
             "webhooks retried": delta(before_w, tw, "sockudo_webhooks_retried_total", **app),
             "webhooks dead-lettered": delta(before_w, tw, "sockudo_webhooks_dead_lettered_total", **app),
+            # push: admission on the server, everything after it in the worker (label `app`, Sockudo's)
+            "push accepted": delta(before_a, ta, "sockudo_push_publish_accepted_total", app=APP["id"],
+                                   result="accepted"),
+            "push scheduled": delta(before_w, tw, "sockudo_push_scheduled_jobs_total", app=APP["id"],
+                                    status="not_before"),
+            "push dispatched fcm accepted": delta(before_w, tw, "sockudo_push_dispatched_total", app=APP["id"],
+                                                  provider="fcm", status="accepted"),
+            "push dispatched apns rejected": delta(before_w, tw, "sockudo_push_dispatched_total", app=APP["id"],
+                                                   provider="apns", status="rejected"),
+            "push provider errors": delta(before_w, tw, "sockudo_push_provider_failures_total", app=APP["id"],
+                                          provider="apns", failure_class="device_terminal"),
+            "push token invalidations": delta(before_w, tw, "sockudo_push_token_invalidations_total",
+                                              app=APP["id"], provider="apns"),
+            "push status partially succeeded": delta(before_w, tw, "sockudo_push_delivery_status_total",
+                                                     app=APP["id"], status="partially_succeeded"),
+            "push status succeeded": delta(before_w, tw, "sockudo_push_delivery_status_total", app=APP["id"],
+                                           status="succeeded"),
         }
 
     expected_at_least = {
@@ -306,6 +416,9 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
         "duplicate suppression": 1, "resume successes": 1, "replayed": 3, "history writes": 5,
         "history reads": 1, "cursor errors": 1, "webhooks queued": 2, "webhooks delivered": 1,
         "webhooks failed": 2, "webhooks retried": 1, "webhooks dead-lettered": 1,
+        "push accepted": 2, "push scheduled": 1, "push dispatched fcm accepted": 2,
+        "push dispatched apns rejected": 1, "push provider errors": 1, "push token invalidations": 1,
+        "push status partially succeeded": 1, "push status succeeded": 1,
     }
     def short() -> dict[str, float]:
         now = moved()
@@ -321,6 +434,11 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     assert got["idempotency hits"] == 1 and got["payload too large"] == 1 and got["cursor errors"] == 1
     assert got["publish accepted"] == 5  # fanout once (the repeat is served from the cache) + 4 resume
     assert got["resume successes"] == 1 and got["replayed"] == 3
+    push_exact = {k: v for k, v in got.items() if k.startswith("push ")}
+    assert push_exact == {k: v for k, v in expected_at_least.items() if k.startswith("push ")}, push_exact
+    tw = deployment.worker.metrics_text()
+    assert delta(before_w, tw, "sockudo_push_provider_failures_total", provider="fcm") == 0
+    assert delta(before_w, tw, "sockudo_push_status_update_failures_total") == 0  # every status write landed
     for c in (client, far, back):
         c.close()
 
@@ -422,7 +540,7 @@ def test_promtool_accepts_the_rules() -> None:
 def test_prometheus_scrapes_every_metric_the_dashboard_and_alerts_use(deployment: Deployment) -> None:
     names = referenced_metrics()
     assert {"sockudo_connected", "sockudo_readiness_failures_total", "sockudo_queue_depth",
-            "sockudo_push_provider_failures_total"} <= names
+            "sockudo_push_provider_failures_total", "sockudo_push_status_update_failures_total"} <= names
     prometheus = PrometheusServer({
         "sockudo": [f"127.0.0.1:{deployment.a.metrics_port}", f"127.0.0.1:{deployment.b.metrics_port}"],
         "sockudo-workers": [f"127.0.0.1:{deployment.worker.metrics_port}"],
@@ -601,3 +719,20 @@ def test_json_logs_carry_no_secret(deployment: Deployment) -> None:
     assert SECRET not in text and sig not in text
     started = next(json.loads(line) for line in lines if '"sockudo listening"' in line)
     assert started["adapter"] == "redis" and started["target"] == "sockudo.server.main"
+
+
+def test_worker_logs_carry_no_app_secret(deployment: Deployment) -> None:
+    """The worker redacts the configured apps' secrets by value, as the server does: a job that logs
+    one (and RQ's own "job started" line, which prints the job's arguments) never prints it."""
+    import redis
+    from rq import Queue
+
+    connection = redis.Redis.from_url(deployment.redis.url)
+    job = Queue("webhooks", connection=connection).enqueue("logging.warning", "job-zz1 signs with %s", SECRET)
+    wait_until(lambda: job.get_status(refresh=True) == "finished", timeout=30, interval=0.1,
+               message="the worker to run the job")
+    wait_until(lambda: "job-zz1 signs with" in deployment.worker.log(), timeout=10, message="the job's log line")
+    text = deployment.worker.log()
+    assert SECRET not in text
+    line = next(line for line in text.splitlines() if "job-zz1 signs with" in line and '"level": "warn"' in line)
+    assert json.loads(line)["message"] == "job-zz1 signs with [REDACTED]"

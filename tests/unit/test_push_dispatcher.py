@@ -213,3 +213,48 @@ def test_a_second_run_leaves_deliveries_held_by_a_live_worker_and_the_job_to_it(
     service.dispatcher.run(first)
     assert clients.sent == ["d1"]  # d0 is left to its holder …
     assert service.store.get_batch(first) is not None  # … and so is finishing the job
+
+
+def test_status_update_failures_are_counted_by_component_and_reason() -> None:
+    """``sockudo_push_status_update_failures_total``: a settle whose transaction is given up (CAS
+    exhausted) fails the job and is counted; a planner write that would go backwards is refused
+    and counted (also as an invariant violation)."""
+    service, queue, clients, clock, registry = build()
+    pid = publish(service)
+    run_all(service, queue, clock)  # succeeded
+    failures = "sockudo_push_status_update_failures_total"
+
+    # A re-run of the plan after the publish completed: DISPATCHING would go backwards.
+    service.dispatcher.run_plan("replan", {"app": "app", "pid": pid})
+    assert service.status("app", pid)["state"] == st.SUCCEEDED
+    assert registry.get_sample_value(failures, {"component": "planner", "reason": "invariant_violation"}) == 1
+    assert registry.get_sample_value("sockudo_push_invariant_violations_total", {"invariant": "status_transition"}) == 1
+    sent = len(clients.sent)
+    run_all(service, queue, clock)  # the re-run's batches find every delivery settled
+    assert len(clients.sent) == sent
+
+    pid = publish(service)
+    service.dispatcher.run(queue.take()[0][1])  # planned
+
+    def gives_up(*args: Any, **kwargs: Any) -> st.Change:
+        raise st.CasExhausted("push store: feedback transaction kept conflicting")
+
+    service.store.settle = gives_up  # type: ignore[method-assign]
+    batch_id = queue.take()[0][1]
+    try:
+        service.dispatcher.run(batch_id)
+    except st.CasExhausted:
+        pass
+    else:
+        raise AssertionError("a status update that was given up must fail the job (it is re-run)")
+    assert registry.get_sample_value(failures, {"component": "feedback", "reason": "cas_exhausted"}) == 1
+
+    def breaks(*args: Any, **kwargs: Any) -> st.Change:
+        raise ConnectionError("redis went away")
+
+    service.store.claim = breaks  # type: ignore[method-assign]
+    try:
+        service.dispatcher.run(batch_id)
+    except ConnectionError:
+        pass
+    assert registry.get_sample_value(failures, {"component": "retry", "reason": "store_error"}) == 1

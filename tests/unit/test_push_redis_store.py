@@ -61,3 +61,23 @@ def test_claims_and_leases(redis_server: RedisServer) -> None:
     assert store.take_expired(1000, 5000) == []  # taken once, its deadline moved on
     store.finish_batch("b1")
     assert store.get_batch("b1") is None and store.take_expired(10_000, 20_000) == []
+
+
+def test_a_transaction_that_keeps_conflicting_raises_cas_exhausted(redis_server: RedisServer) -> None:
+    """The dispatcher counts ``CasExhausted`` as a status update failure (reason cas_exhausted)."""
+    from redis.exceptions import WatchError
+
+    conflicts: list[str] = []
+    client = redis.Redis.from_url(redis_server.url)
+    store = RedisStore(client, f"t:{uuid.uuid4().hex[:6]}:", on_conflict=conflicts.append)
+
+    def always_conflicts(pipe: object) -> None:
+        raise WatchError("another writer")
+
+    try:
+        store._cas("planner", [store.k("pub", "a", "p")], always_conflicts)
+    except st.CasExhausted as exc:
+        assert "planner" in str(exc)
+    else:
+        raise AssertionError("expected CasExhausted")
+    assert conflicts and set(conflicts) == {"planner"}
