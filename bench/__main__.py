@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import features
 from . import scenarios as sc
 from .harness import ROOT, flask_socketio_available, raise_fd_limit
 from .report import print_report, targets
@@ -63,16 +64,28 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="scenario",
-                        help=f"any of {', '.join(sc.SCENARIOS)} (default: all)")
+                        help=f"any of {', '.join(sc.SCENARIOS + features.SCENARIOS)}, or the groups "
+                             f"{', '.join(features.GROUPS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="scaled-down smoke run (about 2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON here")
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
                         help="comma-separated subset of sockudo,bare,flask-socketio")
+    parser.add_argument("--py-spy", metavar="PATH",
+                        help="issues 3-5 scenarios: sample every server node with this py-spy binary (collapsed "
+                             "stacks in --profile-dir); the sampling costs the servers some CPU")
+    parser.add_argument("--profile-dir", metavar="DIR", help="where --py-spy writes (default bench/results/profiles)")
     args = parser.parse_args(argv)
-    unknown = [s for s in args.scenarios if s not in sc.SCENARIOS]
+    if args.py_spy:
+        features.PROFILE["py_spy"] = args.py_spy
+    if args.profile_dir:
+        features.PROFILE["dir"] = args.profile_dir
+    known = sc.SCENARIOS + features.SCENARIOS
+    unknown = [s for s in args.scenarios if s not in known and s not in features.GROUPS]
     if unknown:
-        parser.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(sc.SCENARIOS)}")
-    chosen = args.scenarios or list(sc.SCENARIOS)
+        parser.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(known)} "
+                     f"or {', '.join(features.GROUPS)}")
+    chosen = [x for s in args.scenarios for x in features.GROUPS.get(s, (s,))] or list(known)
+    chosen = list(dict.fromkeys(chosen))
     servers = [s for s in args.servers.split(",") if s]
     if "flask-socketio" in servers and not flask_socketio_available():
         print("note: flask-socketio is not installed here (pip install -r bench/requirements.txt); "
@@ -100,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     for name in chosen:
-        if name == "fanout":
+        if name in features.SCENARIOS:
+            if shutil.which("redis-server") is None:
+                results[name] = {"error": "redis-server is not installed"}
+                continue
+            log(f"{name}: sockudo (issues 3-5, configurations side by side)")
+            results[name] = features.run(name, sizes, log)
+        elif name == "fanout":
             # The issue's baseline shape (a fresh HTTP connection per publish) and keep-alive.
             # Three shapes: the issue's (a fresh HTTP connection per publish), keep-alive, and
             # keep-alive with publishes pipelined. bare-encode (ws.send per socket) runs only in
@@ -131,15 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = round(time.time() - started, 1)
     report["targets"] = targets(results, full=not args.quick)
 
-    print_report(report)
+    # the JSON first: a long run's figures must survive a failure to print them
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     path = RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
     text = json.dumps(report, indent=2)
     path.write_text(text + "\n")
-    print(f"\nJSON: {path.relative_to(ROOT)}")
     if args.json:
         Path(args.json).write_text(text + "\n")
+    print_report(report)
+    print(f"\nJSON: {path.relative_to(ROOT)}")
+    if args.json:
         print(f"JSON: {args.json}")
     return 0
 

@@ -144,6 +144,7 @@ class Target:
     proto: str  # "pusher" | "eio"
     pids: list[int] = field(default_factory=list)  # the processes whose CPU/RSS is the server's
     signed: bool = False
+    protocol: int = 7  # the Pusher protocol version clients ask for (2: Sockudo's protocol 2)
 
     @property
     def ws_url(self) -> str:
@@ -278,7 +279,8 @@ class NodePool:
                  local_addresses: list[str] | None = None, inflight: int = 100) -> None:
         self.n = n
         cfg = {
-            "url": target.ws_url, "proto": target.proto, "app_key": APP_KEY, "n": n,
+            "url": target.ws_url, "proto": target.proto, "app_key": APP_KEY, "app_secret": APP_SECRET, "n": n,
+            "protocol": target.protocol,
             "channels": channels, "offset": offset, "inflight": inflight,
             "local_addresses": local_addresses or [],
         }
@@ -354,6 +356,14 @@ class Pools:
             self.pools.append(NodePool(target, size, channels, offset, local_addresses, inflight))
             offset += size
         self.n = n
+
+    @classmethod
+    def merge(cls, parts: list[Pools]) -> Pools:
+        """One population made of several (e.g. clients on different server nodes)."""
+        merged = cls.__new__(cls)
+        merged.pools = [p for part in parts for p in part.pools]
+        merged.n = sum(part.n for part in parts)
+        return merged
 
     def __enter__(self) -> Pools:
         return self

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .features import SCENARIOS as FEATURES
+from .features import feature_targets, print_features
+
 LABELS = {
     "sockudo": "sockudo",
     "bare": "bare gevent-ws",
@@ -123,7 +126,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"Command: {report['command']}   ({'quick' if report['quick'] else 'full'} sizes, {report['elapsed_s']} s)")
     results = report["results"]
     for key, per_server in results.items():
-        if key == "workers":
+        if key == "workers" or key in FEATURES:
             continue
         base = key.split("_")[0]
         cols = COLUMNS[base]
@@ -166,7 +169,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{_fmt(w.get('cpu_projected_throughput_ratio'))}× (if perfectly balanced: "
                   f"{_fmt(w.get('cpu_projected_if_balanced'))}×); measured on this shared 2-core box: "
                   f"{_fmt(w.get('measured_throughput_ratio'))}×")
-    print("\nTargets (issue 8)" + (" — quick sizes: indicative only" if report["quick"] else ""))
+    print_features(results)
+    print("\nTargets" + (" — quick sizes: indicative only" if report["quick"] else ""))
     for t in report["targets"]:
         mark = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]
         print(f"  [{mark:7}] {t['target']}: {t['value']}")
@@ -212,4 +216,4 @@ def targets(results: dict[str, Any], full: bool) -> list[dict[str, Any]]:
     if w.get("cpu_projected_throughput_ratio") is not None:
         v = w["cpu_projected_throughput_ratio"]
         add("--workers 2 fan-out ≥ 1.6× one process (by server CPU)", f"{v}×", v >= 1.6)
-    return out
+    return out + feature_targets(results, full)

@@ -46,6 +46,45 @@ class Sizes:
     client_procs: int = 2
     # Before each run, wait up to this long for the machine to go nearly idle (a shared box).
     quiet_wait_s: float = 15.0
+    # -- issues 3-5 (bench/features.py): each compares configurations in interleaved rounds --
+    # issue 3 (a): fan-out over 2 nodes vs 1 node
+    cross_subscribers: int = 1000
+    cross_publishes: int = 200  # per round and shape
+    cross_rounds: int = 5
+    # issue 3 (b): publish on node A at xlat_rate/s, receive on node B
+    xlat_rate: float = 1000.0
+    xlat_seconds: float = 10.0  # per round
+    xlat_rounds: int = 3
+    xlat_receivers: int = 100
+    xlat_channels: int = 10  # publishes cycle over these; receivers are spread evenly on them
+    xlat_publishers: int = 4  # processes, one keep-alive connection each
+    # issue 3 (c): subscription churn over 2 nodes
+    xchurn_clients: int = 200
+    xchurn_channels: int = 1000
+    xchurn_interval_ms: int = 1000
+    xchurn_seconds: float = 120.0
+    # issue 4: client events -> webhook events, publish latency beside, then the drain
+    wh_senders: int = 100
+    # 100 x 20.5: Node's timers run a little slow, and the target is 2,000 client events/s achieved
+    wh_rate_per_sender: float = 20.5
+    wh_seconds: float = 15.0  # per round
+    wh_rounds: int = 4  # per configuration
+    wh_subscribers: int = 200
+    wh_publish_rate: float = 20.0
+    wh_workers: int = 2
+    wh_drain_timeout: float = 600.0
+    wh_steady_rounds: int = 2  # then the same with the workers running
+    # issue 5 (a): fan-out with recovery/history on vs off (protocol-2 subscribers)
+    rec_subscribers: int = 1000
+    rec_publishes: int = 200
+    rec_rounds: int = 5
+    # ... and a narrower fan-out, where the per-publish cost weighs more (0: skip)
+    rec_narrow_subscribers: int = 200
+    rec_narrow_publishes: int = 500
+    # issue 5 (b): resume
+    resume_clients: int = 1000
+    resume_channels: int = 10
+    resume_missed: int = 20
 
 
 FULL = Sizes()
@@ -56,6 +95,12 @@ QUICK = Sizes(
     churn_clients=100, churn_seconds=4.0,
     rest_publishers=3, rest_seconds=3.0,
     quiet_wait_s=0.0,
+    cross_subscribers=200, cross_publishes=100, cross_rounds=3,
+    xlat_seconds=3.0, xlat_rounds=1,
+    xchurn_seconds=20.0,
+    wh_seconds=4.0, wh_rounds=2, wh_subscribers=100, wh_drain_timeout=120.0, wh_steady_rounds=1,
+    rec_subscribers=200, rec_publishes=100, rec_rounds=3, rec_narrow_subscribers=0,
+    resume_clients=200,
 )
 
 

@@ -7,7 +7,6 @@ recording transport.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time

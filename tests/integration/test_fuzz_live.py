@@ -50,7 +50,7 @@ OTHER = {"id": "200", "key": "fuzz-key-2", "secret": "fuzz-secret-2"}
 WATCH = "fuzz-watch"
 SIGNER = make_app(id=APP["id"], key=APP["key"], secret=APP["secret"])  # valid signatures for the fuzzer
 EXAMPLES = int(os.environ.get("FUZZ_LIVE_EXAMPLES", "150"))  # per test
-LIVE = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+LIVE = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 #: Close codes a server may send besides the Pusher ones: normal, protocol error, invalid data.
