@@ -14,6 +14,7 @@ own CPU (plus redis-server's where Redis is part of the configuration), from /pr
 | ``cross-churn`` | 3 | 200 clients switching among 1,000 channels every second, 2 nodes → exact /channels |
 | ``webhooks`` | 4 | 2,000 client events/s → webhooks via RQ; publish latency vs off; drain by 2 workers |
 | ``recovery-fanout`` | 5 | fan-out with [connection_recovery] + [history] on vs off, memory and Redis mode |
+| ``publish-cost`` | 5 | per publish: round trip, server and Redis CPU, recovery+history on vs off |
 | ``resume`` | 5 | 1,000 protocol-2 clients each missing 20 messages resume → time, exactness |
 """
 
@@ -57,9 +58,9 @@ from .scenarios import PAYLOAD, Sizes
 # --py-spy PATH --profile-dir DIR: every node of these scenarios is sampled by py-spy
 PROFILE: dict[str, Any] = {"py_spy": None, "dir": str(ROOT / "bench" / "results" / "profiles"), "scenario": ""}
 
-SCENARIOS = ("cross-fanout", "cross-latency", "cross-churn", "webhooks", "recovery-fanout", "resume")
+SCENARIOS = ("cross-fanout", "cross-latency", "cross-churn", "webhooks", "recovery-fanout", "publish-cost", "resume")
 GROUPS = {"issue3": ("cross-fanout", "cross-latency", "cross-churn"), "issue4": ("webhooks",),
-          "issue5": ("recovery-fanout", "resume")}
+          "issue5": ("recovery-fanout", "publish-cost", "resume")}
 
 
 def _app(**extra: Any) -> dict[str, Any]:
@@ -885,6 +886,54 @@ def recovery_fanout(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
+def publish_cost(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """What numbering and storing costs one publish: sequential signed publishes (one keep-alive
+    connection) to a channel with one protocol-2 subscriber, recovery+history off vs on, memory
+    and Redis mode, interleaved rounds; round trip, server CPU and redis-server CPU per publish."""
+    on = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+    n = sizes.cost_publishes
+    out: dict[str, Any] = {"publishes_per_round": n, "rounds": sizes.cost_rounds, "subscribers": 1}
+    with ExitStack() as stack:
+        r_off = _redis_server(stack)
+        r_on = _redis_server(stack)
+        nodes = {
+            "memory_off": _start(stack, Node("memory off", protocol=2)),
+            "memory_on": _start(stack, Node("memory on", protocol=2, **on)),
+            "redis_off": _start(stack, Node("redis off", env={"REDIS_URL": r_off.url}, protocol=2)),
+            "redis_on": _start(stack, Node("redis on", env={"REDIS_URL": r_on.url}, protocol=2, **on)),
+        }
+        redis_pid = {"redis_off": r_off.proc.pid, "redis_on": r_on.proc.pid}  # type: ignore[union-attr]
+        pubs: dict[str, Publisher] = {}
+        for name, node in nodes.items():
+            pools = _pools(stack, node.target, 1, 1, {"kind": "same", "name": "cost"})
+            _connect(pools, 1, name)
+            pubs[name] = Publisher(node.target)
+            stack.callback(pubs[name].close)
+            for _ in range(50):
+                pubs[name].publish("cost", PAYLOAD)
+        raw: dict[str, list[tuple[float, float, float]]] = {k: [] for k in nodes}
+        for rnd in range(sizes.cost_rounds):
+            for name in _rotated(list(nodes), rnd):
+                server, rpid = nodes[name].pid, redis_pid.get(name)
+                s0 = cpu_seconds([server])
+                r0 = cpu_seconds([rpid]) if rpid else 0.0
+                lat = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    pubs[name].publish("cost", PAYLOAD)
+                    lat.append(time.perf_counter() - t0)
+                s1 = cpu_seconds([server])
+                r1 = cpu_seconds([rpid]) if rpid else 0.0
+                raw[name].append((statistics.median(lat) * 1e6, (s1 - s0) / n * 1e6, (r1 - r0) / n * 1e6))
+    out["results"] = {
+        name: {"round_trip_us": round(statistics.median(x[0] for x in v)),
+               "server_cpu_us": round(statistics.median(x[1] for x in v)),
+               "redis_cpu_us": round(statistics.median(x[2] for x in v))}
+        for name, v in raw.items()
+    }
+    return out
+
+
 # -- issue 5 (b): resume of 1,000 clients --------------------------------------------------------
 
 
@@ -988,6 +1037,7 @@ RUNNERS: dict[str, Callable[[Sizes, Callable[[str], None]], dict[str, Any]]] = {
     "cross-churn": cross_churn,
     "webhooks": webhooks,
     "recovery-fanout": recovery_fanout,
+    "publish-cost": publish_cost,
     "resume": resume,
 }
 
@@ -1127,6 +1177,15 @@ def print_features(results: dict[str, Any]) -> None:
                     for shape, rr in shapes.items():
                         print(f"  {mode} {shape}: on/off deliveries/s {_f(rr['deliveries_per_s_on_vs_off'])}×, "
                               f"CPU/delivery {_f(rr['cpu_per_delivery_on_vs_off'])}×")
+    r = results.get("publish-cost")
+    if r:
+        print(f"\nI5. Cost of one publish (1 subscriber, sequential keep-alive publishes, {r.get('rounds')} rounds × "
+              f"{r.get('publishes_per_round')}, medians)")
+        if "error" in r:
+            print(f"  ERROR: {r['error']}")
+        else:
+            _rows(["config", "round trip µs", "server CPU µs", "redis CPU µs"],
+                  [[k, v["round_trip_us"], v["server_cpu_us"], v["redis_cpu_us"]] for k, v in r["results"].items()])
     r = results.get("resume")
     if r:
         print(f"\nI5b. Resume: {r.get('clients')} protocol-2 clients on {r.get('channels')} channels, each missing "

@@ -81,6 +81,9 @@ class Sizes:
     # ... and a narrower fan-out, where the per-publish cost weighs more (0: skip)
     rec_narrow_subscribers: int = 200
     rec_narrow_publishes: int = 500
+    # issue 5: the cost of one publish, recovery+history off vs on
+    cost_publishes: int = 1000
+    cost_rounds: int = 5
     # issue 5 (b): resume
     resume_clients: int = 1000
     resume_channels: int = 10
@@ -99,7 +102,7 @@ QUICK = Sizes(
     xlat_seconds=3.0, xlat_rounds=1,
     xchurn_seconds=20.0,
     wh_seconds=4.0, wh_rounds=2, wh_subscribers=100, wh_drain_timeout=120.0, wh_steady_rounds=1,
-    rec_subscribers=200, rec_publishes=100, rec_rounds=3, rec_narrow_subscribers=0,
+    rec_subscribers=200, rec_publishes=100, rec_rounds=3, rec_narrow_subscribers=0, cost_publishes=200, cost_rounds=2,
     resume_clients=200,
 )
 
