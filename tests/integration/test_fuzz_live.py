@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from tests.conftest import sdk_for
 from tests.support.cluster import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
-from tests.support.wsraw import RawClient, TcpWebSocket, close_code
+from tests.support.wsraw import RawClient, TcpWebSocket, close_code, watching
 from tests.unit.fakes import make_app
 from tests.unit.test_fuzz_handler import DOCUMENTED_CODES, build, json_values, recipes
 
@@ -80,10 +80,8 @@ def sdk(server: ServerProcess) -> pusher.Pusher:
 
 @pytest.fixture(scope="module")
 def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    client = RawClient.connect(server, APP["key"])
-    client.subscribe(WATCH)
-    yield client
-    client.close()
+    with watching(server, APP["key"], WATCH) as client:
+        yield client
 
 
 def assert_still_delivering(sdk: pusher.Pusher, watcher: RawClient) -> None:

@@ -34,7 +34,7 @@ from tests.conftest import sdk_for
 from tests.support.cluster import metric
 from tests.support.procs import ServerProcess, wait_until
 from tests.support.wsmany import Fleet, MiniWs, masked_frame
-from tests.support.wsraw import RawClient
+from tests.support.wsraw import RawClient, watching
 
 APP = {"id": "100", "key": "limits-key", "secret": "limits-secret", "max_channels_per_connection": 5,
        "max_event_payload_in_kb": 100}
@@ -79,10 +79,8 @@ def sdk(server: ServerProcess) -> pusher.Pusher:
 
 @pytest.fixture(scope="module")
 def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    client = RawClient.connect(server, APP["key"])
-    client.subscribe(WATCH)
-    yield client
-    client.close()
+    with watching(server, APP["key"], WATCH) as client:
+        yield client
 
 
 _marks = iter(range(10**6))

@@ -21,7 +21,7 @@ import requests
 
 from tests.conftest import APP, sdk_for
 from tests.support.procs import ServerProcess, wait_until
-from tests.support.wsraw import RawClient
+from tests.support.wsraw import RawClient, watching
 
 APP_B = {"id": "200", "key": "app-key-2", "secret": "app-secret-2"}
 APP_OFF = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
@@ -50,10 +50,8 @@ def sdk(server: ServerProcess) -> pusher.Pusher:
 @pytest.fixture(scope="module")
 def watcher(server: ServerProcess) -> Iterator[RawClient]:
     """A subscriber connected for the whole module: bad requests must never disturb it."""
-    client = RawClient.connect(server, APP["key"])
-    client.subscribe(WATCH_CHANNEL)
-    yield client
-    client.close()
+    with watching(server, APP["key"], WATCH_CHANNEL) as client:
+        yield client
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from websocket import ABNF
 
 from tests.conftest import APP, sdk_for
 from tests.support.procs import ServerProcess, wait_until
-from tests.support.wsraw import Closed, RawClient, TcpWebSocket
+from tests.support.wsraw import Closed, RawClient, TcpWebSocket, watching
 
 OFF = {"id": "200", "key": "ws-off", "secret": "ws-off-secret", "enabled": False}
 ONE = {"id": "300", "key": "ws-one", "secret": "ws-one-secret", "max_connections": 1}
@@ -49,10 +49,8 @@ def sdk(server: ServerProcess) -> pusher.Pusher:
 @pytest.fixture(scope="module")
 def watcher(server: ServerProcess) -> Iterator[RawClient]:
     """Connected before any bad input and kept for the whole module."""
-    client = RawClient.connect(server, APP["key"])
-    client.subscribe(WATCH_CHANNEL)
-    yield client
-    client.close()
+    with watching(server, APP["key"], WATCH_CHANNEL) as client:
+        yield client
 
 
 @pytest.fixture

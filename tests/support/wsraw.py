@@ -12,7 +12,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import websocket
@@ -269,3 +270,14 @@ class TcpWebSocket:
             self.sock.close()
         except OSError:
             pass
+
+
+@contextmanager
+def watching(server: Any, key: str, channel: str) -> Iterator[RawClient]:
+    """A subscriber kept open while bad input is thrown at the server: it must keep receiving."""
+    client = RawClient.connect(server, key)
+    client.subscribe(channel)
+    try:
+        yield client
+    finally:
+        client.close()
