@@ -23,8 +23,10 @@ about a minute, stalling scheduled retries. The ``Reaper`` thread fixes both, ev
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -201,22 +203,27 @@ class Reaper(threading.Thread):
         return moved
 
 
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it is unreachable
+
+
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
                logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None) -> bool:
-    """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``)."""
+    """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``).
+
+    RQ's work loop retries a lost Redis only while it waits for a job; a connection error
+    anywhere else (heartbeat, maintenance, preparing a job) ends the loop. A worker that
+    exits when Redis restarts leaves every queued webhook and push waiting for an operator,
+    so this function runs the loop again — with a fresh RQ ``Worker`` — once Redis answers.
+    """
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry, prefix)
     queues = [Queue(n, connection=connection) for n in queue_names]
-    # A short maintenance interval lets this worker take over RQ's scheduler lock soon after
-    # the worker holding it died (the lock itself expires about a minute after its last beat).
-    worker = WebhookWorker(queues, connection=connection, name=name, worker_ttl=60, maintenance_interval=30)
-    worker.webhook_metrics = metrics
     from sockudo.push.metrics import PushMetrics
 
     from . import push as push_jobs
 
-    worker.push_metrics = PushMetrics(registry)
+    push_metrics = PushMetrics(registry)
     push_jobs.preload()  # work-horses are forked per job: import push's modules once, here
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -226,12 +233,70 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         # The server's constant labels (environment, region, node, adapter) on every series.
         start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))
         logger.info("worker metrics on :%d/metrics", metrics_port)
+    stop = threading.Event()
+    worked = False
     reaper = None
-    if reap_interval > 0:
-        reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")
-        reaper.start()
     try:
-        return bool(worker.work(burst=burst, with_scheduler=True, logging_level=logging_level))
+        for run in itertools.count():
+            # A restarted loop takes a new name: the old one may still be registered as alive.
+            worker = WebhookWorker(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
+                                   # A short maintenance interval lets this worker take over RQ's scheduler
+                                   # lock soon after the worker holding it died (the lock expires ~1 min
+                                   # after its last beat).
+                                   maintenance_interval=30)
+            worker.webhook_metrics = metrics
+            worker.push_metrics = push_metrics
+            if reaper is None and reap_interval > 0:
+                reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")
+                reaper.start()
+            try:
+                worked = bool(worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)) or worked
+            except RedisError as exc:  # teardown could not register the worker's death
+                logger.warning("worker %s ended without reaching Redis: %s", worker.name, exc)
+                _quietly(worker.unsubscribe)
+            if burst or worker._stop_requested or stop.is_set():
+                return worked
+            logger.error("worker %s: RQ's work loop ended on an error (Redis unreachable?); starting it again "
+                         "once Redis answers", worker.name)
+            _install_stop_handlers(stop)
+            if not wait_for_redis(connection, stop):
+                return worked
     finally:
         if reaper is not None:
             reaper.stopped.set()
+    return worked  # pragma: no cover - the loop only ends by returning
+
+
+def wait_for_redis(connection: Any, stop: threading.Event, backoff: tuple[float, ...] = RESTART_BACKOFF_S) -> bool:
+    """Block until ``PING`` succeeds (True) or ``stop`` is set (False)."""
+    for attempt in itertools.count():
+        try:
+            connection.ping()
+            return True
+        except RedisError:
+            pass
+        if stop.wait(backoff[min(attempt, len(backoff) - 1)]):
+            return False
+    return False  # pragma: no cover
+
+
+def _run_name(name: str | None, run: int) -> str | None:
+    if run == 0:
+        return name
+    return f"{name or 'sockudo-worker'}.{os.getpid()}.r{run}"
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    # Between two runs RQ's handlers (bound to the finished Worker) are still installed.
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _quietly(fn: Any) -> None:
+    try:
+        fn()
+    except Exception:  # best effort while Redis is away
+        logger.debug("ignored error while tearing down a worker", exc_info=True)

@@ -148,15 +148,19 @@ class ServerProcess:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free port, no persistence.
+    """A throwaway ``redis-server`` on a free port, no persistence — unless ``data_dir`` is
+    given: then it keeps an append-only file there (fsync on every write), so a stop and a
+    start come back with the data, as a production Redis restarting does.
 
     ``extra_args`` are appended to the command line (e.g. ``["--replicaof", "127.0.0.1", "6379"]``);
     ``port`` pins the port (default: a free one). ``restart()`` comes back on the SAME port.
     """
 
-    def __init__(self, extra_args: list[str] | None = None, port: int | None = None) -> None:
+    def __init__(self, extra_args: list[str] | None = None, port: int | None = None,
+                 data_dir: str | None = None) -> None:
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
+        self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -168,7 +172,7 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed; run `make test`, which installs it")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self._persistence(),
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -178,6 +182,16 @@ class RedisServer:
         wait_until(client.ping, timeout=10, message="redis-server to answer PING")
         client.close()
         return self
+
+    def _persistence(self) -> list[str]:
+        if self.data_dir is None:
+            return ["--appendonly", "no"]
+        return ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir]
+
+    def start_again(self) -> RedisServer:
+        """Start after ``stop()`` on the same port (with ``data_dir``: with the same data)."""
+        wait_until(lambda: _port_free(self.port), timeout=10, message=f"port {self.port} to be free again")
+        return self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -191,10 +205,9 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
     def restart(self) -> RedisServer:
-        """Stop, then start a fresh, empty redis-server on the same port."""
+        """Stop, then start again on the same port (fresh and empty unless ``data_dir``)."""
         self.stop()
-        wait_until(lambda: _port_free(self.port), timeout=10, message=f"port {self.port} to be free again")
-        return self.start()
+        return self.start_again()
 
 
 def _port_free(port: int) -> bool:
