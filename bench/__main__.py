@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {}
             for kind in servers:
                 log(f"{name}: {kind}")
-                results[name][kind] = sc.run_on(kind, fn, sizes)
+                # REST: the baselines set TCP_NODELAY as Sockudo does (see RunningServer)
+                results[name][kind] = sc.run_on(kind, fn, sizes, tcp_nodelay=name == "rest")
     report["elapsed_s"] = round(time.time() - started, 1)
     report["targets"] = targets(results, full=not args.quick)
 

@@ -27,6 +27,7 @@ from tests.support.procs import RedisServer, ServerProcess, free_port, wait_unti
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 LOADGEN = BENCH / "loadgen.js"
+RESTLOAD = BENCH / "restload.js"
 NODE_MODULES = ROOT / "tests" / "js" / "node_modules"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -204,10 +205,13 @@ def flask_socketio_available() -> bool:
 
 
 class RunningServer:
-    """Start one server under test; ``target`` says how to reach and measure it."""
+    """Start one server under test; ``target`` says how to reach and measure it.
+    ``tcp_nodelay``: the baselines set TCP_NODELAY on accepted sockets, as Sockudo always does
+    (the REST scenario, whose Node client cannot dodge the Nagle/delayed-ACK stall)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, tcp_nodelay: bool = False) -> None:
         self.kind = kind
+        self._script_args = ["--tcp-nodelay"] if tcp_nodelay else []
         self._sockudo: ServerProcess | None = None
         self._script: _ScriptServer | None = None
         self._redis: RedisServer | None = None
@@ -243,14 +247,14 @@ class RunningServer:
                                  [parent, *workers], signed=True)
             self.redis_pid = self._redis.proc.pid  # type: ignore[union-attr]
         elif self.kind == "bare":
-            self._script = _ScriptServer("bare_gevent", [])
+            self._script = _ScriptServer("bare_gevent", self._script_args)
             self.target = Target("bare", "bare gevent-websocket", self._script.port, "pusher", [self._script.proc.pid])
         elif self.kind == "bare-encode":
-            self._script = _ScriptServer("bare_gevent", ["--per-socket-encode"])
+            self._script = _ScriptServer("bare_gevent", ["--per-socket-encode", *self._script_args])
             self.target = Target("bare-encode", "bare (ws.send per socket)", self._script.port, "pusher",
                                  [self._script.proc.pid])
         elif self.kind == "flask-socketio":
-            self._script = _ScriptServer("flask_socketio", [])
+            self._script = _ScriptServer("flask_socketio", self._script_args)
             self.target = Target("flask-socketio", "Flask-SocketIO", self._script.port, "eio", [self._script.proc.pid])
         else:
             raise ValueError(self.kind)
@@ -511,6 +515,57 @@ class Publisher:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class RestLoad:
+    """``restload.js``: one Node process holding ``connections`` keep-alive HTTP connections,
+    each with one publish in flight (closed loop), signed the Pusher way for Sockudo and a
+    plain ``POST /publish`` for the baselines. ``start()`` returns once every connection has
+    completed a warm-up publish; ``go()`` runs ``seconds`` and returns the Node side's counts."""
+
+    def __init__(self, target: Target, body: bytes, connections: int, seconds: float) -> None:
+        self.seconds = seconds
+        cfg = {
+            "port": target.port, "path": f"/apps/{APP_ID}/events" if target.signed else "/publish",
+            "signed": target.signed, "app_key": APP_KEY, "app_secret": APP_SECRET,
+            "body": body.decode(), "connections": connections, "seconds": seconds,
+        }
+        self.proc = subprocess.Popen(
+            ["node", str(RESTLOAD), json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=sys.stderr, cwd=BENCH,
+        )
+        self._lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._lines.put(json.loads(raw))
+        self._lines.put({"ev": "exited"})
+
+    def _wait(self, name: str, timeout: float) -> dict[str, Any]:
+        msg = self._lines.get(timeout=timeout)
+        if msg.get("ev") != name:
+            raise RuntimeError(f"restload.js: expected {name!r}, got {msg}")
+        return msg
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 30) -> dict[str, Any]:
+        return self._wait("ready", timeout)
+
+    def go(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+        return self._wait("done", self.seconds + 30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def percentiles(samples: list[float], points: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | None]:

@@ -84,6 +84,7 @@ COLUMNS: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
         ("CPU µs/publish", ("cpu_us_per_publish",), True),
         ("server CPU util", ("server_cpu_util",), False),
         ("client CPU util", ("client_cpu_util",), False),
+        ("machine busy cores", ("machine_busy_cores",), False),
         ("plain keep-alive req ms", ("plain_keepalive_request_ms", "p50"), True),
     ],
 }
@@ -140,7 +141,8 @@ def print_report(report: dict[str, Any]) -> None:
             rows.append(row)
         first = next(iter(per_server.values()), {})
         size = {k: first.get(k) for k in ("subscribers", "publishes", "window", "connections", "clients", "channels",
-                                           "rate_per_s", "publisher_processes", "offered_cycles_per_s") if first.get(k)}
+                                           "rate_per_s", "publisher_processes", "publisher_connections",
+                                           "offered_cycles_per_s") if first.get(k)}
         _table(f"{TITLES.get(key, key)}  {size}", ["server", *[c[0] for c in cols]], rows)
         rs = ratios(key, per_server)
         if rs:

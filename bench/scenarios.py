@@ -4,7 +4,6 @@ time, and returns a plain dict of figures (plus ``error`` when something went wr
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from .harness import (
     CpuMeter,
     Pools,
     Publisher,
+    RestLoad,
     RunningServer,
     Target,
     cpu_seconds,
@@ -41,7 +41,8 @@ class Sizes:
     churn_channels: int = 1000
     churn_interval_ms: int = 250  # per client: 500 clients -> up to 2,000 cycles/s
     churn_seconds: float = 20.0
-    rest_publishers: int = 4
+    # REST: keep-alive connections of the one Node publisher process, one publish in flight each
+    rest_connections: int = 8
     rest_seconds: float = 10.0
     client_procs: int = 2
     # Before each run, wait up to this long for the machine to go nearly idle (a shared box).
@@ -96,7 +97,7 @@ QUICK = Sizes(
     latency_subscribers=100, latency_seconds=4.0,
     connections=1000,
     churn_clients=100, churn_seconds=4.0,
-    rest_publishers=3, rest_seconds=3.0,
+    rest_connections=4, rest_seconds=3.0,
     quiet_wait_s=0.0,
     cross_subscribers=200, cross_publishes=100, cross_rounds=3,
     xlat_seconds=3.0, xlat_rounds=1,
@@ -280,66 +281,47 @@ def churn(target: Target, sizes: Sizes) -> dict[str, Any]:
 # -- 5. REST publish rate -------------------------------------------------------------------
 
 
-def _rest_worker(target: Target, seconds: float, go: Any, results: Any) -> None:
-    pub = Publisher(target)
-    pub.publish("rest", PAYLOAD)  # connect (and sign) before the clock starts
-    go.wait()
-    ok = errors = 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        try:
-            status = pub.publish("rest", PAYLOAD)
-        except OSError:
-            status = 0
-        if status == 200:
-            ok += 1
-        else:
-            errors += 1
-    pub.close()
-    results.put((ok, errors))
-
-
 def rest(target: Target, sizes: Sizes) -> dict[str, Any]:
-    """Signed publishes/s accepted by the server, to a channel with one subscriber, from
-    several publisher processes each on its own keep-alive connection."""
-    k = sizes.rest_publishers
-    out: dict[str, Any] = {"publisher_processes": k, "subscribers": 1, "seconds": sizes.rest_seconds}
-    ctx = multiprocessing.get_context("spawn")
+    """Signed publishes/s accepted by the server, to a channel with one subscriber, from one
+    Node process (``restload.js``) holding several keep-alive connections, each with one
+    publish in flight. Server and client CPU come from /proc, over the same window."""
+    k = sizes.rest_connections
+    out: dict[str, Any] = {"publisher_connections": k, "subscribers": 1, "seconds": sizes.rest_seconds}
+    body = json.dumps({"name": "bench", "channel": "rest", "data": PAYLOAD}, separators=(",", ":")).encode()
     with Pools(target, 1, 1, {"kind": "same", "name": "rest"}) as pools:
         c = pools.connect(timeout=30)
         if c["ok"] != 1:
             return {**out, "error": f"subscriber did not subscribe: {c['errors']}"}
-        go = ctx.Event()
-        results = ctx.Queue()
-        workers = [ctx.Process(target=_rest_worker, args=(target, sizes.rest_seconds, go, results)) for _ in range(k)]
-        for w in workers:
-            w.start()
-        time.sleep(1.5)  # let them import and connect
-        pools.reset_count()
-        client_cpu0 = cpu_seconds([w.pid for w in workers if w.pid])  # type: ignore[misc]
-        meter = CpuMeter(target.pids).start()
-        go.set()
-        totals = [results.get(timeout=sizes.rest_seconds + 60) for _ in workers]
-        meter.stop()
-        client_cpu = 0.0
+        load = RestLoad(target, body, k, sizes.rest_seconds)
         try:
-            client_cpu = cpu_seconds([w.pid for w in workers if w.pid]) - client_cpu0  # type: ignore[misc]
-        except FileNotFoundError:
-            pass
-        for w in workers:
-            w.join(timeout=10)
-        accepted = sum(t[0] for t in totals)
-        errors = sum(t[1] for t in totals)
+            ready = load.start(timeout=30)
+            if ready.get("errors"):
+                return {**out, "error": f"warm-up publishes failed: {ready['errors']}"}
+            pools.reset_count()
+            client_pids = [load.pid, *pools.pids]
+            client_cpu0 = [cpu_seconds([pid]) for pid in client_pids]
+            meter = CpuMeter(target.pids).start()
+            done = load.go()
+            meter.stop()
+            client_cpu = [cpu_seconds([pid]) - c0 for pid, c0 in zip(client_pids, client_cpu0)]
+        finally:
+            load.close()
         time.sleep(0.5)
         stats = pools.stats()
         plain = _plain_keepalive_ms(target)
+    accepted = done["ok"]
     out.update({
         "accepted": accepted,
-        "errors": errors,
+        "errors": done["errors"],
+        "statuses": done["statuses"],
+        "client_error_samples": done.get("error_samples", []),
         "publishes_per_s": round(accepted / meter.wall),
         "delivered_to_subscriber": stats["count"],
         **_cpu_fields(meter, accepted, "publish"),
-        "client_cpu_util": round(client_cpu / meter.wall, 3) if client_cpu else None,
+        # the publisher process alone, and the subscriber's Node process beside it
+        "client_cpu_util": round(client_cpu[0] / meter.wall, 3) if meter.wall else None,
+        "client_cpu_us_per_publish": round(client_cpu[0] / accepted * 1e6, 2) if accepted else None,
+        "subscriber_cpu_util": round(sum(client_cpu[1:]) / meter.wall, 3) if meter.wall else None,
         "plain_keepalive_request_ms": plain,
     })
     return out
@@ -362,11 +344,11 @@ def _plain_keepalive_ms(target: Target, requests: int = 20) -> dict[str, float |
 SCENARIOS = ("fanout", "latency", "connections", "churn", "rest", "workers")
 
 
-def run_on(kind: str, fn: Any, sizes: Sizes, *args: Any) -> dict[str, Any]:
+def run_on(kind: str, fn: Any, sizes: Sizes, *args: Any, tcp_nodelay: bool = False) -> dict[str, Any]:
     """Start a fresh server of ``kind``, run one scenario against it, stop it."""
     quiet = wait_for_quiet(sizes.quiet_wait_s)
     try:
-        with RunningServer(kind) as server:
+        with RunningServer(kind, tcp_nodelay=tcp_nodelay) as server:
             result = fn(server.target, sizes, *args)
             result["server"] = server.target.label
             result["machine_busy_cores_before"] = quiet

@@ -120,10 +120,27 @@ def make_app(per_socket_encode: bool):
     return app
 
 
+class NoDelayHandler(WebSocketHandler):
+    """``--tcp-nodelay``: pywsgi writes a response's headers and body in two sends; without
+    TCP_NODELAY, Nagle holds the body until the client ACKs the headers, which Linux delays
+    ~40 ms on a warm keep-alive connection. Sockudo sets it on every accepted socket; the REST
+    scenario's Node client cannot set TCP_QUICKACK to dodge the stall, so there the baselines
+    get the same socket option."""
+
+    def handle(self):
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tcp-nodelay", action="store_true",
+                        help="set TCP_NODELAY on accepted sockets, as Sockudo does (the REST scenario)")
     parser.add_argument("--per-socket-encode", action="store_true")
     args = parser.parse_args()
     # Same listener settings as Sockudo's (backlog 2048), so connect rates compare fairly.
@@ -132,7 +149,8 @@ def main() -> None:
     sock.bind((args.host, args.port))
     sock.listen(2048)
     sock.setblocking(False)
-    WSGIServer(sock, make_app(args.per_socket_encode), handler_class=WebSocketHandler, log=None).serve_forever()
+    handler = NoDelayHandler if args.tcp_nodelay else WebSocketHandler
+    WSGIServer(sock, make_app(args.per_socket_encode), handler_class=handler, log=None).serve_forever()
 
 
 if __name__ == "__main__":
