@@ -568,6 +568,10 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         apps = ()  # Sockudo's rule: this variable clears every app
 
     config = replace(config, metrics=metrics, webhooks=parse_settings(webhooks_raw, env), **features, **listener)
+    limiter = config.rate_limiter
+    if limiter.enabled and limiter.driver == "redis" and not (config.redis_url or config.redis_sentinels):
+        raise ConfigError("config: rate_limiter.driver = \"redis\" needs Redis (REDIS_URL, REDIS_SENTINELS or "
+                          "[database.redis] url)")
     redis_configured = bool(config.redis_url or config.redis_sentinels)
     config = replace(config, push=parse_push_settings(push_raw, env, redis_configured=redis_configured))
     apps = tuple(_resolve_features(app, config) for app in apps)

@@ -108,8 +108,7 @@ def parse_rate_limiter(raw: Mapping[str, Any], env: Mapping[str, str]) -> RateLi
             flat[f.name] = env[var]
     config: RateLimiterConfig = _build(RateLimiterConfig, flat, "rate_limiter.")
     if config.driver not in ("memory", "redis"):
-        raise ConfigError(f"config: rate_limiter.driver must be \"memory\" (or \"redis\", treated as memory), "
-                          f"got {config.driver!r}")
+        raise ConfigError(f"config: rate_limiter.driver must be \"memory\" or \"redis\", got {config.driver!r}")
     for name in ("api_window_seconds", "websocket_window_seconds"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config: rate_limiter.{name.replace('_window', '_rate_limit.window')} must be at least 1")

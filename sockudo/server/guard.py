@@ -45,19 +45,29 @@ class Guard:
     """The listener's per-IP state, shared by every request of this process."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 on_limited: Callable[[str, str], None] | None = None) -> None:
+                 on_limited: Callable[[str, str], None] | None = None, redis_client: Any = None) -> None:
         rl = config.rate_limiter
         self.enabled = rl.enabled
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
-        self.api = RateLimiter(rl.api_max_requests, rl.api_window_seconds, clock)
+        self.api: Any
+        self.upgrades: Any
+        if rl.enabled and rl.driver == "redis" and redis_client is not None:
+            # Windows shared by every node (sockudo/rate_limit_redis.py); open connections per
+            # address stay per process (they end with the process that holds them).
+            from ..rate_limit_redis import RedisRateLimiter
+
+            prefix = config.redis_prefix
+            self.api = RedisRateLimiter(redis_client, prefix, "api", rl.api_max_requests, rl.api_window_seconds)
+            self.upgrades = RedisRateLimiter(redis_client, prefix, "websocket", rl.websocket_max_requests,
+                                             rl.websocket_window_seconds)
+        else:
+            self.api = RateLimiter(rl.api_max_requests, rl.api_window_seconds, clock)
+            self.upgrades = RateLimiter(rl.websocket_max_requests, rl.websocket_window_seconds, clock)
         self.api_hops = rl.api_trust_hops
-        self.upgrades = RateLimiter(rl.websocket_max_requests, rl.websocket_window_seconds, clock)
         self.ws_hops = rl.websocket_trust_hops
         self.connections = ConnectionCounter(rl.max_connections_per_ip)
         self.on_limited = on_limited or (lambda _kind, _context: None)
-        if rl.enabled and rl.driver != "memory":
-            logger.warning("rate_limiter.driver %r: counters are kept per process", rl.driver)
 
 
 class _DeadlineReader:

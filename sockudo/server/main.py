@@ -198,7 +198,15 @@ class Server:
                 logger.warning("starting without redis; cross-node delivery begins once it is reachable")
         reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"
         metrics = self.services.metrics
-        guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context))
+        limiter_redis = None
+        if cfg.rate_limiter.enabled and cfg.rate_limiter.driver == "redis":
+            from ..adapter.redis import make_client
+
+            # Short timeouts: a rate-limit check must not hold a request for long when Redis
+            # hangs (it falls back to per-process counting instead).
+            limiter_redis = make_client(cfg, socket_timeout=0.5, socket_connect_timeout=0.5)
+        guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context),
+                      redis_client=limiter_redis)
         # Timeouts, per-IP limits and TLS of the main listener: sockudo/server/guard.py.
         self.http = main_server(cfg, listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, guard,
                                 handler_class=_QuietHandler, log=None, error_log=observability.WSGI_ERROR_LOG)

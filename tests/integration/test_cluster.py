@@ -440,6 +440,21 @@ def test_same_user_on_two_nodes_one_member_added_one_member_removed(cluster, pus
         assert user_ids(node, channel) == ["late", "obs-a", "obs-b"]
 
 
+def test_cache_channel_payload_is_shared_by_every_node(cluster, pusherjs) -> None:
+    a, b = cluster(2)
+    channel = "cache-cluster-prices"
+    first = connect(pusherjs, "cache-first", b, APP, None, channel)
+    first.wait_event(channel, "pusher:cache_miss")  # nothing cached anywhere yet
+    sdk_for(a).trigger(channel, "price", {"eur": 7})  # published through A only
+    wait_until(lambda: received(first, channel, "price") == [{"eur": 7}], timeout=10,
+               message="the live event on B")
+    # a later subscriber on B gets A's last event from the shared cache, not a cache miss
+    late = connect(pusherjs, "cache-late", b, APP, None, channel)
+    assert late.wait_event(channel, "price")["data"] == {"eur": 7}
+    assert not received(late, channel, "pusher:cache_miss")
+    assert "cache" in sdk_for(b).channel_info(channel, ["cache"])
+
+
 def test_max_connections_is_cluster_wide(cluster) -> None:
     a, b = cluster(2, apps=[APP, APP_ONE])
     first = RawClient.connect(a, APP_ONE["key"])

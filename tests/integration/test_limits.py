@@ -23,16 +23,18 @@ import os
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pusher
 import pytest
+import redis
 import requests
 import websocket
 
 from tests.conftest import sdk_for
 from tests.support.cluster import metric
-from tests.support.procs import ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.wsmany import Fleet, MiniWs, masked_frame
 from tests.support.wsraw import RawClient, watching
 
@@ -210,6 +212,36 @@ def test_signed_rest_calls_per_ip_over_the_window_get_429_with_headers(server_fa
     status, client = upgrade_status(limited)
     assert status == 101 and client is not None  # WebSocket upgrades have their own limit
     client.close()
+
+
+def test_with_the_redis_driver_two_nodes_share_one_allowance(
+        server_factory: Callable[..., ServerProcess], redis_server: RedisServer):
+    """``driver = "redis"`` (as Sockudo): an address gets ``max_requests`` in all, whichever
+    node behind the balancer its requests reach — not that many per node."""
+    prefix = f"limits-{uuid.uuid4().hex[:8]}:"
+    limits = {"enabled": True, "driver": "redis", "api_rate_limit": {"max_requests": 6, "window_seconds": 60},
+              "websocket_rate_limit": {"max_requests": 4, "window_seconds": 60}}
+    nodes = [server_factory([APP], env={"REDIS_URL": redis_server.url, "REDIS_PREFIX": prefix},
+                            rate_limiter=limits) for _ in range(2)]
+    sdks = [sdk_for(node, APP) for node in nodes]
+    for i in range(6):
+        sdks[i % 2].trigger("c", "e", str(i))  # three through each node
+    for node in nodes:
+        resp = requests.get(f"{node.url}/apps/{APP['id']}/channels", timeout=5)
+        assert resp.status_code == 429, resp.text
+        assert resp.headers["X-RateLimit-Limit"] == "6"
+    opened = []
+    try:
+        for i in range(4):
+            status, client = upgrade_status(nodes[i % 2])
+            assert status == 101
+            opened.append(client)
+        assert [upgrade_status(node)[0] for node in nodes] == [429, 429]
+    finally:
+        for client in opened:
+            if client is not None:
+                client.close()
+    assert redis.Redis.from_url(redis_server.url).keys(f"{prefix}rate_limit:*")
 
 
 # -- slow-loris ----------------------------------------------------------------------------------------
