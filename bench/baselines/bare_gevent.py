@@ -23,6 +23,7 @@ import struct  # noqa: E402
 from gevent.lock import RLock  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
+from bench.baselines.common import NoDelayHandler  # noqa: E402
 
 ESTABLISHED = json.dumps(
     {"event": "pusher:connection_established", "data": json.dumps({"socket_id": "1.1", "activity_timeout": 120})}
@@ -118,21 +119,6 @@ def make_app(per_socket_encode: bool):
         return [b""]
 
     return app
-
-
-class NoDelayHandler(WebSocketHandler):
-    """``--tcp-nodelay``: pywsgi writes a response's headers and body in two sends; without
-    TCP_NODELAY, Nagle holds the body until the client ACKs the headers, which Linux delays
-    ~40 ms on a warm keep-alive connection. Sockudo sets it on every accepted socket; the REST
-    scenario's Node client cannot set TCP_QUICKACK to dodge the stall, so there the baselines
-    get the same socket option."""
-
-    def handle(self):
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().handle()
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from flask import Flask, request  # noqa: E402
 from flask_socketio import SocketIO, join_room, leave_room  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
+from bench.baselines.common import NoDelayHandler  # noqa: E402
 
 app = Flask(__name__)
 socketio = SocketIO(app, async_mode="gevent", logger=False, engineio_logger=False, cors_allowed_origins="*")
@@ -58,21 +59,6 @@ def publish():
 @app.get("/live")
 def live():
     return "OK"
-
-
-class NoDelayHandler(WebSocketHandler):
-    """``--tcp-nodelay``: pywsgi writes a response's headers and body in two sends; without
-    TCP_NODELAY, Nagle holds the body until the client ACKs the headers, which Linux delays
-    ~40 ms on a warm keep-alive connection. Sockudo sets it on every accepted socket; the REST
-    scenario's Node client cannot set TCP_QUICKACK to dodge the stall, so there the baselines
-    get the same socket option."""
-
-    def handle(self):
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().handle()
 
 
 def main() -> None:
