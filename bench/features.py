@@ -1077,132 +1077,127 @@ def _rows(header: list[str], rows: list[list[Any]]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def _print_cross_fanout(r: dict[str, Any]) -> None:
+    rows = [[name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"], s.get("cpu_share_by_process"),
+             s["all_complete"]] for name, shapes in r["results"].items() for shape, s in shapes.items()]
+    _rows(["config", "shape", "deliveries/s", "CPU µs/delivery", "CPU share by process", "complete"], rows)
+    for shape, rr in r["ratios"].items():
+        print(f"  {shape}: two nodes / one node = {_f(rr['two_nodes_vs_one_node'])}× deliveries/s "
+              f"(vs one node with the redis adapter {_f(rr['two_nodes_vs_one_node_redis'])}×); "
+              f"CPU/delivery {_f(rr['cpu_two_nodes_vs_one_node'])}×")
+
+
+def _print_cross_latency(r: dict[str, Any]) -> None:
+    rows = []
+    for name, s in r["results"].items():
+        lat = s["latency_ms_pooled"]
+        rows.append([name, s["publishes_per_s_median"], lat["p50"], lat["p90"], lat["p99"], lat["p99.9"],
+                     lat["max"], s["p99_ms_median_of_rounds"], s["complete"]])
+    _rows(["config", "publishes/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 median/round",
+           "complete"], rows)
+
+
+def _print_cross_churn(r: dict[str, Any]) -> None:
+    print(f"  cycles/s {r['cycles_per_s']}, subscribe ack {r['subscribe_ack_ms']}, CPU µs/cycle "
+          f"{r['cpu_us_per_cycle']} (nodes + redis; by process {r['server_cpu_s_by_process']} s)")
+    one = r.get("one_node")
+    if one:
+        print(f"  the same churn on one process beside it: ack {one['subscribe_ack_ms']}, CPU µs/cycle "
+              f"{one['cpu_us_per_cycle']}")
+    for node, c in r["channels_check"].items():
+        print(f"  /channels on {node}: exact={c['exact']} occupied={c['occupied']} "
+              f"subscriptions={c['subscriptions']} (expected {c['expected_occupied']} / "
+              f"{c['expected_subscriptions']}) {c['mismatched_channels'] or ''}")
+    print(f"  /channels/{{c}} checks wrong: {r['single_channel_wrong_count']}/{r['single_channel_checks']}; "
+          f"uncomplete_promises delta {r['uncomplete_promises_delta']}; polls during churn "
+          f"{r['polls_during_churn']} (incomplete {r['poll_incomplete']}, {r['poll_ms']} ms)")
+
+
+def _print_webhooks(r: dict[str, Any]) -> None:
+    rows = [[name, s["client_events_per_s_median"], s["p50_ms_median_of_rounds"], s["p95_ms_median_of_rounds"],
+             s["p99_ms_median_of_rounds"], s["server_cpu_util_median"]] for name, s in r["results"].items()]
+    _rows(["webhooks", "client events/s", "p50 ms", "p95 ms", "p99 ms", "server CPU util"], rows)
+    print(f"  on/off: {r['latency_ratio_on_vs_off']}; enqueued {r['enqueue']}")
+    print(f"  drain: {r['drain']}")
+    st = r.get("steady")
+    if st:
+        print(f"  with the workers running: p50 {st['p50_ms_median_of_rounds']} p99 "
+              f"{st['p99_ms_median_of_rounds']} ms; jobs waiting after each 'on' round "
+              f"{st['jobs_waiting_at_end_of_on_rounds']}; {st['events_delivered']}/{st['events_queued']} "
+              f"delivered {st['caught_up_s_after_last_round']} s after the last round")
+
+
+def _print_on_off(block: dict[str, Any]) -> None:
+    """A recovery fan-out table (configs × shapes) and its on/off ratios."""
+    rows = [[name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"], s["all_complete"]]
+            for name, shapes in block["results"].items() for shape, s in shapes.items()]
+    _rows(["config", "shape", "deliveries/s", "CPU µs/delivery", "complete"], rows)
+    for mode, shapes in block["ratios"].items():
+        for shape, rr in shapes.items():
+            print(f"  {mode} {shape}: on/off deliveries/s {_f(rr['deliveries_per_s_on_vs_off'])}×, "
+                  f"CPU/delivery {_f(rr['cpu_per_delivery_on_vs_off'])}×")
+
+
+def _print_recovery_fanout(r: dict[str, Any]) -> None:
+    _print_on_off(r)
+    nr = r.get("narrow")
+    if nr:
+        print(f"  narrower fan-out, {nr['subscribers']} subscribers, {nr['publishes_per_round']} publishes "
+              f"per round and shape:")
+        _print_on_off(nr)
+
+
+def _print_publish_cost(r: dict[str, Any]) -> None:
+    _rows(["config", "round trip µs", "server CPU µs", "redis CPU µs"],
+          [[k, v["round_trip_us"], v["server_cpu_us"], v["redis_cpu_us"]] for k, v in r["results"].items()])
+
+
+def _print_resume(r: dict[str, Any]) -> None:
+    rows = []
+    for name, s in r["results"].items():
+        if "error" in s:
+            rows.append([name, "ERROR: " + s["error"][:80], None, None, None, None])
+            continue
+        rows.append([name, s["wall_s"], s["exactly_the_missed_messages"], s["failed_resume"],
+                     s["per_client_reconnect_to_success_ms"]["p99"], s["per_client_resume_to_success_ms"]["p99"]])
+    _rows(["config", "all resumed s", "exact", "failed", "reconnect→success p99 ms", "resume→success p99 ms"], rows)
+
+
+#: (results key, its heading, how to print its figures), in report order.
+_SECTIONS: list[tuple[str, Callable[[dict[str, Any]], str], Callable[[dict[str, Any]], None]]] = [
+    ("cross-fanout", lambda r: f"I3a. Cross-node fan-out: {r.get('subscribers')} subscribers, "
+                               f"{r.get('publishes_per_round')} publishes × {r.get('rounds')} interleaved rounds "
+                               f"per shape (medians)", _print_cross_fanout),
+    ("cross-latency", lambda r: f"I3b. Cross-node latency: {_f(r.get('rate_per_s'))} publishes/s for "
+                                f"{r.get('seconds_per_round')} s × {r.get('rounds')} rounds, {r.get('receivers')} "
+                                f"receivers on {r.get('channels')} channels", _print_cross_latency),
+    ("cross-churn", lambda r: f"I3c. Churn over 2 nodes: {r.get('clients')} clients, {r.get('channels')} channels, "
+                              f"every {r.get('interval_ms')} ms for {r.get('seconds')} s", _print_cross_churn),
+    ("webhooks", lambda r: f"I4. Webhooks: {_f(r.get('client_events_per_s_offered'))} client events/s, "
+                           f"{r.get('rounds')} rounds × {r.get('seconds_per_round')} s per config, publish latency "
+                           f"to {r.get('latency_subscribers')} subscribers at {r.get('publish_rate_per_s')}/s",
+     _print_webhooks),
+    ("recovery-fanout", lambda r: f"I5a. Fan-out with recovery+history: {r.get('subscribers')} protocol-2 "
+                                  f"subscribers, {r.get('publishes_per_round')} publishes × {r.get('rounds')} rounds "
+                                  f"per shape (medians)", _print_recovery_fanout),
+    ("publish-cost", lambda r: f"I5. Cost of one publish (1 subscriber, sequential keep-alive publishes, "
+                               f"{r.get('rounds')} rounds × {r.get('publishes_per_round')}, medians)",
+     _print_publish_cost),
+    ("resume", lambda r: f"I5b. Resume: {r.get('clients')} protocol-2 clients on {r.get('channels')} channels, "
+                         f"each missing {r.get('missed_per_client')}", _print_resume),
+]
+
+
 def print_features(results: dict[str, Any]) -> None:
-    r = results.get("cross-fanout")
-    if r:
-        print(f"\nI3a. Cross-node fan-out: {r.get('subscribers')} subscribers, "
-              f"{r.get('publishes_per_round')} publishes × {r.get('rounds')} interleaved rounds per shape (medians)")
+    for key, heading, body in _SECTIONS:
+        r = results.get(key)
+        if not r:
+            continue
+        print("\n" + heading(r))
         if "error" in r:
             print(f"  ERROR: {r['error']}")
         else:
-            rows = []
-            for name, shapes in r["results"].items():
-                for shape, s in shapes.items():
-                    rows.append([name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"],
-                                 s.get("cpu_share_by_process"), s["all_complete"]])
-            _rows(["config", "shape", "deliveries/s", "CPU µs/delivery", "CPU share by process", "complete"], rows)
-            for shape, rr in r["ratios"].items():
-                print(f"  {shape}: two nodes / one node = {_f(rr['two_nodes_vs_one_node'])}× deliveries/s "
-                      f"(vs one node with the redis adapter {_f(rr['two_nodes_vs_one_node_redis'])}×); "
-                      f"CPU/delivery {_f(rr['cpu_two_nodes_vs_one_node'])}×")
-    r = results.get("cross-latency")
-    if r:
-        print(f"\nI3b. Cross-node latency: {_f(r.get('rate_per_s'))} publishes/s for {r.get('seconds_per_round')} s × "
-              f"{r.get('rounds')} rounds, {r.get('receivers')} receivers on {r.get('channels')} channels")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            rows = []
-            for name, s in r["results"].items():
-                lat = s["latency_ms_pooled"]
-                rows.append([name, s["publishes_per_s_median"], lat["p50"], lat["p90"], lat["p99"], lat["p99.9"],
-                             lat["max"], s["p99_ms_median_of_rounds"], s["complete"]])
-            _rows(["config", "publishes/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "p99 median/round",
-                   "complete"], rows)
-    r = results.get("cross-churn")
-    if r:
-        print(f"\nI3c. Churn over 2 nodes: {r.get('clients')} clients, {r.get('channels')} channels, every "
-              f"{r.get('interval_ms')} ms for {r.get('seconds')} s")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            print(f"  cycles/s {r['cycles_per_s']}, subscribe ack {r['subscribe_ack_ms']}, CPU µs/cycle "
-                  f"{r['cpu_us_per_cycle']} (nodes + redis; by process {r['server_cpu_s_by_process']} s)")
-            one = r.get("one_node")
-            if one:
-                print(f"  the same churn on one process beside it: ack {one['subscribe_ack_ms']}, CPU µs/cycle "
-                      f"{one['cpu_us_per_cycle']}")
-            for node, c in r["channels_check"].items():
-                print(f"  /channels on {node}: exact={c['exact']} occupied={c['occupied']} "
-                      f"subscriptions={c['subscriptions']} (expected {c['expected_occupied']} / "
-                      f"{c['expected_subscriptions']}) {c['mismatched_channels'] or ''}")
-            print(f"  /channels/{{c}} checks wrong: {r['single_channel_wrong_count']}/{r['single_channel_checks']}; "
-                  f"uncomplete_promises delta {r['uncomplete_promises_delta']}; polls during churn "
-                  f"{r['polls_during_churn']} (incomplete {r['poll_incomplete']}, {r['poll_ms']} ms)")
-    r = results.get("webhooks")
-    if r:
-        print(f"\nI4. Webhooks: {_f(r.get('client_events_per_s_offered'))} client events/s, {r.get('rounds')} "
-              f"rounds × {r.get('seconds_per_round')} s per config, publish latency to {r.get('latency_subscribers')} "
-              f"subscribers at {r.get('publish_rate_per_s')}/s")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            rows = []
-            for name, s in r["results"].items():
-                rows.append([name, s["client_events_per_s_median"], s["p50_ms_median_of_rounds"],
-                             s["p95_ms_median_of_rounds"], s["p99_ms_median_of_rounds"], s["server_cpu_util_median"]])
-            _rows(["webhooks", "client events/s", "p50 ms", "p95 ms", "p99 ms", "server CPU util"], rows)
-            print(f"  on/off: {r['latency_ratio_on_vs_off']}; enqueued {r['enqueue']}")
-            print(f"  drain: {r['drain']}")
-            st = r.get("steady")
-            if st:
-                print(f"  with the workers running: p50 {st['p50_ms_median_of_rounds']} p99 "
-                      f"{st['p99_ms_median_of_rounds']} ms; jobs waiting after each 'on' round "
-                      f"{st['jobs_waiting_at_end_of_on_rounds']}; {st['events_delivered']}/{st['events_queued']} "
-                      f"delivered {st['caught_up_s_after_last_round']} s after the last round")
-    r = results.get("recovery-fanout")
-    if r:
-        print(f"\nI5a. Fan-out with recovery+history: {r.get('subscribers')} protocol-2 subscribers, "
-              f"{r.get('publishes_per_round')} publishes × {r.get('rounds')} rounds per shape (medians)")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            rows = []
-            for name, shapes in r["results"].items():
-                for shape, s in shapes.items():
-                    rows.append([name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"], s["all_complete"]])
-            _rows(["config", "shape", "deliveries/s", "CPU µs/delivery", "complete"], rows)
-            for mode, shapes in r["ratios"].items():
-                for shape, rr in shapes.items():
-                    print(f"  {mode} {shape}: on/off deliveries/s {_f(rr['deliveries_per_s_on_vs_off'])}×, "
-                          f"CPU/delivery {_f(rr['cpu_per_delivery_on_vs_off'])}×")
-            nr = r.get("narrow")
-            if nr:
-                print(f"  narrower fan-out, {nr['subscribers']} subscribers, {nr['publishes_per_round']} publishes "
-                      f"per round and shape:")
-                rows = [[name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"], s["all_complete"]]
-                        for name, shapes in nr["results"].items() for shape, s in shapes.items()]
-                _rows(["config", "shape", "deliveries/s", "CPU µs/delivery", "complete"], rows)
-                for mode, shapes in nr["ratios"].items():
-                    for shape, rr in shapes.items():
-                        print(f"  {mode} {shape}: on/off deliveries/s {_f(rr['deliveries_per_s_on_vs_off'])}×, "
-                              f"CPU/delivery {_f(rr['cpu_per_delivery_on_vs_off'])}×")
-    r = results.get("publish-cost")
-    if r:
-        print(f"\nI5. Cost of one publish (1 subscriber, sequential keep-alive publishes, {r.get('rounds')} rounds × "
-              f"{r.get('publishes_per_round')}, medians)")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            _rows(["config", "round trip µs", "server CPU µs", "redis CPU µs"],
-                  [[k, v["round_trip_us"], v["server_cpu_us"], v["redis_cpu_us"]] for k, v in r["results"].items()])
-    r = results.get("resume")
-    if r:
-        print(f"\nI5b. Resume: {r.get('clients')} protocol-2 clients on {r.get('channels')} channels, each missing "
-              f"{r.get('missed_per_client')}")
-        if "error" in r:
-            print(f"  ERROR: {r['error']}")
-        else:
-            rows = []
-            for name, s in r["results"].items():
-                if "error" in s:
-                    rows.append([name, "ERROR: " + s["error"][:80], None, None, None, None])
-                    continue
-                rows.append([name, s["wall_s"], s["exactly_the_missed_messages"], s["failed_resume"],
-                             s["per_client_reconnect_to_success_ms"]["p99"],
-                             s["per_client_resume_to_success_ms"]["p99"]])
-            _rows(["config", "all resumed s", "exact", "failed", "reconnect→success p99 ms",
-                   "resume→success p99 ms"], rows)
+            body(r)
 
 
 def feature_targets(results: dict[str, Any], full: bool) -> list[dict[str, Any]]:
