@@ -53,6 +53,8 @@ from .harness import (
     percentiles,
     wait_for_quiet,
 )
+from .fmt import fmt as _f
+from .fmt import print_rows as _rows
 from .scenarios import PAYLOAD, Sizes
 
 # --py-spy PATH --profile-dir DIR: every node of these scenarios is sampled by py-spy
@@ -1055,26 +1057,6 @@ def run(name: str, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 # -- printing and targets -----------------------------------------------------------------------
-
-
-def _f(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def _rows(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header] + [[_f(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
-        padded = (c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        print("  " + "  ".join(padded))
-        if j == 0:
-            print("  " + "  ".join("-" * w for w in widths))
 
 
 def _print_cross_fanout(r: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from .features import SCENARIOS as FEATURES
 from .features import feature_targets, print_features
+from .fmt import fmt as _fmt
+from .fmt import print_rows
 
 LABELS = {
     "sockudo": "sockudo",
@@ -29,25 +31,9 @@ def _ratio(a: Any, b: Any) -> float | None:
     return None
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
-    for j, row in enumerate(cells):
-        padded = (c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        print("  " + "  ".join(padded))
-        if j == 0:
-            print("  " + "  ".join("-" * w for w in widths))
+    print_rows(header, rows)
 
 
 # (column title, path into a result, lower is better?)
