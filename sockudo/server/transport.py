@@ -84,10 +84,17 @@ class WsTransport:
         self._write_now(frame.wire_v2 if self.v2 else frame.wire)
 
     def send_pong(self, payload: bytes) -> None:
+        """Answer a WebSocket ping. Pongs wait in the same bounded queue as messages: a client
+        that floods pings and reads nothing is a slow consumer like any other (4100), not a
+        way to grow the server's memory."""
         if self.closing:
             return
-        if self.queue or self.writer is not None:
-            self.queue.append(encode(OP_PONG, payload))
+        queue = self.queue
+        if queue or self.writer is not None:
+            if len(queue) >= self.max_messages:
+                self._slow_consumer()
+                return
+            queue.append(encode(OP_PONG, payload))
         else:
             self._write_now(encode(OP_PONG, payload))
 

@@ -359,6 +359,41 @@ def test_one_channel_over_max_channels_per_connection_gets_4300(server, sdk, wat
 # -- the bounded outbound queue ------------------------------------------------------------------------
 
 
+def test_a_ping_flood_from_a_client_that_never_reads_gets_4100(server, sdk, watcher):
+    """Every WebSocket ping must be answered with a pong; a client that sends pings and reads
+    none of the pongs fills its queue like a slow consumer and is cut off the same way (4100),
+    instead of growing the server's memory pong by pong."""
+    flooder = MiniWs(server.port, f"/app/{APP['key']}?protocol=7", rcvbuf=4096)
+    try:
+        before = metric(server.metrics_text(), "sockudo_slow_consumer_disconnections_total")
+        ping = masked_frame(0x9, b"p" * 125) * 100
+        sent = 0
+        flooder.sock.settimeout(10)
+        while metric(server.metrics_text(), "sockudo_slow_consumer_disconnections_total") == before:
+            assert sent < 200_000, "a ping flood was never cut off"
+            try:
+                for _ in range(10):
+                    flooder.sock.sendall(ping)
+                    sent += 100
+            except OSError:
+                break  # the server already cut the connection
+        assert metric(server.metrics_text(), "sockudo_slow_consumer_disconnections_total") == before + 1
+        # The server ends the connection. (Whether the client still reads the 4100 frame
+        # depends on TCP: its own unread pings make the server's close a reset, which
+        # discards what was in flight. A client that stops sending gets it: next test.)
+        deadline = time.monotonic() + 15
+        while flooder.close_code is None and not flooder.eof:
+            assert time.monotonic() < deadline, "the flooding client was not closed"
+            try:
+                flooder.feed(flooder.sock.recv(262144))
+            except OSError:
+                break
+        assert all(e["data"]["code"] == 4100 for e in flooder.events("pusher:error"))
+    finally:
+        flooder.close()
+    assert_still_delivering(sdk, watcher)
+
+
 def test_a_client_that_stops_reading_gets_4100_while_others_receive_everything(server, sdk, watcher):
     channel = "limits-slow"
     slow = MiniWs(server.port, f"/app/{APP['key']}?protocol=7", rcvbuf=4096)
