@@ -105,7 +105,7 @@ class Handler:
 
     # -- connection lifecycle --------------------------------------------------
 
-    def admit(self, app_key: str, origin: str | None) -> AppConfig:
+    def admit(self, app_key: str, origin: str | None, protocol_version: int = 7) -> AppConfig:
         """Decide whether a new socket for ``app_key`` may connect (spec §1.2).
 
         Raises a fatal ``PusherError`` for the server edge to send before closing.
@@ -117,6 +117,10 @@ class Handler:
         if not app.enabled:
             self.metrics.connection_error(app.id, "app_disabled")
             raise PusherError(PusherCode.APP_DISABLED, "App is disabled", fatal=True)
+        if protocol_version != 2 and protocol_version < 5:
+            # Pusher protocols 5-7 (and newer) are served as 7; 2 is Sockudo's protocol 2.
+            self.metrics.connection_error(app.id, "unsupported_protocol")
+            raise PusherError(PusherCode.UNSUPPORTED_PROTOCOL, "Unsupported protocol version", fatal=True)
         if not origin_allowed(origin, app.allowed_origins):
             self.metrics.connection_error(app.id, "origin_not_allowed")
             raise PusherError(PusherCode.UNAUTHORIZED, "Origin not allowed", fatal=True)

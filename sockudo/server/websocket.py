@@ -70,10 +70,11 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     read = wsgi_handler.rfile.read
     config = handler.config
     app_key = environ.get("PATH_INFO", "")[len(APP_PATH_PREFIX):].strip("/")
-    version = protocol_version(environ) or 7
+    requested = protocol_version(environ)
+    version = 7 if requested is None else requested  # non-numeric was refused (400) before the upgrade
 
     try:
-        app = handler.admit(app_key, environ.get("HTTP_ORIGIN"))
+        app = handler.admit(app_key, environ.get("HTTP_ORIGIN"), version)
     except PusherError as exc:
         _refuse(sock, exc)
         ws.closed = True  # stop gevent-websocket from sending its own close frame

@@ -149,6 +149,31 @@ def test_non_numeric_protocol_is_http_400(server, sdk, watcher):
     assert_others_unaffected(sdk, watcher)
 
 
+@pytest.mark.parametrize("version", ["0", "1", "3", "4"])
+def test_protocol_below_5_gets_4007(server, sdk, watcher, version):
+    client = RawClient.open(server, APP["key"], query=f"protocol={version}&client=raw&version=1.0")
+    try:
+        client.expect_error_then_close(4007)
+    finally:
+        client.close()
+    assert_others_unaffected(sdk, watcher)
+
+
+@pytest.mark.parametrize("version", ["5", "6", "7", "8"])
+def test_protocols_5_to_7_and_newer_are_served_as_pusher_7(server, sdk, version):
+    """Pysher and older pusher-js speak protocols 5 and 6, and ping with ``"data": ""``."""
+    client = RawClient.connect(server, APP["key"], query=f"protocol={version}&client=raw&version=1.0")
+    try:
+        client.send_json({"event": "pusher:ping", "data": ""})
+        assert client.expect("pusher:pong")["event"] == "pusher:pong"
+        client.subscribe(f"proto-{version}")
+        sdk.trigger(f"proto-{version}", "hello", {"v": version})
+        frame = client.expect("hello")
+        assert set(frame) == {"event", "channel", "data"}  # a plain Pusher frame: no serial or message_id
+    finally:
+        client.close()
+
+
 # -- malformed frames on an open socket (§1.3, §1.5) --------------------------------------
 
 
