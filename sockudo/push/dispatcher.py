@@ -69,8 +69,9 @@ def load_credentials(store: Any, key: str | None, app_id: str, provider: str) ->
     return dict(material)
 
 
-def dead_letter_id(app_id: str, publish_id: str, key: str, at_ms: int) -> str:
-    return sha256_hex(f"{app_id}:{publish_id}:{key}:{at_ms}")[:32]
+def dead_letter_id(app_id: str, publish_id: str, device_id: str, attempt: int) -> str:
+    """Deterministic: a re-run of the job that dead-letters this delivery names the same letter."""
+    return sha256_hex(f"{app_id}:{publish_id}:{device_id}:{attempt}")[:32]
 
 
 class Dispatcher:
@@ -266,6 +267,9 @@ class Dispatcher:
                 device,
                 credentials,
             )
+        # A re-run after a worker died between a settle's counters and the state write finds
+        # every claim settled: the publish is completed here, whoever counted last.
+        self._reconcile(app_id, publish_id)
         if not busy:  # else another live run of this job still works on it and finishes it
             self.store.finish_batch(batch_id)
 
@@ -346,15 +350,23 @@ class Dispatcher:
             return False
         # rejected
         if result.failure_class == DEVICE_TERMINAL:
-            logger.warning("push token invalid; device and its subscriptions deleted", extra=log)
+            # (Not "token invalid": the log redaction takes "token <word>" for a credential.)
+            logger.warning("push device invalidated by the provider; device and its subscriptions deleted", extra=log)
             if self.store.delete_device(app_id, device_id):
                 self.metrics.inc("sockudo_push_token_invalidations", labels)
             self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason)
             return False
         logger.warning("push delivery rejected", extra=log)
-        change = self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason)
-        if not change.duplicate and replay is None:
-            self._dead_letter(app_id, publish_id, key, device_id, provider, result, attempt, stage="delivery_result")
+        letter = None
+        if replay is None:
+            letter = self._dead_letter(
+                app_id, publish_id, device_id, provider, result, attempt, stage="delivery_result"
+            )
+        change = self._settle(
+            app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason, dead_letter=letter
+        )
+        self._dead_lettered(letter, change)
+        return False
 
     def _retry(
         self,
@@ -423,6 +435,18 @@ class Dispatcher:
             return
         self.metrics.inc("sockudo_push_retry_dead_lettered", labels)
         logger.error("push delivery dead-lettered", extra={**log, "reason": decision.reason})
+        letter = None
+        if replay is None:
+            letter = self._dead_letter(
+                app_id,
+                publish_id,
+                device_id,
+                provider,
+                result,
+                attempt,
+                stage="retry",
+                reason=f"{decision.reason}: {result.reason}",
+            )
         change = self._settle(
             app_id,
             publish_id,
@@ -431,19 +455,9 @@ class Dispatcher:
             provider,
             replay,
             reason=f"{decision.reason}:{result.reason}",
+            dead_letter=letter,
         )
-        if not change.duplicate and replay is None:
-            self._dead_letter(
-                app_id,
-                publish_id,
-                key,
-                device_id,
-                provider,
-                result,
-                attempt,
-                stage="retry",
-                reason=f"{decision.reason}: {result.reason}",
-            )
+        self._dead_lettered(letter, change)
 
     def _settle(
         self,
@@ -458,7 +472,12 @@ class Dispatcher:
         message_id: str | None = None,
         next_attempt: int | None = None,
         due_ms: int | None = None,
+        dead_letter: dict[str, Any] | None = None,
     ) -> st.Change:
+        """Settle one attempt. ``dead_letter`` is written by the store with the settle itself (one
+        transaction) when it ends the delivery, so a worker killed right after can't leave a
+        counted dead letter that does not exist."""
+        letter = (dead_letter, self.settings.dead_letter_ttl_days * 86_400) if dead_letter is not None else None
         change = self._status(
             "feedback",
             app_id,
@@ -473,6 +492,7 @@ class Dispatcher:
                 due_ms=due_ms,
                 replay=replay is not None,
                 reason=reason,
+                dead_letter=letter,
             ),
         )
         if change.duplicate:
@@ -520,6 +540,17 @@ class Dispatcher:
             )
         return change
 
+    def _reconcile(self, app_id: str, publish_id: str) -> None:
+        """Complete a publish whose counters all add up but whose state is not terminal yet (the
+        worker that counted last died before writing it). Idempotent: only the writer counts it."""
+        record = self.store.get_status(app_id, publish_id)
+        if record is None or st.is_terminal(str(record.get("state"))) or st.terminal_state(record) is None:
+            return
+        change = self._status(
+            "feedback", app_id, publish_id, lambda: self.store.complete(app_id, publish_id, self.now_ms())
+        )
+        self._completed(app_id, publish_id, change)
+
     def _completed(self, app_id: str, publish_id: str, change: st.Change) -> None:
         if change.terminal is None:
             return
@@ -539,7 +570,6 @@ class Dispatcher:
         self,
         app_id: str,
         publish_id: str,
-        key: str,
         device_id: str,
         provider: str,
         result: ProviderResult,
@@ -547,10 +577,11 @@ class Dispatcher:
         *,
         stage: str,
         reason: str | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
+        """The dead-letter record of this delivery's last attempt (written by the settle)."""
         at = self.now_ms()
-        letter = {
-            "deadLetterId": dead_letter_id(app_id, publish_id, key, at),
+        return {
+            "deadLetterId": dead_letter_id(app_id, publish_id, device_id, attempts),
             "appId": app_id,
             "publishId": publish_id,
             "provider": provider,
@@ -564,13 +595,16 @@ class Dispatcher:
             "replayState": None,
             "replayCount": 0,
         }
-        self.store.add_dead_letter(app_id, letter, self.settings.dead_letter_ttl_days * 86_400)
+
+    def _dead_lettered(self, letter: dict[str, Any] | None, change: st.Change) -> None:
+        if letter is None or change.duplicate:
+            return  # a replay, or a settle that had already happened (and wrote the letter)
         logger.warning(
             "push dead letter recorded",
             extra={
-                "app_id": app_id,
-                "publish_id": publish_id,
-                "provider": provider,
+                "app_id": letter["appId"],
+                "publish_id": letter["publishId"],
+                "provider": letter["provider"],
                 "error": letter["reason"],
                 "dead_letter_id": letter["deadLetterId"],
             },

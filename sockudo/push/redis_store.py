@@ -410,10 +410,15 @@ class RedisStore:
         due_ms: int | None = None,
         replay: bool = False,
         reason: str = "",
+        dead_letter: tuple[dict[str, Any], int] | None = None,
     ) -> st.Change:
         """The delivery's transition under WATCH of its own key; the counters move with HINCRBY in
         the same MULTI, which also reads the record back, so the publish's completion is decided
-        on exact post-update counters (then a monotonic state write)."""
+        on exact post-update counters (then a monotonic state write — a worker killed before it
+        leaves complete counters in a non-terminal record, which :meth:`complete` finishes when
+        the job is re-run). ``dead_letter`` (letter, ttl s) is written in the same MULTI when this
+        settle ends the delivery: a counted dead letter always exists, and a duplicate settle (a
+        re-run) writes none."""
         pub = self.k("pub", app_id, publish_id)
         state_key = self._delivery_key(app_id, publish_id, key)
         for _ in range(MAX_CAS):
@@ -448,6 +453,8 @@ class RedisStore:
                         und = self.k("und", app_id, publish_id)
                         pipe.hset(und, key, f"{outcome.value}:{reason}")
                         pipe.expire(und, self.status_ttl_s)
+                        if dead_letter is not None:
+                            self._queue_dead_letter(pipe, app_id, *dead_letter)
                     pipe.hgetall(pub)
                     after = _decode_hash(pipe.execute()[-1])
                 except WatchError:
@@ -464,6 +471,17 @@ class RedisStore:
                 change.terminal = done
             change.violation = final.violation  # another terminal state won: counted by the caller
         return change
+
+    def complete(self, app_id: str, publish_id: str, now_ms: int) -> st.Change:
+        """Give the publish its terminal state if its counters are complete and it has none yet
+        (idempotent, monotonic; ``change.terminal`` is set only by the call that wrote it)."""
+        record = self.get_status(app_id, publish_id)
+        if not record:
+            return st.Change()
+        done = st.terminal_state(record)
+        if done is None or st.is_terminal(str(record.get("state"))):
+            return st.Change()
+        return self.set_state(app_id, publish_id, done, now_ms)
 
     def delivery_state(self, app_id: str, publish_id: str, key: str) -> str | None:
         value = self.r.get(self._delivery_key(app_id, publish_id, key))
@@ -528,11 +546,14 @@ class RedisStore:
 
     def add_dead_letter(self, app_id: str, letter: dict[str, Any], ttl_s: int) -> None:
         with self.r.pipeline() as pipe:
-            pipe.set(self.k("dl", app_id, letter["deadLetterId"]), dumps(letter), ex=ttl_s)
-            pipe.zadd(self.k("dls", app_id), {letter["deadLetterId"]: letter["occurredAtMs"]})
-            # Index entries of letters past their retention go with each new one.
-            pipe.zremrangebyscore(self.k("dls", app_id), "-inf", f"({letter['occurredAtMs'] - ttl_s * 1000}")
+            self._queue_dead_letter(pipe, app_id, letter, ttl_s)
             pipe.execute()
+
+    def _queue_dead_letter(self, pipe: Any, app_id: str, letter: dict[str, Any], ttl_s: int) -> None:
+        pipe.set(self.k("dl", app_id, letter["deadLetterId"]), dumps(letter), ex=ttl_s)
+        pipe.zadd(self.k("dls", app_id), {letter["deadLetterId"]: letter["occurredAtMs"]})
+        # Index entries of letters past their retention go with each new one.
+        pipe.zremrangebyscore(self.k("dls", app_id), "-inf", f"({letter['occurredAtMs'] - ttl_s * 1000}")
 
     def get_dead_letter(self, app_id: str, letter_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self.k("dl", app_id, letter_id))

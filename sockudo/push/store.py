@@ -256,7 +256,10 @@ class MemoryStore:
         due_ms: int | None = None,
         replay: bool = False,
         reason: str = "",
+        dead_letter: tuple[dict[str, Any], int] | None = None,
     ) -> st.Change:
+        """``dead_letter`` (letter, ttl s) is recorded with the transition, atomically, only when
+        this settle ends the delivery (not for a duplicate, nor a replay)."""
         with self.lock:
             record = self.statuses.get((app_id, publish_id))
             if record is None:
@@ -270,6 +273,22 @@ class MemoryStore:
             apply_change(record, change)
             if not replay and not change.duplicate and outcome not in (st.Outcome.ACCEPTED, st.Outcome.RETRY):
                 self.undelivered.setdefault((app_id, publish_id), {})[key] = f"{outcome.value}:{reason}"
+                if dead_letter is not None:
+                    self.add_dead_letter(app_id, *dead_letter)
+            return change
+
+    def complete(self, app_id: str, publish_id: str, now_ms: int) -> st.Change:
+        """Give the publish its terminal state if its counters are complete and it has none yet
+        (idempotent; ``change.terminal`` is set only by the call that wrote it)."""
+        with self.lock:
+            record = self.statuses.get((app_id, publish_id))
+            if record is None:
+                return st.Change()
+            done = st.terminal_state(record)
+            if done is None or st.is_terminal(str(record.get("state"))):
+                return st.Change()
+            change = st.set_state(record, done, now_ms)
+            apply_change(record, change)
             return change
 
     def delivery_state(self, app_id: str, publish_id: str, key: str) -> str | None:

@@ -173,6 +173,8 @@ class Push:
             "PUSH_RETRY_INITIAL_BACKOFF_MS": "200",
             "PUSH_RETRY_MAX_BACKOFF_MS": "400",
             "WEBHOOK_REAP_INTERVAL_MS": "500",
+            # One JSON object per line (server and workers): log fields can be checked exactly.
+            "LOG_OUTPUT_FORMAT": "json",
         }
         self.server = ServerProcess([APP, OTHER], env=self.env).start()
         self.worker_env = {**self.server.env, "SOCKUDO_CONFIG": self.server.config_path}
@@ -189,6 +191,31 @@ class Push:
                 with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as fh:
                     out.append(f"--- {name}\n{fh.read()[-6000:]}")
         return self.server.log()[-6000:] + "\n" + "\n".join(out)
+
+    def log_texts(self) -> dict[str, str]:
+        """Every log of the module, whole: ``server`` and each worker's (``worker-….log``, killed
+        workers' included)."""
+        texts = {"server": self.server.log()}
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as fh:
+                    texts[name] = fh.read()
+        return texts
+
+    def worker_log_records(self) -> list[dict[str, Any]]:
+        """The workers' JSON log lines, parsed (anything else a process printed is skipped)."""
+        records = []
+        for name, text in self.log_texts().items():
+            if not name.startswith("worker-"):
+                continue
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
 
     def close(self) -> None:
         for worker in self.workers:
@@ -423,7 +450,8 @@ def test_dead_tokens_delete_the_device_and_its_subscriptions(push: Push) -> None
     channel = channel_name()
     apns_token = push.apns_device("dead-ios")
     fcm_token = push.fcm_device("dead-android")
-    sub, _, _ = push.web_device("dead-browser")
+    sub, _, web_auth = push.web_device("dead-browser")
+    endpoint = push.webpush.endpoint(sub)
     for device in ("dead-ios", "dead-android", "dead-browser"):
         push.subscribe(channel, device)
     push.apns.script(apns_token, [(400, {"reason": "BadDeviceToken"}, {})])
@@ -448,6 +476,37 @@ def test_dead_tokens_delete_the_device_and_its_subscriptions(push: Push) -> None
     # Device-terminal failures are not dead letters (nothing to replay to a dead token).
     letters = push.call("GET", "/deadLetters").json()["items"]
     assert publish_id not in {d["publishId"] for d in letters}
+
+    # Logs: each invalidation is a worker log line with the ids, the provider, the provider's
+    # error and the token's hash — never the token (APNs/FCM token, Web Push endpoint).
+    def sha256(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    expected = {
+        "apns": ("dead-ios", sha256(apns_token), "BadDeviceToken"),
+        "fcm": ("dead-android", sha256(fcm_token), "UNREGISTERED"),
+        "webpush": ("dead-browser", sha256(endpoint), "http_410"),
+    }
+
+    def invalidations() -> dict[str, dict[str, Any]] | None:
+        found = {
+            r.get("provider"): r
+            for r in push.worker_log_records()
+            if r.get("publish_id") == publish_id and r.get("failure_class") == "device_terminal"
+        }
+        return found if set(found) == set(expected) else None
+
+    found = wait_until(invalidations, timeout=10, message="a worker log line per dead token")
+    for provider, (device_id, token_hash, error) in expected.items():
+        record = found[provider]
+        assert record["target"] == "sockudo_push" and record["level"] == "warn", record
+        assert record["app_id"] == APP["id"] and record["device_id"] == device_id, record
+        assert record["token_hash"] == token_hash and record["error"] == error, record
+        assert "[REDACTED]" not in record["message"], record  # the message itself reads as written
+    logs = push.log_texts()
+    for raw in (apns_token, fcm_token, endpoint, sub, web_auth):
+        leaks = [name for name, text in logs.items() if raw in text]
+        assert not leaks, f"a raw token/endpoint is in {leaks}"
 
 
 def test_429_with_retry_after_is_retried_no_sooner_and_succeeds(push: Push) -> None:

@@ -4,15 +4,26 @@ job whose worker died."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sockudo.push import status as st
 from sockudo.push.crypto import seal
-from sockudo.push.dispatcher import Dispatcher, credential_aad
+from sockudo.push.dispatcher import Dispatcher, credential_aad, dead_letter_id
 from sockudo.push.metrics import PushMetrics
-from sockudo.push.providers import ACCEPTED, DEVICE_TERMINAL, PROVIDER_TRANSIENT, REJECTED, RETRYABLE, ProviderResult
+from sockudo.push.providers import (
+    ACCEPTED,
+    CREDENTIAL_AUTH,
+    DEVICE_TERMINAL,
+    PROVIDER_TRANSIENT,
+    REJECTED,
+    RETRYABLE,
+    ProviderResult,
+)
 from sockudo.push.service import PushService
 from sockudo.push.settings import parse_settings
 from sockudo.push.store import MemoryStore
@@ -55,7 +66,7 @@ class Clients:
         return queue.pop(0) if queue else ProviderResult(ACCEPTED, message_id="m")
 
 
-def build(**settings: Any) -> tuple[PushService, Queue, Clients, Clock, CollectorRegistry]:
+def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clients, Clock, CollectorRegistry]:
     clock, queue, clients, registry = Clock(), Queue(), Clients(), CollectorRegistry()
     config = parse_settings(
         {
@@ -66,7 +77,7 @@ def build(**settings: Any) -> tuple[PushService, Queue, Clients, Clock, Collecto
             **settings,
         }
     )
-    store = MemoryStore()
+    store = store if store is not None else MemoryStore()
     metrics = PushMetrics(registry)
     dispatcher = Dispatcher(config, store, queue, lambda: clients, metrics, clock=clock)  # type: ignore[arg-type]
     service = PushService(config, store, queue, dispatcher, metrics, clock=clock)
@@ -258,3 +269,192 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
     except ConnectionError:
         pass
     assert registry.get_sample_value(failures, {"component": "retry", "reason": "store_error"}) == 1
+
+
+# -- a worker killed between the steps of a settle ---------------------------------------------
+
+
+class Killed(RuntimeError):
+    """The worker process dies here (kill -9): nothing after this point of the job runs."""
+
+
+def crash_once(obj: Any, name: str, when: Callable[..., bool], *, after: bool = False) -> list[int]:
+    """Make ``obj.name`` kill the job the first time ``when(*args, **kwargs)`` holds — before the
+    call, or right after it returned (``after=True``). Returns a list that counts the crashes."""
+    real = getattr(obj, name)
+    crashed: list[int] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hit = not crashed and when(*args, **kwargs)
+        if hit and not after:
+            crashed.append(1)
+            raise Killed(name)
+        result = real(*args, **kwargs)
+        if hit:
+            crashed.append(1)
+            raise Killed(name)
+        return result
+
+    setattr(obj, name, wrapper)
+    return crashed
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Any:
+    if request.param == "memory":
+        return MemoryStore()
+    import redis
+
+    from sockudo.push.redis_store import RedisStore
+
+    server = request.getfixturevalue("redis_server")
+    return RedisStore(redis.Redis.from_url(server.url), f"t:{uuid.uuid4().hex[:8]}:")
+
+
+def publish_to(service: PushService, device_id: str) -> str:
+    return str(
+        service.publish("app", {"recipients": [{"type": "device", "device_id": device_id}], "payload": {"title": "x"}})[
+            "publishId"
+        ]
+    )
+
+
+def run_killed(service: PushService, queue: Queue, clock: Clock) -> None:
+    """Run the queue until the simulated kill, then let the lease reaper re-run the dead job."""
+    try:
+        run_all(service, queue, clock)
+    except Killed:
+        pass
+    else:
+        raise AssertionError("the simulated crash did not happen")
+    clock.t += 5  # its lease lapses …
+    assert service.dispatcher.reap() >= 1  # … and the maintenance tick re-enqueues the job
+    run_all(service, queue, clock)
+
+
+def letters_of(service: PushService, pid: str) -> list[dict[str, Any]]:
+    return [d for d in service.list_dead_letters("app", {})["items"] if d["publishId"] == pid]
+
+
+@pytest.mark.parametrize(
+    ("result", "final", "counter"),
+    [
+        (ProviderResult(ACCEPTED, message_id="m"), st.SUCCEEDED, "succeeded"),
+        (ProviderResult(REJECTED, CREDENTIAL_AUTH, "SENDER_ID_MISMATCH", status=403), st.FAILED, "failed"),
+    ],
+    ids=["accepted", "rejected_with_dead_letter"],
+)
+def test_killed_between_the_counters_and_the_final_state_the_rerun_completes_the_publish(
+    redis_server: Any, result: ProviderResult, final: str, counter: str
+) -> None:
+    """Redis: a settle's counters are one transaction, the terminal state a second write. A worker
+    killed between the two leaves every counter complete and the state ``dispatching``; the
+    re-run of its job (every claim now SKIP) must still finish the publish — and the dead letter
+    of a rejected delivery must exist, once."""
+    import redis
+
+    from sockudo.push.redis_store import RedisStore
+
+    store = RedisStore(redis.Redis.from_url(redis_server.url), f"t:{uuid.uuid4().hex[:8]}:")
+    service, queue, clients, clock, registry = build(store)
+    clients.script["d0"] = [result]
+    pid = publish_to(service, "d0")
+    crash_once(store, "set_state", lambda app, p, state, *a, **kw: st.is_terminal(state))
+    try:
+        run_all(service, queue, clock)
+    except Killed:
+        pass
+    else:
+        raise AssertionError("the simulated crash did not happen")
+    torn = service.status("app", pid)
+    assert torn["state"] == st.DISPATCHING and torn["counters"][counter] == 1  # the crash window itself
+
+    clock.t += 5
+    assert service.dispatcher.reap() == 1
+    run_all(service, queue, clock)
+    status = service.status("app", pid)
+    assert status["state"] == final, status
+    assert status["counters"][counter] == 1 and "completedAtMs" in status
+    assert clients.sent == ["d0"]  # the settled delivery is not sent again
+    assert registry.get_sample_value("sockudo_push_delivery_status_total", {"status": final, "app": "app"}) == 1
+    letters = letters_of(service, pid)
+    assert len(letters) == (1 if final == st.FAILED else 0)
+    # Nothing left for the reaper: the re-run finished the job.
+    clock.t += 5
+    assert service.dispatcher.reap() == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "final", "attempt", "stage"),
+    [
+        (
+            [ProviderResult(REJECTED, CREDENTIAL_AUTH, "SENDER_ID_MISMATCH", status=403)],
+            st.FAILED,
+            1,
+            "delivery_result",
+        ),
+        (
+            [ProviderResult(RETRYABLE, PROVIDER_TRANSIENT, "http_503", status=503)] * 2,
+            st.DEAD_LETTERED,
+            2,
+            "retry",
+        ),
+    ],
+    ids=["rejected", "retries_exhausted"],
+)
+def test_killed_right_after_a_dead_letter_settle_the_rerun_leaves_exactly_one_dead_letter(
+    store: Any, script: list[ProviderResult], final: str, attempt: int, stage: str
+) -> None:
+    """The settle that ends a delivery as failed / dead-lettered returns, then the worker dies.
+    The counters already say ``deadLettered``/``failed``: the dead letter must exist (to list and
+    replay), exactly once, with an id the re-run can recompute (publish, device, attempt)."""
+    service, queue, clients, clock, registry = build(store)
+    clients.script["d0"] = list(script)
+    pid = publish_to(service, "d0")
+    crashed = crash_once(
+        store,
+        "settle",
+        lambda *a, **kw: a[3] in (st.Outcome.REJECTED, st.Outcome.DEAD_LETTER),
+        after=True,
+    )
+    run_killed(service, queue, clock)
+    assert crashed == [1]
+    status = service.status("app", pid)
+    assert status["state"] == final, status
+    letters = letters_of(service, pid)
+    assert len(letters) == 1, letters
+    letter = letters[0]
+    assert letter["key"] == "d0" and letter["stage"] == stage and letter["attempts"] == attempt
+    assert letter["deadLetterId"] == dead_letter_id("app", pid, "d0", attempt)
+    assert clients.sent == ["d0"] * attempt  # nothing sent again by the re-run
+    # The letter is a working one: replay delivers it.
+    assert service.replay_dead_letter("app", letter["deadLetterId"])["replayed"]
+    run_all(service, queue, clock)
+    assert service.store.get_dead_letter("app", letter["deadLetterId"])["replayState"] == "succeeded"
+    assert len(letters_of(service, pid)) == 1
+
+
+def test_dead_letter_ids_are_deterministic_per_publish_device_and_attempt() -> None:
+    first = dead_letter_id("app", "pub", "d0", 2)
+    assert first == dead_letter_id("app", "pub", "d0", 2)
+    others = {dead_letter_id("app", "pub", "d0", 3), dead_letter_id("app", "pub", "d1", 2),
+              dead_letter_id("app", "pub2", "d0", 2), dead_letter_id("app2", "pub", "d0", 2)}
+    assert first not in others and len(others) == 4
+
+
+def test_a_duplicate_settle_writes_no_second_dead_letter(store: Any) -> None:
+    """The store writes a dead letter with the settle that ends the delivery, in one step; the
+    same settle again (a re-run) is a duplicate and writes nothing."""
+    record = st.new_record("a", "p", intent_hash="h", expected=1, now_ms=0, not_before_ms=None, expires_at_ms=None)
+    store.create_status("a", "p", record, {}, 3600)
+    store.set_state("a", "p", st.DISPATCHING, 1, {"planned": 1})
+    letter = {"deadLetterId": dead_letter_id("a", "p", "d", 1), "appId": "a", "publishId": "p", "key": "d",
+              "provider": "fcm", "occurredAtMs": 5, "replayable": True}
+    first = store.settle("a", "p", "d", st.Outcome.REJECTED, 5, reason="x", dead_letter=(letter, 3600))
+    later = {**letter, "occurredAtMs": 6}
+    again = store.settle("a", "p", "d", st.Outcome.REJECTED, 6, reason="x", dead_letter=(later, 3600))
+    assert not first.duplicate and again.duplicate
+    items, more = store.list_dead_letters("a", None, None, None, 0, 10)
+    assert [d["deadLetterId"] for d in items] == [letter["deadLetterId"]] and not more
+    assert items[0]["occurredAtMs"] == 5
+    assert store.get_status("a", "p")["state"] == st.FAILED
