@@ -140,6 +140,12 @@ class Config:
     redis_prefix: str = "sockudo_adapter:"
     redis_sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
     redis_sentinel_master: str = "mymaster"
+    # With sentinels (a URL carries its own): the master's password, database and TLS; and the
+    # sentinels' own password. Never logged.
+    redis_password: str | None = None
+    redis_db: int = 0
+    redis_tls: bool = False
+    redis_sentinel_password: str | None = None
     requests_timeout_ms: int = 2000  # cross-node query deadline
     heartbeat_interval: float = 5.0  # seconds between node heartbeats
     node_timeout: float = 15.0  # a node silent this long is dead; its sockets are cleaned up
@@ -368,6 +374,10 @@ _ENV = {
     "REDIS_PREFIX": "redis_prefix",
     "REDIS_SENTINELS": "redis_sentinels",
     "REDIS_SENTINEL_MASTER": "redis_sentinel_master",
+    "REDIS_PASSWORD": "redis_password",
+    "REDIS_DB": "redis_db",
+    "REDIS_TLS": "redis_tls",
+    "REDIS_SENTINEL_PASSWORD": "redis_sentinel_password",
     "ADAPTER_REQUESTS_TIMEOUT_MS": "requests_timeout_ms",
     "ADAPTER_HEARTBEAT_INTERVAL": "heartbeat_interval",
     "ADAPTER_NODE_TIMEOUT": "node_timeout",
@@ -446,6 +456,10 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
         "url": "redis_url",
         "sentinels": "redis_sentinels",
         "sentinel_master": "redis_sentinel_master",
+        "password": "redis_password",
+        "db": "redis_db",
+        "tls": "redis_tls",
+        "sentinel_password": "redis_sentinel_password",
     })
 
     metrics = dict(section("metrics"))

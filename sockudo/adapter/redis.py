@@ -78,8 +78,16 @@ def make_client(config: Config, **options: Any) -> redis.Redis:
         for entry in config.redis_sentinels:
             host, _, port = entry.rpartition(":")
             addresses.append((host, int(port)))
-        sentinel = Sentinel(addresses, sentinel_kwargs={"socket_timeout": 2.0, "socket_connect_timeout": 2.0}, **options)
-        return sentinel.master_for(config.redis_sentinel_master, max_connections=1000, **options)
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+        if config.redis_sentinel_password:
+            sentinel_kwargs["password"] = config.redis_sentinel_password
+        master = dict(options, db=config.redis_db)
+        if config.redis_password:
+            master["password"] = config.redis_password
+        if config.redis_tls:
+            master["ssl"] = True
+        sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_kwargs, **master)
+        return sentinel.master_for(config.redis_sentinel_master, max_connections=1000, **master)
     assert config.redis_url is not None
     # A burst of subscribes must wait for a pooled connection, not fail with "Too many
     # connections" (redis-py's default pool refuses the 101st) and mark Redis unreachable.

@@ -723,6 +723,31 @@ def test_sentinel_failover_during_traffic(cluster, pusherjs) -> None:
 # -- graceful shutdown ----------------------------------------------------------------------------
 
 
+def test_sentinel_with_passwords_tls_off_and_a_database(server_factory, pusherjs) -> None:
+    """Production Sentinel setups use passwords (the master's and the sentinels' own) and often a
+    database other than 0: ``REDIS_PASSWORD``, ``REDIS_SENTINEL_PASSWORD``, ``REDIS_DB``."""
+    master = RedisServer(password="master-pw-3f9").start()
+    sentinel = SentinelServer(master, password="sentinel-pw-7c2").start()
+    try:
+        env = {"REDIS_SENTINELS": sentinel.address, "REDIS_SENTINEL_MASTER": "mymaster",
+               "REDIS_PASSWORD": "master-pw-3f9", "REDIS_SENTINEL_PASSWORD": "sentinel-pw-7c2", "REDIS_DB": "5"}
+        nodes = [server_factory([APP], start=False, env=env, shutdown_grace_period=GRACE) for _ in range(2)]
+        start_all(nodes)
+        wait_formed(nodes)
+        wait_until(lambda: all(up_status(n) == 200 for n in nodes), timeout=20, message="both nodes ready")
+        sub = connect(pusherjs, "sentinel-auth-sub", nodes[1], APP, None, "sentinel-auth")
+        wait_until(lambda: delivered_across(sdk_for(nodes[0]), sub, "sentinel-auth"), timeout=10,
+                   message="delivery across nodes through the password-protected master")
+        data = redis.Redis(port=master.port, password="master-pw-3f9")
+        assert data.info("keyspace").get("db5"), "the nodes did not use database 5"
+        assert not data.info("keyspace").get("db0")
+        for node in nodes:
+            assert "master-pw-3f9" not in node.log() and "sentinel-pw-7c2" not in node.log()
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
 def test_sigterm_sends_4200_and_clients_move_to_the_surviving_node(cluster, pusherjs, redis_server) -> None:
     # A long node timeout: members leaving promptly can only be the graceful shutdown's doing.
     a, b = cluster(2, env=node_env(redis_server.url, ADAPTER_NODE_TIMEOUT="60"))

@@ -87,9 +87,10 @@ class SentinelServer:
     """``redis-server sentinel.conf --sentinel`` on a free port, watching one master."""
 
     def __init__(self, master: RedisServer, name: str = "mymaster", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 3000) -> None:
+                 failover_timeout_ms: int = 3000, password: str | None = None) -> None:
         self.port = free_port()
         self.name = name
+        self.password = password  # the sentinel's own; the master's comes from ``master.password``
         self.dir = tempfile.mkdtemp(prefix="sockudo-sentinel-")
         self.config_path = os.path.join(self.dir, "sentinel.conf")
         with open(self.config_path, "w", encoding="utf-8") as fh:
@@ -98,6 +99,8 @@ class SentinelServer:
                 f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
                 f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
                 f"sentinel failover-timeout {name} {failover_timeout_ms}\n"
+                + (f"sentinel auth-pass {name} {master.password}\n" if master.password else "")
+                + (f"requirepass {password}\n" if password else "")
             )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -106,7 +109,7 @@ class SentinelServer:
         return f"127.0.0.1:{self.port}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True, password=self.password)
 
     def start(self) -> SentinelServer:
         binary = shutil.which("redis-server")

@@ -157,10 +157,11 @@ class RedisServer:
     """
 
     def __init__(self, extra_args: list[str] | None = None, port: int | None = None,
-                 data_dir: str | None = None) -> None:
+                 data_dir: str | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
-        self.extra_args = list(extra_args or [])
+        self.extra_args = list(extra_args or []) + (["--requirepass", password] if password else [])
         self.data_dir = data_dir
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -178,7 +179,7 @@ class RedisServer:
         )
         import redis
 
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         wait_until(client.ping, timeout=10, message="redis-server to answer PING")
         client.close()
         return self
