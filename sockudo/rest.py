@@ -87,12 +87,25 @@ def _deliver(services: Services, app: AppConfig, event: dict[str, Any]) -> None:
                            headers={"Retry-After": "1"}) from None
 
 
+def _user_count(services: Services, app: AppConfig, channel: str, out: dict[str, Any]) -> bool:
+    """Put the channel's cluster-wide ``user_count`` in ``out``, with ``"user_count_complete":
+    false`` beside it when some node's members could not be read; returns completeness."""
+    members, complete = services.adapter.presence_members_checked(app.id, channel)
+    out["user_count"] = len(members)
+    if not complete:
+        out["user_count_complete"] = False  # partial cluster answer (logged by the adapter)
+    return complete
+
+
 def _channel_info(services: Services, app: AppConfig, channel: str, info: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "subscription_count" in info:
-        out["subscription_count"] = services.adapter.subscriber_count(app.id, channel)
+        count, complete = services.adapter.subscriber_count_checked(app.id, channel)
+        out["subscription_count"] = count
+        if not complete:
+            out["subscription_count_complete"] = False
     if "user_count" in info:
-        out["user_count"] = len(services.adapter.presence_members(app.id, channel))
+        _user_count(services, app, channel, out)
     return out
 
 
@@ -199,7 +212,9 @@ def list_channels(services: Services, app: AppConfig, prefix: str, info_raw: str
         if "subscription_count" in info:
             entry["subscription_count"] = count
         if "user_count" in info:
-            entry["user_count"] = len(services.adapter.presence_members(app.id, name))
+            members, members_complete = services.adapter.presence_members_checked(app.id, name)
+            entry["user_count"] = len(members)
+            complete = complete and members_complete
         out["channels"][name] = entry
     if not complete:
         out["complete"] = False  # some node did not answer in time (logged by the adapter)
@@ -224,7 +239,7 @@ def channel_info(services: Services, app: AppConfig, channel: str, info_raw: str
     if not complete:
         out["subscription_count_complete"] = False  # Sockudo's marker for a partial cluster answer
     if "user_count" in info:
-        out["user_count"] = len(services.adapter.presence_members(app.id, channel))
+        _user_count(services, app, channel, out)
     if "cache" in info:
         if not p.is_cache_channel(channel):
             raise ApiError(400, "invalid_input", "cache is only available on cache channels")
@@ -242,8 +257,11 @@ def channel_users(services: Services, app: AppConfig, channel: str) -> dict[str,
         raise ApiError(400, "invalid_input", error)
     if p.channel_kind(channel) is not p.ChannelKind.PRESENCE:
         raise ApiError(400, "invalid_input", "Users are only available on presence channels")
-    members = services.adapter.presence_members(app.id, channel)
-    return {"users": [{"id": uid} for uid in members]}
+    members, complete = services.adapter.presence_members_checked(app.id, channel)
+    out: dict[str, Any] = {"users": [{"id": uid} for uid in members]}
+    if not complete:
+        out["complete"] = False  # some node's members could not be read (logged by the adapter)
+    return out
 
 
 def terminate_user_connections(services: Services, app: AppConfig, user_id: str) -> dict[str, Any]:

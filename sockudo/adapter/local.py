@@ -110,6 +110,9 @@ class LocalAdapter:
         ns = self.namespaces.get(app_id)
         return ns.presence_members(channel) if ns else {}
 
+    def presence_members_checked(self, app_id: str, channel: str) -> tuple[dict[str, Any], bool]:
+        return self.presence_members(app_id, channel), True
+
     # -- users --
 
     def add_user_socket(self, app_id: str, user_id: str, conn: Connection) -> bool:

@@ -9,7 +9,8 @@ through Redis pub/sub (dropping its own echoes by node id); Redis only publishes
 - **Transitions** that must happen exactly once cluster-wide (channel occupied/vacated, a
   presence user's first join / last leave, a user online/offline) are refcounts of *nodes*
   kept in Redis hashes and changed by Lua scripts, atomically. Presence member lists and
-  ``/users`` are read from the same hashes.
+  ``/users`` are read from the same hashes; such a read is flagged partial when Redis is
+  unreachable or a live peer has not (re)registered since Redis lost its data.
 - **Counts** that change with every subscribe (sockets per channel, ``/channels``) stay in
   each node's memory and are gathered by request/reply with a deadline; a partial answer is
   flagged to the caller, counted and logged.
@@ -17,7 +18,8 @@ through Redis pub/sub (dropping its own echoes by node id); Redis only publishes
   survivor releases its holdings, sending ``member_removed`` for its presence users.
 - **Redis outages**: everything falls back to this node's own answers and is marked
   incomplete; the listener reconnects with backoff and, once back (or when Redis's run id
-  changes after a restart), re-registers this node's holdings.
+  changes after a restart), re-registers this node's holdings. A holding released during the
+  outage was announced then, so the resync releases it from Redis without announcing it again.
 
 Blocking calls are fine here: under gevent they yield. Greenlets come from the injected
 ``runtime`` so this module imports no gevent.
@@ -48,6 +50,7 @@ from .local import LocalAdapter
 logger = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 20000
+PARTIAL_LOG_INTERVAL = 30.0  # seconds between warnings about answers given from this node only
 PUBLISH_BATCH = 256
 LEAVE_TIMEOUT = 2.0  # seconds a graceful stop spends leaving the cluster through Redis
 FAILURES = (RedisError, OSError)
@@ -126,6 +129,11 @@ class RedisAdapter:
         self._redis_run_id: str | None = None
         self._connection_apps: set[str] = set()
         self._last_error_log = 0.0
+        self._last_partial_log = -PARTIAL_LOG_INTERVAL
+        # Holdings this node released while Redis could not be told. Their last leave was
+        # announced then (from this node's own answer); when Redis kept them through the outage,
+        # the resync releases them without announcing the leave a second time.
+        self._released_unsynced: set[str] = set()
         self._timeout = config.requests_timeout_ms / 1000.0
 
     # -- lifecycle --------------------------------------------------------------
@@ -261,8 +269,7 @@ class RedisAdapter:
                         pass
 
     def _connected(self, first: bool) -> None:
-        self._heartbeat()
-        self._resync()
+        self._heartbeat(resync=True)
         self._listening = True
         if not first:
             self.metrics.transport_reconnections.labels("redis").inc()
@@ -359,6 +366,7 @@ class RedisAdapter:
     def _query(self, app_id: str, request_type: str, **fields: Any) -> tuple[list[dict[str, Any]], bool]:
         """Ask every other live node; returns (replies, complete)."""
         if not self.healthy:
+            self._partial(app_id, request_type)
             return [], False
         peers = set(self._peers)
         if not peers:
@@ -390,14 +398,33 @@ class RedisAdapter:
             )
         return list(pending.replies.values()), pending.complete
 
+    def _partial(self, app_id: str, what: str, missing: set[str] | None = None) -> None:
+        """A partial answer (the caller marks it): counted, and logged as a warning at most once
+        per ``PARTIAL_LOG_INTERVAL`` so an outage under REST traffic is not a log storm.
+        ``missing``: peers expected but not registered in Redis; None: Redis unreachable."""
+        self.metrics.adapter_uncomplete.labels(app_id, self.metrics.port).inc()
+        extra: dict[str, Any] = {"app_id": app_id, "request_type": what}
+        if missing is None:
+            message = "redis unreachable; answering from this node only, marked partial"
+        else:
+            message = "some nodes are not registered in redis yet; answer marked partial"
+            extra["missing_nodes"] = sorted(missing)
+        now = time.monotonic()
+        if now - self._last_partial_log >= PARTIAL_LOG_INTERVAL:
+            self._last_partial_log = now
+            logger.warning(message, extra=extra)
+        else:
+            logger.debug(message, extra=extra)
+
     # -- heartbeats and dead nodes ---------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping:
             try:
-                self._heartbeat()
                 if not self.healthy and self._listening:
                     self._recovered()
+                else:
+                    self._heartbeat()
             except FAILURES as exc:
                 self._failed("heartbeat", exc)
             except Exception:
@@ -408,22 +435,26 @@ class RedisAdapter:
         """Commands work again while the pub/sub listener never dropped (a command failed on its
         own: Redis out of memory, a timeout). Without this, only a reconnect of the listener
         made the node healthy again, so after an OOM it stayed local-only until restarted."""
-        self._resync()
+        self._heartbeat(resync=True)
         self.healthy = True
         self.metrics.adapter_up.labels("redis").set(1)
         self.metrics.transport_reconnections.labels("redis").inc()
         logger.info("redis commands succeed again; cross-node delivery resumed")
         self._outbox_wakeup.set()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, resync: bool = False) -> None:
+        """Beat, learn the live and dead peers, resync when needed (``resync``: always).
+
+        This node is (re)registered in the node set only after its holdings are written, so a
+        peer expected but absent from the set tells a reader that a presence list read from
+        Redis may lack that peer's members (``presence_members_checked``)."""
         now_ms = int(time.time() * 1000)
         cutoff = now_ms - int(self.config.node_timeout * 1000)
         pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.keys.nodes, {self.node_id: now_ms})
         pipe.zrangebyscore(self.keys.nodes, cutoff, "+inf")
         pipe.zrangebyscore(self.keys.nodes, "-inf", f"({cutoff}")
         pipe.info("server")
-        _, live, dead, info = pipe.execute()
+        live, dead, info = pipe.execute()
         now = time.monotonic()
         for n in live:
             self._peer_seen[n.decode() if isinstance(n, bytes) else n] = now
@@ -436,8 +467,9 @@ class RedisAdapter:
             logger.warning("redis restarted or failed over; re-registering this node's state")
             self._dirty = True
         self._redis_run_id = run_id
-        if self._dirty and self.healthy:
+        if resync or (self._dirty and self.healthy):
             self._resync()
+        self.client.zadd(self.keys.nodes, {self.node_id: now_ms})
         for node in dead:
             self._cleanup_dead(node.decode() if isinstance(node, bytes) else node)
 
@@ -521,13 +553,17 @@ class RedisAdapter:
         return bool(self._release_script(keys=keys, args=[member if member is not None else holding.member(), fld, ""]))
 
     def _release(self, holding: c.Holding) -> bool | None:
+        """True if this node made the count go 1→0; None when Redis could not be asked (the
+        caller then announces from this node's own answer, and the resync stays silent)."""
         if not self.healthy:
             self._dirty = True
+            self._released_unsynced.add(holding.member())
             return None
         try:
             return self._release_holding(holding, self.node_id)
         except FAILURES as exc:
             self._failed("release", exc)
+            self._released_unsynced.add(holding.member())
             return None
 
     def _desired_holdings(self) -> dict[str, tuple[c.Holding, str]]:
@@ -547,13 +583,16 @@ class RedisAdapter:
 
     def _resync(self) -> None:
         """Make Redis hold exactly this node's current state (after start, an outage or a
-        Redis restart). Stale holdings are released, with events if they were the last."""
+        Redis restart). Stale holdings are released, with events if they were the last —
+        except those this node already announced when it released them during the outage."""
         self._dirty = False
+        announced = set(self._released_unsynced)
         desired = self._desired_holdings()
         current = {m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(self.keys.holdings(self.node_id))}
         for member in current - set(desired):
             holding = c.Holding.from_member(member)
-            if holding is not None and self._release_holding(holding, self.node_id, member):
+            if holding is not None and self._release_holding(holding, self.node_id, member) \
+                    and member not in announced:
                 self._notify_release(holding)
         for member, (holding, info) in desired.items():
             if member not in current or holding.kind == c.HOLD_PRESENCE:
@@ -566,6 +605,9 @@ class RedisAdapter:
         for app_id in self._connection_apps - set(self.local.namespaces):
             pipe.hdel(self.keys.connections(app_id), self.node_id)
         pipe.execute()
+        # Released now, or held again (then in ``desired``): either way settled. A release
+        # that happened during this resync stays for the next one.
+        self._released_unsynced -= announced
 
     def _connections_delta(self, app_id: str, delta: int) -> None:
         if not self.healthy:
@@ -673,14 +715,28 @@ class RedisAdapter:
         return last_here if last is None else last
 
     def presence_members(self, app_id: str, channel: str) -> dict[str, Any]:
+        return self.presence_members_checked(app_id, channel)[0]
+
+    def presence_members_checked(self, app_id: str, channel: str) -> tuple[dict[str, Any], bool]:
+        """Members on every node, read from Redis; False with this node's own members when
+        Redis is unreachable, or when a peer this node still expects has not (re)registered
+        in Redis yet (Redis restarted or failed over and lost its holdings)."""
         members = self.local.presence_members(app_id, channel)
         if not self.healthy:
-            return members
+            self._partial(app_id, "presence_members")
+            return members, False
         try:
-            stored = self.client.hgetall(self.keys.presence_info(app_id, channel))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(self.keys.presence_info(app_id, channel))
+            pipe.zrange(self.keys.nodes, 0, -1)
+            stored, registered = pipe.execute()
         except FAILURES as exc:
             self._failed("presence_members", exc)
-            return members
+            self._partial(app_id, "presence_members")
+            return members, False
+        missing = set(self._peers) - {n.decode() if isinstance(n, bytes) else n for n in registered}
+        if missing:
+            self._partial(app_id, "presence_members", missing)
         merged: dict[str, Any] = {}
         for uid, info in stored.items():
             user_id = uid.decode() if isinstance(uid, bytes) else uid
@@ -689,7 +745,7 @@ class RedisAdapter:
             except ValueError:
                 merged[user_id] = {}
         merged.update(members)
-        return merged
+        return merged, not missing
 
     # -- users ----------------------------------------------------------------------
 

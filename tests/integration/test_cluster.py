@@ -19,12 +19,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pusher
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from sockudo.adapter.cluster import HOLD_PRESENCE, Holding
+from sockudo.adapter.redis import RedisAdapter
+from sockudo.config import AppConfig, Config
+from sockudo.connection import Connection
+from sockudo.metrics import Metrics
 from tests.conftest import APP, sdk_for
 from tests.support.cluster import (
     DEAD_NODE_BOUND,
@@ -40,6 +47,7 @@ from tests.support.cluster import (
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.wsraw import RawClient
+from tests.unit.fakes import RecordingTransport
 
 APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
 
@@ -541,7 +549,10 @@ def test_redis_restart_mid_run_resumes_delivery_and_presence(cluster, pusherjs, 
     wait_until(lambda: up_status(a) == 503 and up_status(b) == 503, timeout=10, message="/up to report the outage")
     sdk_for(a).trigger(public, "local-during-outage", {})
     ua.wait_event(public, "local-during-outage")
-    assert user_ids(a, channel) == ["ua"]  # only what this node knows by itself
+    # only what this node knows by itself, and marked as such
+    assert sdk_for(a).users_info(channel) == {"users": [{"id": "ua"}], "complete": False}
+    assert sdk_for(a).channel_info(channel, ["user_count"]) == {
+        "occupied": True, "user_count": 1, "user_count_complete": False, "subscription_count_complete": False}
 
     # a new, empty redis-server on the same port: everything resumes without restarting a node
     assert sdk_for(a).channel_info(public, ["subscription_count"]) == {
@@ -578,6 +589,158 @@ def test_redis_restart_mid_run_resumes_delivery_and_presence(cluster, pusherjs, 
     for node in (a, b):
         warnings = [line for line in node.log().splitlines() if "WARNING" in line or "ERROR" in line]
         assert len(warnings) <= 12, "\n".join(warnings)  # a few lines per outage, not a storm
+
+
+def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster, pusherjs,
+                                                                         own_redis: RedisServer) -> None:
+    """Redis frozen (SIGSTOP: it keeps its data, unlike a restart) while a presence member on
+    node B leaves: B announces the leave from its own state; when Redis comes back B's stale
+    holding is released without announcing it a second time. Observers on both nodes see
+    exactly one member_removed. A long node timeout keeps the freeze from looking like node
+    death."""
+    own_redis.start()
+    a, b = cluster(2, env=node_env(own_redis.url, ADAPTER_NODE_TIMEOUT="30"))
+    channel = "presence-cluster-pause"
+    obs_a = connect(pusherjs, "obs-a", a, APP, "obs-a", channel)
+    obs_b = connect(pusherjs, "obs-b", b, APP, "obs-b", channel)
+    leaver = connect(pusherjs, "leaver", b, APP, "leaver", channel)
+    everyone = {"leaver", "obs-a", "obs-b"}
+    for obs in (obs_a, obs_b):
+        wait_until(lambda obs=obs: member_view(obs, channel) == everyone, timeout=10)
+    assert user_ids(a, channel) == sorted(everyone)
+
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: up_status(a) == 503 and up_status(b) == 503, timeout=15, interval=0.1,
+                   message="both nodes to notice the frozen Redis")
+        leaver.disconnect()
+        wait_member_frame(obs_b, channel, "removed", "leaver")  # B answers from its own state
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+
+    wait_until(lambda: up_status(a) == 200 and up_status(b) == 200, timeout=20, interval=0.1,
+               message="/up to recover")
+    wait_member_frame(obs_a, channel, "removed", "leaver", timeout=10)  # B's queued announcement
+    # An event published through B after its recovery travels behind anything B sent before it.
+    sdk_for(b).trigger(channel, "after-recovery", {})
+    for obs in (obs_a, obs_b):
+        obs.wait_event(channel, "after-recovery")
+    pusherjs.assert_no_event({"type": "message", "event": "pusher_internal:member_removed"}, within=DUPLICATE_WINDOW)
+    for obs in (obs_a, obs_b):
+        assert presence_frames(obs, channel, "removed") == ["leaver"], obs.name
+        assert member_view(obs, channel) == {"obs-a", "obs-b"}
+    for node in (a, b):
+        wait_until(lambda node=node: user_ids(node, channel) == ["obs-a", "obs-b"], timeout=10,
+                   message="the leaver to be gone from /users")
+    assert tracebacks(a, b) == 0
+
+
+class _ThreadRuntime:
+    """Enough of the runtime for an adapter driven by hand (nothing is spawned)."""
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise AssertionError("not spawned in these tests")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def event(self) -> threading.Event:
+        return threading.Event()
+
+
+class _Transitions:
+    """The adapter's cluster listener: records what it is told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
+        self.calls.append(("member_removed", channel, user_id))
+
+    def on_channel_vacated(self, app_id: str, channel: str) -> None:
+        self.calls.append(("channel_vacated", channel))
+
+    def on_user_offline(self, app_id: str, user_id: str) -> None:
+        self.calls.append(("user_offline", user_id))
+
+
+def _hand_adapter(redis_server: RedisServer, node_id: str) -> tuple[RedisAdapter, _Transitions]:
+    """A Redis adapter in this process, connected by hand (its greenlets are not started)."""
+    config = replace(Config(), adapter_driver="redis", redis_url=redis_server.url, heartbeat_interval=1.0,
+                     node_timeout=30.0)
+    adapter = RedisAdapter(config, Metrics(CollectorRegistry()), _ThreadRuntime(), node_id=node_id)
+    transitions = _Transitions()
+    adapter.set_listener(transitions)
+    adapter._heartbeat(resync=True)
+    adapter.healthy = True
+    return adapter, transitions
+
+
+def _presence_socket(adapter: RedisAdapter, app: AppConfig, socket_id: str, channel: str, uid: str) -> None:
+    conn = Connection(socket_id, app, RecordingTransport(), 7, 0.0)
+    adapter.add_socket(app.id, conn)
+    adapter.subscribe(app.id, channel, conn)
+    adapter.add_user_socket(app.id, uid, conn)
+    adapter.presence_join(app.id, channel, socket_id, uid, {"name": uid})
+
+
+def test_leaves_announced_during_an_outage_are_not_announced_again_by_the_resync(redis_server) -> None:
+    """The adapter's side of the test above, for every kind of holding: what this node released
+    (and its handler announced) while Redis was unreachable is released silently once Redis is
+    back with its data; a stale holding nobody announced is still announced."""
+    app = AppConfig(id="1", key="k", secret="s")
+    adapter, transitions = _hand_adapter(redis_server, "node-resync")
+    _presence_socket(adapter, app, "1.1", "presence-x", "u1")
+    adapter._resync()
+    direct = redis.Redis(port=redis_server.port)
+    assert direct.hkeys(adapter.keys.presence_info(app.id, "presence-x")) == [b"u1"]
+
+    adapter.healthy = False  # Redis unreachable; it keeps its data
+    assert adapter.presence_leave(app.id, "presence-x", "1.1", "u1") is True  # the handler announces
+    assert adapter.unsubscribe(app.id, "presence-x", "1.1") == (0, True)
+    assert adapter.remove_user_socket(app.id, "u1", "1.1") is True
+    adapter.remove_socket(app.id, "1.1")
+    assert adapter.presence_members_checked(app.id, "presence-x") == ({}, False)
+    # a holding this node has in Redis but never announced (say, left over from before)
+    stale = Holding(HOLD_PRESENCE, app.id, "presence-y", "u9")
+    keys, fld = stale.redis_keys(adapter.keys, adapter.node_id)
+    adapter._acquire_script(keys=keys, args=[stale.member(), fld, "{}"])
+
+    adapter._recovered()  # Redis answers again
+    assert transitions.calls == [("member_removed", "presence-y", "u9")]
+    assert direct.smembers(adapter.keys.holdings(adapter.node_id)) == set()
+    assert direct.hkeys(adapter.keys.presence_info(app.id, "presence-x")) == []
+    assert adapter.presence_members_checked(app.id, "presence-x") == ({}, True)
+    direct.close()
+
+
+def test_presence_read_from_a_restarted_redis_is_partial_until_every_node_registers(redis_server) -> None:
+    app = AppConfig(id="1", key="k", secret="s")
+    one, _ = _hand_adapter(redis_server, "node-one")
+    two, _ = _hand_adapter(redis_server, "node-two")
+    _presence_socket(one, app, "1.1", "presence-x", "u1")
+    _presence_socket(two, app, "2.1", "presence-x", "u2")
+    one._heartbeat()
+    assert one._peers == {"node-two"}
+    assert one.presence_members_checked(app.id, "presence-x") == ({"u1": {"name": "u1"}, "u2": {"name": "u2"}}, True)
+
+    direct = redis.Redis(port=redis_server.port)
+    direct.flushall()  # Redis came back empty; node one re-registers first
+    one._heartbeat(resync=True)
+    assert one.presence_members_checked(app.id, "presence-x") == ({"u1": {"name": "u1"}}, False)
+    registered_while_syncing: list[Any] = []
+    resync = two._resync
+
+    def watched_resync() -> None:
+        registered_while_syncing.append(direct.zscore(two.keys.nodes, two.node_id))
+        resync()
+
+    two._resync = watched_resync  # type: ignore[method-assign]
+    two._heartbeat(resync=True)
+    assert registered_while_syncing == [None]  # a node is listed only once its holdings are written
+    assert one.presence_members_checked(app.id, "presence-x") == ({"u1": {"name": "u1"}, "u2": {"name": "u2"}}, True)
+    direct.close()
 
 
 def test_startup_with_redis_down_becomes_ready_once_redis_starts(cluster, pusherjs, own_redis: RedisServer) -> None:

@@ -315,6 +315,55 @@ def test_channel_users_on_non_presence_is_400(world: World, channel: str) -> Non
     assert status_of(rest.channel_users, world.services, world.app, channel) == 400
 
 
+# -- partial cluster answers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def partial(world: World, monkeypatch: pytest.MonkeyPatch) -> World:
+    """The adapter answers presence from this node only (another node or Redis unreachable)."""
+    local = world.adapter
+
+    def members_checked(app_id: str, channel: str) -> tuple[dict[str, Any], bool]:
+        return local.presence_members(app_id, channel), False
+
+    monkeypatch.setattr(world.adapter, "presence_members_checked", members_checked, raising=False)
+    return world
+
+
+def test_channel_users_marks_a_partial_answer(partial: World) -> None:
+    joined(partial, "presence-x", "u1")
+    assert rest.channel_users(partial.services, partial.app, "presence-x") == {
+        "users": [{"id": "u1"}], "complete": False}
+
+
+def test_channel_info_marks_a_partial_user_count(partial: World) -> None:
+    joined(partial, "presence-x", "u1")
+    assert rest.channel_info(partial.services, partial.app, "presence-x", "user_count") == {
+        "occupied": True, "user_count": 1, "user_count_complete": False}
+    # no flag when user_count was not asked for
+    assert rest.channel_info(partial.services, partial.app, "presence-x", None) == {"occupied": True}
+
+
+def test_list_channels_marks_a_partial_user_count(partial: World) -> None:
+    joined(partial, "presence-x", "u1")
+    assert rest.list_channels(partial.services, partial.app, "presence-", "user_count") == {
+        "channels": {"presence-x": {"user_count": 1}}, "complete": False}
+
+
+def test_trigger_info_marks_a_partial_user_count(partial: World) -> None:
+    joined(partial, "presence-x", "u1")
+    body = trigger(partial, name="e", channels=["presence-x"], data="x", info="user_count")
+    assert body == {"channels": {"presence-x": {"user_count": 1, "user_count_complete": False}}}
+
+
+def test_complete_answers_carry_no_flag(world: World) -> None:
+    joined(world, "presence-x", "u1")
+    assert world.adapter.presence_members_checked(world.app.id, "presence-x") == ({"u1": {}}, True)
+    assert rest.channel_users(world.services, world.app, "presence-x") == {"users": [{"id": "u1"}]}
+    assert rest.channel_info(world.services, world.app, "presence-x", "user_count") == {
+        "occupied": True, "user_count": 1}
+
+
 # -- POST /users/{id}/terminate_connections -------------------------------------------------
 
 
