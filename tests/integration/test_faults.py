@@ -95,12 +95,20 @@ def delivered_across(sender: ServerProcess, receiver_client: RawClient, channel:
 
 
 def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
-        server_factory: Callable[..., ServerProcess], own_redis: RedisServer, receiver: Receiver) -> None:
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Any) -> None:
+    # Redis restarts with its data (append-only file), as a production Redis does: webhooks
+    # already queued in it (here: retries of a failing endpoint) must survive the outage too.
+    own_redis = RedisServer(data_dir=str(tmp_path)).start()
     worker = WorkerProcess(own_redis.url).start()
-    app = {"id": APP_ID, "key": KEY, "secret": SECRET, "webhooks": [{
-        "url": receiver.url("/hooks"),
-        "event_types": ["channel_occupied", "channel_vacated", "member_added", "member_removed"]}]}
-    nodes = [server_factory([app], start=False, env=node_env(own_redis.url), webhooks=FAST_WEBHOOKS,
+    app = {"id": APP_ID, "key": KEY, "secret": SECRET, "webhooks": [
+        {"url": receiver.url("/hooks"),
+         "event_types": ["channel_occupied", "channel_vacated", "member_added", "member_removed"]},
+        {"url": receiver.url("/held"), "event_types": ["channel_occupied"], "filter": {"channel_prefix": "held-"}}]}
+    # /held fails until Redis is back: its deliveries wait in Redis as scheduled retries meanwhile.
+    receiver.script["/held"] = [503] * 100_000
+    patient = {**FAST_WEBHOOKS, "retry": {**FAST_WEBHOOKS["retry"], "max_backoff_ms": 2000,
+                                          "max_elapsed_time_ms": 300_000}}
+    nodes = [server_factory([app], start=False, env=node_env(own_redis.url), webhooks=patient,
                             shutdown_grace_period=2) for _ in range(2)]
     a, b = nodes
     sdk_a = sdk_for(a, app)
@@ -113,6 +121,12 @@ def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
         ua.subscribe("fault-live")
         ub.subscribe("fault-live")
         wait_until(lambda: delivered_across(a, ub, "fault-live"), timeout=10, message="A → B before the outage")
+        held = {f"held-{i}" for i in range(20)}
+        holder = RawClient.connect(a, KEY)
+        clients.append(holder)
+        for channel in sorted(held):
+            holder.subscribe(channel)
+        wait_until(lambda: len(receiver.at("/held")) >= 2, timeout=15, message="failed attempts at /held")
 
         own_redis.stop()
         outage_started = time.monotonic()
@@ -139,7 +153,9 @@ def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
             assert published < 200_000  # a bound on the loop, far above what 30 s allow
         assert k >= 2, "no webhook traffic during the outage"
 
-        own_redis.start()  # a fresh, empty redis-server on the same port
+        assert not receiver.events_at("/held")
+        own_redis.start_again()  # same port, same data
+        receiver.script["/held"].clear()  # the endpoint recovers too: the next retry succeeds
         wait_until(lambda: delivered_across(a, ub, "fault-live"), timeout=30, interval=0.2,
                    message="A → B delivery after the outage")
         wait_until(lambda: delivered_across(b, ua, "fault-live"), timeout=30, interval=0.2,
@@ -156,6 +172,15 @@ def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
             missing = expected - delivered()
             raise AssertionError(f"{len(missing)} of {len(expected)} webhook events of the outage never arrived, "
                                  f"e.g. {sorted(missing)[:5]}; worker log:\n{worker.log()[-2000:]}") from None
+
+        def held_delivered() -> set[str]:
+            return {e["channel"] for e in receiver.events_at("/held")}
+
+        try:
+            wait_until(lambda: held <= held_delivered(), timeout=90, interval=0.2)
+        except AssertionError:
+            raise AssertionError(f"retries queued in Redis before the outage were lost: "
+                                 f"{sorted(held - held_delivered())[:5]}; worker log:\n{worker.log()[-2000:]}") from None
         for node in nodes:
             assert up_status(node) == 200
         assert worker.proc is not None and worker.proc.poll() is None, "the worker quit during the outage"
@@ -166,6 +191,7 @@ def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
         for node in nodes:
             node.stop()
         worker.stop()
+        own_redis.stop()
 
 
 def test_the_worker_outlives_a_redis_restart_in_the_middle_of_a_delivery(
