@@ -313,7 +313,7 @@ class Handler:
         params.setdefault("limit", 100)
         try:
             page = read_history(self.s.sequencer, self.metrics, conn.app, channel, params,
-                                attach_serial=(conn.attach_serials or {}).get(channel))
+                                attach_serial=(conn.attach_serials or {}).get(channel), websocket=True)
         except ApiError as exc:
             self._send(conn, p.frame("sockudo:channel_history", p.dumps({"error": exc.message, "code": exc.slug,
                                                                          "status": exc.status}), channel=channel))

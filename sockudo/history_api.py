@@ -15,6 +15,10 @@ from .metrics import Metrics
 NEWEST_FIRST = {"newest_first", "backwards", "reverse"}
 OLDEST_FIRST = {"oldest_first", "forwards", "forward"}
 MAX_PARAM = 2**63 - 1
+#: ``sockudo:channel_history`` pages (spec §7.6): ``limit`` defaults to 100 and may be up to
+#: 1,000, whatever ``max_page_size`` (the REST cap) says.
+WS_DEFAULT_LIMIT = 100
+WS_MAX_LIMIT = 1000
 
 
 def _int_param(params: dict[str, Any], *names: str) -> int | None:
@@ -35,8 +39,14 @@ def _int_param(params: dict[str, Any], *names: str) -> int | None:
 
 
 def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str, params: dict[str, Any],
-                 attach_serial: int | None = None) -> dict[str, Any]:
-    """One page of ``channel``'s history. ``attach_serial`` caps the page for ``until_attach``."""
+                 attach_serial: int | None = None, *, websocket: bool = False) -> dict[str, Any]:
+    """One page of ``channel``'s history.
+
+    REST: ``limit`` defaults to and is capped at ``max_page_size``. WebSocket
+    ``sockudo:channel_history`` (``websocket=True``): ``limit`` defaults to 100 and is capped at
+    1,000, and ``attach_serial`` (the socket's, if any) caps the page for ``until_attach``.
+    """
+    attach = attach_serial
     if not app.history.enabled:
         raise ApiError(422, "feature_disabled", "History is not enabled for this app")
     error = p.channel_name_error(channel, app.max_channel_name_length)
@@ -45,10 +55,10 @@ def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str,
     cfg = app.history
     limit = _int_param(params, "limit")
     if limit is None:
-        limit = cfg.max_page_size
+        limit = WS_DEFAULT_LIMIT if websocket else cfg.max_page_size
     if limit == 0:
         raise ApiError(400, "invalid_input", "limit must be at least 1")
-    limit = min(limit, cfg.max_page_size)
+    limit = min(limit, WS_MAX_LIMIT if websocket else cfg.max_page_size)
     direction = str(params.get("direction") or "newest_first")
     if direction in NEWEST_FIRST:
         direction = "newest_first"
@@ -63,12 +73,12 @@ def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str,
         "end_time_ms": _int_param(params, "end_time_ms", "end"),
     }
     if params.get("until_attach") in (True, "true", "1", 1):
-        if attach_serial is None:
+        if attach is None:
             raise ApiError(400, "invalid_input", "until_attach needs a subscription to the channel")
         bounds["until_attach"] = True
-        bounds["attach_serial"] = attach_serial
-        if bounds["end_serial"] is None or bounds["end_serial"] > attach_serial:
-            bounds["end_serial"] = attach_serial
+        bounds["attach_serial"] = attach
+        if bounds["end_serial"] is None or bounds["end_serial"] > attach:
+            bounds["end_serial"] = attach
 
     try:
         state = sequencer.state(app, channel)

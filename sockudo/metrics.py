@@ -7,7 +7,12 @@ metrics ``port``, plus a small enum where noted — never channel names, socket 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 LATENCY_MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -38,6 +43,40 @@ class AppMetrics:
         self.bytes_sent = m.socket_transmitted_bytes.labels(*labels)
         self.client_events = m.client_events.labels(*labels)
         self.publishes = m.publishes_accepted.labels(*labels)
+
+
+class ReplayBufferPressure:
+    """Replay-buffer pressure per app, read from ``ReplayBuffers.pressure`` at scrape time.
+
+    The publish path only bumps a plain integer when a full buffer drops its oldest message;
+    this collector turns those integers into series when Prometheus asks.
+    """
+
+    def __init__(self, prefix: str, port: str) -> None:
+        self.prefix = prefix
+        self.port = port
+        self.buffers: Any = None  # a ReplayBuffers, set by ``Metrics.watch_replay_buffers``
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check for duplicates at registration: the names are ours alone
+
+    def collect(self) -> Iterator[Metric]:
+        evictions = CounterMetricFamily(
+            f"{self.prefix}replay_buffer_full_evictions",
+            "Messages dropped from a replay buffer because it held max_buffer_size (the recoverable "
+            "window became shorter than buffer_ttl_seconds)", labels=["app_id", "port"],
+        )
+        fill = GaugeMetricFamily(
+            f"{self.prefix}replay_buffer_max_fill_ratio",
+            "The app's fullest replay buffer on this node, as a fraction of max_buffer_size (every 5 s)",
+            labels=["app_id", "port"],
+        )
+        pressure = getattr(self.buffers, "pressure", None) or {}
+        for app_id, p in list(pressure.items()):
+            evictions.add_metric([app_id, self.port], p.full_evictions)
+            fill.add_metric([app_id, self.port], p.max_fill_ratio)
+        yield evictions
+        yield fill
 
 
 class Metrics:
@@ -169,7 +208,7 @@ class Metrics:
             f"{p}recovery_replayed_messages", "Messages replayed to resuming clients", [*app, "source"], registry=r
         )
         self.recovery_buffer_misses = Counter(
-            f"{p}recovery_buffer_misses", "Resumes the replay buffer could not serve (cold tier tried next)", app,
+            f"{p}recovery_buffer_misses", "Resume positions the replay buffer could not serve (history or not)", app,
             registry=r,
         )
         self.replay_buffer_messages = Gauge(
@@ -178,6 +217,8 @@ class Metrics:
         self.replay_buffer_channels = Gauge(
             f"{p}replay_buffer_channels", "Channels with a replay buffer on this node", ["port"], registry=r
         )
+        self.replay_buffer_pressure = ReplayBufferPressure(p, self.port)
+        r.register(self.replay_buffer_pressure)
         self.idempotency_publishes = Counter(
             f"{p}idempotency_publish", "Publishes carrying an idempotency key", app, registry=r
         )
@@ -186,6 +227,10 @@ class Metrics:
             registry=r,
         )
         self._apps: dict[str, AppMetrics] = {}
+
+    def watch_replay_buffers(self, buffers: Any) -> None:
+        """Export ``buffers``' per-app pressure (full evictions, fullest buffer) at scrape time."""
+        self.replay_buffer_pressure.buffers = buffers
 
     def app(self, app_id: str) -> AppMetrics:
         bound = self._apps.get(app_id)

@@ -29,10 +29,24 @@ class BufferedMessage:
     message_id: str
 
 
+class BufferPressure:
+    """One app's replay-buffer pressure, exported at scrape time (``Metrics.watch_replay_buffers``).
+
+    ``full_evictions`` is bumped on the publish path, so it is a plain integer, not a metric.
+    """
+
+    __slots__ = ("full_evictions", "max_fill_ratio")
+
+    def __init__(self) -> None:
+        self.full_evictions = 0  # messages dropped because their buffer held max_buffer_size
+        self.max_fill_ratio = 0.0  # the fullest buffer at the last sweep, vs max_buffer_size
+
+
 @dataclass
 class ChannelBuffer:
     stream_id: str
     entries: deque[BufferedMessage] = field(default_factory=deque)
+    pressure: BufferPressure = field(default_factory=BufferPressure)
 
     @property
     def newest_serial(self) -> int | None:
@@ -61,6 +75,13 @@ class ReplayResult:
 class ReplayBuffers:
     def __init__(self) -> None:
         self.channels: dict[tuple[str, str], ChannelBuffer] = {}
+        self.pressure: dict[str, BufferPressure] = {}  # per app id
+
+    def _pressure(self, app_id: str) -> BufferPressure:
+        pressure = self.pressure.get(app_id)
+        if pressure is None:
+            pressure = self.pressure[app_id] = BufferPressure()
+        return pressure
 
     def size(self) -> int:
         return sum(len(b.entries) for b in self.channels.values())
@@ -70,7 +91,7 @@ class ReplayBuffers:
         key = (app_id, channel)
         buf = self.channels.get(key)
         if buf is None or buf.stream_id != stream_id:
-            buf = self.channels[key] = ChannelBuffer(stream_id)
+            buf = self.channels[key] = ChannelBuffer(stream_id, pressure=self._pressure(app_id))
         newest = buf.newest_serial
         if newest is not None:
             if message.serial <= newest:
@@ -87,8 +108,12 @@ class ReplayBuffers:
     @staticmethod
     def _evict(buf: ChannelBuffer, cfg: RecoveryConfig, now_ms: int) -> None:
         entries = buf.entries
-        while len(entries) > cfg.max_buffer_size:
-            entries.popleft()
+        if len(entries) > cfg.max_buffer_size:
+            evicted = 0
+            while len(entries) > cfg.max_buffer_size:
+                entries.popleft()
+                evicted += 1
+            buf.pressure.full_evictions += evicted  # the recoverable window is now size-bound
         cutoff = now_ms - cfg.buffer_ttl_seconds * 1000
         while entries and entries[0].published_ms < cutoff:
             entries.popleft()
@@ -111,8 +136,11 @@ class ReplayBuffers:
             self._evict(buf, cfg, now_ms)
         current_stream = current[0] if current else (buf.stream_id if buf else None)
         newest = current[1] if current else (buf.newest_serial if buf else None)
+        # The buffer's range is only "available" when it is the channel's current stream: a
+        # buffer left from a lost stream says nothing about the new one.
+        same_stream = buf is not None and buf.stream_id == current_stream
         result = ReplayResult(current_stream_id=current_stream, newest_serial=newest,
-                              oldest_serial=buf.oldest_serial if buf else None)
+                              oldest_serial=buf.oldest_serial if buf is not None and same_stream else None)
         if stream_id is None or current_stream is None:
             result.code = CONTINUITY_UNVERIFIABLE
             return result
@@ -138,7 +166,9 @@ class ReplayBuffers:
         return result
 
     def sweep(self, cfg_for: dict[str, RecoveryConfig], now_ms: int) -> None:
-        """Drop expired entries and empty buffers (called periodically)."""
+        """Drop expired entries and empty buffers (called periodically), and measure each
+        app's fullest buffer against its ``max_buffer_size``."""
+        fill: dict[str, float] = {}
         for key in list(self.channels):
             cfg = cfg_for.get(key[0])
             buf = self.channels[key]
@@ -148,6 +178,15 @@ class ReplayBuffers:
             self._evict(buf, cfg, now_ms)
             if not buf.entries:
                 del self.channels[key]
+                continue
+            ratio = len(buf.entries) / cfg.max_buffer_size if cfg.max_buffer_size > 0 else 1.0
+            if ratio > fill.get(key[0], 0.0):
+                fill[key[0]] = ratio
+        for app_id in list(self.pressure):
+            if app_id not in cfg_for:
+                del self.pressure[app_id]  # an app that is gone: stop exporting it
+            else:
+                self.pressure[app_id].max_fill_ratio = fill.get(app_id, 0.0)
 
 
 # -- the resume service ----------------------------------------------------------
@@ -171,6 +210,7 @@ class RecoveryService:
         self.sequencer = sequencer
         self.metrics = metrics
         self.clock = clock
+        metrics.watch_replay_buffers(buffers)
 
     def _fail(self, app_id: str, channel: str, code: str, reason: str, expected: Any, result: ReplayResult | None,
               ) -> ResumeOutcome:
@@ -205,8 +245,11 @@ class RecoveryService:
         source = "hot"
         frames = [m.text for m in result.messages]
         last = result.messages[-1] if result.messages else None
-        if not result.ok and result.code == POSITION_EXPIRED and not legacy and app.history.enabled:
+        if not result.ok and result.code == POSITION_EXPIRED:
+            # The hot tier could not serve the position (evicted, expired, a gap, or more than
+            # max_buffer_size missed): a buffer miss, whether or not history is there to help.
             self.metrics.recovery_buffer_misses.labels(app.id, self.metrics.port).inc()
+        if not result.ok and result.code == POSITION_EXPIRED and not legacy and app.history.enabled:
             newest = result.newest_serial or 0
             wanted = newest - serial
             if 0 < wanted <= MAX_COLD_REPLAY:

@@ -319,6 +319,7 @@ def test_cold_recovery_then_expired_position_then_stream_reset(start, v2, backen
     assert (recovered["source"], recovered["replayed"], recovered["position"]["serial"]) == ("cold", 30, 33)
     assert sample(node, "sockudo_history_recovery_success_total", source="cold") == 1
     assert sample(node, "sockudo_recovery_replayed_messages_total", source="cold") == 30
+    assert sample(node, "sockudo_recovery_buffer_misses_total") == 1  # the buffer (10) missed, history served
 
     # 50 more: history keeps 44..83, so serial 3 is beyond it -> a clear failure with the range.
     publish_each(node, channel, range(34, 84))
@@ -333,6 +334,7 @@ def test_cold_recovery_then_expired_position_then_stream_reset(start, v2, backen
     assert info["expected_stream_id"] == info["current_stream_id"] == at3["stream_id"]
     assert [f["code"] for f in data_of(frames[1])["failed"]] == ["position_expired"]
     assert sample(node, "sockudo_history_recovery_failures_total", code="position_expired") == 1
+    assert sample(node, "sockudo_recovery_buffer_misses_total") == 2
 
     # An operator reset: a new stream; the old position can no longer be trusted.
     path = f"/apps/{APP['id']}/channels/{channel}/history/reset"
@@ -347,10 +349,101 @@ def test_cold_recovery_then_expired_position_then_stream_reset(start, v2, backen
     assert (frames[0]["event"], info["code"]) == ("sockudo:resume_failed", "stream_reset")
     assert info["current_stream_id"] != at3["stream_id"]
     assert sample(node, "sockudo_history_recovery_failures_total", code="stream_reset") == 1
+    assert sample(node, "sockudo_recovery_buffer_misses_total") == 2  # a reset is not a buffer miss
     # Publishing goes on in the new stream, from serial 1.
     sdk_for(node).trigger(channel, "update", {"i": 1})
     (fresh_frame,) = updates(back.until(lambda f: f.get("event") == "update"))
     assert fresh_frame["serial"] == 1 and fresh_frame["stream_id"] == info["current_stream_id"]
+
+
+def test_gap_beyond_the_buffer_without_history_is_a_buffer_miss_and_shows_pressure(start, v2) -> None:
+    """Recovery on, history off: a resume the buffer cannot serve fails as ``position_expired``
+    and is counted as a buffer miss; the full buffer shows up as pressure."""
+    (node,) = start(connection_recovery={"enabled": True, "max_buffer_size": 10})
+    channel = fresh("pressure")
+    phone = v2(node)
+    phone.subscribe(channel)
+    publish_each(node, channel, range(1, 4))
+    phone.until(lambda f: f.get("serial") == 3)
+    at3 = dict(phone.positions[channel])
+    phone.drop()
+
+    publish_each(node, channel, range(4, 31))  # 30 published into a buffer of 10: 20 dropped
+    back = v2(node)
+    back.subscribe(channel)
+    frames = back.resume({channel: at3})
+    assert [f["event"] for f in frames] == ["sockudo:resume_failed", "sockudo:resume_success"]
+    info = data_of(frames[0])
+    assert info["code"] == "position_expired"
+    assert (info["oldest_available_serial"], info["newest_available_serial"]) == (21, 30)
+    assert sample(node, "sockudo_recovery_buffer_misses_total", app_id=APP["id"]) == 1
+    assert sample(node, "sockudo_history_recovery_failures_total", code="position_expired") == 1
+
+    # Inside the buffer: served by it, no miss.
+    frames = back.resume({channel: {**at3, "serial": 25}})
+    assert [f["serial"] for f in updates(frames)] == list(range(26, 31))
+    assert sample(node, "sockudo_recovery_buffer_misses_total") == 1
+
+    assert sample(node, "sockudo_replay_buffer_full_evictions_total", app_id=APP["id"]) == 20
+    wait_until(lambda: sample(node, "sockudo_replay_buffer_max_fill_ratio", app_id=APP["id"]) == 1.0,
+               timeout=15, message="the fullest buffer's fill ratio after a housekeeping sweep")
+
+
+@pytest.mark.parametrize("lost", ["stream", "history_only"])
+def test_channel_stream_lost_from_redis(start, v2, redis_server: RedisServer, lost: str) -> None:
+    """The channel's keys vanish from Redis underneath the server (eviction, a FLUSH, an
+    operator's DEL). ``…:stream:{c}`` holds the stream id and serial counter, ``…:history:{c}``
+    the history (a Redis Stream)."""
+    (node,) = start(backend="redis", connection_recovery={"enabled": True, "max_buffer_size": 10},
+                    history={"enabled": True})
+    channel = fresh("lost")
+    phone = v2(node)
+    phone.subscribe(channel)
+    publish_each(node, channel, range(1, 4))
+    phone.until(lambda f: f.get("serial") == 3)
+    at3 = dict(phone.positions[channel])
+    phone.drop()
+    publish_each(node, channel, range(4, 34))
+
+    store = redis.Redis(port=redis_server.port)
+    keys = [f"sockudo:app:{APP['id']}:history:{channel}"]
+    if lost == "stream":
+        keys.append(f"sockudo:app:{APP['id']}:stream:{channel}")
+    assert store.delete(*keys) == len(keys)
+    store.close()
+
+    back = v2(node)
+    ack = back.subscribe(channel)
+    frames = back.resume({channel: at3})
+    assert [f["event"] for f in frames] == ["sockudo:resume_failed", "sockudo:resume_success"]
+    info = data_of(frames[0])
+    assert info["expected_stream_id"] == at3["stream_id"]
+    if lost == "stream":
+        # Continuity is gone: a new stream (from the re-subscribe), and the old position fails
+        # as stream_reset. The old stream's frames still in this node's buffer are no
+        # "available range" of the new one.
+        assert info["code"] == "stream_reset"
+        assert info["current_stream_id"] == ack["stream_id"] != at3["stream_id"]
+        assert (info["oldest_available_serial"], info["newest_available_serial"]) == (None, 0)
+        assert sample(node, "sockudo_history_recovery_failures_total", code="stream_reset") == 1
+        # Even a position the old buffer could still serve: the stream it belongs to is gone.
+        frames = back.resume({channel: {**at3, "serial": 30}})
+        assert data_of(frames[0])["code"] == "stream_reset" and updates(frames) == []
+        sdk_for(node).trigger(channel, "update", {"i": 1})
+        (first,) = updates(back.until(lambda f: f.get("event") == "update"))
+        assert (first["stream_id"], first["serial"]) == (ack["stream_id"], 1)
+        assert serials_of(history_page(node, channel)) == [1]
+    else:
+        # Only history went: the stream id and serials are intact, so this is no reset; the
+        # missed messages are simply no longer kept (the cold tier finds nothing).
+        assert info["code"] == "position_expired"
+        assert info["current_stream_id"] == at3["stream_id"]
+        assert info["newest_available_serial"] == 33
+        assert sample(node, "sockudo_recovery_buffer_misses_total") == 1
+        # A gap the buffer still holds is recovered: live continuity was never broken.
+        frames = back.resume({channel: {**at3, "serial": 30}})
+        assert [f["serial"] for f in updates(frames)] == [31, 32, 33]
+        assert history_page(node, channel)["items"] == []
 
 
 # -- protocol 7 is unchanged ---------------------------------------------------------------------
@@ -496,6 +589,34 @@ def test_websocket_channel_history_until_attach(start, v2) -> None:
         request["cursor"] = page["next_cursor"]
     assert backfill == [5, 4, 3, 2, 1]  # only up to the attach serial
     assert sorted(backfill + [f["serial"] for f in live]) == list(range(1, 9))  # a gap-free merge
+
+
+def test_websocket_channel_history_limit_up_to_1000(start, v2) -> None:
+    """Spec §7.6: the WebSocket request's ``limit`` defaults to 100 and may be up to 1,000; REST
+    stays capped at ``max_page_size`` (100 here)."""
+    (node,) = start(backend="redis", apps=[BIG_BATCH_APP], connection_recovery=RECOVERY,
+                    history={"enabled": True, "max_messages_per_channel": 2000})
+    channel = fresh("wide")
+    fill(node, channel, 1200)
+    assert history_page(node, channel, limit=1000)["limit"] == 100
+    c = v2(node)
+    c.subscribe(channel)
+
+    def ws_page(request: dict[str, Any]) -> dict[str, Any]:
+        c.raw.send_json({"event": "sockudo:channel_history", "data": {"channel": channel, **request}})
+        (reply,) = [f for f in c.until(lambda f: f.get("event") == "sockudo:channel_history", timeout=15)
+                    if f.get("event") == "sockudo:channel_history"]
+        return data_of(reply)  # type: ignore[no-any-return]
+
+    page = ws_page({})
+    assert page["limit"] == 100 and serials_of(page) == list(range(1200, 1100, -1))
+    page = ws_page({"limit": 1000, "direction": "oldest_first"})
+    assert page["limit"] == 1000 and serials_of(page) == list(range(1, 1001)) and page["has_more"]
+    rest = ws_page({"limit": 1000, "direction": "oldest_first", "cursor": page["next_cursor"]})
+    assert serials_of(rest) == list(range(1001, 1201)) and rest["has_more"] is False
+    page = ws_page({"limit": 5000})
+    assert page["limit"] == 1000 and len(page["items"]) == 1000
+    assert ws_page({"limit": 0})["status"] == 400
 
 
 # -- idempotent publish ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sockudo.history_api import read_history
 from sockudo.metrics import Metrics
 from tests.unit.fakes import FakeClock, make_app
 
+REST = object()  # Store.read's default: a REST read (no socket)
 CH = "news"
 
 
@@ -43,8 +44,12 @@ class Store:
         return [self.seq.next(app or self.app, channel, f"m{i}", "ev", json.dumps({"i": i}), None)[1]
                 for i in range(n)]
 
-    def read(self, channel: str = CH, attach_serial: int | None = None, **params: Any) -> dict[str, Any]:
-        return read_history(self.seq, self.metrics, self.app, channel, params, attach_serial=attach_serial)
+    def read(self, channel: str = CH, attach_serial: Any = REST, **params: Any) -> dict[str, Any]:
+        """A REST read, or a WebSocket one when ``attach_serial`` is given (an int or None)."""
+        if attach_serial is REST:
+            return read_history(self.seq, self.metrics, self.app, channel, params)
+        return read_history(self.seq, self.metrics, self.app, channel, params, attach_serial=attach_serial,
+                            websocket=True)
 
     def status(self, **params: Any) -> int:
         with pytest.raises(ApiError) as info:
@@ -294,6 +299,23 @@ def test_limit_is_capped_at_the_page_size() -> None:
     assert len(s.read()["items"]) == 25  # no limit: the page size
 
 
+def test_websocket_limit_defaults_to_100_and_may_be_up_to_1000() -> None:
+    """Spec §7.6: ``sockudo:channel_history`` takes ``limit`` (default 100, max 1000), while
+    REST stays capped at ``max_page_size`` (here 25)."""
+    s = Store(history_app(page=25, keep=5000))
+    s.add(2500)
+    assert s.read(limit=1000)["limit"] == 25
+    page = s.read(attach_serial=None)
+    assert page["limit"] == 100 and page_serials(page) == list(range(2500, 2400, -1))
+    page = s.read(attach_serial=2500, limit=1000, direction="oldest_first")
+    assert page["limit"] == 1000 and page_serials(page) == list(range(1, 1001)) and page["has_more"]
+    following = s.read(attach_serial=2500, limit=1000, direction="oldest_first", cursor=page["next_cursor"])
+    assert page_serials(following) == list(range(1001, 2001))
+    page = s.read(attach_serial=2500, limit=5000)
+    assert page["limit"] == 1000 and len(page["items"]) == 1000  # larger values are capped at 1,000
+    assert s.status(attach_serial=None, limit=0) == 400
+
+
 @pytest.mark.parametrize("params", [
     {"limit": 0}, {"limit": -1}, {"limit": "ten"}, {"direction": "sideways"}, {"start_serial": "x"},
     {"end_serial": -4},
@@ -343,4 +365,5 @@ def test_until_attach_pages_with_its_cursor(store: Store) -> None:
 
 def test_until_attach_without_a_subscription_is_400(store: Store) -> None:
     store.add(3)
-    assert store.status(until_attach=True) == 400
+    assert store.status(until_attach=True) == 400  # REST
+    assert store.status(attach_serial=None, until_attach=True) == 400  # a socket with no attach serial

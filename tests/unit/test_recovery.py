@@ -104,6 +104,39 @@ def test_buffer_appends_in_order_and_evicts_by_size() -> None:
     assert _serials(buffers) == [3, 4, 5]
     assert buffers.position("a", CH) == ("s1", 5)
     assert buffers.size() == 3
+    assert buffers.pressure["a"].full_evictions == 2
+
+
+def test_only_full_buffers_count_as_pressure() -> None:
+    cfg = RecoveryConfig(enabled=True, max_buffer_size=4, buffer_ttl_seconds=10)
+    buffers = ReplayBuffers()
+    buffers.append("a", CH, _msg(1, ms=0), "s1", cfg, 0)
+    buffers.append("a", CH, _msg(2, ms=0), "s1", cfg, 0)
+    buffers.append("a", CH, _msg(3, ms=11_000), "s1", cfg, 11_000)  # 1 and 2 age out
+    buffers.append("a", CH, _msg(5, ms=11_000), "s1", cfg, 11_000)  # a gap restarts the buffer
+    buffers.append("a", CH, _msg(1, ms=11_000), "s2", cfg, 11_000)  # a new stream replaces it
+    assert buffers.pressure["a"].full_evictions == 0
+    buffers.sweep({"a": cfg}, 11_000)
+    assert buffers.pressure["a"].max_fill_ratio == 0.25
+
+
+def test_pressure_is_exported_per_app_through_the_publish_path() -> None:
+    busy = recovery_app(buffer=10)
+    calm = recovery_app(buffer=10, id="app-2", key="key-2")
+    w = World(busy, calm)
+    publish(w, 25)  # 15 dropped from a full buffer
+    publish(w, 3, channel="quiet")
+    w.services.publisher.publish(calm, CH, "tick", "{}")
+    assert w.sample("sockudo_replay_buffer_full_evictions_total") == 15
+    assert w.sample("sockudo_replay_buffer_full_evictions_total", app_id="app-2") == 0
+    cfgs = {a.id: a.connection_recovery for a in (busy, calm)}
+    w.services.buffers.sweep(cfgs, int(w.clock() * 1000))
+    assert w.sample("sockudo_replay_buffer_max_fill_ratio") == 1.0  # the fullest of the app's buffers
+    assert w.sample("sockudo_replay_buffer_max_fill_ratio", app_id="app-2") == 0.1
+    # A gone app stops being exported (bounded series).
+    w.services.buffers.sweep({busy.id: busy.connection_recovery}, int(w.clock() * 1000))
+    assert w.registry.get_sample_value("sockudo_replay_buffer_max_fill_ratio",
+                                       {"app_id": "app-2", "port": "9601"}) is None
 
 
 def test_buffer_evicts_by_ttl_on_append_and_on_sweep() -> None:
@@ -223,6 +256,8 @@ def test_gap_larger_than_the_buffer_without_history_is_position_expired() -> Non
     assert outcome.failure["code"] == POSITION_EXPIRED
     assert (outcome.failure["oldest_available_serial"], outcome.failure["newest_available_serial"]) == (8, 12)
     assert failures(w, POSITION_EXPIRED) == 1
+    # The buffer could not serve it: a miss, although there is no history to try next.
+    assert w.sample("sockudo_recovery_buffer_misses_total") == 1
 
 
 def test_frames_older_than_the_ttl_are_position_expired() -> None:
@@ -232,6 +267,34 @@ def test_frames_older_than_the_ttl_are_position_expired() -> None:
     w.clock.advance(31)
     outcome = resume(w, stream_id, 1)
     assert outcome.failure is not None and outcome.failure["code"] == POSITION_EXPIRED
+    assert w.sample("sockudo_recovery_buffer_misses_total") == 1
+
+
+def test_only_positions_the_buffer_cannot_serve_count_as_misses() -> None:
+    w = World(recovery_app(buffer=5))
+    publish(w, 8)
+    stream_id, _ = position(w)
+    assert resume(w, stream_id, 6).failure is None  # served by the buffer
+    assert resume(w, stream_id, 8).failure is None  # up to date
+    assert resume(w, "other", 6).failure["code"] == STREAM_RESET  # type: ignore[index]
+    assert resume(w, stream_id, 99).failure["code"] == CONTINUITY_UNVERIFIABLE  # type: ignore[index]
+    assert w.sample("sockudo_recovery_buffer_misses_total") == 0
+    assert resume(w, None, 1, legacy=True).failure["code"] == CONTINUITY_UNVERIFIABLE  # type: ignore[index]
+    assert w.sample("sockudo_recovery_buffer_misses_total") == 1  # a legacy serial the buffer lost
+
+
+def test_a_buffer_left_from_a_lost_stream_reports_no_range() -> None:
+    """The store lost the channel (Redis key gone) and started a new stream: this node's
+    buffer still holds the old stream's frames, which say nothing about the new one."""
+    w = World(recovery_app(buffer=5))
+    publish(w, 12)
+    old_stream, _ = position(w)
+    w.services.sequencer.reset(w.app, CH)  # type: ignore[union-attr]  (the buffer is kept)
+    new_stream, _ = w.services.sequencer.ensure(w.app, CH)  # type: ignore[union-attr]
+    outcome = resume(w, old_stream, 3)
+    assert outcome.failure is not None and outcome.failure["code"] == STREAM_RESET
+    assert outcome.failure["current_stream_id"] == new_stream
+    assert (outcome.failure["oldest_available_serial"], outcome.failure["newest_available_serial"]) == (None, 0)
 
 
 def test_client_ahead_of_the_channel_is_continuity_unverifiable() -> None:
