@@ -532,6 +532,67 @@ def test_kill_9_removes_the_dead_nodes_members_within_the_bound(cluster, pusherj
     assert tracebacks(a, c) == 0
 
 
+def test_kill_9_under_traffic_clients_move_and_presence_converges(cluster, pusherjs) -> None:
+    """The issue's fault: a node dies mid-traffic. Publishing through the survivors never stops,
+    their subscribers get every message, the dead node's users come back through another node
+    (as a load balancer would send them), and presence ends with each user exactly once."""
+    a, b, c = cluster(3)
+    room, news = "presence-kill-traffic", "kill-traffic"
+    obs_a = connect(pusherjs, "kt-obs-a", a, APP, "kt-obs-a", room, news)
+    obs_c = connect(pusherjs, "kt-obs-c", c, APP, "kt-obs-c", room, news)
+    for uid in ("kt-v1", "kt-v2"):
+        connect(pusherjs, f"{uid}-on-b", b, APP, uid, room, news)
+    everyone = {"kt-obs-a", "kt-obs-c", "kt-v1", "kt-v2"}
+    for obs in (obs_a, obs_c):
+        wait_until(lambda obs=obs: member_view(obs, room) == everyone, timeout=10)
+
+    published: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        sdk = sdk_for(a)
+        n = 0
+        while not stop.is_set() and n < 5000:  # bounded
+            try:
+                sdk.trigger(news, "tick", {"n": n})
+                published.append(n)
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                failures.append(repr(exc))
+            n += 1
+            stop.wait(0.02)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        wait_until(lambda: len(published) >= 20, timeout=10, message="traffic before the kill")
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(timeout=5)
+        moved = [connect(pusherjs, f"{uid}-on-c", c, APP, uid, room, news) for uid in ("kt-v1", "kt-v2")]
+        # the dead node's sockets are cleaned up; the users stay, through their new sockets
+        wait_until(lambda: all(user_ids(node, room) == sorted(everyone) for node in (a, c))
+                   and sdk_for(a).channel_info(room, ["subscription_count"])["subscription_count"] == 4,
+                   timeout=DEAD_NODE_BOUND + 10, interval=0.2, message="presence to converge without node B")
+        for obs in (obs_a, obs_c):
+            wait_until(lambda obs=obs: member_view(obs, room) == everyone, timeout=10)
+        mark = len(published)
+        wait_until(lambda: len(published) >= mark + 20, timeout=10, message="traffic after the kill")
+    finally:
+        stop.set()
+        publisher.join(timeout=15)
+    assert not failures, failures[:3]
+    last = published[-1]
+    for client in (obs_a, obs_c):
+        wait_until(lambda client=client: any(d["n"] == last for d in received(client, news, "tick")), timeout=10,
+                   message=f"{client.name} to receive the last tick")
+        assert [d["n"] for d in received(client, news, "tick")] == published, client.name  # all, in order
+    for client in moved:
+        got = [d["n"] for d in received(client, news, "tick")]
+        assert got and got == published[published.index(got[0]):], client.name  # from its join on, no gap
+    assert tracebacks(a, c) == 0
+
+
 # -- Redis failure ------------------------------------------------------------------------------
 
 
