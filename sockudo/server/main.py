@@ -25,6 +25,7 @@ from .websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, se
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_TAIL_SECONDS = 3.0  # of the grace period, kept for flushing webhooks and leaving the cluster
 STARTUP_ADAPTER_WAIT_SECONDS = 3.0
 
 
@@ -244,19 +245,27 @@ class Server:
         logger.info("shutting down", extra={"connections": len(self.registry.connections)})
         for conn in list(self.registry.connections.values()):
             self.handler.shutdown(conn)
-        deadline = time.monotonic() + self.config.shutdown_grace_period
-        while self.registry.connections and time.monotonic() < deadline:
+        # The whole stop fits in the grace period: the sockets get most of it, the rest is for
+        # handing webhooks to the queue and leaving the cluster, each bounded by what is left.
+        grace = float(self.config.shutdown_grace_period)
+        end = time.monotonic() + grace
+        sockets_until = end - min(SHUTDOWN_TAIL_SECONDS, grace * 0.25)
+        while self.registry.connections and time.monotonic() < sockets_until:
             runtime.sleep(0.05)
+
+        def left(share: float = 1.0) -> float:
+            return max(0.05, (end - time.monotonic()) * share)
+
         stop_events = getattr(self.services.events, "stop", None)
         if stop_events is not None:
-            stop_events()  # pending debounces, batches and the enqueue backlog (webhooks)
+            stop_events(timeout=left(0.4))  # pending debounces, batches and the enqueue backlog (webhooks)
         stop_adapter = getattr(self.services.adapter, "stop", None)
         if stop_adapter is not None:
-            stop_adapter()
+            stop_adapter(timeout=left(0.6))
         if self.http is not None:
-            self.http.stop(timeout=1)
+            self.http.stop(timeout=min(1.0, left(0.5)))
         if self.metrics_http is not None:
-            self.metrics_http.stop(timeout=1)
+            self.metrics_http.stop(timeout=min(1.0, left()))
         observability.detach(self)
         self.stopped.set()
 

@@ -944,9 +944,6 @@ def test_sentinel_failover_during_traffic(cluster, pusherjs) -> None:
         master.stop()
 
 
-# -- graceful shutdown ----------------------------------------------------------------------------
-
-
 def test_sentinel_with_passwords_tls_off_and_a_database(server_factory, pusherjs) -> None:
     """Production Sentinel setups use passwords (the master's and the sentinels' own) and often a
     database other than 0: ``REDIS_PASSWORD``, ``REDIS_SENTINEL_PASSWORD``, ``REDIS_DB``."""
@@ -970,6 +967,9 @@ def test_sentinel_with_passwords_tls_off_and_a_database(server_factory, pusherjs
     finally:
         sentinel.stop()
         master.stop()
+
+
+# -- graceful shutdown ----------------------------------------------------------------------------
 
 
 def test_sigterm_sends_4200_and_clients_move_to_the_surviving_node(cluster, pusherjs, redis_server) -> None:
@@ -996,7 +996,7 @@ def test_sigterm_sends_4200_and_clients_move_to_the_surviving_node(cluster, push
         assert time.monotonic() - terminated_at < 5
         assert b.proc is not None
         b.proc.wait(timeout=GRACE + 5)
-        assert time.monotonic() - terminated_at < GRACE + 2
+        assert time.monotonic() - terminated_at < GRACE + 0.5  # the whole stop fits the grace period
         assert b.proc.returncode == 0, b.log()
         # the node said goodbye: the survivor stops asking it at once (no partial, slow answer)
         asked_at = time.monotonic()
