@@ -311,6 +311,10 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     back.send_json({"event": "sockudo:resume", "data": {"channel_positions": {"resume-zz1": position}}})
     result = json.loads(back.expect("sockudo:resume_success", timeout=10)["data"])
     assert result["failed"] == [] and [r["replayed"] for r in result["recovered"]] == [3], result
+    # a resume that cannot succeed: a stream this channel never had
+    back.send_json({"event": "sockudo:resume", "data": {"channel_positions": {
+        "resume-zz1": {"stream_id": "not-this-stream", "serial": 1}}}})
+    back.expect("sockudo:resume_failed", timeout=10)
 
     # history: one good read, one with a bad cursor
     path = f"/apps/{APP['id']}/channels/resume-zz1/history"
@@ -380,6 +384,10 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
             "adapter receive latency": delta(before_b, tb, "sockudo_adapter_receive_latency_ms_count"),
             "duplicate suppression": delta(before_a, ta, "sockudo_adapter_duplicates_suppressed_total"),
             "resume successes": delta(before_a, ta, "sockudo_history_recovery_success_total", **app),
+            "resume failures": delta(before_a, ta, "sockudo_history_recovery_failures_total", code="stream_reset",
+                                     **app),
+            "disconnect reasons": delta(before_a, ta, "sockudo_disconnections_by_reason_total",
+                                        reason="client_closed", **app),
             "replayed": delta(before_a, ta, "sockudo_recovery_replayed_messages_total", **app),
             "history writes": delta(before_a, ta, "sockudo_history_writes_total", **app),
             "history reads": delta(before_a, ta, "sockudo_history_reads_total", **app),
@@ -413,7 +421,8 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
         "connections": 3, "active sockets": 2, "auth failures": 1, "subscribe successes": 2, "presence joins": 1,
         "presence leaves": 1, "publish accepted": 5, "idempotency publishes": 2, "idempotency hits": 1,
         "payload too large": 1, "adapter publish latency": 1, "adapter receive latency": 1,
-        "duplicate suppression": 1, "resume successes": 1, "replayed": 3, "history writes": 5,
+        "duplicate suppression": 1, "resume successes": 1, "resume failures": 1, "disconnect reasons": 1,
+        "replayed": 3, "history writes": 5,
         "history reads": 1, "cursor errors": 1, "webhooks queued": 2, "webhooks delivered": 1,
         "webhooks failed": 2, "webhooks retried": 1, "webhooks dead-lettered": 1,
         "push accepted": 2, "push scheduled": 1, "push dispatched fcm accepted": 2,
@@ -433,7 +442,12 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     assert got["auth failures"] == 1 and got["presence joins"] == 1 and got["presence leaves"] == 1
     assert got["idempotency hits"] == 1 and got["payload too large"] == 1 and got["cursor errors"] == 1
     assert got["publish accepted"] == 5  # fanout once (the repeat is served from the cache) + 4 resume
-    assert got["resume successes"] == 1 and got["replayed"] == 3
+    assert got["resume successes"] == 1 and got["replayed"] == 3 and got["resume failures"] == 1
+    assert got["disconnect reasons"] == 1  # the phone's close; every other socket is still open
+    # readiness: a probe of /up leaves every check's last result in the metrics
+    assert requests.get(a.url + "/up", timeout=5).status_code == 200
+    checks = [smp for smp in samples(a.metrics_text()) if smp.name == "sockudo_readiness_check_up"]
+    assert checks and all(smp.value == 1 for smp in checks), checks
     push_exact = {k: v for k, v in got.items() if k.startswith("push ")}
     assert push_exact == {k: v for k, v in expected_at_least.items() if k.startswith("push ")}, push_exact
     tw = deployment.worker.metrics_text()
