@@ -127,6 +127,11 @@ class RedisAdapter:
         self._outbox: deque[tuple[str, str, float]] = deque()
         self._outbox_wakeup = runtime.event()
         self._redis_run_id: str | None = None
+        # Monotonic time this node got Redis back after losing it. Heartbeats written before an
+        # outage look expired afterwards: nobody is taken for dead until every live peer has had
+        # node_timeout to beat again (0.0: never lost Redis, no grace needed).
+        self._back_since = 0.0
+        self._coming_back = False  # set on (re)connection; the first answered heartbeat starts the grace
         self._connection_apps: set[str] = set()
         self._last_error_log = 0.0
         self._last_partial_log = -PARTIAL_LOG_INTERVAL
@@ -269,6 +274,8 @@ class RedisAdapter:
                         pass
 
     def _connected(self, first: bool) -> None:
+        if not first:
+            self._coming_back = True
         self._heartbeat(resync=True)
         self._listening = True
         if not first:
@@ -435,6 +442,7 @@ class RedisAdapter:
         """Commands work again while the pub/sub listener never dropped (a command failed on its
         own: Redis out of memory, a timeout). Without this, only a reconnect of the listener
         made the node healthy again, so after an OOM it stayed local-only until restarted."""
+        self._coming_back = True
         self._heartbeat(resync=True)
         self.healthy = True
         self.metrics.adapter_up.labels("redis").set(1)
@@ -456,6 +464,9 @@ class RedisAdapter:
         pipe.info("server")
         live, dead, info = pipe.execute()
         now = time.monotonic()
+        if self._coming_back:  # Redis answers again from now on (a frozen Redis held the call)
+            self._coming_back = False
+            self._back_since = now
         for n in live:
             self._peer_seen[n.decode() if isinstance(n, bytes) else n] = now
         self._peer_seen.pop(self.node_id, None)
@@ -470,6 +481,8 @@ class RedisAdapter:
         if resync or (self._dirty and self.healthy):
             self._resync()
         self.client.zadd(self.keys.nodes, {self.node_id: now_ms})
+        if self._back_since and now - self._back_since < self.config.node_timeout:
+            return  # just back from an outage: old heartbeats are not deaths (yet)
         for node in dead:
             self._cleanup_dead(node.decode() if isinstance(node, bytes) else node)
 

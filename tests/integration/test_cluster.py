@@ -35,6 +35,7 @@ from sockudo.metrics import Metrics
 from tests.conftest import APP, sdk_for
 from tests.support.cluster import (
     DEAD_NODE_BOUND,
+    HEARTBEAT_INTERVAL,
     SentinelServer,
     metric,
     metrics_at,
@@ -694,6 +695,44 @@ def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster,
     for node in (a, b):
         wait_until(lambda node=node: user_ids(node, channel) == ["obs-a", "obs-b"], timeout=10,
                    message="the leaver to be gone from /users")
+    assert tracebacks(a, b) == 0
+
+
+def test_redis_away_longer_than_the_node_timeout_is_not_mistaken_for_dead_nodes(
+        cluster, pusherjs, own_redis: RedisServer) -> None:
+    """Redis frozen (keeping its data) for longer than ``node_timeout``: when it answers again
+    every node's last heartbeat in it is old. The first node back must not take its peers for
+    dead — their users are still connected — so no member leaves and no one is re-added."""
+    own_redis.start()
+    a, b = cluster(2, env=node_env(own_redis.url))
+    channel = "presence-cluster-long-freeze"
+    obs_a = connect(pusherjs, "lf-obs-a", a, APP, "lf-obs-a", channel)
+    obs_b = connect(pusherjs, "lf-obs-b", b, APP, "lf-obs-b", channel)
+    everyone = {"lf-obs-a", "lf-obs-b"}
+    for obs in (obs_a, obs_b):
+        wait_until(lambda obs=obs: member_view(obs, channel) == everyone, timeout=10)
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: up_status(a) == 503 and up_status(b) == 503, timeout=15, interval=0.1,
+                   message="both nodes to notice the frozen Redis")
+        frozen_at = time.monotonic()
+        wait_until(lambda: time.monotonic() - frozen_at > DEAD_NODE_BOUND + 1, timeout=DEAD_NODE_BOUND + 5,
+                   interval=0.2, message="the freeze to outlast the node timeout")
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: up_status(a) == 200 and up_status(b) == 200, timeout=20, interval=0.1,
+               message="/up to recover")
+    # Long enough for any (wrong) dead-node cleanup to have run on either node.
+    settled_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - settled_at > DEAD_NODE_BOUND + HEARTBEAT_INTERVAL, timeout=30,
+               interval=0.2, message="a node timeout after the recovery")
+    for obs in (obs_a, obs_b):
+        assert presence_frames(obs, channel, "removed") == [], obs.name
+        assert member_view(obs, channel) == everyone
+    for node in (a, b):
+        assert user_ids(node, channel) == sorted(everyone)
+    assert delivered_across(sdk_for(a), obs_b, channel, timeout=5)
     assert tracebacks(a, b) == 0
 
 
