@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from .webhook_metrics import WebhookMetrics
-from .webhooks import Delivery, Verdict, classify, endpoint_host, failure_reason
+from .webhook_metrics import UNKNOWN_EVENT_TYPE, WebhookMetrics
+from .webhooks import EVENT_TYPES, Delivery, Verdict, classify, endpoint_host, failure_reason, inflight_keys
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ MAX_RESPONSE_BYTES = 64 * 1024
 DELIVERED = "delivered"
 RETRY = "retry"
 DEAD = "dead"
+DEFERRED = "deferred"  # no attempt: the endpoint's in-flight slots were all taken
 
 REASON_PERMANENT = "permanent_failure"
 REASON_EXHAUSTED = "retries_exhausted"
@@ -104,7 +105,7 @@ def post(delivery: Delivery) -> HttpResult:
 
 @dataclass(frozen=True)
 class AttemptResult:
-    outcome: str  # delivered | retry | dead
+    outcome: str  # delivered | retry | dead | deferred
     attempt: int  # 1 for the first try
     status: int | None
     error: str | None
@@ -158,25 +159,88 @@ def log_attempt(delivery: Delivery, result: AttemptResult) -> None:
         logger.error("webhook delivery failed, dead-lettered (%s): %s", result.dead_reason, summary, extra=fields)
 
 
+def event_types(delivery: Delivery) -> list[str]:
+    """The delivery's event names as bounded metric labels (one entry per event)."""
+    return [name if name in EVENT_TYPES else UNKNOWN_EVENT_TYPE for name in delivery.event_names] or [
+        UNKNOWN_EVENT_TYPE]
+
+
+def record_dead_lettered(metrics: WebhookMetrics | None, delivery: Delivery, reason: str) -> None:
+    """``sockudo_webhooks_dead_lettered_total``: one per event of the delivery."""
+    if metrics is None:
+        return
+    for name in event_types(delivery):
+        metrics.dead_lettered.labels(delivery.app_id, name, reason).inc()
+
+
 def record_metrics(metrics: WebhookMetrics | None, delivery: Delivery, result: AttemptResult,
                    now_ms: float | None = None) -> None:
     if metrics is None:
         return
     app_id = delivery.app_id
+    if result.outcome == DEFERRED:
+        metrics.deferred.labels(app_id).inc()
+        return
     if result.status is not None or result.error is not None:
         metrics.attempt_seconds.labels(app_id).observe(result.seconds)
+    names = event_types(delivery)
     if result.outcome == DELIVERED:
-        for name in delivery.event_names:
+        for name in names:
             metrics.delivered.labels(app_id, name).inc()
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         metrics.delivery_delay_seconds.labels(app_id).observe(max(0.0, (now_ms - delivery.created_ms) / 1000))
         return
-    if result.reason is not None:
-        metrics.failed.labels(app_id, result.reason).inc()
-    if result.outcome == RETRY:
-        metrics.retried.labels(app_id).inc()
-    elif result.outcome == DEAD:
-        metrics.dead_lettered.labels(app_id, result.dead_reason or REASON_WORKER).inc()
+    for name in names:
+        if result.reason is not None:
+            metrics.failed.labels(app_id, name, result.reason).inc()
+        if result.outcome == RETRY:
+            metrics.retried.labels(app_id, name).inc()
+    if result.outcome == DEAD:
+        record_dead_lettered(metrics, delivery, result.dead_reason or REASON_WORKER)
+
+
+# -- per-endpoint in-flight slots ------------------------------------------------------------
+
+_ACQUIRE_LUA = """
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if not holder or (ARGV[3] ~= '' and string.sub(holder, 1, string.len(ARGV[3])) == ARGV[3]) then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    return i - 1
+  end
+end
+return -1
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class EndpointSlots:
+    """At most ``slots`` attempts in flight per endpoint, across every worker.
+
+    An attempt holds one lease key ``{prefix}inflight:<sha1(url)>:<slot>`` (``SET NX PX``, taken
+    by one script call over all the endpoint's slots). Its TTL is the attempt's longest possible
+    run (the job timeout + slack), so a slot held by a killed worker frees itself; a finished
+    attempt releases it at once (compare-and-delete: never someone else's slot).
+
+    Tokens start with ``owner`` (the RQ job id): a slot still held under the same owner was
+    left by this job's own earlier attempt, whose work-horse died (one job never runs twice at
+    once), so it is taken over instead of blocking the job's retry until it expires."""
+
+    def __init__(self, client: Any) -> None:
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+
+    def acquire(self, delivery: Delivery, slots: int, token: str, ttl_ms: int, owner: str = "") -> str | None:
+        """The slot key taken, or None when all ``slots`` are held. ``token`` must start with ``owner``."""
+        keys = inflight_keys(delivery, max(1, slots))
+        index = int(self._acquire(keys=keys, args=[token, max(1, int(ttl_ms)), owner]))
+        return keys[index] if index >= 0 else None
+
+    def release(self, key: str, token: str) -> bool:
+        return bool(self._release(keys=[key], args=[token]))
 
 
 # -- dead letters ------------------------------------------------------------------------------

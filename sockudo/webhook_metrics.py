@@ -1,10 +1,11 @@
 """Webhook metrics, created against an injected registry (the server's, or a worker's own).
 
-Event-level counters (``queued``, ``delivered``) count one per event per endpoint, so
-``queued - delivered - dead-lettered events`` is what is still in flight. Attempt-level
-counters (``failed``, ``retried``) count HTTP attempts. Labels stay bounded: ``app_id``,
-``event_type`` (7 names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``) —
-never URLs, channels or delivery ids.
+Outcome counters count one per event per endpoint: ``queued``, ``delivered`` and
+``dead_lettered`` once per event, so ``queued - delivered - dead_lettered`` is what is still in
+flight; ``failed`` and ``retried`` once per event per failed attempt (a batch of 3 events that
+fails twice adds 6). So every outcome breaks down by app, event type and reason. Labels stay bounded: ``app_id``, ``event_type`` (the 7
+webhook event names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``, or the
+dead-letter reasons) — never URLs, channels or delivery ids.
 """
 
 from __future__ import annotations
@@ -36,17 +37,27 @@ class WebhookMetrics:
         )
         self.failed = Counter(
             f"{p}webhooks_failed",
-            "Failed delivery attempts, by reason (timeout, connect, request, http_5xx, http_<4xx>)",
-            ["app_id", "reason"], registry=r,
+            "Webhook events in failed delivery attempts (one per event per endpoint per attempt), by reason "
+            "(timeout, connect, request, http_5xx, http_<4xx>)",
+            ["app_id", "event_type", "reason"], registry=r,
         )
         self.retried = Counter(
-            f"{p}webhooks_retried", "Retries scheduled after a retryable failure", ["app_id"], registry=r,
+            f"{p}webhooks_retried",
+            "Webhook events whose delivery was scheduled for a retry after a retryable failure "
+            "(one per event per endpoint per retry)",
+            ["app_id", "event_type"], registry=r,
         )
-        self.dead_lettered = Counter(
+        self.dead_lettered = _DeadLettered(Counter(
             f"{p}webhooks_dead_lettered",
-            "Deliveries given up and stored as dead letters, by reason "
+            "Webhook events given up and stored in a dead letter (one per event per endpoint), by reason "
             "(permanent_failure, retries_exhausted, worker_failure)",
-            ["app_id", "reason"], registry=r,
+            ["app_id", "event_type", "reason"], registry=r,
+        ))
+        self.deferred = Counter(
+            f"{p}webhooks_deferred",
+            "Deliveries put back for ~1 s because their endpoint already had max_concurrent_per_endpoint "
+            "attempts in flight (no attempt made or counted)",
+            ["app_id"], registry=r,
         )
         self.attempt_seconds = Histogram(
             f"{p}webhooks_delivery_latency_seconds", "Duration of one delivery attempt (the HTTP request), in seconds",
@@ -74,6 +85,26 @@ class WebhookMetrics:
             f"{p}webhooks_abandoned_jobs", "Jobs left 'started' by a dead worker and put back on the queue",
             registry=r,
         )
+
+
+UNKNOWN_EVENT_TYPE = "unknown"
+
+
+class _DeadLettered:
+    """``sockudo_webhooks_dead_lettered_total{app_id,event_type,reason}``.
+
+    ``labels(app_id, event_type, reason)`` as on any counter. The older two-value call
+    ``labels(app_id, reason)`` (a caller that does not know the events) still works and counts
+    under ``event_type="unknown"``; callers should use ``record_dead_lettered`` instead."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def labels(self, *values: str, **named: str) -> Counter:
+        if len(values) == 2 and not named:
+            app_id, reason = values
+            return self.counter.labels(app_id, UNKNOWN_EVENT_TYPE, reason)
+        return self.counter.labels(*values, **named)
 
 
 @dataclass

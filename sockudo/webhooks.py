@@ -12,6 +12,7 @@ carry the app secret.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -57,6 +58,8 @@ RQ_JOB = "workers.webhooks.deliver"  # enqueued by dotted path: sockudo never im
 # Keys outside the configurable prefix, shared by every worker: one lease per running job.
 LEASE_KEY = "sockudo_webhooks:lease:{job_id}"
 REAPER_LOCK_KEY = "sockudo_webhooks:reaper:{queue}"
+# Under the delivery's prefix ({redis prefix}webhooks:): one key per attempt in flight to an endpoint.
+INFLIGHT_KEY = "{prefix}inflight:{endpoint}:{slot}"
 PAYLOAD_VERSION = 1
 
 
@@ -176,6 +179,9 @@ class WebhookSettings:
     # "auto": RQ on Redis when Redis is configured, else the in-process queue.
     queue_driver: str = "auto"
     dead_letter_limit: int = 10_000  # newest kept in Redis
+    # Attempts one endpoint (URL) may have in flight at once across all RQ workers; 0 = "auto":
+    # half the workers listening on the queue, at least 1 (docs/webhooks.md, "Slow endpoints").
+    max_concurrent_per_endpoint: int = 0
 
 
 _RETRY_KEYS = ("enabled", "max_attempts", "max_elapsed_time_ms", "initial_backoff_ms", "max_backoff_ms")
@@ -186,6 +192,7 @@ SETTINGS_ENV = {
     "WEBHOOK_DEBOUNCE_MS": ("", "debounce_ms"),
     "WEBHOOK_QUEUE_DRIVER": ("", "queue_driver"),
     "WEBHOOK_DEAD_LETTER_LIMIT": ("", "dead_letter_limit"),
+    "WEBHOOK_MAX_CONCURRENT_PER_ENDPOINT": ("", "max_concurrent_per_endpoint"),
     "WEBHOOK_BATCHING_ENABLED": ("batching", "enabled"),
     "WEBHOOK_BATCHING_DURATION": ("batching", "duration"),
     "WEBHOOK_BATCHING_SIZE": ("batching", "size"),
@@ -223,7 +230,8 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
     for var, (section, key) in SETTINGS_ENV.items():
         if env is not None and env.get(var, "") != "":
             {"": merged, "batching": batching, "retry": retry}[section][key] = env[var]
-    _check_keys("webhooks", merged, ("request_timeout_ms", "debounce_ms", "queue_driver", "dead_letter_limit"))
+    _check_keys("webhooks", merged, ("request_timeout_ms", "debounce_ms", "queue_driver", "dead_letter_limit",
+                                     "max_concurrent_per_endpoint"))
     _check_keys("webhooks.batching", batching, ("enabled", "duration", "size"))
     settings = WebhookSettings()
     values: dict[str, Any] = {}
@@ -233,6 +241,11 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
         values["debounce_ms"] = _int("webhooks.debounce_ms", merged["debounce_ms"], 0)
     if "dead_letter_limit" in merged:
         values["dead_letter_limit"] = _int("webhooks.dead_letter_limit", merged["dead_letter_limit"], 1)
+    if "max_concurrent_per_endpoint" in merged:
+        value = merged["max_concurrent_per_endpoint"]
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            value = 0
+        values["max_concurrent_per_endpoint"] = _int("webhooks.max_concurrent_per_endpoint", value, 0)
     if "queue_driver" in merged:
         driver = _str("webhooks.queue_driver", merged["queue_driver"]).strip().lower()
         if driver not in QUEUE_DRIVERS:
@@ -500,8 +513,9 @@ class Delivery:
     created_ms: int
     timeout_ms: int
     retry: RetryPolicy
-    prefix: str = "sockudo_adapter:webhooks:"  # where dead letters go
+    prefix: str = "sockudo_adapter:webhooks:"  # where dead letters (and in-flight slots) go
     dead_letter_limit: int = 10_000
+    max_concurrent: int = 0  # attempts in flight per endpoint; 0: auto (see WebhookSettings)
 
     @property
     def job_timeout_s(self) -> int:
@@ -529,6 +543,7 @@ class Delivery:
             "retry": self.retry.to_dict(),
             "prefix": self.prefix,
             "dead_letter_limit": self.dead_letter_limit,
+            "max_concurrent": self.max_concurrent,
         }
 
     @classmethod
@@ -546,7 +561,19 @@ class Delivery:
             retry=RetryPolicy.from_dict(raw.get("retry", {})),
             prefix=str(raw.get("prefix", "sockudo_adapter:webhooks:")),
             dead_letter_limit=int(raw.get("dead_letter_limit", 10_000)),
+            max_concurrent=int(raw.get("max_concurrent") or 0),  # absent in jobs queued before the cap existed
         )
+
+
+def endpoint_id(url: str) -> str:
+    """A Redis-key-safe name for an endpoint that does not reveal its URL (paths can hold secrets)."""
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()
+
+
+def inflight_keys(delivery: Delivery, slots: int) -> list[str]:
+    """The ``slots`` lease keys of the delivery's endpoint; holding one = an attempt in flight."""
+    endpoint = endpoint_id(delivery.url)
+    return [INFLIGHT_KEY.format(prefix=delivery.prefix, endpoint=endpoint, slot=i) for i in range(slots)]
 
 
 def build_deliveries(
@@ -586,6 +613,7 @@ def build_deliveries(
             retry=endpoint.retry_policy(settings),
             prefix=prefix,
             dead_letter_limit=settings.dead_letter_limit,
+            max_concurrent=settings.max_concurrent_per_endpoint,
         ))
     return deliveries
 
@@ -612,6 +640,7 @@ def resign(record: Mapping[str, Any], app_key: str, secret: str, time_ms: int, s
         retry=settings.retry,
         prefix=prefix,
         dead_letter_limit=settings.dead_letter_limit,
+        max_concurrent=settings.max_concurrent_per_endpoint,
     )
 
 

@@ -42,6 +42,7 @@ from sockudo.webhook_delivery import (
     AttemptResult,
     RedisDeadLetters,
     dead_letter_record,
+    record_dead_lettered,
     record_metrics,
 )
 from sockudo.webhook_metrics import WebhookMetrics
@@ -195,7 +196,7 @@ class Reaper(threading.Thread):
             registry.remove(job, delete_job=True)
             moved += 1
             if self.metrics is not None:
-                self.metrics.dead_lettered.labels(delivery.app_id, REASON_WORKER).inc()
+                record_dead_lettered(self.metrics, delivery, REASON_WORKER)
             logger.error("webhook delivery failed, dead-lettered (worker_failure): app_id=%s attempt=%s delivery_id=%s",
                          delivery.app_id, meta.get(ATTEMPTS), delivery.delivery_id,
                          extra={"app_id": delivery.app_id, "delivery_id": delivery.delivery_id,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,6 +245,17 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total += sample.value
     return total
+
+
+def stays_false(condition: Callable[[], Any], seconds: float, message: str, interval: float = 0.05) -> None:
+    """Assert ``condition`` stays falsy for ``seconds`` (a bounded "nothing arrives" window)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = condition()
+        assert not got, f"{message}: {got!r}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 def app(*hooks: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -484,6 +496,56 @@ def test_a_hanging_endpoint_does_not_hold_up_another(
     client.close()
 
 
+def test_a_hanging_endpoint_with_a_backlog_does_not_hold_up_another(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
+    """12 deliveries for an endpoint that hangs, 2 workers: without a per-endpoint cap both
+    workers sit in /stuck's timeouts (12 x 3 s / 2 = 18 s) while /quick's jobs wait behind them.
+    With the cap (auto: half of 2 workers = 1 attempt in flight per endpoint) /stuck's surplus
+    jobs are deferred and /quick is served within seconds. Once /stuck answers again, every one
+    of its deliveries is processed exactly once; none is dead-lettered or lost."""
+    workers = [worker_factory(), worker_factory()]
+    receiver.script["/stuck"] = ["hang"] * 100
+    env = {"REDIS_URL": redis_url}
+    server = server_factory([app(
+        {"url": receiver.url("/stuck"), "event_types": ["channel_occupied"], "request_timeout_ms": 3000,
+         "filter": {"channel_prefix": "stuck-"}},
+        {"url": receiver.url("/quick"), "event_types": ["channel_occupied"], "filter": {"channel_prefix": "quick-"}})],
+        env=env, webhooks=webhooks(batching={"enabled": False, "duration": 50, "size": 100}))
+    stuck = [f"stuck-{i}" for i in range(12)]
+    quick = [f"quick-{i}" for i in range(3)]
+    client = RawClient.connect(server, KEY)
+    for channel in stuck:  # one delivery (one RQ job) each: batching is off
+        client.subscribe(channel)
+    queued = lambda: metric_value(server.metrics_text(), "sockudo_webhooks_queued_total",  # noqa: E731
+                                  {"app_id": APP_ID, "event_type": "channel_occupied"})
+    wait_until(lambda: queued() == len(stuck), timeout=10, message="/stuck's deliveries queued")
+    wait_until(lambda: receiver.at("/stuck"), timeout=10, message="a worker stuck in /stuck")
+
+    raised = time.monotonic()
+    for channel in quick:
+        client.subscribe(channel)
+    quick_channels = lambda: sorted(e["channel"] for e in receiver.events_at("/quick"))  # noqa: E731
+    wait_until(lambda: quick_channels() == quick, timeout=6,
+               message="/quick's deliveries while /stuck hangs with a backlog")
+    assert time.monotonic() - raised < 6
+    assert all(r.status is None for r in receiver.at("/stuck"))  # still hanging meanwhile
+    wait_until(lambda: sum(w.metric("sockudo_webhooks_deferred_total", {"app_id": APP_ID}) for w in workers) > 0,
+               timeout=5, message="deferrals counted")
+
+    receiver.script["/stuck"].clear()  # /stuck answers 200 from now on …
+    receiver.release.set()  # … and the hung requests end (unanswered: the worker already timed out)
+
+    def stuck_processed() -> list[str]:
+        return sorted(e["channel"] for r in receiver.processed.values() if r.path == "/stuck" for e in r.events)
+    wait_until(lambda: stuck_processed() == sorted(stuck), timeout=45, message="every /stuck delivery, once")
+    answered = [r.delivery_id for r in receiver.at("/stuck") if r.status == 200]
+    assert len(answered) == len(set(answered)) == len(stuck)  # no delivery answered twice
+    assert len({r.delivery_id for r in receiver.at("/stuck")}) == len(stuck)  # retries kept their delivery id
+    assert dead_letters(server, env) == []
+    client.close()
+
+
 # -- two nodes: cluster-wide occupancy and a cross-node debounce --------------------------------------
 
 
@@ -502,9 +564,17 @@ def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
     b = RawClient.connect(node2, KEY)
     b.subscribe("room")
     wait_until(events, timeout=10, message="channel_occupied")
+    debounce_s = 1.5
+    margin_s = 2.0  # batching (50 ms), the queue and a worker's delivery, with room to spare
+    vacated = lambda: [e for e in events() if e["name"] == "channel_vacated"]  # noqa: E731
+
     a.close()  # node 1 is empty, node 2 still has a subscriber: no vacated
+    closed = time.monotonic()
     sdk2 = sdk_for(node2, {"id": APP_ID, "key": KEY, "secret": SECRET})
     wait_until(lambda: sdk2.channel_info("room", ["subscription_count"]).get("subscription_count") == 1, timeout=10)
+    # Past node 1's debounce window (plus delivery time) nothing may have arrived: b is still there.
+    stays_false(vacated, closed + debounce_s + margin_s - time.monotonic(),
+                "channel_vacated while a subscriber remains on node 2")
 
     b.close()  # the last one anywhere: node 2 marks a pending vacated in Redis …
     wait_until(lambda: not sdk2.channel_info("room").get("occupied"), timeout=5)
@@ -513,7 +583,9 @@ def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
     wait_until(lambda: metric_value(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total",
                                     {"event_type": "channel_vacated"}) == 1, timeout=5)
     c.close()
-    wait_until(lambda: len(events()) == 2, timeout=15, message="the final channel_vacated")
+    wait_until(vacated, timeout=15, message="the final channel_vacated")
+    # Every node's window has closed by now or closes within it: still exactly one vacated.
+    stays_false(lambda: len(vacated()) > 1, debounce_s + margin_s, "a second channel_vacated")
     assert events() == [{"name": "channel_occupied", "channel": "room"},
                         {"name": "channel_vacated", "channel": "room"}]
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ from sockudo.config import AppConfig, load_config
 from sockudo.errors import ConfigError
 from sockudo.webhook_delivery import (
     DEAD,
+    DEFERRED,
     DELIVERED,
     RETRY,
+    AttemptResult,
+    EndpointSlots,
     HttpResult,
     MemoryDeadLetters,
     RedisDeadLetters,
@@ -40,6 +44,8 @@ from sockudo.webhook_delivery import (
     decide,
     log_attempt,
     post,
+    record_dead_lettered,
+    record_metrics,
 )
 from sockudo.webhook_metrics import WebhookMetrics
 from sockudo.webhook_queue import CRASH_ALLOWANCE, RedisMarkers, RqQueue, rq_retry
@@ -90,6 +96,22 @@ def test_settings_defaults_follow_the_spec() -> None:
     assert (s.request_timeout_ms, s.batching_enabled, s.batching_duration_ms, s.batching_size) == (10000, True, 50, 100)
     assert s.retry == RetryPolicy(True, None, 300_000, 1000, 60_000)
     assert s.debounce_ms == 3000 and s.queue_driver == "auto"
+    assert s.max_concurrent_per_endpoint == 0  # auto: half the workers, at least 1
+
+
+def test_max_concurrent_per_endpoint_from_toml_env_and_auto() -> None:
+    assert parse_settings({"max_concurrent_per_endpoint": 3}).max_concurrent_per_endpoint == 3
+    assert parse_settings({"max_concurrent_per_endpoint": "auto"}).max_concurrent_per_endpoint == 0
+    env = {"WEBHOOK_MAX_CONCURRENT_PER_ENDPOINT": "2"}
+    settings = parse_settings({"max_concurrent_per_endpoint": 5}, env)
+    assert settings.max_concurrent_per_endpoint == 2
+    # it travels in the job: the workers apply the server's setting
+    (d,) = build_deliveries("1", KEY, SECRET, [endpoint()], settings, 1, [{"name": "channel_occupied", "channel": "c"}])
+    assert d.max_concurrent == 2 and Delivery.from_payload(d.to_payload()) == d
+    old_job = {k: v for k, v in d.to_payload().items() if k != "max_concurrent"}  # queued before the cap existed
+    assert Delivery.from_payload(old_job).max_concurrent == 0
+    record = dead_letter_record(d, "retries_exhausted", 3, 1, 2)
+    assert resign(record, KEY, SECRET, 5, settings, "p:").max_concurrent == 2
 
 
 def test_settings_from_toml_tables_then_env() -> None:
@@ -109,6 +131,8 @@ def test_settings_from_toml_tables_then_env() -> None:
     ({"retry": {"jitter": True}}, "webhooks.retry.jitter"),
     ({"batching_enabled": True}, "webhooks.batching_enabled"),
     ({"queue_driver": "kafka"}, "webhooks.queue_driver"),
+    ({"max_concurrent_per_endpoint": -1}, "webhooks.max_concurrent_per_endpoint"),
+    ({"max_concurrent_per_endpoint": "many"}, "webhooks.max_concurrent_per_endpoint"),
 ])
 def test_bad_settings_name_the_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -591,10 +615,11 @@ def test_embedded_queue_retries_then_delivers_and_dead_letters_permanent_failure
     assert (letter["reason"], letter["status"], letter["attempts"], letter["url"]) == ("permanent_failure", 404, 1,
                                                                                      "http://h/gone")
     value = registry.get_sample_value
-    assert value("sockudo_webhooks_retried_total", {"app_id": "1"}) == 2
-    assert value("sockudo_webhooks_failed_total", {"app_id": "1", "reason": "http_5xx"}) == 2
-    assert value("sockudo_webhooks_delivered_total", {"app_id": "1", "event_type": "channel_occupied"}) == 1
-    assert value("sockudo_webhooks_dead_lettered_total", {"app_id": "1", "reason": "permanent_failure"}) == 1
+    occupied = {"app_id": "1", "event_type": "channel_occupied"}
+    assert value("sockudo_webhooks_retried_total", occupied) == 2
+    assert value("sockudo_webhooks_failed_total", {**occupied, "reason": "http_5xx"}) == 2
+    assert value("sockudo_webhooks_delivered_total", occupied) == 1
+    assert value("sockudo_webhooks_dead_lettered_total", {**occupied, "reason": "permanent_failure"}) == 1
     assert queue.stats().depth == {"ready": 0, "delayed": 0, "active": 0, "dead_letter": 1}
 
 
@@ -781,6 +806,139 @@ def test_reaper_recovers_abandoned_overdue_and_failed_jobs(rclient: redis.Redis)
     assert reaper.dead_letter_failed(rq_queue) == 1
     (letter,) = queue.dead_letters.list()
     assert letter["reason"] == "worker_failure" and rq_queue.failed_job_registry.count == 0
+
+
+def test_outcome_metrics_are_labelled_by_app_event_type_and_reason() -> None:
+    registry = CollectorRegistry()
+    metrics = WebhookMetrics(registry)
+    (d,) = build_deliveries("1", KEY, SECRET, [endpoint(event_types=["channel_occupied", "client_event"])],
+                            WebhookSettings(), 1, [{"name": "channel_occupied", "channel": "c"},
+                                                   {"name": "client_event", "channel": "c", "event": "client-x",
+                                                    "data": "{}"},
+                                                   {"name": "client_event", "channel": "c", "event": "client-y",
+                                                    "data": "{}"}])
+    record_metrics(metrics, d, decide(d, 1, 0, 10, HttpResult(503, None, 0.01)))
+    record_metrics(metrics, d, decide(d, 2, 0, 10, HttpResult(404, None, 0.01)))
+    record_metrics(metrics, d, AttemptResult(DEFERRED, 2, None, None, 0.0))
+    value = registry.get_sample_value
+    for name, count in (("channel_occupied", 1), ("client_event", 2)):
+        labels = {"app_id": "1", "event_type": name}
+        assert value("sockudo_webhooks_failed_total", {**labels, "reason": "http_5xx"}) == count
+        assert value("sockudo_webhooks_failed_total", {**labels, "reason": "http_404"}) == count
+        assert value("sockudo_webhooks_retried_total", labels) == count
+        assert value("sockudo_webhooks_dead_lettered_total", {**labels, "reason": "permanent_failure"}) == count
+    assert value("sockudo_webhooks_deferred_total", {"app_id": "1"}) == 1
+    # a deferral is not an attempt: no latency sample, no failure
+    assert value("sockudo_webhooks_delivery_latency_seconds_count", {"app_id": "1"}) == 2
+    # a caller that only knows (app_id, reason) still counts, under a bounded "unknown" type
+    metrics.dead_lettered.labels("1", "worker_failure").inc()
+    assert value("sockudo_webhooks_dead_lettered_total",
+                 {"app_id": "1", "event_type": "unknown", "reason": "worker_failure"}) == 1
+    record_dead_lettered(metrics, d, "worker_failure")
+    assert value("sockudo_webhooks_dead_lettered_total",
+                 {"app_id": "1", "event_type": "client_event", "reason": "worker_failure"}) == 2
+
+
+def test_endpoint_slots_cap_attempts_per_url_and_expire(rclient: redis.Redis) -> None:
+    slots = EndpointSlots(rclient)
+    d = a_delivery()
+    other = replace(d, url="http://other.example.com/hook")
+    held = [slots.acquire(d, 2, f"t{i}", 5000) for i in range(3)]
+    assert held[0] is not None and held[1] is not None and held[2] is None  # two in flight, the third waits
+    assert held[0].startswith("p:inflight:") and "s3cret" not in held[0] and "hooks.example" not in held[0]
+    assert slots.acquire(other, 2, "x", 5000) is not None  # another endpoint is not affected
+    assert 0 < rclient.pttl(held[0]) <= 5000  # a killed worker's slot frees itself
+    assert slots.release(held[0], "not-mine") is False  # compare-and-delete
+    assert slots.release(held[0], "t0") is True
+    assert slots.acquire(d, 2, "t3", 5000) == held[0]
+    rclient.pexpire(held[1], 1)
+    time.sleep(0.01)
+    assert slots.acquire(d, 2, "t4", 5000) == held[1]
+    # a job whose earlier attempt's work-horse died takes its own stale slot over at once
+    assert slots.acquire(d, 2, "job9:a", 5000, owner="job9:") is None  # full
+    slots.release(held[1], "t4")
+    assert slots.acquire(d, 2, "job9:a", 5000, owner="job9:") == held[1]
+    assert slots.acquire(d, 2, "job8:b", 5000, owner="job8:") is None  # someone else's: it waits
+    assert slots.acquire(d, 2, "job9:c", 5000, owner="job9:") == held[1]  # the horse died: retake
+    assert rclient.get(held[1]) == b"job9:c"
+
+
+def test_auto_cap_is_half_the_workers_on_the_queue(rclient: redis.Redis) -> None:
+    from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+    from workers.webhooks import endpoint_slots
+
+    queue = RqQueue(rclient, "p:")
+    queue.enqueue([a_delivery()])
+    job = Job.fetch(queue.queue.job_ids[0], connection=rclient)
+    assert endpoint_slots(job, a_delivery()) == 1  # no worker registered: 1
+    rclient.sadd(WORKERS_BY_QUEUE_KEY % "webhooks", "rq:worker:a", "rq:worker:b")
+    assert endpoint_slots(job, a_delivery()) == 1  # 2 workers: 1, the other stays free
+    rclient.sadd(WORKERS_BY_QUEUE_KEY % "webhooks", "rq:worker:c", "rq:worker:d", "rq:worker:e")
+    assert endpoint_slots(job, a_delivery()) == 2
+    assert endpoint_slots(job, replace(a_delivery(), max_concurrent=4)) == 4  # configured
+
+
+def test_a_busy_endpoint_defers_the_job_without_an_attempt(receiver: Receiver, rclient: redis.Redis) -> None:
+    """All the endpoint's slots taken: the job makes no request, counts no attempt, keeps its
+    crash allowance and comes back ~1 s later through RQ's scheduler (same job, same delivery id).
+    Once a slot is free it is delivered, as attempt 1."""
+    from rq import SimpleWorker
+
+    from workers.webhooks import ATTEMPTS, DEFERRALS, OUTCOME
+
+    queue = RqQueue(rclient, "p:")
+    d = replace(local_delivery(receiver.port), max_concurrent=1)
+    queue.enqueue([d])
+    (job_id,) = queue.queue.job_ids
+    slots = EndpointSlots(rclient)
+    (held,) = [slots.acquire(d, 1, "another-attempt", 10_000)]
+    assert held is not None
+    worker = SimpleWorker([queue.queue], connection=rclient)
+    before = time.time()
+    worker.work(burst=True)
+    assert receiver.requests == []
+    job = Job.fetch(job_id, connection=rclient)
+    assert job.get_status() == JobStatus.SCHEDULED and job.id in queue.queue.scheduled_job_registry.get_job_ids()
+    assert job.meta.get(ATTEMPTS) is None and job.meta[DEFERRALS] == 1 and job.meta[OUTCOME]["outcome"] == "deferred"
+    assert job.retries_left == CRASH_ALLOWANCE
+    due = rclient.zscore(queue.queue.scheduled_job_registry.key, job_id)
+    assert before <= due <= time.time() + 2  # ~1 s, not the retry policy's backoff
+    assert not rclient.exists(LEASE_KEY.format(job_id=job_id))
+    assert rclient.get(held) == b"another-attempt"  # the holder's slot is untouched
+
+    slots.release(held, "another-attempt")
+    queue.queue.scheduled_job_registry.remove(job)
+    queue.queue.enqueue_job(job)
+    worker.work(burst=True)
+    job = Job.fetch(job_id, connection=rclient)
+    assert job.get_status() == JobStatus.FINISHED and job.meta[ATTEMPTS] == 1
+    assert job.meta[OUTCOME]["outcome"] == "delivered"
+    ((_, headers, _),) = receiver.requests
+    assert headers["X-Sockudo-Delivery-Id"] == d.delivery_id
+    assert rclient.keys("p:inflight:*") == []  # released after the attempt
+
+
+def test_time_deferred_after_an_attempt_is_not_charged_to_the_budget(receiver: Receiver,
+                                                                    rclient: redis.Redis) -> None:
+    """A retry that waited 9.5 s for a slot, with a 2 s budget: only the 0.5 s it was not
+    deferred counts, so a 503 is retried, not dead-lettered."""
+    from rq import SimpleWorker
+
+    from workers.webhooks import ATTEMPTS, DEFERRED_SINCE_MS, FIRST_ATTEMPT_MS, OUTCOME
+
+    receiver.statuses[:] = [503]
+    queue = RqQueue(rclient, "p:")
+    d = replace(local_delivery(receiver.port), retry=RetryPolicy(initial_backoff_ms=100, max_elapsed_time_ms=2000))
+    queue.enqueue([d])
+    job = Job.fetch(queue.queue.job_ids[0], connection=rclient)
+    now_ms = time.time() * 1000
+    job.meta.update({ATTEMPTS: 1, FIRST_ATTEMPT_MS: now_ms - 10_000, DEFERRED_SINCE_MS: now_ms - 9_500})
+    job.save_meta()
+    SimpleWorker([queue.queue], connection=rclient).work(burst=True)
+    job = Job.fetch(job.id, connection=rclient)
+    assert job.meta[ATTEMPTS] == 2 and job.meta[OUTCOME]["outcome"] == "retry"
+    assert queue.dead_letters.count() == 0
 
 
 def test_returned_retry_is_rqs_value() -> None:
