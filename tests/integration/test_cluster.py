@@ -464,6 +464,45 @@ def test_cache_channel_payload_is_shared_by_every_node(cluster, pusherjs) -> Non
     assert "cache" in sdk_for(b).channel_info(channel, ["cache"])
 
 
+APP_USERS = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
+             "enable_watchlist_events": True}
+
+
+def test_users_across_nodes_send_to_user_watchlist_and_terminate(cluster, pusherjs) -> None:
+    """Users are cluster-wide: a user signed in on node B is reached by sendToUser through node
+    A, a watcher on A sees them come online and go offline, and terminate_connections through A
+    closes their socket on B (and only theirs)."""
+    a, b = cluster(2, apps=[APP_USERS])
+
+    def signed_in(name: str, node: ServerProcess, user: dict[str, Any]) -> PusherJsClient:
+        client = pusherjs.connect(name, key=APP_USERS["key"], port=node.port, secret=APP_USERS["secret"],
+                                  app_id=APP_USERS["id"], user_data=user, raw=False)
+        client.wait_connected()
+        client.signin()
+        client.wait_signed_in()
+        return client
+
+    watcher = signed_in("cu-watcher", a, {"id": "cu-watcher", "watchlist": ["cu-bob"]})
+    first = watcher.wait_for({"type": "watchlist", "event": "offline"})
+    bob = signed_in("cu-bob", b, {"id": "cu-bob"})
+    carol = signed_in("cu-carol", b, {"id": "cu-carol"})
+    online = watcher.wait_for({"type": "watchlist", "event": "online"}, since=first["_seq"] + 1)
+    assert online["data"] == {"name": "online", "user_ids": ["cu-bob"]}
+
+    sdk_a = sdk_for(a, APP_USERS)
+    sdk_a.send_to_user("cu-bob", "notify", {"msg": "through A"})
+    assert bob.wait_for({"type": "user_event", "event": "notify"})["data"] == {"msg": "through A"}
+
+    sdk_a.terminate_user_connections("cu-bob")
+    assert bob.wait_error(4009)["error"]["data"]["message"] == "You got disconnected by the app."
+    bob.wait_closed(4009)
+    offline = watcher.wait_for({"type": "watchlist", "event": "offline"}, since=online["_seq"] + 1)
+    assert offline["data"] == {"name": "offline", "user_ids": ["cu-bob"]}
+    sdk_a.send_to_user("cu-carol", "still-here", {})
+    carol.wait_for({"type": "user_event", "event": "still-here"})
+    assert carol.events("closed") == []
+
+
 def test_max_connections_is_cluster_wide(cluster) -> None:
     a, b = cluster(2, apps=[APP, APP_ONE])
     first = RawClient.connect(a, APP_ONE["key"])
