@@ -134,15 +134,7 @@ class PushService:
             raise model.bad("deviceId is required")
         if not self.store.subscribe(app_id, channel, device_id):
             raise ApiError(404, "not_found", "device not found")
-        device = self.store.get_device(app_id, device_id) or {}
-        return {
-            "appId": app_id,
-            "channel": channel,
-            "deviceId": device_id,
-            "clientId": device.get("clientId"),
-            "provider": device.get("provider"),
-            "tokenHash": device.get("tokenHash"),
-        }
+        return _subscription_view(app_id, channel, device_id, self.store.get_device(app_id, device_id))
 
     def list_subscriptions(self, app_id: str, args: Mapping[str, str]) -> dict[str, Any]:
         limit = parse_limit(args.get("limit"))
@@ -151,8 +143,9 @@ class PushService:
         if channel is not None:
             model.parse_channel(channel)
         pairs, next_after = self.store.list_subscriptions(app_id, channel, args.get("deviceId") or None, after, limit)
+        devices = self.store.get_devices(app_id, [d for _, d in pairs]) if pairs else []
         return {
-            "items": [{"appId": app_id, "channel": c, "deviceId": d} for c, d in pairs],
+            "items": [_subscription_view(app_id, c, d, device) for (c, d), device in zip(pairs, devices, strict=True)],
             "next_cursor": encode_cursor(next_after),
             "has_more": next_after is not None,
         }
@@ -456,3 +449,17 @@ def build_push(
         queue = InProcessQueue(dispatcher.run)
         dispatcher.queue = queue
     return PushService(settings, store, queue, dispatcher, metrics)
+
+
+def _subscription_view(app_id: str, channel: str, device_id: str, device: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A channel subscription as the API shows it (spec §6.4 body): the device's client id,
+    provider and token hash beside the channel — never the token."""
+    device = device or {}
+    return {
+        "appId": app_id,
+        "channel": channel,
+        "deviceId": device_id,
+        "clientId": device.get("clientId"),
+        "provider": device.get("provider"),
+        "tokenHash": device.get("tokenHash"),
+    }

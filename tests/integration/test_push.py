@@ -791,6 +791,10 @@ def test_device_registry_and_subscriptions_api(push: Push) -> None:
         push.subscribe(channel, f"{user}-{i}")
     subs = push.call("GET", "/channelSubscriptions", params={"channel": channel}).json()
     assert [s["deviceId"] for s in subs["items"]] == [f"{user}-{i}" for i in range(3)]
+    for item in subs["items"]:  # the spec's subscription body: client, provider and token hash, never the token
+        assert item["clientId"] == user and item["provider"] in ("apns", "fcm", "webPush"), item
+        assert len(item["tokenHash"]) == 64 and set(item) == {
+            "appId", "channel", "deviceId", "clientId", "provider", "tokenHash"}, item
     assert channel in push.call("GET", "/channelSubscriptions/channels", params={"limit": "1000"}).json()["items"]
     assert push.call(
         "DELETE", "/channelSubscriptions", params={"channel": channel, "deviceId": f"{user}-2"}
