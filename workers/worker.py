@@ -62,6 +62,13 @@ class WebhookWorker(Worker):
 
     webhook_metrics: WebhookMetrics | None = None
     push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
+    stop_signalled = False  # SIGTERM/SIGINT arrived: the loop ended on request, not on an error
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        # RQ's idle worker stops by raising StopRequested without setting _stop_requested, so
+        # run_worker could not tell a requested stop from a crash; remember the signal here.
+        self.stop_signalled = True
+        super().request_stop(signum, frame)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)
@@ -255,7 +262,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
             except RedisError as exc:  # teardown could not register the worker's death
                 logger.warning("worker %s ended without reaching Redis: %s", worker.name, exc)
                 _quietly(worker.unsubscribe)
-            if burst or worker._stop_requested or stop.is_set():
+            if burst or worker.stop_signalled or worker._stop_requested or stop.is_set():
                 return worked
             logger.error("worker %s: RQ's work loop ended on an error (Redis unreachable?); starting it again "
                          "once Redis answers", worker.name)

@@ -27,6 +27,7 @@ import hmac
 import json
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -225,6 +226,22 @@ def test_the_worker_outlives_a_redis_restart_in_the_middle_of_a_delivery(
         assert worker.proc is not None and worker.proc.poll() is None, worker.log()[-3000:]
     finally:
         first.close()
+        worker.stop()
+
+
+def test_sigterm_still_stops_the_worker(own_redis: RedisServer) -> None:
+    """The restart-on-error loop must not swallow a requested stop: an idle worker given
+    SIGTERM (a deploy, ``heroku ps:restart``) exits cleanly and promptly."""
+    worker = WorkerProcess(own_redis.url).start()
+    try:
+        assert worker.proc is not None
+        wait_until(lambda: "Listening on" in worker.log(), timeout=15, message="the worker to wait for jobs")
+        stopped_at = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=15) == 0, worker.log()[-2000:]
+        assert time.monotonic() - stopped_at < 10
+        assert "starting it again" not in worker.log()
+    finally:
         worker.stop()
 
 
