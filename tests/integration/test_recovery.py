@@ -169,6 +169,19 @@ def publish_each(server: ServerProcess, channel: str, numbers: range, event: str
         sdk.trigger(channel, event, {"i": i})
 
 
+def seen_3_then_missed(node: ServerProcess, v2: Any, channel: str, last: int = 33) -> dict[str, Any]:
+    """A protocol-2 client sees serials 1-3 of ``channel`` and drops off (abruptly); 4 to
+    ``last`` are published while it is away. Returns its last position (serial 3)."""
+    phone = v2(node)
+    phone.subscribe(channel)
+    publish_each(node, channel, range(1, 4))
+    phone.until(lambda f: f.get("serial") == 3)
+    at3 = dict(phone.positions[channel])
+    phone.drop()
+    publish_each(node, channel, range(4, last + 1))
+    return at3
+
+
 def numbers_of(frames: list[dict[str, Any]]) -> list[int]:
     return [json.loads(f["data"])["i"] for f in frames]
 
@@ -301,15 +314,8 @@ def test_cold_recovery_then_expired_position_then_stream_reset(start, v2, backen
     (node,) = start(backend=backend, connection_recovery={"enabled": True, "max_buffer_size": 10},
                     history={"enabled": True, "max_messages_per_channel": 40})
     channel = fresh("cold")
-    phone = v2(node)
-    phone.subscribe(channel)
-    publish_each(node, channel, range(1, 4))
-    phone.until(lambda f: f.get("serial") == 3)
-    at3 = dict(phone.positions[channel])
-    phone.drop()
-
     # 30 missed: three times the buffer, inside history (40) -> recovered from history.
-    publish_each(node, channel, range(4, 34))
+    at3 = seen_3_then_missed(node, v2, channel)
     back = v2(node)
     back.subscribe(channel)
     frames = back.resume({channel: at3})
@@ -361,14 +367,7 @@ def test_gap_beyond_the_buffer_without_history_is_a_buffer_miss_and_shows_pressu
     and is counted as a buffer miss; the full buffer shows up as pressure."""
     (node,) = start(connection_recovery={"enabled": True, "max_buffer_size": 10})
     channel = fresh("pressure")
-    phone = v2(node)
-    phone.subscribe(channel)
-    publish_each(node, channel, range(1, 4))
-    phone.until(lambda f: f.get("serial") == 3)
-    at3 = dict(phone.positions[channel])
-    phone.drop()
-
-    publish_each(node, channel, range(4, 31))  # 30 published into a buffer of 10: 20 dropped
+    at3 = seen_3_then_missed(node, v2, channel, last=30)  # 30 published into a buffer of 10: 20 dropped
     back = v2(node)
     back.subscribe(channel)
     frames = back.resume({channel: at3})
@@ -397,13 +396,7 @@ def test_channel_stream_lost_from_redis(start, v2, redis_server: RedisServer, lo
     (node,) = start(backend="redis", connection_recovery={"enabled": True, "max_buffer_size": 10},
                     history={"enabled": True})
     channel = fresh("lost")
-    phone = v2(node)
-    phone.subscribe(channel)
-    publish_each(node, channel, range(1, 4))
-    phone.until(lambda f: f.get("serial") == 3)
-    at3 = dict(phone.positions[channel])
-    phone.drop()
-    publish_each(node, channel, range(4, 34))
+    at3 = seen_3_then_missed(node, v2, channel)
 
     store = redis.Redis(port=redis_server.port)
     keys = [f"sockudo:app:{APP['id']}:history:{channel}"]

@@ -319,17 +319,26 @@ def publish_to(service: PushService, device_id: str) -> str:
     )
 
 
-def run_killed(service: PushService, queue: Queue, clock: Clock) -> None:
-    """Run the queue until the simulated kill, then let the lease reaper re-run the dead job."""
+def run_until_killed(service: PushService, queue: Queue, clock: Clock) -> None:
+    """Run the queue until the simulated kill (which must happen)."""
     try:
         run_all(service, queue, clock)
     except Killed:
-        pass
-    else:
-        raise AssertionError("the simulated crash did not happen")
-    clock.t += 5  # its lease lapses …
-    assert service.dispatcher.reap() >= 1  # … and the maintenance tick re-enqueues the job
+        return
+    raise AssertionError("the simulated crash did not happen")
+
+
+def rerun_dead_job(service: PushService, queue: Queue, clock: Clock) -> int:
+    """The dead worker's lease lapses, the maintenance tick re-enqueues its job, it runs again."""
+    clock.t += 5
+    reaped = service.dispatcher.reap()
     run_all(service, queue, clock)
+    return reaped
+
+
+def run_killed(service: PushService, queue: Queue, clock: Clock) -> None:
+    run_until_killed(service, queue, clock)
+    assert rerun_dead_job(service, queue, clock) >= 1
 
 
 def letters_of(service: PushService, pid: str) -> list[dict[str, Any]]:
@@ -360,18 +369,11 @@ def test_killed_between_the_counters_and_the_final_state_the_rerun_completes_the
     clients.script["d0"] = [result]
     pid = publish_to(service, "d0")
     crash_once(store, "set_state", lambda app, p, state, *a, **kw: st.is_terminal(state))
-    try:
-        run_all(service, queue, clock)
-    except Killed:
-        pass
-    else:
-        raise AssertionError("the simulated crash did not happen")
+    run_until_killed(service, queue, clock)
     torn = service.status("app", pid)
     assert torn["state"] == st.DISPATCHING and torn["counters"][counter] == 1  # the crash window itself
 
-    clock.t += 5
-    assert service.dispatcher.reap() == 1
-    run_all(service, queue, clock)
+    assert rerun_dead_job(service, queue, clock) == 1
     status = service.status("app", pid)
     assert status["state"] == final, status
     assert status["counters"][counter] == 1 and "completedAtMs" in status
