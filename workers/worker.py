@@ -224,6 +224,8 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
     exits when Redis restarts leaves every queued webhook and push waiting for an operator,
     so this function runs the loop again — with a fresh RQ ``Worker`` — once Redis answers.
     """
+    stop = threading.Event()
+    _install_stop_handlers(stop, None)  # a SIGTERM while starting up is a stop, not a kill
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry, prefix)
     queues = [Queue(n, connection=connection) for n in queue_names]
@@ -241,7 +243,6 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         # The server's constant labels (environment, region, node, adapter) on every series.
         start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))
         logger.info("worker metrics on :%d/metrics", metrics_port)
-    stop = threading.Event()
     worked = False
     reaper = None
     try:
@@ -257,6 +258,11 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
             if reaper is None and reap_interval > 0:
                 reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")
                 reaper.start()
+            # Until RQ installs its own handlers (after connecting and starting its scheduler), a
+            # SIGTERM must still mean "stop": the flag makes RQ's loop end before its first job.
+            _install_stop_handlers(stop, worker)
+            if stop.is_set():
+                return worked
             try:
                 worked = bool(worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)) or worked
             except RedisError as exc:  # teardown could not register the worker's death
@@ -266,7 +272,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
                 return worked
             logger.error("worker %s: RQ's work loop ended on an error (Redis unreachable?); starting it again "
                          "once Redis answers", worker.name)
-            _install_stop_handlers(stop)
+            _install_stop_handlers(stop, None)
             if not wait_for_redis(connection, stop):
                 return worked
     finally:
@@ -294,10 +300,13 @@ def _run_name(name: str | None, run: int) -> str | None:
     return f"{name or 'sockudo-worker'}.{os.getpid()}.r{run}"
 
 
-def _install_stop_handlers(stop: threading.Event) -> None:
-    # Between two runs RQ's handlers (bound to the finished Worker) are still installed.
+def _install_stop_handlers(stop: threading.Event, worker: WebhookWorker | None) -> None:
+    """Before a worker's loop and between two runs (RQ's handlers are bound to one Worker)."""
     def handler(signum: int, frame: Any) -> None:
         stop.set()
+        if worker is not None:
+            worker.stop_signalled = True
+            worker._stop_requested = True  # RQ checks it at the top of every loop turn
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -229,13 +229,16 @@ def test_the_worker_outlives_a_redis_restart_in_the_middle_of_a_delivery(
         worker.stop()
 
 
-def test_sigterm_still_stops_the_worker(own_redis: RedisServer) -> None:
-    """The restart-on-error loop must not swallow a requested stop: an idle worker given
-    SIGTERM (a deploy, ``heroku ps:restart``) exits cleanly and promptly."""
+@pytest.mark.parametrize("when", ["starting", "idle"])
+def test_sigterm_still_stops_the_worker(own_redis: RedisServer, when: str) -> None:
+    """The restart-on-error loop must not swallow a requested stop: a worker given SIGTERM (a
+    deploy, ``heroku ps:restart``) exits cleanly and promptly — while it starts up, before RQ
+    has its signal handlers, and once it waits for jobs."""
     worker = WorkerProcess(own_redis.url).start()
     try:
         assert worker.proc is not None
-        wait_until(lambda: "Listening on" in worker.log(), timeout=15, message="the worker to wait for jobs")
+        if when == "idle":
+            wait_until(lambda: "Listening on" in worker.log(), timeout=15, message="the worker to wait for jobs")
         stopped_at = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(timeout=15) == 0, worker.log()[-2000:]
