@@ -72,10 +72,17 @@ class SequencerUnavailable(Exception):
     """The store could not assign a serial (Redis down or out of memory)."""
 
 
+#: One message to number: ``(channel, message_id, event, data, user_id)``.
+Numbering = tuple[str, str, str, Any, str | None]
+
+
 class Sequencer(Protocol):
     def next(self, app: AppConfig, channel: str, message_id: str, event: str, data: Any,
              user_id: str | None) -> tuple[str, int, int]:
         """``(stream_id, serial, published_ms)``; stores the message when history is on."""
+
+    def next_many(self, app: AppConfig, items: list[Numbering]) -> list[tuple[str, int, int]]:
+        """``next`` for several channels at once (one event published to many): all or none."""
 
     def position(self, app_id: str, channel: str) -> tuple[str, int] | None: ...
     def ensure(self, app: AppConfig, channel: str) -> tuple[str, int]: ...
@@ -126,6 +133,11 @@ class MemorySequencer:
             state.bytes += _size(message)
             self._trim(state, app.history, now_ms)
         return state.stream_id, state.serial, now_ms
+
+    def next_many(self, app: AppConfig, items: list[Numbering]) -> list[tuple[str, int, int]]:
+        # In memory nothing can fail half-way (there is no store to lose).
+        return [self.next(app, channel, message_id, event, data, user_id)
+                for channel, message_id, event, data, user_id in items]
 
     def _trim(self, state: _MemoryChannel, cfg: HistoryConfig, now_ms: int) -> int:
         removed = 0
@@ -188,35 +200,44 @@ class MemorySequencer:
 # -- redis --------------------------------------------------------------------------
 
 NEXT_LUA = """
-local sid = redis.call('HGET', KEYS[1], 'stream_id')
-if not sid then
-  sid = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'stream_id', sid, 'serial', 0)
-end
-local serial = redis.call('HINCRBY', KEYS[1], 'serial', 1)
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local purged = 0
-if ARGV[2] == '1' then
-  local maxlen = tonumber(ARGV[4])
-  redis.call('XADD', KEYS[2], serial .. '-0', 'm', ARGV[6], 'e', ARGV[7], 'd', ARGV[8], 'u', ARGV[9], 't', ms)
-  if maxlen > 0 then purged = purged + redis.call('XTRIM', KEYS[2], 'MAXLEN', maxlen) end
-  local cutoff = ms - tonumber(ARGV[5])
-  for i = 1, 100 do
-    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-    if #first == 0 then break end
-    local fields = first[1][2]
-    local ts = 0
-    for j = 1, #fields, 2 do if fields[j] == 't' then ts = tonumber(fields[j + 1]) end end
-    if ts >= cutoff then break end
-    redis.call('XDEL', KEYS[2], first[1][1])
-    purged = purged + 1
+local out = {}
+for i = 1, #KEYS / 2 do
+  local seq_key, hist_key, a = KEYS[2 * i - 1], KEYS[2 * i], (i - 1) * 9
+  local sid = redis.call('HGET', seq_key, 'stream_id')
+  if not sid then
+    sid = ARGV[a + 1]
+    redis.call('DEL', hist_key)
+    redis.call('HSET', seq_key, 'stream_id', sid, 'serial', 0)
   end
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) + 60000)
+  local serial = redis.call('HINCRBY', seq_key, 'serial', 1)
+  redis.call('PEXPIRE', seq_key, ARGV[a + 3])
+  local purged = 0
+  if ARGV[a + 2] == '1' then
+    local maxlen = tonumber(ARGV[a + 4])
+    redis.call('XADD', hist_key, serial .. '-0', 'm', ARGV[a + 6], 'e', ARGV[a + 7], 'd', ARGV[a + 8],
+               'u', ARGV[a + 9], 't', ms)
+    if maxlen > 0 then purged = purged + redis.call('XTRIM', hist_key, 'MAXLEN', maxlen) end
+    local cutoff = ms - tonumber(ARGV[a + 5])
+    for j = 1, 100 do
+      local first = redis.call('XRANGE', hist_key, '-', '+', 'COUNT', 1)
+      if #first == 0 then break end
+      local fields = first[1][2]
+      local ts = 0
+      for k = 1, #fields, 2 do if fields[k] == 't' then ts = tonumber(fields[k + 1]) end end
+      if ts >= cutoff then break end
+      redis.call('XDEL', hist_key, first[1][1])
+      purged = purged + 1
+    end
+    redis.call('PEXPIRE', hist_key, tonumber(ARGV[a + 5]) + 60000)
+  end
+  out[#out + 1] = sid
+  out[#out + 1] = serial
+  out[#out + 1] = ms
+  out[#out + 1] = purged
 end
-return {sid, serial, ms, purged}
+return out
 """
 
 # Retention of one stream outside an append: by count, then by age against Redis's clock.
@@ -272,20 +293,31 @@ class RedisSequencer:
 
     def next(self, app: AppConfig, channel: str, message_id: str, event: str, data: Any,
              user_id: str | None) -> tuple[str, int, int]:
-        seq_key, hist_key = self._keys(app.id, channel)
+        return self.next_many(app, [(channel, message_id, event, data, user_id)])[0]
+
+    def next_many(self, app: AppConfig, items: list[Numbering]) -> list[tuple[str, int, int]]:
+        """One script call numbers (and stores) every message: Redis runs it whole or, out of
+        memory, refuses it before it starts — never some channels and not others."""
         cfg = app.history
         keep_ms = max(cfg.retention_window_seconds, app.connection_recovery.buffer_ttl_seconds, 86400) * 1000
+        keys: list[str] = []
+        args: list[Any] = []
+        for channel, message_id, event, data, user_id in items:
+            keys.extend(self._keys(app.id, channel))
+            args.extend((str(uuid.uuid4()), "1" if cfg.enabled else "0", keep_ms, cfg.max_messages_per_channel,
+                         cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or ""))
         try:
-            sid, serial, ms, purged = self._next(keys=[seq_key, hist_key], args=[
-                str(uuid.uuid4()), "1" if cfg.enabled else "0", keep_ms, cfg.max_messages_per_channel,
-                cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or "",
-            ])
+            flat = self._next(keys=keys, args=args)
         except Exception as exc:  # redis errors, including OOM with noeviction
             raise SequencerUnavailable(str(exc)) from exc
-        self.purged += int(purged)
-        if cfg.enabled:
-            self.expiry_due.setdefault((app.id, channel), int(ms) + cfg.retention_window_seconds * 1000)
-        return (sid.decode() if isinstance(sid, bytes) else sid), int(serial), int(ms)
+        out: list[tuple[str, int, int]] = []
+        for i, (channel, *_rest) in enumerate(items):
+            sid, serial, ms, purged = flat[4 * i:4 * i + 4]
+            self.purged += int(purged)
+            if cfg.enabled:
+                self.expiry_due.setdefault((app.id, channel), int(ms) + cfg.retention_window_seconds * 1000)
+            out.append(((sid.decode() if isinstance(sid, bytes) else sid), int(serial), int(ms)))
+        return out
 
     def _apply_retention(self, app: AppConfig, channel: str) -> int:
         """Trim one stream now; returns when its oldest kept entry ages out (0: empty)."""

@@ -43,19 +43,40 @@ class Publisher:
     def publish(self, app: AppConfig, channel: str, event: str, data: Any, except_socket_id: str | None = None,
                 user_id: str | None = None, cache: bool = False, count_publish: bool = True) -> int:
         """Deliver to every subscriber in the cluster; returns how many local sockets got it."""
-        text = p.frame(event, data, channel=channel, user_id=user_id)
-        frame = OutFrame(text, channel=channel)
-        target_user = p.server_to_user_id(channel)
+        return self.publish_to(app, [channel], event, data, except_socket_id, user_id, cache, count_publish)
+
+    def publish_to(self, app: AppConfig, channels: list[str], event: str, data: Any,
+                   except_socket_id: str | None = None, user_id: str | None = None, cache: bool = False,
+                   count_publish: bool = True) -> int:
+        """One event to one or more channels. Every channel that numbers its messages gets its
+        serial (and history entry) in one store call *before* anything is delivered: if the
+        store fails, no channel gets the event (``PublishUnavailable``), never some of them."""
         sequenced = app.connection_recovery.enabled or app.history.enabled
-        if sequenced and target_user is None:
-            message_id = str(uuid.uuid4())
-            try:
-                stream_id, serial, published_ms = self.sequencer.next(app, channel, message_id, event, data, user_id)
-            except SequencerUnavailable as exc:
-                self.metrics.history_write_failures.labels(app.id, self.metrics.port).inc()
-                logger.error("cannot sequence a message; not delivered",
-                             extra={"app_id": app.id, "error": str(exc)[:200]})
-                raise PublishUnavailable("Message store unavailable") from exc
+        prepared: list[tuple[str, str, OutFrame, str | None]] = []
+        numbered: list[tuple[OutFrame, str, str]] = []
+        for channel in channels:
+            text = p.frame(event, data, channel=channel, user_id=user_id)
+            frame = OutFrame(text, channel=channel)
+            target_user = p.server_to_user_id(channel)
+            if sequenced and target_user is None:
+                numbered.append((frame, channel, str(uuid.uuid4())))
+            prepared.append((channel, text, frame, target_user))
+        if numbered:
+            self._number(app, numbered, event, data, user_id)
+        return sum(self._send(app, channel, text, frame, target_user, except_socket_id, cache, count_publish)
+                   for channel, text, frame, target_user in prepared)
+
+    def _number(self, app: AppConfig, numbered: list[tuple[OutFrame, str, str]], event: str, data: Any,
+                user_id: str | None) -> None:
+        try:
+            positions = self.sequencer.next_many(
+                app, [(channel, message_id, event, data, user_id) for _, channel, message_id in numbered])
+        except SequencerUnavailable as exc:
+            self.metrics.history_write_failures.labels(app.id, self.metrics.port).inc()
+            logger.error("cannot sequence a message; not delivered",
+                         extra={"app_id": app.id, "error": str(exc)[:200]})
+            raise PublishUnavailable("Message store unavailable") from exc
+        for (frame, channel, message_id), (stream_id, serial, published_ms) in zip(numbered, positions, strict=True):
             if app.history.enabled:
                 self.metrics.history_writes.labels(app.id, self.metrics.port).inc()
             stored = StoredMessage(serial, published_ms, message_id, event, data, user_id)
@@ -66,6 +87,8 @@ class Publisher:
                                     stream_id, app.connection_recovery, published_ms)
             frame.meta = (stream_id, published_ms, message_id)
 
+    def _send(self, app: AppConfig, channel: str, text: str, frame: OutFrame, target_user: str | None,
+              except_socket_id: str | None, cache: bool, count_publish: bool) -> int:
         started = time.perf_counter()
         if target_user is not None:
             sent = self.adapter.send_to_user(app.id, target_user, frame, except_socket_id)

@@ -78,13 +78,13 @@ def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, 
 
 
 def _deliver(services: Services, app: AppConfig, event: dict[str, Any]) -> None:
-    for channel in event["channels"]:
-        try:
-            services.publisher.publish(app, channel, event["name"], event["data"], event["socket_id"], cache=True)
-        except PublishUnavailable:
-            services.metrics.publish_rejected(app.id, "store_unavailable")
-            raise ApiError(503, "service_unavailable", "Message store unavailable; the event was not published",
-                           headers={"Retry-After": "1"}) from None
+    try:  # every channel or none (Publisher.publish_to)
+        services.publisher.publish_to(app, event["channels"], event["name"], event["data"], event["socket_id"],
+                                      cache=True)
+    except PublishUnavailable:
+        services.metrics.publish_rejected(app.id, "store_unavailable")
+        raise ApiError(503, "service_unavailable", "Message store unavailable; the event was not published",
+                       headers={"Retry-After": "1"}) from None
 
 
 def _user_count(services: Services, app: AppConfig, channel: str, out: dict[str, Any]) -> bool:
