@@ -39,7 +39,8 @@ from tests.support.wsraw import RawClient
 
 SECRET = "obs-secret-Zq81-kept-private"
 APP = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
-       "max_event_payload_in_kb": 1}
+       "max_event_payload_in_kb": 1,
+       "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
 LABELS = {"environment": "itest", "region": "loopback", "node": "node-a"}
 
 
@@ -392,6 +393,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
             "history writes": delta(before_a, ta, "sockudo_history_writes_total", **app),
             "history reads": delta(before_a, ta, "sockudo_history_reads_total", **app),
             "cursor errors": delta(before_a, ta, "sockudo_history_cursor_errors_total", **app),
+            "retention purges": delta(before_a, ta, "sockudo_history_evictions_total"),
             "webhooks queued": (delta(before_a, ta, "sockudo_webhooks_queued_total", **app)
                                 + delta(before_b, tb, "sockudo_webhooks_queued_total", **app)),
             "webhooks delivered": delta(before_w, tw, "sockudo_webhooks_delivered_total", **app),
@@ -423,7 +425,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
         "payload too large": 1, "adapter publish latency": 1, "adapter receive latency": 1,
         "duplicate suppression": 1, "resume successes": 1, "resume failures": 1, "disconnect reasons": 1,
         "replayed": 3, "history writes": 5,
-        "history reads": 1, "cursor errors": 1, "webhooks queued": 2, "webhooks delivered": 1,
+        "history reads": 1, "cursor errors": 1, "retention purges": 1, "webhooks queued": 2, "webhooks delivered": 1,
         "webhooks failed": 2, "webhooks retried": 1, "webhooks dead-lettered": 1,
         "push accepted": 2, "push scheduled": 1, "push dispatched fcm accepted": 2,
         "push dispatched apns rejected": 1, "push provider errors": 1, "push token invalidations": 1,
