@@ -22,27 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockudo.wsframe import FrameProtocolError, FrameReader, MessageTooBig
+from tests.unit.test_wsframe import client_frame
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 SETTINGS = settings(max_examples=300, deadline=None)
 
 
-def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0,
-          declared: int | None = None) -> bytes:
-    """A client frame built by hand (RFC 6455 §5.2); ``declared`` lies about the length."""
-    n = len(payload) if declared is None else declared
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        header = bytes([first, mask_bit | n])
-    elif n < 1 << 16:
-        header = bytes([first, mask_bit | 126]) + struct.pack("!H", n)
-    else:
-        header = bytes([first, mask_bit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+frame = client_frame  # RFC 6455 §5.2 by hand; ``declared`` lies about the length
 
 
 class Socket:

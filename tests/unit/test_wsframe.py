@@ -15,11 +15,13 @@ TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
 
 def client_frame(
-    opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0, mask: bytes | None = None
+    opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0, mask: bytes | None = None,
+    declared: int | None = None,
 ) -> bytes:
-    """A client frame built by hand, per RFC 6455 §5.2 (independent of the code under test)."""
+    """A client frame built by hand, per RFC 6455 §5.2 (independent of the code under test);
+    ``declared`` lies about the length."""
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    n = len(payload)
+    n = len(payload) if declared is None else declared
     mask_bit = 0x80 if masked else 0
     if n < 126:
         header = bytes([first, mask_bit | n])
