@@ -297,7 +297,8 @@ class RedisSequencer:
 
     def next_many(self, app: AppConfig, items: list[Numbering]) -> list[tuple[str, int, int]]:
         """One script call numbers (and stores) every message: Redis runs it whole or, out of
-        memory, refuses it before it starts — never some channels and not others."""
+        memory, refuses it at its first write (the only point it checks the limit, so a script is never
+        cut off half-way) — never some channels and not others."""
         cfg = app.history
         keep_ms = max(cfg.retention_window_seconds, app.connection_recovery.buffer_ttl_seconds, 86400) * 1000
         keys: list[str] = []
