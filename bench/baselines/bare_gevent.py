@@ -15,15 +15,11 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 import struct  # noqa: E402
 
 from gevent.lock import RLock  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
-from geventwebsocket.handler import WebSocketHandler  # noqa: E402
-from bench.baselines.common import NoDelayHandler  # noqa: E402
+from bench.baselines.common import arguments, serve  # noqa: E402
 
 ESTABLISHED = json.dumps(
     {"event": "pusher:connection_established", "data": json.dumps({"socket_id": "1.1", "activity_timeout": 120})}
@@ -122,21 +118,8 @@ def make_app(per_socket_encode: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--tcp-nodelay", action="store_true",
-                        help="set TCP_NODELAY on accepted sockets, as Sockudo does (the REST scenario)")
-    parser.add_argument("--per-socket-encode", action="store_true")
-    args = parser.parse_args()
-    # Same listener settings as Sockudo's (backlog 2048), so connect rates compare fairly.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    handler = NoDelayHandler if args.tcp_nodelay else WebSocketHandler
-    WSGIServer(sock, make_app(args.per_socket_encode), handler_class=handler, log=None).serve_forever()
+    args = arguments(("--per-socket-encode", {"action": "store_true"}))
+    serve(make_app(args.per_socket_encode), args)
 
 
 if __name__ == "__main__":

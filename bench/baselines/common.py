@@ -18,3 +18,31 @@ class NoDelayHandler(WebSocketHandler):
         except OSError:
             pass
         super().handle()
+
+
+def arguments(*extra: tuple[str, dict]) -> "argparse.Namespace":
+    """``--host``, ``--port``, ``--tcp-nodelay`` and any baseline-specific flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tcp-nodelay", action="store_true",
+                        help="set TCP_NODELAY on accepted sockets, as Sockudo does (the REST scenario)")
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
+    return parser.parse_args()
+
+
+def serve(app, args) -> None:
+    """Serve ``app`` on a listener with Sockudo's settings (backlog 2048), so connect rates
+    compare fairly; gevent-websocket's handler, with TCP_NODELAY when asked."""
+    from gevent.pywsgi import WSGIServer
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    handler = NoDelayHandler if args.tcp_nodelay else WebSocketHandler
+    WSGIServer(sock, app, handler_class=handler, log=None).serve_forever()

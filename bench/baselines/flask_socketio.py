@@ -24,15 +24,11 @@ from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 
 from flask import Flask, request  # noqa: E402
 from flask_socketio import SocketIO, join_room, leave_room  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
-from geventwebsocket.handler import WebSocketHandler  # noqa: E402
-from bench.baselines.common import NoDelayHandler  # noqa: E402
+from bench.baselines.common import arguments, serve  # noqa: E402
 
 app = Flask(__name__)
 socketio = SocketIO(app, async_mode="gevent", logger=False, engineio_logger=False, cors_allowed_origins="*")
@@ -62,19 +58,7 @@ def live():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--tcp-nodelay", action="store_true",
-                        help="set TCP_NODELAY on accepted sockets, as Sockudo does (the REST scenario)")
-    args = parser.parse_args()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    handler = NoDelayHandler if args.tcp_nodelay else WebSocketHandler
-    WSGIServer(sock, app, handler_class=handler, log=None).serve_forever()
+    serve(app, arguments())
 
 
 if __name__ == "__main__":
