@@ -37,9 +37,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-from sockudo.auth import rest_signature
+from sockudo.core.auth import rest_signature
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 
+from .fmt import fmt as _f
+from .fmt import print_rows as _rows
 from .harness import (
     APP_ID,
     APP_KEY,
@@ -53,8 +55,6 @@ from .harness import (
     percentiles,
     wait_for_quiet,
 )
-from .fmt import fmt as _f
-from .fmt import print_rows as _rows
 from .scenarios import PAYLOAD, Sizes
 
 # --py-spy PATH --profile-dir DIR: every node of these scenarios is sampled by py-spy

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockudo.auth import rest_signature
+from sockudo.core.auth import rest_signature
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,19 +13,19 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from .config import load_config  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .logs import setup_logging  # noqa: E402
+from sockudo.config import load_config  # noqa: E402
+from sockudo.core.errors import ConfigError  # noqa: E402
+from sockudo.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else argv
     if command[:1] == ["webhooks"]:  # python -m sockudo webhooks dead-letters list|replay
-        from .webhook_cli import main as webhooks_main
+        from sockudo.cli.webhooks import main as webhooks_main
 
         return webhooks_main(command[1:])
     if command[:1] == ["metrics"]:  # python -m sockudo metrics tail [--host H] [--port P]
-        from .metrics_cli import main as metrics_main
+        from sockudo.cli.metrics import main as metrics_main
 
         return metrics_main(command[1:])
     parser = argparse.ArgumentParser(
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from .server.supervisor import supervise
+        from sockudo.server.supervisor import supervise
 
         return supervise(workers, argv if argv is not None else sys.argv[1:], config)
-    from .server.main import Server
+    from sockudo.server.main import Server
 
     try:
         Server(config).serve_forever()

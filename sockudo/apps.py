@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import AppConfig
+from sockudo.config import AppConfig
 
 
 class AppStore:

@@ -9,57 +9,25 @@ from __future__ import annotations
 
 import logging
 import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol as p
-from .adapter import Adapter
-from .apps import AppStore
-from .auth import verify_channel_auth, verify_user_auth
-from .cache import Cache, cache_channel_key
-from .publisher import CACHE_TTL_SECONDS  # noqa: F401  (re-exported for the REST layer)
-from .config import AppConfig, Config
-from .connection import Connection, Transport
-from .errors import ApiError, PusherCode, PusherError, SubscriptionError
-from .history import MemorySequencer, Sequencer, SequencerUnavailable
-from .idempotency import IdempotencyStore, MemoryIdempotency
-from .lifecycle import LifecycleSink, NullSink
-from .metrics import Metrics
-from .publisher import Publisher, PublishUnavailable
-from .recovery import RecoveryService, ReplayBuffers
-from .wsframe import OutFrame
+from sockudo.cache import cache_channel_key
+from sockudo.config import AppConfig
+from sockudo.core import protocol as p
+from sockudo.core.auth import verify_channel_auth, verify_user_auth
+from sockudo.core.connection import Connection, Transport
+from sockudo.core.errors import ApiError, PusherCode, PusherError, SubscriptionError
+from sockudo.core.wsframe import OutFrame
+from sockudo.history.store import SequencerUnavailable
+from sockudo.publisher import (
+    CACHE_TTL_SECONDS,  # noqa: F401  (re-exported for the REST layer)
+    PublishUnavailable,
+)
+from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Services:
-    """Everything the handler and the REST API share; built once by the composition root."""
-
-    config: Config
-    apps: AppStore
-    adapter: Adapter
-    cache: Cache
-    metrics: Metrics
-    events: LifecycleSink = field(default_factory=NullSink)
-    clock: Callable[[], float] = time.time
-    sleep: Callable[[float], None] = time.sleep
-    sequencer: Sequencer | None = None
-    buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
-    idempotency: IdempotencyStore | None = None
-    push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
-    publisher: Publisher = field(init=False)
-    recovery: RecoveryService = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.sequencer is None:
-            self.sequencer = MemorySequencer(self.clock)
-        if self.idempotency is None:
-            self.idempotency = MemoryIdempotency(self.clock)
-        self.publisher = Publisher(self.adapter, self.cache, self.sequencer, self.buffers, self.metrics, self.apps)
-        self.recovery = RecoveryService(self.buffers, self.sequencer, self.metrics, self.clock)
 
 
 def new_socket_id() -> str:
@@ -304,7 +272,7 @@ class Handler:
             conn.release(delivered)
 
     def _channel_history(self, conn: Connection, data: dict[str, Any]) -> None:
-        from .history_api import read_history
+        from sockudo.history.api import read_history
 
         channel = data.get("channel")
         if not isinstance(channel, str) or channel not in conn.channels:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from pythonjsonlogger.json import JsonFormatter
 
-from .redaction import RedactionFilter, Redactor
+from sockudo.redaction import RedactionFilter, Redactor
 
 
 def rfc3339(created: float) -> str:

@@ -13,13 +13,13 @@ import time
 import uuid
 from typing import Any
 
-from . import protocol as p
-from .cache import Cache, cache_channel_key
-from .config import AppConfig
-from .history import Sequencer, SequencerUnavailable, StoredMessage
-from .metrics import Metrics
-from .recovery import BufferedMessage, ReplayBuffers
-from .wsframe import OutFrame
+from sockudo.cache import Cache, cache_channel_key
+from sockudo.config import AppConfig
+from sockudo.core import protocol as p
+from sockudo.core.wsframe import OutFrame
+from sockudo.history.recovery import BufferedMessage, ReplayBuffers
+from sockudo.history.store import Sequencer, SequencerUnavailable, StoredMessage
+from sockudo.metrics.registry import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
-from collections.abc import Callable
-
-from . import idempotency
-from . import protocol as p
-from .cache import cache_channel_key
-from .config import AppConfig
-from .errors import ApiError, PusherCode
-from .handler import Services
-from .publisher import PublishUnavailable
+from sockudo.cache import cache_channel_key
+from sockudo.config import AppConfig
+from sockudo.core import protocol as p
+from sockudo.core.errors import ApiError, PusherCode
+from sockudo.history import idempotency
+from sockudo.publisher import PublishUnavailable
+from sockudo.services import Services
 
 _SOCKET_ID = re.compile(r"\A\d+\.\d+\Z")
 _INFO_ATTRIBUTES = {"user_count", "subscription_count", "cache"}

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from sockudo.webhooks import RQ_QUEUE
+from sockudo.webhooks.model import RQ_QUEUE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sockudo.config import load_config
-    from sockudo.errors import ConfigError
+    from sockudo.core.errors import ConfigError
     from sockudo.logs import setup_logging
 
     if args.config:  # job functions (e.g. workers.push) read the same configuration
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         connection = redis.Redis.from_url(args.url)
     elif config.redis_url or config.redis_sentinels:
-        from sockudo.adapter.redis import make_client
+        from sockudo.redis import make_client
 
         connection = make_client(config)
     else:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if reap_interval is None:
         reap_interval = float(os.environ.get("WEBHOOK_REAP_INTERVAL_MS") or 5000) / 1000.0
 
-    from sockudo.metrics_labels import constant_labels
+    from sockudo.metrics.labels import constant_labels
 
     from .worker import run_worker
 

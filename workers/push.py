@@ -39,7 +39,7 @@ def preload() -> None:
     import sockudo.push.providers  # noqa: F401
     import sockudo.push.redis_store  # noqa: F401
     from sockudo.config import load_config
-    from sockudo.errors import ConfigError
+    from sockudo.core.errors import ConfigError
 
     try:
         _config = load_config(os.environ.get("SOCKUDO_CONFIG") or None)

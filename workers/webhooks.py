@@ -41,7 +41,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from sockudo.webhook_delivery import (
+from sockudo.webhooks.delivery import (
     DEAD,
     DEFERRED,
     RETRY,
@@ -54,7 +54,7 @@ from sockudo.webhook_delivery import (
     log_attempt,
     post,
 )
-from sockudo.webhooks import LEASE_KEY, Delivery
+from sockudo.webhooks.model import LEASE_KEY, Delivery
 
 logger = logging.getLogger(__name__)
 

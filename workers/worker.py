@@ -37,7 +37,7 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from sockudo.webhook_delivery import (
+from sockudo.webhooks.delivery import (
     REASON_WORKER,
     AttemptResult,
     RedisDeadLetters,
@@ -45,8 +45,8 @@ from sockudo.webhook_delivery import (
     record_dead_lettered,
     record_metrics,
 )
-from sockudo.webhook_metrics import WebhookMetrics
-from sockudo.webhooks import LEASE_KEY, REAPER_LOCK_KEY, RQ_JOB, Delivery
+from sockudo.webhooks.metrics import WebhookMetrics
+from sockudo.webhooks.model import LEASE_KEY, REAPER_LOCK_KEY, RQ_JOB, Delivery
 
 from .webhooks import ATTEMPTS, FIRST_ATTEMPT_MS, OUTCOME
 
@@ -238,7 +238,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        from sockudo.metrics_labels import ConstantLabels
+        from sockudo.metrics.labels import ConstantLabels
 
         # The server's constant labels (environment, region, node, adapter) on every series.
         start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))

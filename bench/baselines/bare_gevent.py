@@ -19,6 +19,7 @@ import json  # noqa: E402
 import struct  # noqa: E402
 
 from gevent.lock import RLock  # noqa: E402
+
 from bench.baselines.common import arguments, serve  # noqa: E402
 
 ESTABLISHED = json.dumps(

@@ -1,5 +1,6 @@
 """What both baselines share (imported after their gevent monkey-patching)."""
 
+import argparse
 import socket
 
 from geventwebsocket.handler import WebSocketHandler
@@ -20,10 +21,8 @@ class NoDelayHandler(WebSocketHandler):
         super().handle()
 
 
-def arguments(*extra: tuple[str, dict]) -> "argparse.Namespace":
+def arguments(*extra: tuple[str, dict]) -> argparse.Namespace:
     """``--host``, ``--port``, ``--tcp-nodelay`` and any baseline-specific flags."""
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

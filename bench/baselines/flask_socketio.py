@@ -28,6 +28,7 @@ import json  # noqa: E402
 
 from flask import Flask, request  # noqa: E402
 from flask_socketio import SocketIO, join_room, leave_room  # noqa: E402
+
 from bench.baselines.common import arguments, serve  # noqa: E402
 
 app = Flask(__name__)

@@ -4,7 +4,7 @@ Every method is synchronous. A cross-node adapter may block its caller's greenle
 asks the other nodes; the handler neither knows nor cares.
 """
 
-from .base import Adapter
-from .local import LocalAdapter
+from sockudo.adapter.base import Adapter
+from sockudo.adapter.local import LocalAdapter
 
 __all__ = ["Adapter", "LocalAdapter"]

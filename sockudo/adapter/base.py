@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..connection import Connection
-from ..wsframe import OutFrame
+from sockudo.core.connection import Connection
+from sockudo.core.wsframe import OutFrame
 
 
 class Adapter(Protocol):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import protocol
-from ..connection import Connection
-from ..namespace import Namespace
-from ..wsframe import OutFrame
+from sockudo.core import protocol
+from sockudo.core.connection import Connection
+from sockudo.core.namespace import Namespace
+from sockudo.core.wsframe import OutFrame
 
 
 class LocalAdapter:

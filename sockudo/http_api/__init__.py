@@ -1,5 +1,5 @@
 """The REST API: the only place Flask is imported."""
 
-from .app import create_app
+from sockudo.http_api.app import create_app
 
 __all__ = ["create_app"]

@@ -8,9 +8,10 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import ApiError
-from ..handler import Handler, Services
-from . import channels, events, push, system, users
+from sockudo.core.errors import ApiError
+from sockudo.handler import Handler
+from sockudo.http_api import channels, events, push, system, users
+from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
 

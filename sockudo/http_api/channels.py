@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from .. import rest
-from ..errors import ApiError
-from ..history import SequencerUnavailable
-from ..history_api import read_history
-from .signing import json_body, require_signed_app, services
+from sockudo import rest
+from sockudo.core.errors import ApiError
+from sockudo.history.api import read_history
+from sockudo.history.store import SequencerUnavailable
+from sockudo.http_api.signing import json_body, require_signed_app, services
 
 bp = Blueprint("channels", __name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from .. import rest
-from .signing import json_body, require_signed_app, services
+from sockudo import rest
+from sockudo.http_api.signing import json_body, require_signed_app, services
 
 bp = Blueprint("events", __name__)
 

@@ -14,11 +14,11 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import rest
-from ..errors import ApiError
-from ..handler import Services
-from ..protocol import dumps, loads
-from .signing import authenticate
+from sockudo import rest
+from sockudo.core.errors import ApiError
+from sockudo.core.protocol import dumps, loads
+from sockudo.http_api.signing import authenticate
+from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from ..errors import ApiError
-from .signing import json_body, require_signed_app, services
+from sockudo.core.errors import ApiError
+from sockudo.http_api.signing import json_body, require_signed_app, services
 
 bp = Blueprint("push", __name__, url_prefix="/apps/<app_id>/push")
 

@@ -6,11 +6,12 @@ from typing import Any
 
 from flask import current_app, g, request
 
-from ..auth import query_pairs, verify_rest_request
-from ..protocol import loads
-from ..config import AppConfig
-from ..errors import ApiError
-from ..handler import Handler, Services
+from sockudo.config import AppConfig
+from sockudo.core.auth import query_pairs, verify_rest_request
+from sockudo.core.errors import ApiError
+from sockudo.core.protocol import loads
+from sockudo.handler import Handler
+from sockudo.services import Services
 
 
 def services() -> Services:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
-from ..health import DRAINING, ERROR, NOT_FOUND, OK, Readiness, build_readiness
-from .signing import handler, services
+from sockudo.health import DRAINING, ERROR, NOT_FOUND, OK, Readiness, build_readiness
+from sockudo.http_api.signing import handler, services
 
 bp = Blueprint("system", __name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 
-from .. import rest
-from .signing import require_signed_app, services
+from sockudo import rest
+from sockudo.http_api.signing import require_signed_app, services
 
 bp = Blueprint("users", __name__)
 

@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import status as st
-from .crypto import CryptoError, sha256_hex, unseal
-from .metrics import PushMetrics, RecordingMetrics
-from .providers import (
+from sockudo.push import status as st
+from sockudo.push.crypto import CryptoError, sha256_hex, unseal
+from sockudo.push.metrics import PushMetrics, RecordingMetrics
+from sockudo.push.providers import (
     CREDENTIAL_AUTH,
     DEVICE_TERMINAL,
     REJECTED,
@@ -34,9 +34,9 @@ from .providers import (
     ProviderResult,
     SendContext,
 )
-from .queue import DISPATCH_JOB, PLAN_JOB
-from .retry import next_attempt, parse_retry_after
-from .settings import PushSettings
+from sockudo.push.queue import DISPATCH_JOB, PLAN_JOB
+from sockudo.push.retry import next_attempt, parse_retry_after
+from sockudo.push.settings import PushSettings
 
 logger = logging.getLogger("sockudo_push")
 

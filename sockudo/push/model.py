@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ApiError
-from .crypto import CryptoError, b64url_decode, p256_public_from_raw, sha256_hex
+from sockudo.core.errors import ApiError
+from sockudo.push.crypto import CryptoError, b64url_decode, p256_public_from_raw, sha256_hex
 
 PROVIDERS = ("apns", "fcm", "webpush")
 TRANSPORTS = {"apns": "apns", "gcm": "fcm", "fcm": "fcm", "web": "webpush"}

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
-from . import crypto
-from .crypto import CryptoError
-from .model import bad, check_endpoint_url, compact, ip_is_local
-from .settings import PushSettings
+from sockudo.push import crypto
+from sockudo.push.crypto import CryptoError
+from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
+from sockudo.push.settings import PushSettings
 
 logger = logging.getLogger(__name__)
 

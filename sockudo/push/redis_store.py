@@ -30,8 +30,8 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from . import status as st
-from .store import _split_reason, dumps
+from sockudo.push import status as st
+from sockudo.push.store import _split_reason, dumps
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from .settings import PushRetryPolicy
+from sockudo.push.settings import PushRetryPolicy
 
 
 def _unit(key: str) -> float:

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import ApiError
-from . import model
-from . import status as st
-from .crypto import seal
-from .dispatcher import Dispatcher, credential_aad
-from .metrics import PushMetrics, RecordingMetrics
-from .providers import validate_credentials
-from .settings import PushSettings, uses_redis
+from sockudo.core.errors import ApiError
+from sockudo.push import model
+from sockudo.push import status as st
+from sockudo.push.crypto import seal
+from sockudo.push.dispatcher import Dispatcher, credential_aad
+from sockudo.push.metrics import PushMetrics, RecordingMetrics
+from sockudo.push.providers import validate_credentials
+from sockudo.push.settings import PushSettings, uses_redis
 
 logger = logging.getLogger("sockudo_push")
 audit = logging.getLogger("sockudo_push_audit")
@@ -411,16 +411,16 @@ def build_push(
         from prometheus_client import CollectorRegistry
 
         metrics = PushMetrics(registry if registry is not None else CollectorRegistry())
-    from .providers import MemoryTokenCache, ProviderClients, RedisTokenCache
+    from sockudo.push.providers import MemoryTokenCache, ProviderClients, RedisTokenCache
 
     redis_configured = bool(config.redis_url or config.redis_sentinels)
     queue: Any
     if uses_redis(settings, redis_configured):
-        from .queue import RqPushQueue
-        from .redis_store import RedisStore
+        from sockudo.push.queue import RqPushQueue
+        from sockudo.push.redis_store import RedisStore
 
         if client is None:
-            from ..adapter.redis import make_client
+            from sockudo.redis import make_client
 
             client = make_client(config)
         conflict_metrics = metrics
@@ -438,8 +438,8 @@ def build_push(
         queue = RqPushQueue(client, settings.queue_name)
         tokens: Any = RedisTokenCache(client, settings.redis_prefix, settings.credentials_key)
     else:
-        from .queue import InProcessQueue
-        from .store import MemoryStore
+        from sockudo.push.queue import InProcessQueue
+        from sockudo.push.store import MemoryStore
 
         store = MemoryStore()
         tokens = MemoryTokenCache()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from sockudo.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

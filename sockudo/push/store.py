@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import status as st
+from sockudo.push import status as st
 
 
 def apply_change(record: dict[str, Any], change: st.Change) -> None:

@@ -22,8 +22,8 @@ import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from ..config import Config
-from ..listener import ConnectionCounter, RateLimiter, client_ip
+from sockudo.config import Config
+from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Guard:
         if rl.enabled and rl.driver == "redis" and redis_client is not None:
             # Windows shared by every node (sockudo/rate_limit_redis.py); open connections per
             # address stay per process (they end with the process that holds them).
-            from ..rate_limit_redis import RedisRateLimiter
+            from sockudo.ratelimit.redis import RedisRateLimiter
 
             prefix = config.redis_prefix
             self.api = RedisRateLimiter(redis_client, prefix, "api", rl.api_max_requests, rl.api_window_seconds)

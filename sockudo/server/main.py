@@ -11,17 +11,18 @@ from typing import Any
 
 from gevent.pywsgi import WSGIServer
 
-from ..adapter import LocalAdapter
-from ..apps import AppStore
-from ..cache import MemoryCache
-from ..config import Config
-from ..handler import Handler, Services
-from ..http_api import create_app, fastpath
-from ..metrics import Metrics
-from ..webhook_sink import build_webhook_sink
-from . import observability, runtime
-from .guard import Guard, GuardedHandler, main_server
-from .websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
+from sockudo.adapter import LocalAdapter
+from sockudo.apps import AppStore
+from sockudo.cache import MemoryCache
+from sockudo.config import Config
+from sockudo.handler import Handler
+from sockudo.http_api import create_app, fastpath
+from sockudo.metrics.registry import Metrics
+from sockudo.server import observability, runtime
+from sockudo.server.guard import Guard, GuardedHandler, main_server
+from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
+from sockudo.services import Services
+from sockudo.webhooks.sink import build_webhook_sink
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ def build_services(config: Config) -> Services:
     extras: dict[str, Any] = {}
     cache: Any = MemoryCache(time.time)
     if config.adapter_driver == "redis":
-        from ..adapter.redis import RedisAdapter, make_client
-        from ..cache import RedisCache
-        from ..history import RedisSequencer
-        from ..idempotency import RedisIdempotency
+        from sockudo.adapter.redis import RedisAdapter
+        from sockudo.cache import RedisCache
+        from sockudo.history.idempotency import RedisIdempotency
+        from sockudo.history.store import RedisSequencer
+        from sockudo.redis import make_client
 
         adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id)
         # Shared state must be cluster-wide (spec §8.4): serials/history, idempotency keys and
@@ -69,11 +71,11 @@ def build_services(config: Config) -> Services:
     webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter)
     if webhooks is not None:
         extras["events"] = webhooks
-    from ..push.service import build_push
+    from sockudo.push.service import build_push
 
     extras["push"] = build_push(config, registry=metrics.registry)
     if extras["push"] is not None:
-        from ..push.metrics import PushQueueCollector
+        from sockudo.push.metrics import PushQueueCollector
 
         metrics.registry.register(PushQueueCollector(extras["push"].queue_stats))
     services = Services(
@@ -201,7 +203,7 @@ class Server:
         metrics = self.services.metrics
         limiter_redis = None
         if cfg.rate_limiter.enabled and cfg.rate_limiter.driver == "redis":
-            from ..adapter.redis import make_client
+            from sockudo.redis import make_client
 
             # Short timeouts: a rate-limit check must not hold a request for long when Redis
             # hangs (it falls back to per-process counting instead).

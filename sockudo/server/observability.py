@@ -10,11 +10,11 @@ from typing import Any
 import gevent
 from prometheus_client import make_wsgi_app
 
-from ..config import Config
-from ..health import build_readiness
-from ..metrics_labels import ConstantLabels, constant_labels
-from ..metrics_tcp import TcpExporter
-from .runtime import GeventRuntime
+from sockudo.config import Config
+from sockudo.health import build_readiness
+from sockudo.metrics.labels import ConstantLabels, constant_labels
+from sockudo.metrics.tcp.exporter import TcpExporter
+from sockudo.server.runtime import GeventRuntime
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from ..config import Config
+from sockudo.config import Config
 
 logger = logging.getLogger(__name__)
 

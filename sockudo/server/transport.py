@@ -21,11 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .. import protocol
-from ..errors import PusherCode
-from ..wsframe import OP_PONG, OutFrame, encode, encode_close
-from . import runtime
-from .guard import is_tls
+from sockudo.core import protocol
+from sockudo.core.errors import PusherCode
+from sockudo.core.wsframe import OP_PONG, OutFrame, encode, encode_close
+from sockudo.server import runtime
+from sockudo.server.guard import is_tls
 
 logger = logging.getLogger(__name__)
 

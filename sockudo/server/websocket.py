@@ -11,11 +11,10 @@ import socket
 from typing import Any
 from urllib.parse import parse_qs
 
-from .. import protocol
-from ..connection import Connection
-from ..errors import PusherCode, PusherError
-from ..handler import Handler
-from ..wsframe import (
+from sockudo.core import protocol
+from sockudo.core.connection import Connection
+from sockudo.core.errors import PusherCode, PusherError
+from sockudo.core.wsframe import (
     CLOSE_INVALID_PAYLOAD,
     OP_BINARY,
     OP_CLOSE,
@@ -27,8 +26,9 @@ from ..wsframe import (
     encode_text,
     reply_close_code,
 )
-from .guard import is_tls
-from .transport import WsTransport
+from sockudo.handler import Handler
+from sockudo.server.guard import is_tls
+from sockudo.server.transport import WsTransport
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry
 from sockudo.adapter.cluster import HOLD_PRESENCE, Holding
 from sockudo.adapter.redis import RedisAdapter
 from sockudo.config import AppConfig, Config
-from sockudo.connection import Connection
-from sockudo.metrics import Metrics
+from sockudo.core.connection import Connection
+from sockudo.metrics.registry import Metrics
 from tests.conftest import APP, sdk_for
 from tests.support.cluster import (
     DEAD_NODE_BOUND,
@@ -48,7 +48,7 @@ from tests.support.cluster import (
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.wsraw import RawClient
-from tests.unit.fakes import RecordingTransport
+from tests.support.fakes import RecordingTransport
 
 APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
 

@@ -363,7 +363,7 @@ UNSIGNED_ROUTES = {"/live", "/up", "/up/<app_id>", "/usage"}
 def flask_routes() -> list[tuple[str, str]]:
     """Every (method, rule) the REST app serves, from the real URL map."""
     from sockudo.http_api import create_app
-    from tests.unit.fakes import World
+    from tests.support.fakes import World
 
     world = World()
     app = create_app(world.services, world.handler)

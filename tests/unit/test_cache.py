@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sockudo.cache import MemoryCache, cache_channel_key
-from tests.unit.fakes import FakeClock
+from tests.support.fakes import FakeClock
 
 
 def test_get_returns_value_and_seconds_left() -> None:

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockudo.config import HistoryConfig, RecoveryConfig
-from tests.unit.fakes import World, channel_auth, make_app, user_auth
+from tests.support.fakes import World, channel_auth, make_app, user_auth
 
 #: Every code the server may put in ``pusher:error`` or a close frame (spec §1.6).
 DOCUMENTED_CODES = {4000, 4001, 4003, 4004, 4009, 4100, 4200, 4201, 4300, 4301, 4302, 4303}

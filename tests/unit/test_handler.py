@@ -10,8 +10,8 @@ import pytest
 
 from sockudo import handler as handler_module
 from sockudo import rest
-from sockudo.errors import PusherError
-from tests.unit.fakes import Client, World, channel_auth, data_of, make_app, user_auth
+from sockudo.core.errors import PusherError
+from tests.support.fakes import Client, World, channel_auth, data_of, make_app, user_auth
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.fakes import World, make_app
+from tests.support.fakes import World, make_app
 
 
 def test_one_subscription_over_the_limit_gets_4300_and_nothing_is_held() -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from sockudo.health import Check, Readiness, build_readiness, run_checks
 from sockudo.http_api import create_app
-from tests.unit.fakes import World, make_app
+from tests.support.fakes import World, make_app
 
 
 def slow(seconds: float) -> Any:

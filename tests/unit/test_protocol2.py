@@ -13,8 +13,8 @@ import pytest
 
 from sockudo import rest
 from sockudo.config import AppConfig, HistoryConfig, RecoveryConfig
-from sockudo.history import MemorySequencer
-from tests.unit.fakes import Client, World, data_of, make_app
+from sockudo.history.store import MemorySequencer
+from tests.support.fakes import Client, World, data_of, make_app
 
 CH = "orders"
 UUID_LEN = 36

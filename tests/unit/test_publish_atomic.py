@@ -11,10 +11,10 @@ import redis
 
 from sockudo import rest
 from sockudo.config import HistoryConfig, RecoveryConfig
-from sockudo.errors import ApiError
-from sockudo.history import MemorySequencer, RedisSequencer, SequencerUnavailable
+from sockudo.core.errors import ApiError
+from sockudo.history.store import MemorySequencer, RedisSequencer, SequencerUnavailable
 from tests.support.procs import RedisServer
-from tests.unit.fakes import World, make_app
+from tests.support.fakes import World, make_app
 
 ON = {"connection_recovery": RecoveryConfig(enabled=True), "history": HistoryConfig(enabled=True)}
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from sockudo import rest
-from sockudo.errors import ApiError
+from sockudo.core.errors import ApiError
 from sockudo.handler import CACHE_TTL_SECONDS
-from tests.unit.fakes import Client, World, data_of, make_app
+from tests.support.fakes import Client, World, data_of, make_app
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Operator commands: ``python -m sockudo webhooks ...`` and ``python -m sockudo metrics ...``."""

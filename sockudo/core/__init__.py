@@ -1,0 +1,1 @@
+"""The pure core: wire protocol, signatures, errors, WebSocket framing, per-node bookkeeping."""

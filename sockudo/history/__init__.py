@@ -1,0 +1,1 @@
+"""Serials, history stores, replay buffers and resume, history reads, idempotent publish."""

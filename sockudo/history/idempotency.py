@@ -1,0 +1,118 @@
+"""Idempotent HTTP publish (spec §7.5): a repeat inside the TTL gets the first response and
+delivers nothing; a concurrent repeat waits briefly, then gets 503 with ``Retry-After``.
+
+Keys live in Redis when it is configured (so a repeat sent to another node is suppressed too),
+else in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sockudo.core.errors import ApiError
+
+PROCESSING = "__processing__"
+POLLS = 6
+POLL_SECONDS = 0.05
+
+
+class IdempotencyStore(Protocol):
+    def claim(self, key: str, ttl_seconds: int) -> str | None:
+        """Claim ``key``; None when claimed now, else the stored value (``PROCESSING`` or a response)."""
+
+    def get(self, key: str) -> str | None: ...
+    def store(self, key: str, response: str, ttl_seconds: int) -> None: ...
+    def release(self, key: str) -> None: ...
+
+
+class MemoryIdempotency:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.items: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str) -> str | None:
+        item = self.items.get(key)
+        if item is None:
+            return None
+        if item[1] <= self.clock():
+            del self.items[key]
+            return None
+        return item[0]
+
+    def claim(self, key: str, ttl_seconds: int) -> str | None:
+        existing = self.get(key)
+        if existing is not None:
+            return existing
+        if len(self.items) > 10000:
+            now = self.clock()
+            for k in [k for k, (_, exp) in self.items.items() if exp <= now]:
+                del self.items[k]
+        self.items[key] = (PROCESSING, self.clock() + ttl_seconds)
+        return None
+
+    def store(self, key: str, response: str, ttl_seconds: int) -> None:
+        self.items[key] = (response, self.clock() + ttl_seconds)
+
+    def release(self, key: str) -> None:
+        self.items.pop(key, None)
+
+
+class RedisIdempotency:
+    def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def get(self, key: str) -> str | None:
+        value = self.client.get(self._key(key))
+        return value.decode() if isinstance(value, bytes) else value
+
+    def claim(self, key: str, ttl_seconds: int) -> str | None:
+        if self.client.set(self._key(key), PROCESSING, nx=True, ex=ttl_seconds):
+            return None
+        return self.get(key) or PROCESSING
+
+    def store(self, key: str, response: str, ttl_seconds: int) -> None:
+        self.client.set(self._key(key), response, ex=ttl_seconds)
+
+    def release(self, key: str) -> None:
+        self.client.delete(self._key(key))
+
+
+def validate_key(key: Any, max_length: int) -> str:
+    if not isinstance(key, str) or not key:
+        raise ApiError(400, "invalid_input", "idempotency key must be a non-empty string")
+    if len(key) > max_length:
+        raise ApiError(400, "invalid_input", f"idempotency key is longer than {max_length} characters")
+    return key
+
+
+def begin(store: IdempotencyStore, key: str, ttl_seconds: int, sleep: Callable[[float], None]) -> str | None:
+    """Claim ``key``. Returns a stored response to replay, or None when the caller must publish.
+
+    A repeat that arrives while the first is still publishing polls briefly, then gets 503.
+    Any store failure is a 503 too: never publish without the claim.
+    """
+    try:
+        existing = store.claim(key, ttl_seconds)
+        polls = 0
+        while existing == PROCESSING and polls < POLLS:
+            sleep(POLL_SECONDS)
+            polls += 1
+            existing = store.get(key)
+            if existing is None:
+                existing = store.claim(key, ttl_seconds)
+                if existing is None:
+                    return None
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise ApiError(503, "service_unavailable", "Idempotency store unavailable") from exc
+    if existing == PROCESSING:
+        raise ApiError(503, "backpressure", "A publish with this idempotency key is in progress",
+                       headers={"Retry-After": "1"})
+    return existing

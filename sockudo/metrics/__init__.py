@@ -1,0 +1,1 @@
+"""Metrics: the registry wrapper, constant labels, the TCP exporter."""

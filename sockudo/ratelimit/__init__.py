@@ -1,0 +1,1 @@
+"""Per-IP limits of the main listener: in-process and Redis drivers."""

@@ -1,0 +1,1 @@
+"""Webhooks: pure model, the server's sink, queues (embedded, RQ), markers, delivery."""

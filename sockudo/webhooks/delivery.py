@@ -1,0 +1,365 @@
+"""Sending one delivery attempt, deciding what happens next, and keeping dead letters.
+
+Shared by the RQ job (``workers.webhooks``) and the server's in-process queue, so both
+follow the same policy (spec §5.3): 2xx done; retryable failures wait ``1, 2, 4 … 60`` s
+until the next wait would pass the budget (≈5 min); permanent failures stop at once; a
+delivery that stops without success becomes a **dead letter** with what is needed to
+replay it (never the signature: a replay is signed again).
+
+HTTP is the standard library (``http.client``): no redirects followed, no proxy settings
+from the environment, one connection per attempt with the endpoint's timeout. Nothing
+here imports gevent or RQ; under the server's monkey-patching the sockets cooperate.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import socket
+import ssl
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from sockudo.webhooks.metrics import UNKNOWN_EVENT_TYPE, WebhookMetrics
+from sockudo.webhooks.model import (
+    EVENT_TYPES,
+    Delivery,
+    Verdict,
+    classify,
+    endpoint_host,
+    failure_reason,
+    inflight_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "sockudo-webhooks/1"
+MAX_RESPONSE_BYTES = 64 * 1024
+
+DELIVERED = "delivered"
+RETRY = "retry"
+DEAD = "dead"
+DEFERRED = "deferred"  # no attempt: the endpoint's in-flight slots were all taken
+
+REASON_PERMANENT = "permanent_failure"
+REASON_EXHAUSTED = "retries_exhausted"
+REASON_WORKER = "worker_failure"
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int | None  # None: no HTTP answer
+    error: str | None  # timeout | connect | request, when status is None
+    seconds: float
+
+
+Sender = Callable[[Delivery], HttpResult]
+
+_tls_context: ssl.SSLContext | None = None
+
+
+def post(delivery: Delivery) -> HttpResult:
+    """One POST of the delivery's exact body bytes with its headers; never raises for network trouble."""
+    global _tls_context
+    parts = urlsplit(delivery.url)
+    timeout = delivery.timeout_ms / 1000.0
+    body = delivery.body.encode("utf-8")
+    headers = {"User-Agent": USER_AGENT}
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+    headers.update(delivery.headers)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname or ""
+    started = time.perf_counter()
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        if _tls_context is None:
+            _tls_context = ssl.create_default_context()
+        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_tls_context)
+    else:
+        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    try:
+        try:
+            conn.connect()
+        except (TimeoutError, socket.timeout):
+            return HttpResult(None, "timeout", time.perf_counter() - started)
+        except OSError:
+            return HttpResult(None, "connect", time.perf_counter() - started)
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read(MAX_RESPONSE_BYTES)
+        return HttpResult(response.status, None, time.perf_counter() - started)
+    except (TimeoutError, socket.timeout):
+        return HttpResult(None, "timeout", time.perf_counter() - started)
+    except (OSError, http.client.HTTPException):
+        return HttpResult(None, "request", time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+# -- one attempt's outcome -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    outcome: str  # delivered | retry | dead | deferred
+    attempt: int  # 1 for the first try
+    status: int | None
+    error: str | None
+    seconds: float
+    reason: str | None = None  # failure label (failure_reason) when not delivered
+    dead_reason: str | None = None  # permanent_failure | retries_exhausted | worker_failure
+    retry_in_ms: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> AttemptResult:
+        return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+def decide(delivery: Delivery, attempt: int, first_attempt_ms: float, now_ms: float, http: HttpResult) -> AttemptResult:
+    """What to do after attempt ``attempt`` (1 = the first) given its HTTP result."""
+    verdict = classify(http.status)
+    if verdict is Verdict.OK:
+        return AttemptResult(DELIVERED, attempt, http.status, None, http.seconds)
+    reason = failure_reason(http.status, http.error)
+    if verdict is Verdict.PERMANENT:
+        return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_PERMANENT)
+    delay = delivery.retry.next_delay_ms(attempt, now_ms - first_attempt_ms)
+    if delay is None:
+        return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_EXHAUSTED)
+    return AttemptResult(RETRY, attempt, http.status, http.error, http.seconds, reason, retry_in_ms=delay)
+
+
+def log_attempt(delivery: Delivery, result: AttemptResult) -> None:
+    """One line per failed attempt: app, status, attempt, delivery id. Never the body, the
+    URL's path or query, headers or signatures."""
+    if result.outcome == DELIVERED:
+        logger.debug("webhook delivered app_id=%s delivery_id=%s attempt=%d", delivery.app_id, delivery.delivery_id,
+                     result.attempt)
+        return
+    fields = {
+        "app_id": delivery.app_id, "delivery_id": delivery.delivery_id, "attempt": result.attempt,
+        "status": result.status, "error_class": result.error, "endpoint": endpoint_host(delivery.url),
+        "event_count": len(delivery.event_names), "elapsed_ms": round(result.seconds * 1000),
+    }
+    summary = (f"app_id={delivery.app_id} status={result.status if result.status is not None else '-'} "
+               f"error={result.error or '-'} attempt={result.attempt} delivery_id={delivery.delivery_id} "
+               f"endpoint={fields['endpoint']}")
+    if result.outcome == RETRY:
+        fields["retry_delay_ms"] = result.retry_in_ms
+        logger.warning("webhook delivery failed, retrying in %d ms: %s", result.retry_in_ms or 0, summary, extra=fields)
+    else:
+        fields["reason"] = result.dead_reason
+        logger.error("webhook delivery failed, dead-lettered (%s): %s", result.dead_reason, summary, extra=fields)
+
+
+def event_types(delivery: Delivery) -> list[str]:
+    """The delivery's event names as bounded metric labels (one entry per event)."""
+    return [name if name in EVENT_TYPES else UNKNOWN_EVENT_TYPE for name in delivery.event_names] or [
+        UNKNOWN_EVENT_TYPE]
+
+
+def record_dead_lettered(metrics: WebhookMetrics | None, delivery: Delivery, reason: str) -> None:
+    """``sockudo_webhooks_dead_lettered_total``: one per event of the delivery."""
+    if metrics is None:
+        return
+    for name in event_types(delivery):
+        metrics.dead_lettered.labels(delivery.app_id, name, reason).inc()
+
+
+def record_metrics(metrics: WebhookMetrics | None, delivery: Delivery, result: AttemptResult,
+                   now_ms: float | None = None) -> None:
+    if metrics is None:
+        return
+    app_id = delivery.app_id
+    if result.outcome == DEFERRED:
+        metrics.deferred.labels(app_id).inc()
+        return
+    if result.status is not None or result.error is not None:
+        metrics.attempt_seconds.labels(app_id).observe(result.seconds)
+    names = event_types(delivery)
+    if result.outcome == DELIVERED:
+        for name in names:
+            metrics.delivered.labels(app_id, name).inc()
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        metrics.delivery_delay_seconds.labels(app_id).observe(max(0.0, (now_ms - delivery.created_ms) / 1000))
+        return
+    for name in names:
+        if result.reason is not None:
+            metrics.failed.labels(app_id, name, result.reason).inc()
+        if result.outcome == RETRY:
+            metrics.retried.labels(app_id, name).inc()
+    if result.outcome == DEAD:
+        record_dead_lettered(metrics, delivery, result.dead_reason or REASON_WORKER)
+
+
+# -- per-endpoint in-flight slots ------------------------------------------------------------
+
+_ACQUIRE_LUA = """
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if not holder or (ARGV[3] ~= '' and string.sub(holder, 1, string.len(ARGV[3])) == ARGV[3]) then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    return i - 1
+  end
+end
+return -1
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class EndpointSlots:
+    """At most ``slots`` attempts in flight per endpoint, across every worker.
+
+    An attempt holds one lease key ``{prefix}inflight:<sha1(url)>:<slot>`` (``SET NX PX``, taken
+    by one script call over all the endpoint's slots). Its TTL is the attempt's longest possible
+    run (the job timeout + slack), so a slot held by a killed worker frees itself; a finished
+    attempt releases it at once (compare-and-delete: never someone else's slot).
+
+    Tokens start with ``owner`` (the RQ job id): a slot still held under the same owner was
+    left by this job's own earlier attempt, whose work-horse died (one job never runs twice at
+    once), so it is taken over instead of blocking the job's retry until it expires."""
+
+    def __init__(self, client: Any) -> None:
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+
+    def acquire(self, delivery: Delivery, slots: int, token: str, ttl_ms: int, owner: str = "") -> str | None:
+        """The slot key taken, or None when all ``slots`` are held. ``token`` must start with ``owner``."""
+        keys = inflight_keys(delivery, max(1, slots))
+        index = int(self._acquire(keys=keys, args=[token, max(1, int(ttl_ms)), owner]))
+        return keys[index] if index >= 0 else None
+
+    def release(self, key: str, token: str) -> bool:
+        return bool(self._release(keys=[key], args=[token]))
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+def dead_letter_record(delivery: Delivery, reason: str, attempts: int, first_attempt_ms: float | None,
+                       now_ms: float, status: int | None = None, error: str | None = None) -> dict[str, Any]:
+    """Everything needed to list and replay a delivery; no signature (replays are signed again)."""
+    return {
+        "id": uuid.uuid4().hex,
+        "delivery_id": delivery.delivery_id,
+        "app_id": delivery.app_id,
+        "url": delivery.url,
+        "reason": reason,
+        "status": status,
+        "error": error,
+        "attempts": attempts,
+        "events": list(delivery.event_names),
+        "body": delivery.body,
+        "custom_headers": [list(h) for h in delivery.custom_headers],
+        "timeout_ms": delivery.timeout_ms,
+        "created_ms": delivery.created_ms,
+        "first_attempt_ms": int(first_attempt_ms) if first_attempt_ms is not None else None,
+        "failed_ms": int(now_ms),
+    }
+
+
+class DeadLetters(Protocol):
+    def add(self, record: dict[str, Any]) -> None: ...
+    def list(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+    def get(self, record_id: str) -> dict[str, Any] | None: ...
+    def remove(self, record_id: str) -> bool: ...
+    def count(self) -> int: ...
+
+
+class MemoryDeadLetters:
+    """The embedded mode's store: lost when the process stops."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._records[record["id"]] = record
+        while len(self._records) > self.limit:
+            self._records.popitem(last=False)
+
+    def list(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        records = [r for r in reversed(self._records.values()) if app_id is None or r["app_id"] == app_id]
+        return records[:limit]
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        return self._records.get(record_id)
+
+    def remove(self, record_id: str) -> bool:
+        return self._records.pop(record_id, None) is not None
+
+    def count(self) -> int:
+        return len(self._records)
+
+
+class RedisDeadLetters:
+    """``{prefix}dead_letters`` (sorted set: id by failure time) and ``{prefix}dead_letter_data``
+    (hash: id -> JSON record). The newest ``limit`` are kept."""
+
+    def __init__(self, client: Any, prefix: str, limit: int = 10_000) -> None:
+        self.client = client
+        self.index_key = f"{prefix}dead_letters"
+        self.data_key = f"{prefix}dead_letter_data"
+        self.limit = limit
+
+    def add(self, record: dict[str, Any]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.data_key, record["id"], json.dumps(record, separators=(",", ":")))
+        pipe.zadd(self.index_key, {record["id"]: record["failed_ms"]})
+        pipe.zcard(self.index_key)
+        size = pipe.execute()[-1]
+        if size > self.limit:
+            stale = self.client.zrange(self.index_key, 0, size - self.limit - 1)
+            if stale:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.zrem(self.index_key, *stale)
+                pipe.hdel(self.data_key, *stale)
+                pipe.execute()
+
+    def list(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        start = 0
+        page = max(limit, 100)
+        while len(out) < limit:
+            ids = self.client.zrevrange(self.index_key, start, start + page - 1)
+            if not ids:
+                break
+            for raw in self.client.hmget(self.data_key, ids):
+                if raw is None:
+                    continue
+                record = json.loads(raw)
+                if app_id is None or record.get("app_id") == app_id:
+                    out.append(record)
+            start += page
+        return out[:limit]
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self.data_key, record_id)
+        return json.loads(raw) if raw is not None else None
+
+    def remove(self, record_id: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.index_key, record_id)
+        pipe.hdel(self.data_key, record_id)
+        return bool(pipe.execute()[0])
+
+    def count(self) -> int:
+        return int(self.client.zcard(self.index_key))
