@@ -1,4 +1,9 @@
 """The one factory for the process's Redis clients (standalone, Sentinel, TLS).
+
+A server process shares **one** client (one connection pool) among every subsystem that talks
+to Redis: the adapter, history and idempotency stores, cache channels, the webhook queue and
+push. Only the per-request rate-limit check gets a second pool, with short socket timeouts, so
+that a hung Redis cannot hold an HTTP request (it falls back to per-process counting instead).
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ import redis
 from redis.sentinel import Sentinel
 
 from sockudo.config import Config
+
+#: Socket timeouts of the rate-limit client (seconds).
+FAST_TIMEOUT_S = 0.5
 
 
 def make_client(config: Config, **options: Any) -> redis.Redis:
@@ -37,3 +45,30 @@ def make_client(config: Config, **options: Any) -> redis.Redis:
     pool = redis.BlockingConnectionPool.from_url(config.redis_url, max_connections=200, timeout=5, **options)
     return redis.Redis(connection_pool=pool)
 
+
+def redis_configured(config: Config) -> bool:
+    return bool(config.redis_url or config.redis_sentinels)
+
+
+class RedisClients:
+    """The process's clients, each built on first use and then shared."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._shared: redis.Redis | None = None
+        self._fast: redis.Redis | None = None
+
+    @property
+    def shared(self) -> redis.Redis:
+        """The client every subsystem uses (one pool)."""
+        if self._shared is None:
+            self._shared = make_client(self.config)
+        return self._shared
+
+    @property
+    def fast(self) -> redis.Redis:
+        """Short timeouts, for checks that must not hold a request (per-IP rate limits)."""
+        if self._fast is None:
+            self._fast = make_client(self.config, socket_timeout=FAST_TIMEOUT_S,
+                                     socket_connect_timeout=FAST_TIMEOUT_S)
+        return self._fast

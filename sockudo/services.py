@@ -24,6 +24,7 @@ from sockudo.publisher import (
     CACHE_TTL_SECONDS,  # noqa: F401  (re-exported for the REST layer)
     Publisher,
 )
+from sockudo.redis import RedisClients
 from sockudo.webhooks.lifecycle import LifecycleSink, NullSink
 
 
@@ -49,6 +50,7 @@ class Services:
     sequencer: Sequencer | None = None
     buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
     idempotency: IdempotencyStore | None = None
+    redis: RedisClients | None = None  # None in tests that build services by hand
     push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
     publisher: Publisher = field(init=False)
     recovery: RecoveryService = field(init=False)

@@ -18,6 +18,7 @@ from sockudo.config import Config
 from sockudo.handler import Handler
 from sockudo.http_api import create_app, fastpath
 from sockudo.metrics.registry import Metrics
+from sockudo.redis import RedisClients, redis_configured
 from sockudo.server import observability, runtime
 from sockudo.server.guard import Guard, GuardedHandler, main_server
 from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
@@ -52,28 +53,30 @@ def build_services(config: Config) -> Services:
     adapter: Any
     extras: dict[str, Any] = {}
     cache: Any = MemoryCache(time.time)
+    clients = RedisClients(config)
+    extras["redis"] = clients
     if config.adapter_driver == "redis":
         from sockudo.adapter.redis import RedisAdapter
         from sockudo.cache import RedisCache
         from sockudo.history.idempotency import RedisIdempotency
         from sockudo.history.store import RedisSequencer
-        from sockudo.redis import make_client
 
-        adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id)
+        client = clients.shared
+        adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id, client=client)
         # Shared state must be cluster-wide (spec §8.4): serials/history, idempotency keys and
         # cache-channel payloads live in Redis, under their own prefix.
-        client = make_client(config)
         extras["sequencer"] = RedisSequencer(client, prefix="sockudo:")
         extras["idempotency"] = RedisIdempotency(client, prefix="sockudo:")
         cache = RedisCache(client, prefix="sockudo:")
     else:
         adapter = LocalAdapter()
-    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter)
+    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter, clients)
     if webhooks is not None:
         extras["events"] = webhooks
     from sockudo.push.service import build_push
 
-    extras["push"] = build_push(config, registry=metrics.registry)
+    extras["push"] = build_push(config, registry=metrics.registry,
+                                client=clients.shared if redis_configured(config) else None)
     if extras["push"] is not None:
         from sockudo.push.metrics import PushQueueCollector
 
@@ -203,11 +206,9 @@ class Server:
         metrics = self.services.metrics
         limiter_redis = None
         if cfg.rate_limiter.enabled and cfg.rate_limiter.driver == "redis":
-            from sockudo.redis import make_client
-
             # Short timeouts: a rate-limit check must not hold a request for long when Redis
             # hangs (it falls back to per-process counting instead).
-            limiter_redis = make_client(cfg, socket_timeout=0.5, socket_connect_timeout=0.5)
+            limiter_redis = (self.services.redis or RedisClients(cfg)).fast
         guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context),
                       redis_client=limiter_redis)
         # Timeouts, per-IP limits and TLS of the main listener: sockudo/server/guard.py.

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sockudo.config import AppConfig, Config
+from sockudo.redis import RedisClients
 from sockudo.services import Runtime
 from sockudo.webhooks.delivery import (
     MemoryDeadLetters,
@@ -362,7 +363,8 @@ def uses_redis(config: Config) -> bool:
     return driver == "redis" or (driver == "auto" and bool(config.redis_url or config.redis_sentinels))
 
 
-def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any) -> WebhookSink | None:
+def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any,
+                       clients: RedisClients | None = None) -> WebhookSink | None:
     """The sink for the composition root; None when no app has a webhook (the null sink stays)."""
     if not any(app.webhooks for app in config.apps):
         return None
@@ -376,11 +378,10 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
     if uses_redis(config):
         from redis.exceptions import RedisError
 
-        from sockudo.redis import make_client
         from sockudo.webhooks.markers import RedisMarkers
         from sockudo.webhooks.queue import RqQueue
 
-        client = make_client(config)
+        client = (clients or RedisClients(config)).shared
         queue = RqQueue(client, key_prefix, dead_letter_limit=settings.dead_letter_limit)
         markers = RedisMarkers(client, key_prefix)
         failures = (RedisError, OSError)

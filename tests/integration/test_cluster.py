@@ -45,10 +45,10 @@ from tests.support.cluster import (
     up_status,
     wait_formed,
 )
+from tests.support.fakes import RecordingTransport
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.wsraw import RawClient
-from tests.support.fakes import RecordingTransport
 
 APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
 

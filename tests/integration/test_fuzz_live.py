@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import sdk_for
 from tests.support.cluster import metric
+from tests.support.fakes import make_app
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.wsraw import RawClient, TcpWebSocket, close_code, watching
-from tests.support.fakes import make_app
 from tests.unit.test_fuzz_handler import DOCUMENTED_CODES, build, json_values, recipes
 
 APP = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,

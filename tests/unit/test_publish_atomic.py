@@ -13,8 +13,8 @@ from sockudo import rest
 from sockudo.config import HistoryConfig, RecoveryConfig
 from sockudo.core.errors import ApiError
 from sockudo.history.store import MemorySequencer, RedisSequencer, SequencerUnavailable
-from tests.support.procs import RedisServer
 from tests.support.fakes import World, make_app
+from tests.support.procs import RedisServer
 
 ON = {"connection_recovery": RecoveryConfig(enabled=True), "history": HistoryConfig(enabled=True)}
 

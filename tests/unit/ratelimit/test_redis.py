@@ -13,8 +13,8 @@ import redis
 from sockudo.config import load_config
 from sockudo.core.errors import ConfigError
 from sockudo.ratelimit.redis import RETRY_AFTER_FAILURE_S, RedisRateLimiter
-from tests.support.procs import RedisServer, free_port
 from tests.support.fakes import FakeClock
+from tests.support.procs import RedisServer, free_port
 
 WINDOW = 10.0
 
