@@ -45,7 +45,7 @@ from tests.support.cluster import (
     up_status,
     wait_formed,
 )
-from tests.support.fakes import RecordingTransport
+from tests.support.fakes import FakeRuntime, RecordingTransport
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.wsraw import RawClient
@@ -775,19 +775,6 @@ def test_redis_away_longer_than_the_node_timeout_is_not_mistaken_for_dead_nodes(
     assert tracebacks(a, b) == 0
 
 
-class _ThreadRuntime:
-    """Enough of the runtime for an adapter driven by hand (nothing is spawned)."""
-
-    def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise AssertionError("not spawned in these tests")
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    def event(self) -> threading.Event:
-        return threading.Event()
-
-
 class _Transitions:
     """The adapter's cluster listener: records what it is told."""
 
@@ -808,7 +795,7 @@ def _hand_adapter(redis_server: RedisServer, node_id: str) -> tuple[RedisAdapter
     """A Redis adapter in this process, connected by hand (its greenlets are not started)."""
     config = replace(Config(), adapter_driver="redis", redis_url=redis_server.url, heartbeat_interval=1.0,
                      node_timeout=30.0)
-    adapter = RedisAdapter(config, Metrics(CollectorRegistry()), _ThreadRuntime(), node_id=node_id)
+    adapter = RedisAdapter(config, Metrics(CollectorRegistry()), FakeRuntime(), node_id=node_id)
     transitions = _Transitions()
     adapter.set_listener(transitions)
     adapter._heartbeat(resync=True)

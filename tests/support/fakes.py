@@ -1,4 +1,4 @@
-"""Test doubles for the pure core: a fake clock, a recording transport, and a small
+"""Test doubles for the pure core: the one fake clock, the one fake runtime, a recording transport, and a small
 harness that wires a ``Handler`` to a ``LocalAdapter``, ``MemoryCache``, ``Metrics`` and a
 ``RecordingSink`` exactly as the composition root does, minus sockets and greenlets.
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -52,6 +54,42 @@ class FakeClock:
     def advance(self, seconds: float) -> float:
         self.now += seconds
         return self.now
+
+
+class FakeRuntime:
+    """The ``sockudo.services.Runtime`` for tests.
+
+    ``threads=True``: spawned work runs on an OS thread and sleeping sleeps (the server hands
+    services gevent's runtime; threads are the closest thing without monkey-patching).
+    ``threads=False``: spawned work runs at once, sleeping returns at once and events never
+    block, for tests that own the clock."""
+
+    def __init__(self, threads: bool = True) -> None:
+        self.threads = threads
+
+    def spawn(self, fn: Any, *args: Any) -> Any:
+        if not self.threads:
+            return fn(*args)
+        thread = threading.Thread(target=fn, args=args, daemon=True)
+        thread.start()
+        return thread
+
+    def sleep(self, seconds: float) -> None:
+        if self.threads:
+            time.sleep(seconds)
+
+    def event(self) -> Any:
+        return threading.Event() if self.threads else _SetEvent()
+
+
+class _SetEvent:
+    """An event that never blocks (``FakeRuntime(threads=False)``)."""
+
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
 
 
 class RecordingTransport:

@@ -17,25 +17,8 @@ from sockudo.metrics.registry import Metrics
 from sockudo.metrics.tcp import exporter as tcp
 from sockudo.metrics.tcp import wire
 from tests.support.eventproto import EventReader, event_pb2
+from tests.support.fakes import FakeRuntime
 from tests.support.procs import wait_until
-
-
-class ThreadRuntime:
-    """The exporter's runtime with OS threads (the server hands it gevent's)."""
-
-    @staticmethod
-    def spawn(fn: Any, *args: Any) -> threading.Thread:
-        t = threading.Thread(target=fn, args=args, daemon=True)
-        t.start()
-        return t
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(seconds)
-
-    @staticmethod
-    def event() -> threading.Event:
-        return threading.Event()
 
 
 def decode(event_bytes: bytes) -> Any:
@@ -103,7 +86,7 @@ def exporter_factory() -> Iterator[Any]:
 
     def make(registry: CollectorRegistry, buffer_size: int = 1024,
              labels: dict[str, str] | None = None) -> tcp.TcpExporter:
-        exporter = tcp.TcpExporter(registry, ThreadRuntime(), "127.0.0.1", 0, buffer_size,
+        exporter = tcp.TcpExporter(registry, FakeRuntime(), "127.0.0.1", 0, buffer_size,
                                   labels=labels or {"node": "n1"})
         exporter.start()
         made.append(exporter)
@@ -264,7 +247,7 @@ def test_bind_failure_raises_for_the_caller_to_log() -> None:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        exporter = tcp.TcpExporter(CollectorRegistry(), ThreadRuntime(), "127.0.0.1", taken.getsockname()[1], 8)
+        exporter = tcp.TcpExporter(CollectorRegistry(), FakeRuntime(), "127.0.0.1", taken.getsockname()[1], 8)
         with pytest.raises(OSError):
             exporter.start()
     finally:

@@ -27,14 +27,7 @@ from sockudo.push.providers import (
 from sockudo.push.service import PushService
 from sockudo.push.settings import parse_settings
 from sockudo.push.store import MemoryStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.fakes import FakeClock
 
 
 class Queue:
@@ -66,8 +59,8 @@ class Clients:
         return queue.pop(0) if queue else ProviderResult(ACCEPTED, message_id="m")
 
 
-def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clients, Clock, CollectorRegistry]:
-    clock, queue, clients, registry = Clock(), Queue(), Clients(), CollectorRegistry()
+def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clients, FakeClock, CollectorRegistry]:
+    clock, queue, clients, registry = FakeClock(1_700_000_000.0), Queue(), Clients(), CollectorRegistry()
     config = parse_settings(
         {
             "credentials_key": "k",
@@ -97,11 +90,11 @@ def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clien
     return service, queue, clients, clock, registry
 
 
-def run_all(service: PushService, queue: Queue, clock: Clock) -> None:
+def run_all(service: PushService, queue: Queue, clock: FakeClock) -> None:
     while queue.jobs:
         for _, batch_id, at_ms in queue.take():
             if at_ms and at_ms > clock() * 1000:
-                clock.t = at_ms / 1000
+                clock.now = at_ms / 1000
             service.dispatcher.run(batch_id)
 
 
@@ -176,8 +169,8 @@ def test_a_job_whose_worker_died_is_taken_over_without_double_counting() -> None
         service.metrics,  # type: ignore[arg-type]
         clock=clock,
     )
-    dead.store.claim("app", pid, "d0", 1, dead.owner, int(clock.t * 1000), int(clock.t * 1000) + 1000)
-    clock.t += 5
+    dead.store.claim("app", pid, "d0", 1, dead.owner, int(clock.now * 1000), int(clock.now * 1000) + 1000)
+    clock.now += 5
     assert service.dispatcher.reap() >= 1  # every unfinished job's lease has lapsed
     run_all(service, queue, clock)
     status = service.status("app", pid)
@@ -198,10 +191,10 @@ def test_expired_pushes_are_never_sent() -> None:
         {
             "recipients": [{"type": "device", "device_id": "d0"}],
             "payload": {"title": "x"},
-            "expiresAtMs": int(clock.t * 1000) + 10,
+            "expiresAtMs": int(clock.now * 1000) + 10,
         },
     )["publishId"]
-    clock.t += 1
+    clock.now += 1
     run_all(service, queue, clock)
     assert service.status("app", pid)["state"] == st.EXPIRED and clients.sent == []
 
@@ -219,7 +212,7 @@ def test_a_second_run_leaves_deliveries_held_by_a_live_worker_and_the_job_to_it(
         service.metrics,  # type: ignore[arg-type]
         clock=clock,
     )
-    now = int(clock.t * 1000)
+    now = int(clock.now * 1000)
     other.store.claim("app", pid, "d0", 1, other.owner, now, now + 60_000)  # alive, mid-request
     service.dispatcher.run(first)
     assert clients.sent == ["d1"]  # d0 is left to its holder …
@@ -319,7 +312,7 @@ def publish_to(service: PushService, device_id: str) -> str:
     )
 
 
-def run_until_killed(service: PushService, queue: Queue, clock: Clock) -> None:
+def run_until_killed(service: PushService, queue: Queue, clock: FakeClock) -> None:
     """Run the queue until the simulated kill (which must happen)."""
     try:
         run_all(service, queue, clock)
@@ -328,15 +321,15 @@ def run_until_killed(service: PushService, queue: Queue, clock: Clock) -> None:
     raise AssertionError("the simulated crash did not happen")
 
 
-def rerun_dead_job(service: PushService, queue: Queue, clock: Clock) -> int:
+def rerun_dead_job(service: PushService, queue: Queue, clock: FakeClock) -> int:
     """The dead worker's lease lapses, the maintenance tick re-enqueues its job, it runs again."""
-    clock.t += 5
+    clock.now += 5
     reaped = service.dispatcher.reap()
     run_all(service, queue, clock)
     return reaped
 
 
-def run_killed(service: PushService, queue: Queue, clock: Clock) -> None:
+def run_killed(service: PushService, queue: Queue, clock: FakeClock) -> None:
     run_until_killed(service, queue, clock)
     assert rerun_dead_job(service, queue, clock) >= 1
 
@@ -382,7 +375,7 @@ def test_killed_between_the_counters_and_the_final_state_the_rerun_completes_the
     letters = letters_of(service, pid)
     assert len(letters) == (1 if final == st.FAILED else 0)
     # Nothing left for the reaper: the re-run finished the job.
-    clock.t += 5
+    clock.now += 5
     assert service.dispatcher.reap() == 0
 
 

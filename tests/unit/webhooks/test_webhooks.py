@@ -71,6 +71,7 @@ from sockudo.webhooks.model import (
 )
 from sockudo.webhooks.queue import CRASH_ALLOWANCE, EmbeddedQueue, RqQueue, rq_retry
 from sockudo.webhooks.sink import WebhookSink
+from tests.support.fakes import FakeClock, FakeRuntime
 
 ROOT = Path(__file__).resolve().parents[3]
 KEY, SECRET = "app-key", "app-secret"
@@ -369,34 +370,6 @@ def test_failure_log_line_has_the_facts_and_no_secrets(caplog: pytest.LogCapture
 # -- the sink: debounce, batching, only what endpoints ask for ---------------------------
 
 
-class FakeEvent:
-    def set(self) -> None: ...
-    def clear(self) -> None: ...
-    def wait(self, timeout: float | None = None) -> bool:
-        return True
-
-
-class SyncRuntime:
-    """Runs spawned work at once; sleeping does nothing (the tests own the clock)."""
-
-    def spawn(self, fn: Any, *args: Any) -> None:
-        fn(*args)
-
-    def sleep(self, seconds: float) -> None:
-        return None
-
-    def event(self) -> FakeEvent:
-        return FakeEvent()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class RecordingQueue:
     backend = "memory"
 
@@ -425,10 +398,10 @@ class Occupancy:
 
 
 @pytest.fixture
-def sink_parts() -> Iterator[tuple[WebhookSink, RecordingQueue, Clock, Occupancy, CollectorRegistry]]:
-    clock, queue, occupancy, registry = Clock(), RecordingQueue(), Occupancy(), CollectorRegistry()
+def sink_parts() -> Iterator[tuple[WebhookSink, RecordingQueue, FakeClock, Occupancy, CollectorRegistry]]:
+    clock, queue, occupancy, registry = FakeClock(1000.0), RecordingQueue(), Occupancy(), CollectorRegistry()
     settings = WebhookSettings(debounce_ms=1000, batching_duration_ms=50, batching_size=100)
-    sink = WebhookSink(settings, queue, WebhookMetrics(registry), SyncRuntime(), occupancy, MemoryMarkers(), "p:",
+    sink = WebhookSink(settings, queue, WebhookMetrics(registry), FakeRuntime(threads=False), occupancy, MemoryMarkers(), "p:",
                        clock=clock)
     yield sink, queue, clock, occupancy, registry
 
@@ -437,7 +410,7 @@ ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_remo
              "subscription_count"]
 
 
-def run(sink: WebhookSink, clock: Clock, seconds: float = 0.0) -> None:
+def run(sink: WebhookSink, clock: FakeClock, seconds: float = 0.0) -> None:
     sink._step()
     clock.now += seconds
     sink._step()
@@ -535,7 +508,7 @@ def test_apps_without_webhooks_cost_a_lookup(sink_parts: Any) -> None:
 
 
 def test_queue_outage_keeps_deliveries_until_it_is_back() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
 
     class FlakyQueue(RecordingQueue):
         down = True
@@ -546,7 +519,7 @@ def test_queue_outage_keeps_deliveries_until_it_is_back() -> None:
             super().enqueue(deliveries)
 
     queue, registry = FlakyQueue(), CollectorRegistry()
-    sink = WebhookSink(WebhookSettings(debounce_ms=0), queue, WebhookMetrics(registry), SyncRuntime(), Occupancy(),
+    sink = WebhookSink(WebhookSettings(debounce_ms=0), queue, WebhookMetrics(registry), FakeRuntime(threads=False), Occupancy(),
                        MemoryMarkers(), "p:", clock=clock)
     app = make_app({"url": "http://h/x", "event_types": ["channel_occupied"]})
     sink.emit(app, {"name": "channel_occupied", "channel": "a"})
@@ -569,8 +542,8 @@ def test_redis_down_at_the_leave_still_sends_it_after_the_window() -> None:
                 raise ConnectionError("redis down")
             super().mark(key, token, ttl_ms)
 
-    clock, queue, markers = Clock(), RecordingQueue(), DownThenUp()
-    sink = WebhookSink(WebhookSettings(debounce_ms=1000), queue, WebhookMetrics(CollectorRegistry()), SyncRuntime(),
+    clock, queue, markers = FakeClock(1000.0), RecordingQueue(), DownThenUp()
+    sink = WebhookSink(WebhookSettings(debounce_ms=1000), queue, WebhookMetrics(CollectorRegistry()), FakeRuntime(threads=False),
                        Occupancy(), markers, "p:", clock=clock)
     app = make_app({"url": "http://h/x", "event_types": ["channel_vacated"]})
     sink.emit(app, {"name": "channel_vacated", "channel": "room"})
@@ -602,7 +575,7 @@ def test_embedded_queue_retries_then_delivers_and_dead_letters_permanent_failure
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry)
     letters = MemoryDeadLetters()
-    queue = EmbeddedQueue(SyncRuntime(), metrics, letters, sender=sender)
+    queue = EmbeddedQueue(FakeRuntime(threads=False), metrics, letters, sender=sender)
     settings = WebhookSettings(retry=RetryPolicy(initial_backoff_ms=10))
     app = make_app({"url": "http://h/retry", "event_types": ["channel_occupied"]},
                    {"url": "http://h/gone", "event_types": ["channel_occupied"]})
