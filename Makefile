@@ -51,7 +51,7 @@ prometheus:
 test: $(STAMP) $(JS_STAMP) redis-server prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) redis-server
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.test_push import APP, signed  # noqa: E402
 from tests.support.fake_push import FakeFCM  # noqa: E402
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until  # noqa: E402
+from tests.support.push import APP, signed  # noqa: E402
 
 
 def main() -> int:

@@ -5,18 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pusher
 import pytest
 
 from tests.support.procs import RedisServer, ServerProcess
+from tests.support.sdk import APP
 
 try:  # the pusher-js harness (tests/js); present once node deps are installed
     from tests.support.fixtures_js import pusherjs  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 
-# Numeric ids: the Python SDK only accepts ^[0-9]+$ app ids.
-APP = {"id": "100", "key": "app-key-1", "secret": "app-secret-1", "enable_client_messages": True}
+#: Fixtures that start or use a real redis-server: a test needing any of them is marked ``redis``.
+REDIS_FIXTURES = {"redis_server", "own_redis", "flushed_redis", "redis_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture
@@ -40,12 +46,6 @@ def shared_server() -> Iterator[ServerProcess]:
     server = ServerProcess([APP]).start()
     yield server
     server.stop()
-
-
-def sdk_for(server: ServerProcess, app: dict[str, Any] = APP) -> pusher.Pusher:
-    """The official Python server SDK pointed at ``server``."""
-    return pusher.Pusher(app_id=app["id"], key=app["key"], secret=app["secret"], host="127.0.0.1",
-                         port=server.port, ssl=False, timeout=10)
 
 
 @pytest.fixture(scope="session")

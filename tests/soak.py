@@ -47,7 +47,8 @@ import redis
 import requests
 import websocket
 
-from tests.support.cluster import metric, node_env, start_all, wait_formed
+from tests.support.cluster import node_env, start_all, wait_formed
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.wsmany import Fleet, connect_many
 

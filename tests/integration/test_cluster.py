@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -32,12 +32,10 @@ from sockudo.adapter.redis import RedisAdapter
 from sockudo.config import AppConfig, Config
 from sockudo.core.connection import Connection
 from sockudo.metrics.registry import Metrics
-from tests.conftest import APP, sdk_for
 from tests.support.cluster import (
     DEAD_NODE_BOUND,
     HEARTBEAT_INTERVAL,
     SentinelServer,
-    metric,
     metrics_at,
     node_env,
     start_all,
@@ -46,8 +44,10 @@ from tests.support.cluster import (
     wait_formed,
 )
 from tests.support.fakes import FakeRuntime, RecordingTransport
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
+from tests.support.sdk import APP, sdk_for
 from tests.support.wsraw import RawClient
 
 APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
@@ -59,16 +59,6 @@ GRACE = 3
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _flushed_redis(redis_server: RedisServer) -> Iterator[None]:
-    """Each test starts from an empty shared Redis: no node, presence or count state of an
-    earlier test (a node killed with SIGKILL leaves its holdings behind)."""
-    client = redis.Redis(port=redis_server.port)
-    client.flushall()
-    client.close()
-    yield
 
 
 @pytest.fixture
@@ -90,13 +80,7 @@ def cluster(server_factory: Callable[..., ServerProcess],
 
     return start
 
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (to stop and restart without disturbing others)."""
-    server = RedisServer()
-    yield server
-    server.stop()
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 # -- helpers -------------------------------------------------------------------------------

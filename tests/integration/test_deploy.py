@@ -20,28 +20,20 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import requests
 import websocket
 
-from tests.conftest import sdk_for
 from tests.support.cluster import node_env, start_all, tracebacks, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.sdk import sdk_for
 
 APP = {"id": "100", "key": "deploy-key", "secret": "deploy-secret", "connection_recovery": {"enabled": True},
        "history": {"enabled": True}}
 FEED, ROOM = "deploy-feed", "presence-deploy"
 GRACE = 3
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def presence_auth(socket_id: str, user_id: str) -> dict[str, str]:
@@ -156,6 +148,7 @@ class ResumingClient(threading.Thread):
 
 def test_rolling_restart_loses_nothing_for_resuming_clients(
         server_factory: Callable[..., ServerProcess], own_redis: RedisServer) -> None:
+    own_redis.start()
     nodes = [server_factory([APP], start=False, env=node_env(own_redis.url), shutdown_grace_period=GRACE)
              for _ in range(2)]
     start_all(nodes)

@@ -30,18 +30,19 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 import requests
 
-from tests.conftest import sdk_for
-from tests.integration.test_push import Push
-from tests.integration.test_webhooks import Receiver, WorkerProcess
-from tests.support.cluster import HEARTBEAT_INTERVAL, metric, node_env, start_all, tracebacks, up_status, wait_formed
+from tests.support.cluster import HEARTBEAT_INTERVAL, node_env, start_all, tracebacks, up_status, wait_formed
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.push import Push
+from tests.support.sdk import sdk_for
+from tests.support.webhooks import Receiver, WorkerProcess
 from tests.support.wsmany import Fleet, connect_many
 from tests.support.wsraw import RawClient
 
@@ -49,20 +50,6 @@ OUTAGE_SECONDS = float(os.environ.get("FAULT_REDIS_OUTAGE_SECONDS", "30"))  # th
 KEY, SECRET, APP_ID = "fault-key", "fault-secret", "100"
 FAST_WEBHOOKS = {"debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
                  "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000}}
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def signed_post(node: ServerProcess, path: str, body: dict[str, Any]) -> requests.Response:
@@ -200,6 +187,7 @@ def test_the_worker_outlives_a_redis_restart_in_the_middle_of_a_delivery(
     """RQ's own loop quits on a Redis error outside its wait for a job (e.g. while it
     finishes one); ``python -m workers`` must carry on once Redis is back, or every webhook
     raised later waits for an operator to notice."""
+    own_redis.start()
     worker = WorkerProcess(own_redis.url).start()
     receiver.script["/hooks"] = ["hang"]
     app = {"id": APP_ID, "key": KEY, "secret": SECRET, "webhooks": [{
@@ -234,6 +222,7 @@ def test_sigterm_still_stops_the_worker(own_redis: RedisServer, when: str) -> No
     """The restart-on-error loop must not swallow a requested stop: a worker given SIGTERM (a
     deploy, ``heroku ps:restart``) exits cleanly and promptly — while it starts up, before RQ
     has its signal handlers, and once it waits for jobs."""
+    own_redis.start()
     worker = WorkerProcess(own_redis.url).start()
     try:
         assert worker.proc is not None
@@ -308,6 +297,7 @@ def test_pushes_queued_when_redis_stops_are_delivered_after_it_restarts(tmp_path
 
 def test_redis_out_of_memory_fails_publishes_cleanly_and_recovers(
         server_factory: Callable[..., ServerProcess], own_redis: RedisServer) -> None:
+    own_redis.start()
     app = {"id": APP_ID, "key": KEY, "secret": SECRET, "max_event_payload_in_kb": 64,
            "history": {"enabled": True, "max_messages_per_channel": 0}, "connection_recovery": {"enabled": True}}
     nodes = [server_factory([app], start=False, env=node_env(own_redis.url), shutdown_grace_period=2)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import os
 import socket
@@ -29,25 +28,23 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
-import pusher
 import pytest
 import redis
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import sdk_for
-from tests.support.cluster import metric
 from tests.support.fakes import make_app
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
-from tests.support.wsraw import RawClient, TcpWebSocket, close_code, watching
+from tests.support.sdk import assert_still_delivering
+from tests.support.wsraw import TcpWebSocket, close_code
 from tests.unit.test_fuzz_handler import DOCUMENTED_CODES, build, json_values, recipes
 
 APP = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,
        "enable_user_authentication": True, "enable_watchlist_events": True, "enable_subscription_count": True,
        "connection_recovery": {"enabled": True}, "history": {"enabled": True}}
 OTHER = {"id": "200", "key": "fuzz-key-2", "secret": "fuzz-secret-2"}
-WATCH = "fuzz-watch"
 SIGNER = make_app(id=APP["id"], key=APP["key"], secret=APP["secret"])  # valid signatures for the fuzzer
 EXAMPLES = int(os.environ.get("FUZZ_LIVE_EXAMPLES", "150"))  # per test
 LIVE = settings(max_examples=EXAMPLES, deadline=None,
@@ -58,7 +55,6 @@ RFC_CLOSE_CODES = {1000, 1002, 1007}
 #: Statuses the REST API documents (spec §5.9; 201/202/204 are the push API's).
 DOCUMENTED_STATUSES = {200, 201, 202, 204, 400, 401, 403, 404, 405, 413, 415, 422, 429, 503}
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
-_markers = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +67,6 @@ def server(redis_server: RedisServer) -> Iterator[ServerProcess]:
                          shutdown_grace_period=2).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server: ServerProcess) -> pusher.Pusher:
-    return sdk_for(server, APP)
-
-
-@pytest.fixture(scope="module")
-def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    with watching(server, APP["key"], WATCH) as client:
-        yield client
-
-
-def assert_still_delivering(sdk: pusher.Pusher, watcher: RawClient) -> None:
-    marker = f"m-{next(_markers)}"
-    sdk.trigger(WATCH, "still-alive", marker)
-    frame = watcher.expect(lambda f: f.get("event") == "still-alive" and f.get("data") == marker, timeout=5)
-    assert frame["channel"] == WATCH
 
 
 def assert_clean_log(server: ServerProcess) -> None:

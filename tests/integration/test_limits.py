@@ -32,17 +32,16 @@ import redis
 import requests
 import websocket
 
-from tests.conftest import sdk_for
-from tests.support.cluster import metric
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.sdk import assert_still_delivering, sdk_for
 from tests.support.wsmany import Fleet, MiniWs, masked_frame
-from tests.support.wsraw import RawClient, watching
+from tests.support.wsraw import RawClient
 
 APP = {"id": "100", "key": "limits-key", "secret": "limits-secret", "max_channels_per_connection": 5,
        "max_event_payload_in_kb": 100}
 HEADER_TIMEOUT = BODY_TIMEOUT = 1.5
 MAX_MESSAGES = 20
-WATCH = "limits-watch"
 
 
 def publish(server: ServerProcess, channel: str, event: str, data: str) -> None:
@@ -72,26 +71,6 @@ def server() -> Iterator[ServerProcess]:
                          ).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server: ServerProcess) -> pusher.Pusher:
-    return sdk_for(server, APP)
-
-
-@pytest.fixture(scope="module")
-def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    with watching(server, APP["key"], WATCH) as client:
-        yield client
-
-
-_marks = iter(range(10**6))
-
-
-def assert_still_delivering(sdk: pusher.Pusher, watcher: RawClient) -> None:
-    marker = f"alive-{next(_marks)}"
-    sdk.trigger(WATCH, "still-alive", marker)
-    watcher.expect(lambda f: f.get("event") == "still-alive" and f.get("data") == marker)
 
 
 # -- the inbound message limit ---------------------------------------------------------------------

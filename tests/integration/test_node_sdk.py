@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import APP
 from tests.support.procs import ServerProcess
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver, PusherJsError
+from tests.support.sdk import APP
 
 MASTER_KEY_B64 = base64.b64encode(bytes(range(100, 132))).decode()
 

@@ -6,6 +6,7 @@ server's and the worker's output.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import http.server
@@ -22,7 +23,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import sdk
 from tests.support.cluster import node_env, start_all, wait_formed
 from tests.support.eventproto import EventReader
 from tests.support.fake_push import FakeAPNs, FakeFCM
@@ -41,6 +42,7 @@ SECRET = "obs-secret-Zq81-kept-private"
 APP = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
        "max_event_payload_in_kb": 1,
        "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
+signed = functools.partial(sdk.signed, app=APP)
 LABELS = {"environment": "itest", "region": "loopback", "node": "node-a"}
 
 
@@ -54,21 +56,6 @@ def samples(text: str) -> list[Any]:
 def value(text: str, name: str, **labels: str) -> float:
     return sum(s.value for s in samples(text)
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def signed(server: ServerProcess, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None,
-           headers: dict[str, str] | None = None, secret: str = SECRET) -> requests.Response:
-    raw = b"" if body is None else json.dumps(body).encode()
-    query = {k: str(v) for k, v in (params or {}).items()}
-    query.update(auth_key=APP["key"], auth_timestamp=str(int(time.time())), auth_version="1.0")
-    if method == "POST":
-        query["body_md5"] = hashlib.md5(raw).hexdigest()
-    to_sign = "\n".join([method, path, "&".join(f"{k}={v}" for k, v in sorted(query.items()))])
-    query["auth_signature"] = hmac.new(secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-    all_headers = {"Content-Type": "application/json"} if method == "POST" else {}
-    all_headers.update(headers or {})
-    return requests.request(method, f"{server.url}{path}?{urlencode(query)}", data=raw or None,
-                            headers=all_headers, timeout=10)
 
 
 def publish(server: ServerProcess, channel: str, data: Any, idempotency_key: str | None = None) -> requests.Response:
@@ -320,7 +307,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     # history: one good read, one with a bad cursor
     path = f"/apps/{APP['id']}/channels/resume-zz1/history"
     assert signed(a, "GET", path).status_code == 200
-    assert signed(a, "GET", path, {"cursor": "not-a-cursor"}).status_code == 400
+    assert signed(a, "GET", path, params={"cursor": "not-a-cursor"}).status_code == 400
 
     # push with one bad token: a good FCM device and an APNs device the provider calls dead, on one
     # channel, published as the seed's status workflow has it (sync: false -> publish_id -> status)

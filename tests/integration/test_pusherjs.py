@@ -23,9 +23,9 @@ from typing import Any
 import pusher
 import pytest
 
-from tests.conftest import APP, sdk_for
 from tests.support.procs import ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
+from tests.support.sdk import APP, sdk_for
 
 APP_NO_CLIENT_EVENTS = {"id": "101", "key": "pjs-noclient-key", "secret": "pjs-noclient-secret"}
 APP_WATCHLIST = {"id": "102", "key": "pjs-watch-key", "secret": "pjs-watch-secret", "enable_watchlist_events": True}
@@ -47,11 +47,6 @@ def server() -> Iterator[ServerProcess]:
     proc = ServerProcess([APP, APP_NO_CLIENT_EVENTS, APP_WATCHLIST, APP_ONE_CONNECTION, APP_QUERIES]).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server: ServerProcess) -> pusher.Pusher:
-    return sdk_for(server)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ duplicate would arrive before the sentinel. Waits have deadlines; nothing sleeps
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 import json
 import socket
@@ -19,17 +17,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import APP, sdk_for
 from tests.support.cluster import node_env, start_all, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsDriver
+from tests.support.sdk import APP, sdk_for, signed
 from tests.support.wsraw import RawClient
 
 RECOVERY = {"enabled": True}
@@ -48,14 +45,7 @@ def fresh(name: str) -> str:
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _flushed_redis(redis_server: RedisServer) -> Iterator[None]:
-    """Each test starts from an empty Redis: no serials, history or idempotency keys of an
-    earlier test."""
-    client = redis.Redis(port=redis_server.port)
-    client.flushall()
-    client.close()
-    yield
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 @pytest.fixture
@@ -189,24 +179,8 @@ def numbers_of(frames: list[dict[str, Any]]) -> list[int]:
 # -- helpers: signed REST calls and metrics ---------------------------------------------------
 
 
-def signed(server: ServerProcess, method: str, path: str, params: dict[str, Any] | None = None,
-           body: Any = None, headers: dict[str, str] | None = None, app: dict[str, Any] = APP) -> requests.Response:
-    """A Pusher-signed request (spec §5.2) with any query, body and headers."""
-    raw = b"" if body is None else json.dumps(body).encode()
-    query = {k: str(v) for k, v in (params or {}).items()}
-    query.update(auth_key=app["key"], auth_timestamp=str(int(time.time())), auth_version="1.0")
-    if method == "POST":
-        query["body_md5"] = hashlib.md5(raw).hexdigest()
-    to_sign = "\n".join([method, path, "&".join(f"{k}={v}" for k, v in sorted(query.items()))])
-    query["auth_signature"] = hmac.new(app["secret"].encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-    all_headers = {"Content-Type": "application/json"} if method == "POST" else {}
-    all_headers.update(headers or {})
-    return requests.request(method, f"{server.url}{path}?{urlencode(query)}", data=raw or None,
-                            headers=all_headers, timeout=10)
-
-
 def history(server: ServerProcess, channel: str, app: dict[str, Any] = APP, **params: Any) -> requests.Response:
-    return signed(server, "GET", f"/apps/{app['id']}/channels/{channel}/history", params, app=app)
+    return signed(server, "GET", f"/apps/{app['id']}/channels/{channel}/history", params=params, app=app)
 
 
 def history_page(server: ServerProcess, channel: str, app: dict[str, Any] = APP, **params: Any) -> dict[str, Any]:

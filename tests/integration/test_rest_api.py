@@ -19,14 +19,13 @@ import pusher
 import pytest
 import requests
 
-from tests.conftest import APP, sdk_for
 from tests.support.procs import ServerProcess, wait_until
-from tests.support.wsraw import RawClient, watching
+from tests.support.sdk import APP, WATCH, sdk_for
+from tests.support.wsraw import RawClient
 
 APP_B = {"id": "200", "key": "app-key-2", "secret": "app-secret-2"}
 APP_OFF = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
-WATCH_CHANNEL = "rest-watch"
 
 _unset: Any = object()
 _counter = itertools.count()
@@ -40,18 +39,6 @@ def server() -> Iterator[ServerProcess]:
     proc = ServerProcess([APP, APP_B, APP_OFF]).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server: ServerProcess) -> pusher.Pusher:
-    return sdk_for(server)
-
-
-@pytest.fixture(scope="module")
-def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    """A subscriber connected for the whole module: bad requests must never disturb it."""
-    with watching(server, APP["key"], WATCH_CHANNEL) as client:
-        yield client
 
 
 @pytest.fixture
@@ -72,9 +59,9 @@ def connect(server: ServerProcess, opened: list[RawClient], app: dict[str, Any] 
 def assert_still_publishing(sdk: pusher.Pusher, watcher: RawClient) -> None:
     """A good publish still reaches the module's long-lived subscriber."""
     marker = f"alive-{next(_counter)}"
-    assert sdk.trigger(WATCH_CHANNEL, "still-alive", marker) in ({}, {"ok": True})
+    assert sdk.trigger(WATCH, "still-alive", marker) in ({}, {"ok": True})
     frame = watcher.expect(lambda f: f.get("event") == "still-alive" and f.get("data") == marker)
-    assert frame == {"event": "still-alive", "channel": WATCH_CHANNEL, "data": marker}
+    assert frame == {"event": "still-alive", "channel": WATCH, "data": marker}
 
 
 def presence_auth(sdk: pusher.Pusher, channel: str, client: RawClient, user_id: str,
@@ -535,7 +522,7 @@ def test_body_over_request_limit_is_413(server_factory):
     sdk = sdk_for(small)
     watcher = RawClient.connect(small, APP["key"])
     try:
-        watcher.subscribe(WATCH_CHANNEL)
+        watcher.subscribe(WATCH)
         body = event_body(data="y" * 2000)  # far under the 10 KB event limit
         resp = call(small, "POST", "/apps/100/events", body)
         assert resp.status_code == 413, (resp.status_code, resp.text)

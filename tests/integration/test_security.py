@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import sdk_for
 from tests.support.cluster import metrics_at, node_env, start_all, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.sdk import sdk_for
 from tests.support.wsraw import RawClient
 
 SECRET = "zq-SECRET-7f3a9c41-never-print-me"

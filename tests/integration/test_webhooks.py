@@ -7,28 +7,22 @@ so the module stays well under its time budget.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pusher
 import pytest
 import redis
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import sdk_for
+from tests.support.metrics import metric
 from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
+from tests.support.sdk import sdk_for
+from tests.support.webhooks import Received, Receiver, WorkerProcess
 from tests.support.wsraw import RawClient
 
 KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
@@ -45,88 +39,6 @@ SDK = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
 # -- a scripted receiver ----------------------------------------------------------------------
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: str
-    status: int | None = None  # None: never answered (hung, or its sender died)
-
-    @property
-    def delivery_id(self) -> str:
-        return self.headers["X-Sockudo-Delivery-Id"]
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return json.loads(self.body)["events"]
-
-
-@dataclass
-class Receiver:
-    """``script[path]`` answers in order (an int status, or ``"hang"``), then 200. It dedupes like
-    a careful receiver: ``processed`` counts each delivery id once, on its first 2xx."""
-
-    port: int = 0
-    script: dict[str, list[int | str]] = field(default_factory=dict)
-    requests: list[Received] = field(default_factory=list)
-    processed: dict[str, Received] = field(default_factory=dict)
-    release: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Receiver:
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                path = self.path.split("?", 1)[0]
-                got = Received(path, dict(self.headers), body)
-                outer.requests.append(got)
-                steps = outer.script.get(path)
-                action = steps.pop(0) if steps else 200
-                if action == "hang":
-                    outer.release.wait(60)
-                    return  # no answer at all
-                got.status = int(action)
-                if 200 <= got.status < 300:
-                    outer.processed.setdefault(got.delivery_id, got)
-                try:
-                    self.send_response(got.status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def at(self, path: str) -> list[Received]:
-        return [r for r in list(self.requests) if r.path == path]
-
-    def events_at(self, path: str, answered: bool = True) -> list[dict[str, Any]]:
-        return [e for r in self.at(path) if not answered or r.status == 200 for e in r.events]
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
 # -- Redis and worker processes -----------------------------------------------------------------
 
 
@@ -138,90 +50,6 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield f"redis://127.0.0.1:{redis_server.port}/9"
     client.flushdb()
     client.close()
-
-
-class WorkerProcess:
-    """``python -m workers`` in its own process group (so ``kill -9`` takes the whole worker:
-    main process, work-horse and scheduler)."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.redis_url = redis_url
-        self.metrics_port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
-        self.log_path = os.path.join(self.dir, "worker.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
-        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_until(self._ready, timeout=20, message="worker metrics endpoint")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return metric_value(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name, labels)
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-    def children(self) -> list[int]:
-        """The work-horse and the scheduler (RQ puts the horse in a process group of its own)."""
-        assert self.proc is not None
-        found: list[int] = []
-        pending = [self.proc.pid]
-        while pending:
-            pid = pending.pop()
-            for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
-                try:
-                    with open(f"/proc/{pid}/task/{task}/children") as fh:
-                        kids = [int(k) for k in fh.read().split()]
-                except OSError:
-                    continue
-                found.extend(kids)
-                pending.extend(kids)
-        return found
-
-    def kill9(self, horse_only: bool = False) -> None:
-        """``kill -9`` of the whole worker (main process, work-horse, scheduler), or of the
-        work-horse alone (the worker survives and sees it die)."""
-        assert self.proc is not None
-        victims = self.children() if horse_only else [self.proc.pid, *self.children()]
-        if horse_only:
-            victims = [pid for pid in victims if os.getpgid(pid) == pid]  # the horse leads its own group
-            assert victims, "no work-horse running"
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not horse_only:
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -236,15 +64,6 @@ def worker_factory(redis_url: str) -> Iterator[Callable[[], WorkerProcess]]:
     yield make
     for worker in started:
         worker.stop()
-
-
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += sample.value
-    return total
 
 
 def stays_false(condition: Callable[[], Any], seconds: float, message: str, interval: float = 0.05) -> None:
@@ -373,8 +192,7 @@ def test_500_three_times_then_200_is_delivered_once_with_retries_counted(
     assert worker.metric("sockudo_webhooks_retried_total", labels) == 3
     assert worker.metric("sockudo_webhooks_failed_total", {**labels, "reason": "http_5xx"}) == 3
     assert worker.metric("sockudo_webhooks_dead_lettered_total", labels) == 0
-    assert metric_value(server.metrics_text(), "sockudo_webhooks_queued_total",
-                        {**labels, "event_type": "channel_occupied"}) == 1
+    assert metric(server.metrics_text(), "sockudo_webhooks_queued_total", **{**labels, "event_type": "channel_occupied"}) == 1
 
     log = worker.log()
     failures = [line for line in log.splitlines() if "webhook delivery failed" in line]
@@ -517,8 +335,8 @@ def test_a_hanging_endpoint_with_a_backlog_does_not_hold_up_another(
     client = RawClient.connect(server, KEY)
     for channel in stuck:  # one delivery (one RQ job) each: batching is off
         client.subscribe(channel)
-    queued = lambda: metric_value(server.metrics_text(), "sockudo_webhooks_queued_total",  # noqa: E731
-                                  {"app_id": APP_ID, "event_type": "channel_occupied"})
+    queued = lambda: metric(server.metrics_text(), "sockudo_webhooks_queued_total",  # noqa: E731
+                            app_id=APP_ID, event_type="channel_occupied")
     wait_until(lambda: queued() == len(stuck), timeout=10, message="/stuck's deliveries queued")
     wait_until(lambda: receiver.at("/stuck"), timeout=10, message="a worker stuck in /stuck")
 
@@ -580,8 +398,7 @@ def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
     wait_until(lambda: not sdk2.channel_info("room").get("occupied"), timeout=5)
     c = RawClient.connect(node1, KEY)
     c.subscribe("room")  # … and node 1's rejoin, inside the window, cancels it (and its own occupied)
-    wait_until(lambda: metric_value(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total",
-                                    {"event_type": "channel_vacated"}) == 1, timeout=5)
+    wait_until(lambda: metric(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total", **{"event_type": "channel_vacated"}) == 1, timeout=5)
     c.close()
     wait_until(vacated, timeout=15, message="the final channel_vacated")
     # Every node's window has closed by now or closes within it: still exactly one vacated.
@@ -606,12 +423,9 @@ def test_embedded_mode_delivers_retries_and_keeps_dead_letters_in_memory(
     assert [r.status for r in receiver.at("/emb")] == [503, 200]
     assert_signed(receiver.at("/emb")[-1])
     text = lambda: server.metrics_text()  # noqa: E731
-    wait_until(lambda: metric_value(text(), "sockudo_queue_depth",
-                                    {"backend": "memory", "state": "dead_letter"}) == 1, timeout=5)
-    assert metric_value(text(), "sockudo_webhooks_retried_total", {"app_id": APP_ID}) == 1
-    assert metric_value(text(), "sockudo_webhooks_dead_lettered_total",
-                        {"app_id": APP_ID, "reason": "permanent_failure"}) == 1
-    assert metric_value(text(), "sockudo_webhooks_delivered_total",
-                        {"app_id": APP_ID, "event_type": "channel_occupied"}) == 1
+    wait_until(lambda: metric(text(), "sockudo_queue_depth", **{"backend": "memory", "state": "dead_letter"}) == 1, timeout=5)
+    assert metric(text(), "sockudo_webhooks_retried_total", **{"app_id": APP_ID}) == 1
+    assert metric(text(), "sockudo_webhooks_dead_lettered_total", **{"app_id": APP_ID, "reason": "permanent_failure"}) == 1
+    assert metric(text(), "sockudo_webhooks_delivered_total", **{"app_id": APP_ID, "event_type": "channel_occupied"}) == 1
     assert len(receiver.at("/nope")) == 1
     client.close()

@@ -19,9 +19,9 @@ import pytest
 import websocket
 from websocket import ABNF
 
-from tests.conftest import APP, sdk_for
 from tests.support.procs import ServerProcess, wait_until
-from tests.support.wsraw import Closed, RawClient, TcpWebSocket, watching
+from tests.support.sdk import APP, WATCH, sdk_for
+from tests.support.wsraw import Closed, RawClient, TcpWebSocket
 
 OFF = {"id": "200", "key": "ws-off", "secret": "ws-off-secret", "enabled": False}
 ONE = {"id": "300", "key": "ws-one", "secret": "ws-one-secret", "max_connections": 1}
@@ -29,7 +29,6 @@ ORIGIN = {"id": "400", "key": "ws-origin", "secret": "ws-origin-secret", "allowe
 NO_CLIENT = {"id": "500", "key": "ws-noclient", "secret": "ws-noclient-secret", "enable_client_messages": False}
 LIMITS = {"id": "600", "key": "ws-limits", "secret": "ws-limits-secret", "enable_client_messages": True,
           "max_client_events_per_second": 2, "max_presence_members_per_channel": 2}
-WATCH_CHANNEL = "ws-watch"
 
 _counter = itertools.count()
 
@@ -39,18 +38,6 @@ def server() -> Iterator[ServerProcess]:
     proc = ServerProcess([APP, OFF, ONE, ORIGIN, NO_CLIENT, LIMITS]).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server: ServerProcess) -> pusher.Pusher:
-    return sdk_for(server)
-
-
-@pytest.fixture(scope="module")
-def watcher(server: ServerProcess) -> Iterator[RawClient]:
-    """Connected before any bad input and kept for the whole module."""
-    with watching(server, APP["key"], WATCH_CHANNEL) as client:
-        yield client
 
 
 @pytest.fixture
@@ -73,7 +60,7 @@ def open_raw(server: ServerProcess, opened: list[RawClient], key: str, **kw: Any
     return client
 
 
-def assert_others_unaffected(sdk: pusher.Pusher, watcher: RawClient, channel: str = WATCH_CHANNEL) -> None:
+def assert_others_unaffected(sdk: pusher.Pusher, watcher: RawClient, channel: str = WATCH) -> None:
     marker = f"alive-{next(_counter)}"
     sdk.trigger(channel, "still-alive", marker)
     frame = watcher.expect(lambda f: f.get("event") == "still-alive" and f.get("data") == marker)
@@ -395,7 +382,7 @@ def _ping_of_size(size: int) -> str:
 def test_message_over_max_payload_gets_4000_and_socket_survives(small_server, clients):
     sdk = sdk_for(small_server)
     other = connect(small_server, clients)
-    other.subscribe(WATCH_CHANNEL)
+    other.subscribe(WATCH)
     client = connect(small_server, clients)
 
     at_limit = _ping_of_size(1024)

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import redis
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
 
 #: Short adapter timings so node death is noticed in seconds (defaults: 5 s / 15 s).
@@ -32,16 +32,6 @@ def node_env(redis_url: str | None = None, **extra: str) -> dict[str, str]:
         env["REDIS_URL"] = redis_url
     env.update(extra)
     return env
-
-
-def metric(text: str, name: str) -> float:
-    """Sum of every sample called ``name`` (all label sets) in a Prometheus text page."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                total += sample.value
-    return total
 
 
 def metrics_at(port: int) -> str:

@@ -1,0 +1,179 @@
+"""Webhook test helpers: a scripted HTTP receiver and a ``python -m workers`` process."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from tests.support.metrics import metric
+from tests.support.procs import ROOT, free_port, wait_until
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: str
+    status: int | None = None  # None: never answered (hung, or its sender died)
+
+    @property
+    def delivery_id(self) -> str:
+        return self.headers["X-Sockudo-Delivery-Id"]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return json.loads(self.body)["events"]
+
+
+@dataclass
+class Receiver:
+    """``script[path]`` answers in order (an int status, or ``"hang"``), then 200. It dedupes like
+    a careful receiver: ``processed`` counts each delivery id once, on its first 2xx."""
+
+    port: int = 0
+    script: dict[str, list[int | str]] = field(default_factory=dict)
+    requests: list[Received] = field(default_factory=list)
+    processed: dict[str, Received] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Receiver:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                path = self.path.split("?", 1)[0]
+                got = Received(path, dict(self.headers), body)
+                outer.requests.append(got)
+                steps = outer.script.get(path)
+                action = steps.pop(0) if steps else 200
+                if action == "hang":
+                    outer.release.wait(60)
+                    return  # no answer at all
+                got.status = int(action)
+                if 200 <= got.status < 300:
+                    outer.processed.setdefault(got.delivery_id, got)
+                try:
+                    self.send_response(got.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in list(self.requests) if r.path == path]
+
+    def events_at(self, path: str, answered: bool = True) -> list[dict[str, Any]]:
+        return [e for r in self.at(path) if not answered or r.status == 200 for e in r.events]
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WorkerProcess:
+    """``python -m workers`` in its own process group (so ``kill -9`` takes the whole worker:
+    main process, work-horse and scheduler)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.metrics_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
+        self.log_path = os.path.join(self.dir, "worker.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
+        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port)],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_until(self._ready, timeout=20, message="worker metrics endpoint")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return metric(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name, **(labels or {}))
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def children(self) -> list[int]:
+        """The work-horse and the scheduler (RQ puts the horse in a process group of its own)."""
+        assert self.proc is not None
+        found: list[int] = []
+        pending = [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/children") as fh:
+                        kids = [int(k) for k in fh.read().split()]
+                except OSError:
+                    continue
+                found.extend(kids)
+                pending.extend(kids)
+        return found
+
+    def kill9(self, horse_only: bool = False) -> None:
+        """``kill -9`` of the whole worker (main process, work-horse, scheduler), or of the
+        work-horse alone (the worker survives and sees it die)."""
+        assert self.proc is not None
+        victims = self.children() if horse_only else [self.proc.pid, *self.children()]
+        if horse_only:
+            victims = [pid for pid in victims if os.getpgid(pid) == pid]  # the horse leads its own group
+            assert victims, "no work-horse running"
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not horse_only:
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
