@@ -5,7 +5,7 @@ plain dict (body, headers with the signature already computed, URL, policy): no 
 ever reaches Redis. Per attempt it
 
 - takes one of the endpoint's **in-flight slots** (``EndpointSlots``: at most
-  ``max_concurrent_per_endpoint`` attempts per URL across all workers, default half the
+  ``max_concurrent_per_endpoint`` attempts per endpoint across all workers, default half the
   workers). When none is free the job is **deferred**: it returns ``rq.Retry`` for ~1 s later
   (same job, same delivery id) without making or counting an attempt, and the time it spends
   deferred after its first attempt is not charged to its retry budget. So a hanging endpoint

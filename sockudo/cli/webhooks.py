@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
                 status = r.get("status") if r.get("status") is not None else (r.get("error") or "-")
                 print(f"{r['id']}  app={r['app_id']}  failed={_when(r.get('failed_ms'))}  reason={r['reason']}  "
                       f"status={status}  attempts={r.get('attempts')}  events={','.join(r.get('events', []))}  "
-                      f"delivery_id={r['delivery_id']}  url={redact_url(r['url'])}")
+                      f"delivery_id={r['delivery_id']}  endpoint={r.get('endpoint') or '-'}  "
+                      f"url={redact_url(r['url'])}")
         if not args.json:
             print(f"{len(records)} dead letter(s) shown, {letters.count()} stored", file=sys.stderr)
         return 0

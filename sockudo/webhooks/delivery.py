@@ -154,11 +154,12 @@ def log_attempt(delivery: Delivery, result: AttemptResult) -> None:
     fields = {
         "app_id": delivery.app_id, "delivery_id": delivery.delivery_id, "attempt": result.attempt,
         "status": result.status, "error_class": result.error, "endpoint": endpoint_host(delivery.url),
-        "event_count": len(delivery.event_names), "elapsed_ms": round(result.seconds * 1000),
+        "endpoint_id": delivery.endpoint_label, "event_count": len(delivery.event_names),
+        "elapsed_ms": round(result.seconds * 1000),
     }
     summary = (f"app_id={delivery.app_id} status={result.status if result.status is not None else '-'} "
                f"error={result.error or '-'} attempt={result.attempt} delivery_id={delivery.delivery_id} "
-               f"endpoint={fields['endpoint']}")
+               f"endpoint={fields['endpoint']} endpoint_id={delivery.endpoint_label}")
     if result.outcome == RETRY:
         fields["retry_delay_ms"] = result.retry_in_ms
         logger.warning("webhook delivery failed, retrying in %d ms: %s", result.retry_in_ms or 0, summary, extra=fields)
@@ -178,7 +179,7 @@ def record_dead_lettered(metrics: WebhookMetrics | None, delivery: Delivery, rea
     if metrics is None:
         return
     for name in event_types(delivery):
-        metrics.dead_lettered.labels(delivery.app_id, name, reason).inc()
+        metrics.dead_lettered.labels(delivery.app_id, delivery.endpoint_label, name, reason).inc()
 
 
 def record_metrics(metrics: WebhookMetrics | None, delivery: Delivery, result: AttemptResult,
@@ -186,23 +187,24 @@ def record_metrics(metrics: WebhookMetrics | None, delivery: Delivery, result: A
     if metrics is None:
         return
     app_id = delivery.app_id
+    endpoint = delivery.endpoint_label
     if result.outcome == DEFERRED:
-        metrics.deferred.labels(app_id).inc()
+        metrics.deferred.labels(app_id, endpoint).inc()
         return
     if result.status is not None or result.error is not None:
         metrics.attempt_seconds.labels(app_id).observe(result.seconds)
     names = event_types(delivery)
     if result.outcome == DELIVERED:
         for name in names:
-            metrics.delivered.labels(app_id, name).inc()
+            metrics.delivered.labels(app_id, endpoint, name).inc()
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         metrics.delivery_delay_seconds.labels(app_id).observe(max(0.0, (now_ms - delivery.created_ms) / 1000))
         return
     for name in names:
         if result.reason is not None:
-            metrics.failed.labels(app_id, name, result.reason).inc()
+            metrics.failed.labels(app_id, endpoint, name, result.reason).inc()
         if result.outcome == RETRY:
-            metrics.retried.labels(app_id, name).inc()
+            metrics.retried.labels(app_id, endpoint, name).inc()
     if result.outcome == DEAD:
         record_dead_lettered(metrics, delivery, result.dead_reason or REASON_WORKER)
 
@@ -228,10 +230,11 @@ return 0
 class EndpointSlots:
     """At most ``slots`` attempts in flight per endpoint, across every worker.
 
-    An attempt holds one lease key ``{prefix}inflight:<sha1(url)>:<slot>`` (``SET NX PX``, taken
-    by one script call over all the endpoint's slots). Its TTL is the attempt's longest possible
-    run (the job timeout + slack), so a slot held by a killed worker frees itself; a finished
-    attempt releases it at once (compare-and-delete: never someone else's slot).
+    An attempt holds one lease key ``{prefix}inflight:<sha1(url)>:<app id>:<endpoint id>:<slot>``
+    (``inflight_keys``; ``SET NX PX``, taken by one script call over all the endpoint's slots).
+    Its TTL is the attempt's longest possible run (the job timeout + slack), so a slot held by a
+    killed worker frees itself; a finished attempt releases it at once (compare-and-delete:
+    never someone else's slot).
 
     Tokens start with ``owner`` (the RQ job id): a slot still held under the same owner was
     left by this job's own earlier attempt, whose work-horse died (one job never runs twice at
@@ -262,6 +265,7 @@ def dead_letter_record(delivery: Delivery, reason: str, attempts: int, first_att
         "delivery_id": delivery.delivery_id,
         "app_id": delivery.app_id,
         "url": delivery.url,
+        "endpoint": delivery.endpoint,
         "reason": reason,
         "status": status,
         "error": error,

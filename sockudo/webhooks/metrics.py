@@ -1,11 +1,15 @@
 """Webhook metrics, created against an injected registry (the server's, or a worker's own).
 
-Outcome counters count one per event per endpoint: ``queued``, ``delivered`` and
-``dead_lettered`` once per event, so ``queued - delivered - dead_lettered`` is what is still in
-flight; ``failed`` and ``retried`` once per event per failed attempt (a batch of 3 events that
-fails twice adds 6). So every outcome breaks down by app, event type and reason. Labels stay bounded: ``app_id``, ``event_type`` (the 7
-webhook event names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``, or the
-dead-letter reasons) — never URLs, channels or delivery ids.
+Outcome counters count one per event per endpoint (a configured entry of an app's
+``webhooks`` list; entries sharing a URL are separate endpoints): ``queued``, ``delivered``
+and ``dead_lettered`` once per event, so ``queued - delivered - dead_lettered`` is what is
+still in flight; ``failed`` and ``retried`` once per event per failed attempt (a batch of 3
+events that fails twice adds 6). So every outcome breaks down by app, endpoint, event type and
+reason. Labels stay bounded: ``app_id``, ``endpoint`` (the entry's ``endpoint_id``,
+``<index>-<8 hex>``: as many as the config has entries; ``unknown`` for jobs queued by an older
+server), ``event_type`` (the 7 webhook event names), ``reason``
+(``timeout|connect|request|http_5xx|http_<4xx>``, or the dead-letter reasons) — never URLs,
+channels or delivery ids. The latency histograms stay per app.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sockudo.webhooks.model import UNKNOWN_ENDPOINT
+
 logger = logging.getLogger(__name__)
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -29,35 +35,35 @@ class WebhookMetrics:
         r = registry
         self.queued = Counter(
             f"{p}webhooks_queued", "Webhook events handed to the delivery queue (one per event per endpoint)",
-            ["app_id", "event_type"], registry=r,
+            ["app_id", "endpoint", "event_type"], registry=r,
         )
         self.delivered = Counter(
             f"{p}webhooks_delivered", "Webhook events delivered with a 2xx answer (one per event per endpoint)",
-            ["app_id", "event_type"], registry=r,
+            ["app_id", "endpoint", "event_type"], registry=r,
         )
         self.failed = Counter(
             f"{p}webhooks_failed",
             "Webhook events in failed delivery attempts (one per event per endpoint per attempt), by reason "
             "(timeout, connect, request, http_5xx, http_<4xx>)",
-            ["app_id", "event_type", "reason"], registry=r,
+            ["app_id", "endpoint", "event_type", "reason"], registry=r,
         )
         self.retried = Counter(
             f"{p}webhooks_retried",
             "Webhook events whose delivery was scheduled for a retry after a retryable failure "
             "(one per event per endpoint per retry)",
-            ["app_id", "event_type"], registry=r,
+            ["app_id", "endpoint", "event_type"], registry=r,
         )
         self.dead_lettered = _DeadLettered(Counter(
             f"{p}webhooks_dead_lettered",
             "Webhook events given up and stored in a dead letter (one per event per endpoint), by reason "
             "(permanent_failure, retries_exhausted, worker_failure)",
-            ["app_id", "event_type", "reason"], registry=r,
+            ["app_id", "endpoint", "event_type", "reason"], registry=r,
         ))
         self.deferred = Counter(
             f"{p}webhooks_deferred",
             "Deliveries put back for ~1 s because their endpoint already had max_concurrent_per_endpoint "
             "attempts in flight (no attempt made or counted)",
-            ["app_id"], registry=r,
+            ["app_id", "endpoint"], registry=r,
         )
         self.attempt_seconds = Histogram(
             f"{p}webhooks_delivery_latency_seconds", "Duration of one delivery attempt (the HTTP request), in seconds",
@@ -78,8 +84,8 @@ class WebhookMetrics:
             registry=r,
         )
         self.dropped = Counter(
-            f"{p}webhooks_dropped", "Deliveries dropped because the in-process backlog was full", ["app_id"],
-            registry=r,
+            f"{p}webhooks_dropped", "Deliveries dropped because the in-process backlog was full",
+            ["app_id", "endpoint"], registry=r,
         )
         self.abandoned = Counter(
             f"{p}webhooks_abandoned_jobs", "Jobs left 'started' by a dead worker and put back on the queue",
@@ -91,11 +97,12 @@ UNKNOWN_EVENT_TYPE = "unknown"
 
 
 class _DeadLettered:
-    """``sockudo_webhooks_dead_lettered_total{app_id,event_type,reason}``.
+    """``sockudo_webhooks_dead_lettered_total{app_id,endpoint,event_type,reason}``.
 
-    ``labels(app_id, event_type, reason)`` as on any counter. The older two-value call
-    ``labels(app_id, reason)`` (a caller that does not know the events) still works and counts
-    under ``event_type="unknown"``; callers should use ``record_dead_lettered`` instead."""
+    ``labels(app_id, endpoint, event_type, reason)`` as on any counter. The older two-value call
+    ``labels(app_id, reason)`` (a caller that knows neither the endpoint nor the events) still
+    works and counts under ``endpoint="unknown", event_type="unknown"``; callers should use
+    ``record_dead_lettered`` instead."""
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
@@ -103,7 +110,7 @@ class _DeadLettered:
     def labels(self, *values: str, **named: str) -> Counter:
         if len(values) == 2 and not named:
             app_id, reason = values
-            return self.counter.labels(app_id, UNKNOWN_EVENT_TYPE, reason)
+            return self.counter.labels(app_id, UNKNOWN_ENDPOINT, UNKNOWN_EVENT_TYPE, reason)
         return self.counter.labels(*values, **named)
 
 

@@ -3,6 +3,12 @@
 Pure: no gevent, no Flask, no RQ, no sockets. The services that queue and send deliveries
 (``webhook_sink``, ``webhook_delivery``, ``workers.webhooks``) are built on these pieces.
 
+An **endpoint** is one entry of an app's ``webhooks`` list. Entries that share a URL are still
+separate endpoints (each gets the events its own types and filter select, with its own
+headers, retries and dead letters); only an entry configured identically to an earlier one is
+folded into it (``duplicate_endpoints``, warned about at start-up). An endpoint is named by
+``endpoint_id``: its index in the list and a short hash of its configuration.
+
 A **delivery** is one signed HTTP request: the events of one batch that one endpoint asked
 for, as ``{"time_ms": …, "events": […]}``. It carries an ``X-Sockudo-Delivery-Id`` that stays
 the same across retries and replays, so receivers can drop duplicates (delivery is
@@ -16,9 +22,10 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,6 +67,8 @@ LEASE_KEY = "sockudo_webhooks:lease:{job_id}"
 REAPER_LOCK_KEY = "sockudo_webhooks:reaper:{queue}"
 # Under the delivery's prefix ({redis prefix}webhooks:): one key per attempt in flight to an endpoint.
 INFLIGHT_KEY = "{prefix}inflight:{endpoint}:{slot}"
+# The endpoint of a delivery queued by a server from before endpoints had ids (metrics label).
+UNKNOWN_ENDPOINT = "unknown"
 PAYLOAD_VERSION = 1
 
 
@@ -409,6 +418,53 @@ def parse_endpoints(where: str, value: Any) -> tuple[WebhookEndpoint, ...]:
     return tuple(parse_endpoint(f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
+def endpoint_id(index: int, endpoint: WebhookEndpoint) -> str:
+    """The entry's stable short name, ``<index>-<8 hex>``: its position in the app's ``webhooks``
+    list and a hash of what it selects and where it posts, so a changed entry gets a new name.
+    Used in metric labels, dead letters and in-flight slots: bounded by the config, and it reveals
+    neither the URL nor header values (they can hold credentials)."""
+    flt = endpoint.filter
+    shape = [endpoint.url, sorted(endpoint.event_types), flt.prefix, flt.suffix,
+             flt.pattern.pattern if flt.pattern is not None else None, list(flt.namespaces),
+             sorted(name.lower() for name, _ in endpoint.headers), endpoint.request_timeout_ms,
+             [list(item) for item in endpoint.retry or ()]]
+    digest = hashlib.sha1(json.dumps(shape, separators=(",", ":"), default=str).encode("utf-8")).hexdigest()
+    return f"{index}-{digest[:8]}"
+
+
+def _identity(endpoint: WebhookEndpoint) -> tuple[Any, ...]:
+    """Everything that makes two entries behave differently (header names compare case-insensitively)."""
+    headers = tuple(sorted((name.lower(), value) for name, value in endpoint.headers))
+    return (endpoint.url, endpoint.event_types, endpoint.filter, headers, endpoint.request_timeout_ms,
+            endpoint.retry)
+
+
+@lru_cache(maxsize=1024)
+def _distinct(endpoints: tuple[WebhookEndpoint, ...]) -> tuple[tuple[tuple[str, WebhookEndpoint], ...],
+                                                               tuple[tuple[int, int], ...]]:
+    kept: list[tuple[str, WebhookEndpoint]] = []
+    duplicates: list[tuple[int, int]] = []
+    first: dict[tuple[Any, ...], int] = {}
+    for index, endpoint in enumerate(endpoints):
+        key = _identity(endpoint)
+        if key in first:
+            duplicates.append((index, first[key]))
+            continue
+        first[key] = index
+        kept.append((endpoint_id(index, endpoint), endpoint))
+    return tuple(kept), tuple(duplicates)
+
+
+def distinct_endpoints(endpoints: Sequence[WebhookEndpoint]) -> tuple[tuple[str, WebhookEndpoint], ...]:
+    """``(endpoint_id, endpoint)`` for every entry, in order, except those identical to an earlier one."""
+    return _distinct(tuple(endpoints))[0]
+
+
+def duplicate_endpoints(endpoints: Sequence[WebhookEndpoint]) -> tuple[tuple[int, int], ...]:
+    """``(index, index of the earlier identical entry)`` for each entry folded into an earlier one."""
+    return _distinct(tuple(endpoints))[1]
+
+
 def wanted_event_types(endpoints: Iterable[WebhookEndpoint]) -> frozenset[str]:
     """Event names any endpoint asks for, plus the joins that cancel a debounced leave."""
     names: set[str] = set()
@@ -516,6 +572,7 @@ class Delivery:
     prefix: str = "sockudo_adapter:webhooks:"  # where dead letters (and in-flight slots) go
     dead_letter_limit: int = 10_000
     max_concurrent: int = 0  # attempts in flight per endpoint; 0: auto (see WebhookSettings)
+    endpoint: str = ""  # endpoint_id of the entry; "" in jobs queued before entries had ids
 
     @property
     def job_timeout_s(self) -> int:
@@ -544,6 +601,7 @@ class Delivery:
             "prefix": self.prefix,
             "dead_letter_limit": self.dead_letter_limit,
             "max_concurrent": self.max_concurrent,
+            "endpoint": self.endpoint,
         }
 
     @classmethod
@@ -562,17 +620,27 @@ class Delivery:
             prefix=str(raw.get("prefix", "sockudo_adapter:webhooks:")),
             dead_letter_limit=int(raw.get("dead_letter_limit", 10_000)),
             max_concurrent=int(raw.get("max_concurrent") or 0),  # absent in jobs queued before the cap existed
+            endpoint=str(raw.get("endpoint") or ""),  # absent in jobs queued before entries had ids
         )
 
+    @property
+    def endpoint_label(self) -> str:
+        """The ``endpoint`` metric label: the entry's id, or ``unknown`` for a job from an older server."""
+        return self.endpoint or UNKNOWN_ENDPOINT
 
-def endpoint_id(url: str) -> str:
-    """A Redis-key-safe name for an endpoint that does not reveal its URL (paths can hold secrets)."""
+
+def url_digest(url: str) -> str:
+    """A Redis-key-safe name for a URL that does not reveal it (paths can hold secrets)."""
     return hashlib.sha1(url.encode("utf-8")).hexdigest()
 
 
 def inflight_keys(delivery: Delivery, slots: int) -> list[str]:
-    """The ``slots`` lease keys of the delivery's endpoint; holding one = an attempt in flight."""
-    endpoint = endpoint_id(delivery.url)
+    """The ``slots`` lease keys of the delivery's endpoint; holding one = an attempt in flight.
+    Each entry has its own slots (``<sha1(url)>:<app id>:<endpoint id>``); a job queued by an
+    older server, without an endpoint id, uses the URL's slots (``<sha1(url)>``) as it did."""
+    endpoint = url_digest(delivery.url)
+    if delivery.endpoint:
+        endpoint = f"{endpoint}:{delivery.app_id}:{delivery.endpoint}"
     return [INFLIGHT_KEY.format(prefix=delivery.prefix, endpoint=endpoint, slot=i) for i in range(slots)]
 
 
@@ -580,21 +648,18 @@ def build_deliveries(
     app_id: str,
     app_key: str,
     secret: str,
-    endpoints: Iterable[WebhookEndpoint],
+    endpoints: Sequence[WebhookEndpoint],
     settings: WebhookSettings,
     time_ms: int,
     events: list[dict[str, Any]],
     prefix: str = "sockudo_adapter:webhooks:",
     new_id: Callable[[], str] = new_delivery_id,
 ) -> list[Delivery]:
-    """One delivery per endpoint that wants at least one of ``events``, with only those events.
-    Two entries with the same URL: the last one wins (Sockudo's rule)."""
-    by_url: dict[str, WebhookEndpoint] = {}
-    for endpoint in endpoints:
-        by_url.pop(endpoint.url, None)
-        by_url[endpoint.url] = endpoint
+    """One delivery per endpoint (configured entry) that wants at least one of ``events``, with
+    only those events. Entries sharing a URL each get their own delivery; an entry identical to
+    an earlier one is skipped (``duplicate_endpoints``)."""
     deliveries = []
-    for endpoint in by_url.values():
+    for entry_id, endpoint in distinct_endpoints(endpoints):
         selected = [e for e in events if endpoint.wants(e)]
         if not selected:
             continue
@@ -614,6 +679,7 @@ def build_deliveries(
             prefix=prefix,
             dead_letter_limit=settings.dead_letter_limit,
             max_concurrent=settings.max_concurrent_per_endpoint,
+            endpoint=entry_id,
         ))
     return deliveries
 
@@ -641,6 +707,7 @@ def resign(record: Mapping[str, Any], app_key: str, secret: str, time_ms: int, s
         prefix=prefix,
         dead_letter_limit=settings.dead_letter_limit,
         max_concurrent=settings.max_concurrent_per_endpoint,
+        endpoint=str(record.get("endpoint") or ""),  # absent in dead letters from before entries had ids
     )
 
 

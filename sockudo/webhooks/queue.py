@@ -174,7 +174,7 @@ class EmbeddedQueue:
         for delivery in deliveries:
             if len(self._ready) >= self.capacity:
                 if self.metrics is not None:
-                    self.metrics.dropped.labels(delivery.app_id).inc()
+                    self.metrics.dropped.labels(delivery.app_id, delivery.endpoint_label).inc()
                 logger.error("webhook queue full; delivery dropped",
                              extra={"app_id": delivery.app_id, "delivery_id": delivery.delivery_id})
                 continue

@@ -11,8 +11,9 @@ injected runtime; this module imports no gevent) then
    closes and the marker is still this leave's, the channel (member) is checked once more
    cluster-wide and the event sent only if it is still gone;
 2. **batches** events per app for ``batching.duration`` ms or ``batching.size`` events;
-3. **builds** one signed delivery per endpoint (only the event types it lists, after its
-   filter) and hands them to the queue: RQ on Redis, or the in-process ``EmbeddedQueue``.
+3. **builds** one signed delivery per endpoint, i.e. per configured entry even when entries
+   share a URL (only the event types it lists, after its filter), and hands them to the queue:
+   RQ on Redis, or the in-process ``EmbeddedQueue``.
 
 If Redis refuses an enqueue, deliveries wait in a bounded outbox and are retried every
 second; only when that fills are they dropped (counted and logged).
@@ -48,6 +49,7 @@ from sockudo.webhooks.model import (
     WebhookEndpoint,
     WebhookSettings,
     build_deliveries,
+    duplicate_endpoints,
     normalize_event,
     wanted_event_types,
 )
@@ -324,7 +326,7 @@ class WebhookSink:
             return False
         for delivery in deliveries:
             for name in delivery.event_names:
-                self.metrics.queued.labels(delivery.app_id, name).inc()
+                self.metrics.queued.labels(delivery.app_id, delivery.endpoint_label, name).inc()
         return True
 
     def _keep(self, deliveries: list[Delivery]) -> None:
@@ -332,7 +334,7 @@ class WebhookSink:
         dropped = 0
         while len(self._outbox) > OUTBOX_LIMIT:
             lost = self._outbox.popleft()
-            self.metrics.dropped.labels(lost.app_id).inc()
+            self.metrics.dropped.labels(lost.app_id, lost.endpoint_label).inc()
             dropped += 1
         if dropped:
             logger.error("webhook outbox full; oldest deliveries dropped", extra={"dropped": dropped})
@@ -363,6 +365,17 @@ def uses_redis(config: Config) -> bool:
     return driver == "redis" or (driver == "auto" and bool(config.redis_url or config.redis_sentinels))
 
 
+def warn_duplicate_endpoints(config: Config) -> None:
+    """One warning per webhook entry configured identically to an earlier one of the same app:
+    its events are delivered once, by the earlier entry. Names the entries by index (the URL may
+    carry credentials)."""
+    for app in config.apps:
+        for index, original in duplicate_endpoints(app.webhooks):
+            logger.warning("app %s: webhooks[%d] is configured identically to webhooks[%d]; "
+                           "its events are delivered once", app.id, index, original,
+                           extra={"app_id": app.id})
+
+
 def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any,
                        clients: RedisClients | None = None) -> WebhookSink | None:
     """The sink for the composition root; None when no app has a webhook (the null sink stays)."""
@@ -389,6 +402,7 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
         queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit))
         markers = MemoryMarkers()
     registry.register(QueueCollector(queue.stats, prefix))
+    warn_duplicate_endpoints(config)
     logger.info("webhooks enabled", extra={"queue": queue.backend,
                                            "apps": [a.id for a in config.apps if a.webhooks]})
     return WebhookSink(settings, queue, metrics, runtime, adapter, markers, key_prefix, failures=failures)

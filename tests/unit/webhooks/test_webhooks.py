@@ -280,13 +280,6 @@ def test_deliveries_per_endpoint_signed_for_the_sdk() -> None:
     assert Delivery.from_payload(json.loads(json.dumps(first.to_payload()))) == first
 
 
-def test_same_url_twice_last_entry_wins() -> None:
-    hooks = [endpoint(event_types=["channel_occupied"]), endpoint(event_types=["channel_vacated"])]
-    (only,) = build_deliveries("1", KEY, SECRET, hooks, WebhookSettings(), 1, [
-        {"name": "channel_occupied", "channel": "a"}, {"name": "channel_vacated", "channel": "b"}])
-    assert only.event_names == ("channel_vacated",)
-
-
 def test_cache_miss_carries_empty_data() -> None:
     assert normalize_event({"name": "cache_miss", "channel": "cache-x"}) == {
         "name": "cache_miss", "channel": "cache-x", "data": "{}"}
@@ -488,7 +481,10 @@ def test_batches_per_app_and_only_listed_types(sink_parts: Any) -> None:
     by_app = {d.app_id: json.loads(d.body)["events"] for d in queue.deliveries}
     assert [e["name"] for e in by_app["1"]] == ["client_event", "cache_miss"]
     assert by_app["1"][0]["user_id"] == "u" and by_app["1"][1]["data"] == "{}"
-    assert registry.get_sample_value("sockudo_webhooks_queued_total", {"app_id": "1", "event_type": "cache_miss"}) == 1
+    assert registry.get_sample_value("sockudo_webhooks_queued_total",
+                                     {"app_id": "1", "endpoint": queue.deliveries[0].endpoint,
+                                      "event_type": "cache_miss"}) == 1
+    assert queue.deliveries[0].endpoint.startswith("0-")
 
 
 def test_stop_sends_pending_leaves_and_open_batches(sink_parts: Any) -> None:
@@ -588,12 +584,14 @@ def test_embedded_queue_retries_then_delivers_and_dead_letters_permanent_failure
     (letter,) = letters.list()
     assert (letter["reason"], letter["status"], letter["attempts"], letter["url"]) == ("permanent_failure", 404, 1,
                                                                                      "http://h/gone")
+    assert letter["endpoint"] == deliveries[1].endpoint
     value = registry.get_sample_value
-    occupied = {"app_id": "1", "event_type": "channel_occupied"}
-    assert value("sockudo_webhooks_retried_total", occupied) == 2
-    assert value("sockudo_webhooks_failed_total", {**occupied, "reason": "http_5xx"}) == 2
-    assert value("sockudo_webhooks_delivered_total", occupied) == 1
-    assert value("sockudo_webhooks_dead_lettered_total", {**occupied, "reason": "permanent_failure"}) == 1
+    retry = {"app_id": "1", "endpoint": deliveries[0].endpoint, "event_type": "channel_occupied"}
+    gone = {**retry, "endpoint": deliveries[1].endpoint}
+    assert value("sockudo_webhooks_retried_total", retry) == 2
+    assert value("sockudo_webhooks_failed_total", {**retry, "reason": "http_5xx"}) == 2
+    assert value("sockudo_webhooks_delivered_total", retry) == 1
+    assert value("sockudo_webhooks_dead_lettered_total", {**gone, "reason": "permanent_failure"}) == 1
     assert queue.stats().depth == {"ready": 0, "delayed": 0, "active": 0, "dead_letter": 1}
 
 
@@ -782,7 +780,7 @@ def test_reaper_recovers_abandoned_overdue_and_failed_jobs(rclient: redis.Redis)
     assert letter["reason"] == "worker_failure" and rq_queue.failed_job_registry.count == 0
 
 
-def test_outcome_metrics_are_labelled_by_app_event_type_and_reason() -> None:
+def test_outcome_metrics_are_labelled_by_app_endpoint_event_type_and_reason() -> None:
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry)
     (d,) = build_deliveries("1", KEY, SECRET, [endpoint(event_types=["channel_occupied", "client_event"])],
@@ -796,21 +794,21 @@ def test_outcome_metrics_are_labelled_by_app_event_type_and_reason() -> None:
     record_metrics(metrics, d, AttemptResult(DEFERRED, 2, None, None, 0.0))
     value = registry.get_sample_value
     for name, count in (("channel_occupied", 1), ("client_event", 2)):
-        labels = {"app_id": "1", "event_type": name}
+        labels = {"app_id": "1", "endpoint": d.endpoint, "event_type": name}
         assert value("sockudo_webhooks_failed_total", {**labels, "reason": "http_5xx"}) == count
         assert value("sockudo_webhooks_failed_total", {**labels, "reason": "http_404"}) == count
         assert value("sockudo_webhooks_retried_total", labels) == count
         assert value("sockudo_webhooks_dead_lettered_total", {**labels, "reason": "permanent_failure"}) == count
-    assert value("sockudo_webhooks_deferred_total", {"app_id": "1"}) == 1
+    assert value("sockudo_webhooks_deferred_total", {"app_id": "1", "endpoint": d.endpoint}) == 1
     # a deferral is not an attempt: no latency sample, no failure
     assert value("sockudo_webhooks_delivery_latency_seconds_count", {"app_id": "1"}) == 2
-    # a caller that only knows (app_id, reason) still counts, under a bounded "unknown" type
+    # a caller that only knows (app_id, reason) still counts, under a bounded "unknown" endpoint and type
     metrics.dead_lettered.labels("1", "worker_failure").inc()
     assert value("sockudo_webhooks_dead_lettered_total",
-                 {"app_id": "1", "event_type": "unknown", "reason": "worker_failure"}) == 1
+                 {"app_id": "1", "endpoint": "unknown", "event_type": "unknown", "reason": "worker_failure"}) == 1
     record_dead_lettered(metrics, d, "worker_failure")
     assert value("sockudo_webhooks_dead_lettered_total",
-                 {"app_id": "1", "event_type": "client_event", "reason": "worker_failure"}) == 2
+                 {"app_id": "1", "endpoint": d.endpoint, "event_type": "client_event", "reason": "worker_failure"}) == 2
 
 
 def test_endpoint_slots_cap_attempts_per_url_and_expire(rclient: redis.Redis) -> None:
