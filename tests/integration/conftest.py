@@ -6,7 +6,7 @@ the default, a module-level ``APP``; ``sdk`` and ``watcher`` then use that serve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pusher
 import pytest
@@ -14,7 +14,7 @@ import redis
 
 from tests.support import sdk as sdk_support
 from tests.support.procs import RedisServer, ServerProcess
-from tests.support.webhooks import Receiver
+from tests.support.webhooks import Receiver, WorkerProcess
 from tests.support.wsraw import RawClient, watching
 
 
@@ -61,3 +61,27 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver().start()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A database of the session's redis-server of our own, empty for each test."""
+    client = redis.Redis(port=redis_server.port, db=9)
+    client.flushdb()
+    yield f"redis://127.0.0.1:{redis_server.port}/9"
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def worker_factory(redis_url: str) -> Iterator[Callable[[], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make() -> WorkerProcess:
+        worker = WorkerProcess(redis_url)
+        started.append(worker)
+        return worker.start()
+
+    yield make
+    for worker in started:
+        worker.stop()

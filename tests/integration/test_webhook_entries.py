@@ -27,7 +27,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
-from tests.integration.test_webhooks import (  # noqa: F401  (fixtures: receiver, redis_url, worker_factory)
+from tests.support.procs import ServerProcess, wait_until
+from tests.support.webhooks import (
     APP_ID,
     KEY,
     SDK,
@@ -38,13 +39,9 @@ from tests.integration.test_webhooks import (  # noqa: F401  (fixtures: receiver
     assert_signed,
     cli,
     dead_letters,
-    receiver,
-    redis_url,
     stays_false,
     webhooks,
-    worker_factory,
 )
-from tests.support.procs import ServerProcess, wait_until
 from tests.support.wsraw import RawClient
 
 ROUTE = "/pusher/webhook"
@@ -110,7 +107,7 @@ def worker_metrics_text(worker: WorkerProcess) -> str:
 
 @pytest.mark.parametrize("queue", ["rq", "embedded"])
 def test_entries_sharing_a_url_each_get_their_own_events(
-        server_factory: Callable[..., ServerProcess], receiver: Receiver,  # noqa: F811
+        server_factory: Callable[..., ServerProcess], receiver: Receiver,
         request: pytest.FixtureRequest, queue: str) -> None:
     env: dict[str, str] = {}
     metrics_of: Callable[[], str]
@@ -161,8 +158,8 @@ def test_entries_sharing_a_url_each_get_their_own_events(
 
 
 def test_each_entry_on_a_failing_url_leaves_its_own_dead_letter(
-        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,  # noqa: F811
-        worker_factory: Callable[[], WorkerProcess]) -> None:  # noqa: F811
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
     worker = worker_factory()
     receiver.script["/gone"] = [404, 404]
     env = {"REDIS_URL": redis_url}
@@ -214,8 +211,8 @@ def legacy_payload(url: str, delivery_id: str, body: str) -> dict[str, Any]:
 
 
 def test_jobs_and_dead_letters_from_before_per_entry_endpoints_still_go_out(
-        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,  # noqa: F811
-        worker_factory: Callable[[], WorkerProcess]) -> None:  # noqa: F811
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
     env = {"REDIS_URL": redis_url}
     url = receiver.url("/legacy")
     server = server_factory([app({"url": url, "event_types": ["channel_occupied"]})], env=env, webhooks=webhooks())

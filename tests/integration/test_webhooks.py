@@ -8,105 +8,31 @@ so the module stays well under its time budget.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
-import pusher
 import pytest
 import redis
 
 from tests.support.metrics import metric
-from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
+from tests.support.procs import ServerProcess, free_port, wait_until
 from tests.support.sdk import sdk_for
-from tests.support.webhooks import Received, Receiver, WorkerProcess
+from tests.support.webhooks import (
+    ALL_TYPES,
+    APP_ID,
+    KEY,
+    SDK,
+    SECRET,
+    Receiver,
+    WorkerProcess,
+    app,
+    assert_signed,
+    cli,
+    dead_letters,
+    stays_false,
+    webhooks,
+)
 from tests.support.wsraw import RawClient
-
-KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
-ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss",
-             "subscription_count"]
-FAST = {  # short windows so the module stays fast
-    "debounce_ms": 300,
-    "batching": {"enabled": True, "duration": 50, "size": 100},
-    "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_time_ms": 20000},
-}
-SDK = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
-
-
-# -- a scripted receiver ----------------------------------------------------------------------
-
-
-# -- Redis and worker processes -----------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
-    """A database of the session's redis-server of our own, empty for each test."""
-    client = redis.Redis(port=redis_server.port, db=9)
-    client.flushdb()
-    yield f"redis://127.0.0.1:{redis_server.port}/9"
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def worker_factory(redis_url: str) -> Iterator[Callable[[], WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def make() -> WorkerProcess:
-        worker = WorkerProcess(redis_url)
-        started.append(worker)
-        return worker.start()
-
-    yield make
-    for worker in started:
-        worker.stop()
-
-
-def stays_false(condition: Callable[[], Any], seconds: float, message: str, interval: float = 0.05) -> None:
-    """Assert ``condition`` stays falsy for ``seconds`` (a bounded "nothing arrives" window)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = condition()
-        assert not got, f"{message}: {got!r}"
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-
-
-def app(*hooks: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"id": APP_ID, "key": KEY, "secret": SECRET, "enable_client_messages": True, "webhooks": list(hooks),
-            **extra}
-
-
-def webhooks(**overrides: Any) -> dict[str, Any]:
-    settings = {**FAST, **overrides}
-    if "retry" in overrides:
-        settings["retry"] = {**FAST["retry"], **overrides["retry"]}
-    return settings
-
-
-def assert_signed(request: Received) -> dict[str, Any]:
-    body = SDK.validate_webhook(request.headers["X-Pusher-Key"], request.headers["X-Pusher-Signature"], request.body)
-    assert body is not None, f"the SDK refused the webhook at {request.path}: {request.headers} {request.body}"
-    assert request.headers["Content-Type"] == "application/json"
-    return body
-
-
-def cli(server: ServerProcess, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sockudo", "webhooks", "dead-letters", *args,
-                           "--config", server.config_path], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=30)
-
-
-def dead_letters(server: ServerProcess, env: dict[str, str]) -> list[dict[str, Any]]:
-    out = cli(server, "list", "--json", env=env)
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
 
 # -- every event type, signed; filters and headers ---------------------------------------------
 

@@ -11,13 +11,26 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pusher
 import requests
 
 from tests.support.metrics import metric
-from tests.support.procs import ROOT, free_port, wait_until
+from tests.support.procs import ROOT, ServerProcess, free_port, wait_until
+
+KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
+ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss",
+             "subscription_count"]
+FAST = {  # short windows so the module stays fast
+    "debounce_ms": 300,
+    "batching": {"enabled": True, "duration": 50, "size": 100},
+    "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_time_ms": 20000},
+}
+SDK = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
 
 
 @dataclass
@@ -177,3 +190,45 @@ class WorkerProcess:
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stays_false(condition: Callable[[], Any], seconds: float, message: str, interval: float = 0.05) -> None:
+    """Assert ``condition`` stays falsy for ``seconds`` (a bounded "nothing arrives" window)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = condition()
+        assert not got, f"{message}: {got!r}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def app(*hooks: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"id": APP_ID, "key": KEY, "secret": SECRET, "enable_client_messages": True, "webhooks": list(hooks),
+            **extra}
+
+
+def webhooks(**overrides: Any) -> dict[str, Any]:
+    settings = {**FAST, **overrides}
+    if "retry" in overrides:
+        settings["retry"] = {**FAST["retry"], **overrides["retry"]}
+    return settings
+
+
+def assert_signed(request: Received) -> dict[str, Any]:
+    body = SDK.validate_webhook(request.headers["X-Pusher-Key"], request.headers["X-Pusher-Signature"], request.body)
+    assert body is not None, f"the SDK refused the webhook at {request.path}: {request.headers} {request.body}"
+    assert request.headers["Content-Type"] == "application/json"
+    return body
+
+
+def cli(server: ServerProcess, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sockudo", "webhooks", "dead-letters", *args,
+                           "--config", server.config_path], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def dead_letters(server: ServerProcess, env: dict[str, str]) -> list[dict[str, Any]]:
+    out = cli(server, "list", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
