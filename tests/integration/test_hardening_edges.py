@@ -290,7 +290,7 @@ def test_a_channel_named_three_times_gets_one_delivery_and_one_history_entry(
     history = requests.get(signed_url(server.url, "GET", f"/apps/{APP['id']}/channels/{channel}/history", APP),
                            timeout=5)
     assert history.status_code == 200, history.text
-    assert [item["event"] for item in history.json()["items"]].count("edge-event") == 1, history.json()
+    assert [item["event_name"] for item in history.json()["items"]].count("edge-event") == 1, history.json()
 
 
 def test_an_origin_wildcard_matches_the_host_not_a_string_suffix(server: ServerProcess):
