@@ -38,6 +38,8 @@ from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
 
 logger = logging.getLogger(__name__)
 
+_BAD_REQUEST_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 11\r\n\r\nBad request")
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                      b"Content-Length: 15\r\n\r\nRequest timeout")
 
@@ -229,6 +231,11 @@ class GuardedHandler(WebSocketHandler):
             body = ex.message.encode()
             return ex.status, (f"HTTP/1.1 {ex.status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        if isinstance(ex, (ValueError, OSError)):
+            # A malformed request line, header or chunk: the client's error, answered 400 and
+            # logged at DEBUG (gevent logs it at ERROR, so any client could fill the error log).
+            logger.debug("malformed request refused: %r", ex, extra={"client": self.client_address})
+            return "400", _BAD_REQUEST_RESPONSE
         return super()._handle_client_error(ex)
 
     # -- framing --
@@ -243,7 +250,9 @@ class GuardedHandler(WebSocketHandler):
 
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
-        if not _is_upgrade(environ) and getattr(self, "wsgi_input", None) is not None:
+        if getattr(self, "wsgi_input", None) is not None:
+            # The body's reader only: an established WebSocket reads frames from the handler's
+            # own rfile, so neither the deadline nor the end-of-body check applies to it.
             timeout = self.guard.body_timeout
             deadline = time.monotonic() + timeout if timeout else math.inf
             self.wsgi_input.rfile = _BodyReader(self.wsgi_input.rfile, deadline)
@@ -306,7 +315,7 @@ class GuardedHandler(WebSocketHandler):
         """The application, with a chunked body first read whole (bounded) and handed on with
         its length: what follows sees one kind of body, and the limit holds for both kinds."""
         environ = self.environ
-        if getattr(self.wsgi_input, "chunked_input", False) and not _is_upgrade(environ):
+        if getattr(self.wsgi_input, "chunked_input", False):
             limit = self.guard.body_limit
             body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
