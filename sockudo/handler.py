@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from sockudo.cache import cache_channel_key
 from sockudo.config import AppConfig
@@ -35,26 +37,56 @@ def new_socket_id() -> str:
     return f"{random.randint(0, 10**10)}.{random.randint(0, 10**10)}"
 
 
+_HOST = re.compile(r"[a-z0-9_.*-]+|\[[0-9a-f:.]+\]")
+
+
+def _origin_parts(value: str, scheme_required: bool) -> tuple[str | None, str, int | None] | None:
+    """``(scheme, host, port)`` of ``scheme://host[:port]`` (``host[:port]`` when the scheme may
+    be absent); None for anything else: a path, a query, userinfo, a host with odd characters."""
+    value = value.strip().lower()
+    if "://" not in value:
+        if scheme_required:
+            return None
+        value = "//" + value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname or ""
+    if (parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
+            or not _HOST.fullmatch(host)):
+        return None
+    return parts.scheme or None, host, port
+
+
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     """Origin allow-list (spec §1.2): empty list allows all; ``*``/``any`` allow all;
     exact or ``https://*.example.com`` wildcard match; an entry without scheme matches the
-    origin without its scheme. Case-insensitive."""
+    origin without its scheme. Case-insensitive. The origin is parsed and its host compared
+    (a wildcard matches within the host only, never a path or userinfo)."""
     if not allowed:
         return True
     if any(a.strip().lower() in ("*", "any") for a in allowed):
         return True
     if not origin:
         return False
-    origin = origin.strip().lower().rstrip("/")
-    bare = origin.split("://", 1)[1] if "://" in origin else origin
+    parsed = _origin_parts(origin, scheme_required=True)
+    if parsed is None or "*" in parsed[1]:
+        return False
+    scheme, host, port = parsed
     for entry in allowed:
-        pattern = entry.strip().lower().rstrip("/")
-        candidate = origin if "://" in pattern else bare
-        if "*" in pattern:
-            head, _, tail = pattern.partition("*")
-            if candidate.startswith(head) and candidate.endswith(tail) and len(candidate) > len(head) + len(tail):
+        pattern = _origin_parts(entry, scheme_required=False)
+        if pattern is None:
+            continue
+        want_scheme, want_host, want_port = pattern
+        if (want_scheme is not None and want_scheme != scheme) or want_port != port:
+            continue
+        if "*" in want_host:
+            head, _, tail = want_host.partition("*")
+            if host.startswith(head) and host.endswith(tail) and len(host) > len(head) + len(tail):
                 return True
-        elif candidate == pattern:
+        elif host == want_host:
             return True
     return False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import re
 import sys
 from collections.abc import Iterable
 
@@ -44,12 +45,45 @@ class _Formatter(JsonFormatter):
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
+# Line breaks (ASCII and Unicode) and other control characters: a value carrying one could
+# start a forged line in the human format.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """``text`` on one line: control characters as ``\\n``, ``\\r``, ``\\t`` or ``\\xNN`` / ``\\uNNNN``."""
+    def one(match: re.Match[str]) -> str:
+        char = match.group()
+        code = ord(char)
+        return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+    return _CONTROL.sub(one, text)
+
+
+def field_value(value: object) -> str:
+    """A ``key=value`` field's value that cannot pass for another field or line: escaped, and
+    quoted when empty or holding a space, ``=`` or ``"``."""
+    text = escape_control(str(value))
+    if not text or any(c in text for c in ' ="'):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
 class _HumanFormatter(logging.Formatter):
-    """``<time> <LEVEL> <target>: <message> key=value …`` (the event fields, as Sockudo's text format)."""
+    """``<time> <LEVEL> <target>: <message> key=value …`` (the event fields, as Sockudo's text format).
+
+    Client-controlled text (an app id from a URL, a channel name) reaches messages and fields:
+    both are escaped onto the one line, so no value can forge a log line or a field. A
+    traceback, which the formatter adds below the line, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_control(record.message)  # recomputed from msg % args by every format()
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_ATTRS]
+        fields = [f"{k}={field_value(v)}" for k, v in record.__dict__.items() if k not in _RECORD_ATTRS]
         if not fields:
             return text
         head, sep, tail = text.partition("\n")  # fields go on the message line, before any traceback

@@ -58,6 +58,8 @@ def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, 
         error = p.channel_name_error(channel, app.max_channel_name_length)
         if error is not None:
             raise _reject(services, app, 400, "invalid_input", "invalid_channel", error)
+    # A channel named twice is one channel: one delivery, one serial, one history entry.
+    channels = list(dict.fromkeys(channels))
     data = body.get("data", "")
     if not isinstance(data, str):
         data = p.dumps(data)  # Sockudo stringifies JSON data; Pusher SDKs always send a string

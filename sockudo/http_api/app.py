@@ -27,6 +27,9 @@ def create_app(services: Services, handler: Handler) -> Flask:
         app.register_blueprint(bp)
     app.before_request(_before)
     app.after_request(_after)
+    # One path, one meaning: no redirect from ``/a//b`` to ``/a/b`` (its Location would come
+    # from the client's Host header); the listener answers such paths 404 before any check.
+    app.url_map.merge_slashes = False
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Response:

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sockudo.core import keys
 from sockudo.push import status as st
 from sockudo.push.crypto import CryptoError, sha256_hex, unseal
 from sockudo.push.metrics import PushMetrics, RecordingMetrics
@@ -71,7 +72,7 @@ def load_credentials(store: Any, key: str | None, app_id: str, provider: str) ->
 
 def dead_letter_id(app_id: str, publish_id: str, device_id: str, attempt: int) -> str:
     """Deterministic: a re-run of the job that dead-letters this delivery names the same letter."""
-    return sha256_hex(f"{app_id}:{publish_id}:{device_id}:{attempt}")[:32]
+    return sha256_hex(keys.join(app_id, publish_id, device_id, str(attempt)))[:32]
 
 
 class Dispatcher:
@@ -217,7 +218,7 @@ class Dispatcher:
                 emitted[provider] = emitted.get(provider, 0) + 1
                 items.append([device_id, 1, provider, None])
             self.submit(
-                f"{app_id}:{publish_id}:d{index // size}",
+                keys.join(app_id, publish_id, f"d{index // size}"),
                 {"kind": "dispatch", "app": app_id, "pid": publish_id, "items": items, "dueMs": due},
             )
             self._renew(batch_id)
@@ -288,7 +289,9 @@ class Dispatcher:
         credentials: dict[str, dict[str, Any] | None],
     ) -> bool:
         """Claim, send, settle one delivery. True when another live worker holds it."""
-        key = device_id if replay is None else f"{device_id}#replay:{replay}"
+        # The delivery's key: the device id as a key segment (no ':' or '#'), plus '#replay:…' for
+        # a dead letter's replay; no device id can pass for another device's replay.
+        key = keys.segment(device_id) if replay is None else f"{keys.segment(device_id)}#replay:{replay}"
         now = self.now_ms()
         # The delivery's lease is the job's: when a takeover finds the job lapsed, its in-flight
         # delivery has lapsed too.
@@ -387,14 +390,14 @@ class Dispatcher:
         decision = next_attempt(
             self.settings.retry,
             attempt=attempt,
-            key=f"{app_id}:{publish_id}:{key}",
+            key=keys.join(app_id, publish_id, key),
             now_ms=now,
             first_attempt_ms=first_ms,
             retry_after_ms=parse_retry_after(result.retry_after, now),
             expires_at_ms=plan.get("expiresAtMs"),
         )
         if decision.retry:
-            retry_id = f"{app_id}:{publish_id}:r:{key}:{attempt + 1}"
+            retry_id = keys.join(app_id, publish_id, "r", key, str(attempt + 1))
             # The job record first: a crash after it leaves a retry that runs (and is flagged as a
             # possible duplicate), never a delivery that nobody will attempt again.
             batch = {

@@ -13,6 +13,12 @@ Keys (prefix ``push.redis_prefix``, default ``sockudo:push:``)::
     batch:{id}            a job's record (JSON)          leases / due   zsets: lease deadline / due time
     dl:{app}:{id}         dead letter (JSON)             dls:{app}      zset by occurredAtMs
 
+Every client-chosen id is the key's last part (so it may contain ``:``) except in ``ds``, whose
+``{pid}`` is a key segment (``sockudo/core/keys.py``: ``%``, ``:`` and ``#`` percent-encoded) and
+whose ``{device}`` is the dispatcher's delivery key (the device id as a segment, ``#replay:…``
+for a replay). Job ids join their parts the same way. Ids without those characters give the
+same keys as before the encoding.
+
 Delivery transitions are optimistic transactions on the delivery's own key (WATCH it, compute
 with ``status.py``, MULTI/EXEC, retry on conflict); the counters move with HINCRBY in the same
 MULTI, which reads the record back so completion is decided on exact counters, then written by a
@@ -30,6 +36,7 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
+from sockudo.core import keys
 from sockudo.push import status as st
 from sockudo.push.store import _split_reason, dumps
 
@@ -375,7 +382,9 @@ class RedisStore:
     def _delivery_key(self, app_id: str, publish_id: str, key: str) -> str:
         # One key per delivery (not one hash per publish): workers settling different devices of
         # one publish never conflict on WATCH.
-        return self.k("ds", app_id, publish_id, key)
+        # The publish id is a key segment: ids may contain ':', and "a:x" + "b" must not meet
+        # "a" + "x:b" (the delivery key is the last part, already a segment: see the dispatcher).
+        return self.k("ds", app_id, keys.segment(publish_id), key)
 
     def claim(
         self, app_id: str, publish_id: str, key: str, attempt: int, owner: str, now_ms: int, lease_until_ms: int

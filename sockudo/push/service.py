@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sockudo.core import keys
 from sockudo.core.errors import ApiError
 from sockudo.push import model
 from sockudo.push import status as st
@@ -232,7 +233,7 @@ class PushService:
         except Exception as exc:
             self.metrics.inc("sockudo_push_publish_rejected", {"app": app_id, "reason": "service_unavailable"})
             raise unavailable("push store unreachable") from exc
-        plan_id = f"{app_id}:{request.publish_id}:plan"
+        plan_id = keys.join(app_id, request.publish_id, "plan")
         record = st.new_record(
             app_id,
             request.publish_id,
@@ -332,6 +333,9 @@ class PushService:
         if record is None:
             raise ApiError(404, "not_found", "no publish with this id (or its record has expired)")
         undelivered, duplicates = self.store.status_detail(app_id, publish_id)
+        # Deliveries are keyed by the device id as a key segment (sockudo/core/keys.py): show the id.
+        undelivered = [{**item, "deviceId": keys.unsegment(item["deviceId"])} for item in undelivered]
+        duplicates = [keys.unsegment(key) for key in duplicates]
         return st.public_view(record, undelivered=undelivered, possible_duplicates=duplicates)
 
     # -- dead letters --
@@ -371,9 +375,8 @@ class PushService:
         count = int(letter.get("replayCount") or 0) + 1
         self.store.update_dead_letter(app_id, letter_id, {"replayState": "queued", "replayCount": count})
         self.store.bump(app_id, letter["publishId"], "replayed")
-        replay_key = f"{letter_id}:{count}"
         self.dispatcher.submit(
-            f"{app_id}:{letter['publishId']}:replay:{replay_key}",
+            keys.join(app_id, letter["publishId"], "replay", letter_id, str(count)),
             {
                 "kind": "dispatch",
                 "app": app_id,

@@ -6,12 +6,23 @@
   this applies once a WebSocket is established (liveness is the activity timer's job then);
 - **per-IP limits** from ``[rate_limiter]`` (``sockudo/listener.py``): WebSocket upgrades and
   signed REST calls per window, open WebSockets at once; over a limit: HTTP 429;
-- **TLS** from ``[ssl]``: the same listener speaks HTTPS and ``wss://``.
+- **TLS** from ``[ssl]``: the same listener speaks HTTPS and ``wss://``;
+- **one path, one meaning**: a path with an empty (``//``) or dot (``.``, ``..``) segment is
+  answered 404 before any limit or view (the per-IP REST limit keys on the canonical ``/apps/``);
+- **unambiguous framing** (RFC 9112 §6): differing ``Content-Length`` values, or one beside
+  ``Transfer-Encoding``, are 400; a transfer coding other than ``chunked`` is 501; a chunked body
+  is read here, up to ``request_limit_in_mb`` (413 beyond), and handed on with its length;
+- **quiet client errors**: a bad WebSocket handshake is a 400 (426 for an unknown version), and a
+  client that leaves before the end of its body is logged at DEBUG, never as an error.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import math
 import socket
 import ssl
 import time
@@ -27,6 +38,8 @@ from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
 
 logger = logging.getLogger(__name__)
 
+_BAD_REQUEST_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 11\r\n\r\nBad request")
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                      b"Content-Length: 15\r\n\r\nRequest timeout")
 
@@ -41,6 +54,69 @@ class BodyTimeout(BaseException):
     cannot turn it into a 500; the handler answers 408 instead."""
 
 
+class ClientLeft(BaseException):
+    """The client closed the connection before the end of its body: an ordinary event (logged
+    at DEBUG), not an error of ours. A ``BaseException`` for the same reason as ``BodyTimeout``."""
+
+
+class FramingError(ValueError):
+    """Headers that frame the body ambiguously (a ``ValueError``: gevent answers before reading
+    anything further; ``GuardedHandler._handle_client_error`` picks the status)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def check_framing(headers: Any) -> None:
+    """Refuse a request whose body length could be read two ways (RFC 9112 §6.1, §6.3): two
+    different ``Content-Length`` values, a ``Content-Length`` beside a ``Transfer-Encoding``, or a
+    transfer coding other than ``chunked``. Identical repeated lengths collapse into one."""
+    lengths = [value.strip() for header in headers.get_all("Content-Length") or [] for value in header.split(",")]
+    codings = [value.strip().lower() for header in headers.get_all("Transfer-Encoding") or []
+               for value in header.split(",") if value.strip()]
+    if lengths:
+        if codings:
+            raise FramingError("400", "Content-Length and Transfer-Encoding together")
+        if len(set(lengths)) > 1:
+            raise FramingError("400", "conflicting Content-Length headers")
+        if not lengths[0].isdigit() or not lengths[0].isascii():
+            raise FramingError("400", "invalid Content-Length")
+        if len(headers.get_all("Content-Length")) > 1 or "," in headers["Content-Length"]:
+            del headers["Content-Length"]
+            headers["Content-Length"] = lengths[0]
+    if codings and codings != ["chunked"]:
+        raise FramingError("501", "only the chunked transfer coding is supported")
+
+
+def canonical_path(path: str) -> bool:
+    """True for a path with one spelling: absolute, without empty (``//``) or dot segments."""
+    if not path.startswith("/") or "//" in path:
+        return False
+    return not any(segment in (".", "..") for segment in path.split("/"))
+
+
+Refusal = tuple[str, list[tuple[str, str]], str]  # status, extra headers, message
+
+
+def websocket_handshake_problem(environ: dict[str, Any], http_version: str) -> Refusal | None:
+    """Why an upgrade request cannot be accepted (RFC 6455 §4.2.1, §4.4), as ``(status, extra
+    headers, message)``; None when it can."""
+    if http_version != "HTTP/1.1":
+        return "400 Bad Request", [], "WebSocket upgrades need HTTP/1.1"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return "426 Upgrade Required", [("Sec-WebSocket-Version", "13")], "Unsupported WebSocket version"
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        return "400 Bad Request", [], "Sec-WebSocket-Key must be 16 bytes in base64"
+    return None
+
+
 class Guard:
     """The listener's per-IP state, shared by every request of this process."""
 
@@ -50,6 +126,7 @@ class Guard:
         self.enabled = rl.enabled
         self.header_timeout = config.http_header_timeout
         self.body_timeout = config.http_body_timeout
+        self.body_limit = int(config.request_limit_in_mb * 1024 * 1024)
         self.api: Any
         self.upgrades: Any
         if rl.enabled and rl.driver == "redis" and redis_client is not None:
@@ -70,8 +147,9 @@ class Guard:
         self.on_limited = on_limited or (lambda _kind, _context: None)
 
 
-class _DeadlineReader:
-    """The request body's reader: every read must finish by ``deadline`` (monotonic)."""
+class _BodyReader:
+    """The request body's reader: every read must finish by ``deadline`` (monotonic; ``inf``:
+    no deadline), and the end of the stream before the end of the body is ``ClientLeft``."""
 
     __slots__ = ("rfile", "deadline")
 
@@ -80,6 +158,8 @@ class _DeadlineReader:
         self.deadline = deadline
 
     def _call(self, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if self.deadline == math.inf:
+            return fn(*args)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise BodyTimeout()
@@ -87,10 +167,17 @@ class _DeadlineReader:
             return fn(*args)
 
     def read(self, *args: Any) -> bytes:
-        return self._call(self.rfile.read, *args)
+        data = self._call(self.rfile.read, *args)
+        if args and args[0] is not None and args[0] > 0 and len(data) < args[0]:
+            raise ClientLeft()  # a buffered read returns less than asked only at the end of the stream
+        return data
 
     def readline(self, *args: Any) -> bytes:
-        return self._call(self.rfile.readline, *args)
+        line = self._call(self.rfile.readline, *args)
+        limit = args[0] if args and args[0] is not None and args[0] > 0 else None
+        if not line.endswith(b"\n") and (limit is None or len(line) < limit):
+            raise ClientLeft()
+        return line
 
 
 def _is_upgrade(environ: dict[str, Any]) -> bool:
@@ -138,18 +225,45 @@ class GuardedHandler(WebSocketHandler):
         if isinstance(ex, HeaderTimeout):
             logger.debug("request headers too slow; connection dropped", extra={"client": self.client_address})
             return "408", _TIMEOUT_RESPONSE
+        if isinstance(ex, FramingError):
+            logger.debug("ambiguous request framing refused: %s", ex.message, extra={"client": self.client_address})
+            reason = {"400": "Bad Request", "501": "Not Implemented"}[ex.status]
+            body = ex.message.encode()
+            return ex.status, (f"HTTP/1.1 {ex.status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        if isinstance(ex, (ValueError, OSError)):
+            # A malformed request line, header or chunk: the client's error, answered 400 and
+            # logged at DEBUG (gevent logs it at ERROR, so any client could fill the error log).
+            logger.debug("malformed request refused: %r", ex, extra={"client": self.client_address})
+            return "400", _BAD_REQUEST_RESPONSE
         return super()._handle_client_error(ex)
+
+    # -- framing --
+
+    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (gevent's name)
+        headers = super().MessageClass(*args)
+        if not headers.status:  # a line too long is gevent's 400 already
+            check_framing(headers)
+        return headers
 
     # -- slow-loris: the body deadline --
 
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
-        timeout = self.guard.body_timeout
-        if timeout and not _is_upgrade(environ) and getattr(self, "wsgi_input", None) is not None:
-            self.wsgi_input.rfile = _DeadlineReader(self.wsgi_input.rfile, time.monotonic() + timeout)
+        if getattr(self, "wsgi_input", None) is not None:
+            # The body's reader only: an established WebSocket reads frames from the handler's
+            # own rfile, so neither the deadline nor the end-of-body check applies to it.
+            timeout = self.guard.body_timeout
+            deadline = time.monotonic() + timeout if timeout else math.inf
+            self.wsgi_input.rfile = _BodyReader(self.wsgi_input.rfile, deadline)
         return environ
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        if isinstance(v, ClientLeft):
+            logger.debug("client left before the end of its request body",
+                         extra={"client": self.client_address, "path": self.environ.get("PATH_INFO", "")})
+            self.close_connection = True
+            return
         if isinstance(v, BodyTimeout):
             logger.debug("request body too slow; connection dropped", extra={"client": self.client_address})
             self.close_connection = True
@@ -167,9 +281,13 @@ class GuardedHandler(WebSocketHandler):
     def run_application(self) -> None:
         guard = self.guard
         environ = self.environ
-        if not guard.enabled:
-            return super().run_application()
         path = environ.get("PATH_INFO", "")
+        if not canonical_path(path):
+            # Before every check: a second spelling of a route must not skip the limits below
+            # (nor get Werkzeug's redirect, whose Location is built from the client's Host).
+            return self._respond("404 Not Found", b'{"error":"Not found","code":"not_found","status":404}\n')
+        if not guard.enabled:
+            return self._run()
         remote = environ.get("REMOTE_ADDR", "")
         if path.startswith("/app/") and _is_upgrade(environ):
             ip = client_ip(remote, environ.get("HTTP_X_FORWARDED_FOR"), guard.ws_hops)
@@ -181,7 +299,7 @@ class GuardedHandler(WebSocketHandler):
                 guard.on_limited("ip_connections", "websocket")
                 return self._refuse(1, "Too many open connections from this address")
             try:
-                return super().run_application()
+                return self._run()
             finally:
                 guard.connections.release(ip)
         if path.startswith(("/apps/", "/users/")):
@@ -191,7 +309,48 @@ class GuardedHandler(WebSocketHandler):
                 guard.on_limited("ip_api", "http")
                 return self._refuse(reset, "Too many requests from this address", api=True,
                                     limit=guard.api.max_requests)
+        return self._run()
+
+    def _run(self) -> None:
+        """The application, with a chunked body first read whole (bounded) and handed on with
+        its length: what follows sees one kind of body, and the limit holds for both kinds."""
+        environ = self.environ
+        if getattr(self.wsgi_input, "chunked_input", False):
+            limit = self.guard.body_limit
+            body = environ["wsgi.input"].read(limit + 1)
+            if len(body) > limit:
+                return self._respond("413 Payload Too Large", b'{"error":"Request body is too large",'
+                                     b'"code":"payload_too_large","status":413}\n')
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
         return super().run_application()
+
+    def upgrade_websocket(self) -> Any:
+        """gevent-websocket answers a bad handshake with a text body it cannot write (a 500 and
+        a traceback): check the handshake here and answer it ourselves."""
+        environ = self.environ
+        if (environ.get("REQUEST_METHOD") == "GET" and _is_upgrade(environ)
+                and "upgrade" in environ.get("HTTP_CONNECTION", "").lower()):
+            problem = websocket_handshake_problem(environ, self.request_version)
+            if problem is not None:
+                status, headers, message = problem
+                logger.debug("WebSocket handshake refused: %s", message, extra={"client": self.client_address})
+                self.close_connection = True
+                self.start_response(status, [*headers, ("Content-Type", "text/plain"), ("Connection", "close")])
+                return [message.encode()]
+        return super().upgrade_websocket()
+
+    def _respond(self, status: str, body: bytes, content_type: str = "application/json") -> None:
+        """Answer without running the application (and without upgrading); closes the connection."""
+
+        def answer(_environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response(status, [("Content-Type", content_type), ("Connection", "close")])
+            return [body]
+
+        self.close_connection = True
+        self.application = answer
+        WSGIHandler.run_application(self)
 
     def _refuse(self, reset: float, message: str, api: bool = False, limit: int = 0) -> None:
         """429 without running the application (and without upgrading)."""

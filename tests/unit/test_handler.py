@@ -116,6 +116,16 @@ def test_node_connection_limit_is_4100() -> None:
         (("https://*.example.com",), "https://evilexample.com", False),
         (("https://*.example.com",), "https://.example.com", False),  # the wildcard must match something
         (("https://*.example.com",), "http://a.example.com", False),
+        # the wildcard matches the parsed host, not a string suffix of the whole origin
+        (("https://*.example.com",), "https://evil.com/.example.com", False),
+        (("https://*.example.com",), "https://evil.com?.example.com", False),
+        (("https://*.example.com",), "https://evil.com#.example.com", False),
+        (("https://*.example.com",), "https://a.example.com@evil.com", False),
+        (("https://*.example.com",), "https://x@a.example.com", False),
+        (("https://*.example.com",), "https://evil.com\\.example.com", False),
+        (("https://*.example.com",), "https://a.example.com:8443", False),
+        (("https://*.example.com:8443",), "https://a.example.com:8443", True),
+        (("https://*.example.com",), "https://a.example.com/", True),
         (("example.com",), "https://example.com", True),
         (("example.com",), "http://example.com", True),
         (("example.com",), "https://sub.example.com", False),

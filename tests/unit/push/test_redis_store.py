@@ -81,3 +81,16 @@ def test_a_transaction_that_keeps_conflicting_raises_cas_exhausted(redis_server:
     else:
         raise AssertionError("expected CasExhausted")
     assert conflicts and set(conflicts) == {"planner"}
+
+
+def test_publish_and_device_ids_with_colons_keep_their_deliveries_apart(redis_server: RedisServer) -> None:
+    """("a:x", "b") and ("a", "x:b") shared the key ``ds:{app}:a:x:b``: the second claim found
+    the first's state and the second delivery was never attempted."""
+    store = RedisStore(redis.Redis.from_url(redis_server.url), f"t:{uuid.uuid4().hex[:6]}:")
+    for pid in ("a:x", "a"):
+        record = st.new_record("app", pid, intent_hash="h", expected=1, now_ms=0, not_before_ms=None,
+                               expires_at_ms=None)
+        store.create_status("app", pid, record, {}, 3600)
+    assert store.claim("app", "a:x", "b", 1, "w1", 100, 200).claim is st.Claim.SEND
+    store.settle("app", "a:x", "b", st.Outcome.ACCEPTED, 150)
+    assert store.claim("app", "a", "x:b", 1, "w1", 160, 260).claim is st.Claim.SEND
