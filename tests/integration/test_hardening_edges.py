@@ -30,8 +30,8 @@ import pytest
 import requests
 import websocket
 
-from tests.integration.test_security import signed_url
 from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.sdk import signed_url
 from tests.support.wsraw import RawClient
 
 APP = {"id": "100", "key": "edge-key", "secret": "edge-secret", "enable_client_messages": True,
@@ -315,7 +315,7 @@ def test_an_origin_wildcard_matches_the_host_not_a_string_suffix(server: ServerP
 
 @pytest.fixture(scope="module")
 def push(redis_server: RedisServer) -> Iterator[Any]:
-    from tests.integration.test_push import Push
+    from tests.support.push import Push
 
     harness = Push(redis_server)
     yield harness

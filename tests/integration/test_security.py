@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -37,24 +36,12 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.cluster import metrics_at, node_env, start_all, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
-from tests.support.sdk import sdk_for
+from tests.support.sdk import sdk_for, signed_url
 from tests.support.wsraw import RawClient
 
 SECRET = "zq-SECRET-7f3a9c41-never-print-me"
 APP = {"id": "100", "key": "sec-key", "secret": SECRET, "enable_client_messages": True,
        "enable_user_authentication": False}
-
-
-def signed_url(base: str, method: str, path: str, app: dict[str, Any], body: bytes = b"",
-               params: dict[str, str] | None = None, secret: str | None = None, age: int = 0) -> str:
-    query = dict(params or {})
-    query.update(auth_key=app["key"], auth_timestamp=str(int(time.time()) - age), auth_version="1.0")
-    if method == "POST":
-        query["body_md5"] = hashlib.md5(body).hexdigest()
-    to_sign = "\n".join([method, path, "&".join(f"{k}={v}" for k, v in sorted(query.items()))])
-    query["auth_signature"] = hmac.new((secret or app["secret"]).encode(), to_sign.encode(),
-                                       hashlib.sha256).hexdigest()
-    return f"{base}{path}?{urlencode(query)}"
 
 
 # -- TLS ---------------------------------------------------------------------------------------------

@@ -27,6 +27,21 @@ def sdk_for(server: ServerProcess, app: dict[str, Any] = APP) -> pusher.Pusher:
                          port=server.port, ssl=False, timeout=10)
 
 
+def signed_url(base: str, method: str, path: str, app: dict[str, Any] = APP, body: bytes = b"",
+               params: dict[str, str] | None = None, secret: str | None = None, age: int = 0) -> str:
+    """``base + path`` with Pusher's auth query: key, timestamp (``age`` seconds old), version,
+    ``body_md5`` on POST, and the HMAC-SHA256 signature over the lower-cased, sorted parameters."""
+    query = {k: str(v) for k, v in (params or {}).items()}
+    query.update(auth_key=app["key"], auth_timestamp=str(int(time.time()) - age), auth_version="1.0")
+    if method == "POST":
+        query["body_md5"] = hashlib.md5(body).hexdigest()
+    to_sign = "\n".join(
+        [method, path, "&".join(f"{k.lower()}={v}" for k, v in sorted(query.items(), key=lambda kv: kv[0].lower()))]
+    )
+    query["auth_signature"] = hmac.new((secret or app["secret"]).encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+    return f"{base}{path}?{urlencode(query)}"
+
+
 def signed(
     server: ServerProcess,
     method: str,
@@ -39,22 +54,14 @@ def signed(
     secret: str | None = None,
     send_instead: bytes | None = None,
 ) -> requests.Response:
+    """A signed REST request; ``raw`` signs exact bytes, ``send_instead`` sends other bytes than it signed."""
     data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    query = {k: str(v) for k, v in (params or {}).items()}
-    query.update(auth_key=app["key"], auth_timestamp=str(int(time.time())), auth_version="1.0")
-    if method == "POST":
-        query["body_md5"] = hashlib.md5(data).hexdigest()
-    to_sign = "\n".join(
-        [method, path, "&".join(f"{k.lower()}={v}" for k, v in sorted(query.items(), key=lambda kv: kv[0].lower()))]
-    )  # Pusher signs lower-cased parameter names
-    query["auth_signature"] = hmac.new((secret or app["secret"]).encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+    url = signed_url(server.url, method, path, app, data, params, secret)
     all_headers = {"Content-Type": "application/json"} if method == "POST" else {}
     all_headers.update(headers or {})
-    if send_instead is not None:  # a body other than the one signed
+    if send_instead is not None:
         data = send_instead
-    return requests.request(
-        method, f"{server.url}{path}?{urlencode(query)}", data=data or None, headers=all_headers, timeout=10
-    )
+    return requests.request(method, url, data=data or None, headers=all_headers, timeout=10)
 
 
 #: The channel of the module-wide ``watcher`` (tests/integration/conftest.py).
