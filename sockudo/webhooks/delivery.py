@@ -7,16 +7,21 @@ delivery that stops without success becomes a **dead letter** with what is neede
 replay it (never the signature: a replay is signed again).
 
 HTTP is the standard library (``http.client``): no redirects followed, no proxy settings
-from the environment, one connection per attempt with the endpoint's timeout. Nothing
-here imports gevent or RQ; under the server's monkey-patching the sockets cooperate.
+from the environment, keep-alive connections reused across attempts (``ConnectionPool``), and
+the endpoint's timeout as one deadline for the whole attempt. Nothing here imports gevent or
+RQ; under the server's and the worker's monkey-patching the sockets cooperate.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import logging
+import math
+import os
+import select
 import socket
 import ssl
 import time
@@ -61,18 +66,155 @@ class HttpResult:
     status: int | None  # None: no HTTP answer
     error: str | None  # timeout | connect | request, when status is None
     seconds: float
+    retry_after_ms: int | None = None  # the answer's Retry-After (429/503), in ms
 
 
 Sender = Callable[[Delivery], HttpResult]
 
-_tls_context: ssl.SSLContext | None = None
+#: Idle keep-alive connections kept per (scheme, host, port) for the next attempt.
+IDLE_PER_ORIGIN = 32
 
 
-def post(delivery: Delivery) -> HttpResult:
-    """One POST of the delivery's exact body bytes with its headers; never raises for network trouble."""
-    global _tls_context
+class _DeadlineSocket:
+    """A connected socket whose every send and receive may only use the time left until one
+    deadline: a socket timeout applies per operation, so a peer trickling one byte at a time
+    would otherwise stretch an attempt without end."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = math.inf  # time.monotonic() value; set per attempt
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("webhook attempt deadline passed")
+        self.sock.settimeout(left)
+
+    def sendall(self, data: bytes) -> None:
+        self._arm()
+        self.sock.sendall(data)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        self._arm()
+        return self.sock.recv_into(buffer, nbytes)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __getattr__(self, name: str) -> Any:  # setsockopt, fileno, …
+        return getattr(self.sock, name)
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket) -> None:
+        self.sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self.sock.recv_into(buffer)
+
+
+def _tls_handshake(context: ssl.SSLContext, raw: socket.socket, host: str, deadline: float) -> ssl.SSLSocket:
+    """The TLS handshake within the deadline (non-blocking, so a trickled handshake is bounded too)."""
+    tls = context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
+    tls.setblocking(False)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            tls.close()
+            raise TimeoutError("webhook attempt deadline passed during the TLS handshake")
+        try:
+            tls.do_handshake()
+            return tls
+        except ssl.SSLWantReadError:
+            select.select([tls], [], [], left)
+        except ssl.SSLWantWriteError:
+            select.select([], [tls], [], left)
+
+
+class _Connection(http.client.HTTPConnection):
+    """One keep-alive connection whose every attempt is bounded by a total deadline."""
+
+    tls_context: ssl.SSLContext | None = None
+    deadline = math.inf
+
+    def set_deadline(self, deadline: float) -> None:
+        self.deadline = deadline
+        if isinstance(self.sock, _DeadlineSocket):
+            self.sock.deadline = deadline
+
+    def connect(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("webhook attempt deadline passed")
+        raw = socket.create_connection((self.host, self.port), left)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls_context is not None:
+            try:
+                raw = _tls_handshake(self.tls_context, raw, self.host, self.deadline)
+            except BaseException:
+                raw.close()
+                raise
+        sock = _DeadlineSocket(raw)
+        sock.deadline = self.deadline
+        self.sock = sock  # type: ignore[assignment]
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per origin, reused by later attempts to the same endpoint
+    (this process's long-lived HTTP client: no handshake per delivery). Only a connection
+    whose answer was read to its end and that the server kept open goes back."""
+
+    def __init__(self, idle_per_origin: int = IDLE_PER_ORIGIN) -> None:
+        self.idle_per_origin = idle_per_origin
+        self._idle: dict[tuple[str, str, int | None], list[_Connection]] = {}
+        self._pid = os.getpid()
+        self._tls: ssl.SSLContext | None = None
+
+    def take(self, scheme: str, host: str, port: int | None) -> tuple[_Connection, bool]:
+        """A connection to the origin and whether it was reused."""
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+            self._idle = {}
+            self._pid = os.getpid()
+        idle = self._idle.get((scheme, host, port))
+        if idle:
+            return idle.pop(), True
+        conn = _Connection(host, port or (443 if scheme == "https" else 80))
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            conn.tls_context = self._tls
+        return conn, False
+
+    def give_back(self, scheme: str, host: str, port: int | None, conn: _Connection) -> None:
+        idle = self._idle.setdefault((scheme, host, port), [])
+        if len(idle) < self.idle_per_origin:
+            conn.set_deadline(math.inf)
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def clear(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+_pool = ConnectionPool()
+
+
+def post(delivery: Delivery, pool: ConnectionPool | None = None) -> HttpResult:
+    """One POST of the delivery's exact body bytes with its headers; never raises for network
+    trouble. The endpoint's timeout bounds the whole attempt — connect, TLS, sending, the
+    status line, headers and body — however slowly the other side trickles bytes."""
+    pool = _pool if pool is None else pool
     parts = urlsplit(delivery.url)
-    timeout = delivery.timeout_ms / 1000.0
     body = delivery.body.encode("utf-8")
     headers = {"User-Agent": USER_AGENT}
     if parts.username is not None:
@@ -80,32 +222,47 @@ def post(delivery: Delivery) -> HttpResult:
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
     headers.update(delivery.headers)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname or ""
+    origin = (parts.scheme, parts.hostname or "", parts.port)
     started = time.perf_counter()
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        if _tls_context is None:
-            _tls_context = ssl.create_default_context()
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_tls_context)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
-    try:
+    deadline = time.monotonic() + delivery.timeout_ms / 1000.0
+    while True:
+        conn, reused = pool.take(*origin)
+        conn.set_deadline(deadline)
+        keep = False
         try:
-            conn.connect()
-        except (TimeoutError, socket.timeout):
+            if conn.sock is None:
+                try:
+                    conn.connect()
+                except TimeoutError:
+                    return HttpResult(None, "timeout", time.perf_counter() - started)
+                except OSError:
+                    return HttpResult(None, "connect", time.perf_counter() - started)
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read(MAX_RESPONSE_BYTES)
+            keep = response.isclosed() and not response.will_close
+            return HttpResult(response.status, None, time.perf_counter() - started,
+                              _retry_after_ms(response.getheader("Retry-After")))
+        except TimeoutError:
             return HttpResult(None, "timeout", time.perf_counter() - started)
-        except OSError:
-            return HttpResult(None, "connect", time.perf_counter() - started)
-        conn.request("POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read(MAX_RESPONSE_BYTES)
-        return HttpResult(response.status, None, time.perf_counter() - started)
-    except (TimeoutError, socket.timeout):
-        return HttpResult(None, "timeout", time.perf_counter() - started)
-    except (OSError, http.client.HTTPException):
-        return HttpResult(None, "request", time.perf_counter() - started)
-    finally:
-        conn.close()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if reused:  # the server closed the idle connection first: try once on a fresh one
+                continue
+            return HttpResult(None, "request", time.perf_counter() - started)
+        except (OSError, http.client.HTTPException):
+            return HttpResult(None, "request", time.perf_counter() - started)
+        finally:
+            if keep:
+                pool.give_back(*origin, conn)
+            else:
+                conn.close()
+
+
+def _retry_after_ms(value: str | None) -> int | None:
+    """Retry-After in delta-seconds (RFC 9110 §10.2.3); an HTTP-date is taken as "no hint"."""
+    if not value or not value.strip().isdigit():
+        return None
+    return int(value.strip()) * 1000
 
 
 # -- one attempt's outcome -------------------------------------------------------------------
@@ -138,9 +295,16 @@ def decide(delivery: Delivery, attempt: int, first_attempt_ms: float, now_ms: fl
     reason = failure_reason(http.status, http.error)
     if verdict is Verdict.PERMANENT:
         return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_PERMANENT)
-    delay = delivery.retry.next_delay_ms(attempt, now_ms - first_attempt_ms)
+    elapsed_ms = now_ms - first_attempt_ms
+    delay = delivery.retry.next_delay_ms(attempt, elapsed_ms)
     if delay is None:
         return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_EXHAUSTED)
+    if http.retry_after_ms is not None and http.retry_after_ms > delay:
+        # The endpoint asked for a slower pace (429/503 Retry-After): wait as asked, up to the
+        # longest backoff, when that still fits in the retry budget (else the policy's wait).
+        asked = max(delay, min(http.retry_after_ms, delivery.retry.max_backoff_ms))
+        if elapsed_ms + asked <= delivery.retry.max_elapsed_time_ms:
+            delay = asked
     return AttemptResult(RETRY, attempt, http.status, http.error, http.seconds, reason, retry_in_ms=delay)
 
 

@@ -50,6 +50,8 @@ FAILURE_TTL_S = 7 * 24 * 3600  # jobs RQ itself failed; the worker turns them in
 CRASH_ALLOWANCE = 3
 #: Deliveries the in-process queue holds (and the sink keeps while the queue is unreachable).
 OUTBOX_LIMIT = 100_000
+#: Attempts the in-process queue runs at once (greenlets of the server).
+EMBEDDED_CONCURRENCY = 32
 
 
 def rq_retry(policy: RetryPolicy) -> Retry:
@@ -130,15 +132,33 @@ class _Job:
     ready_since: float
 
 
+def auto_endpoint_slots(total_slots: int) -> int:
+    """``max_concurrent_per_endpoint = 0`` ("auto"): a quarter of the attempts that can run at
+    once, at least 1, so a few slow endpoints cannot take every slot."""
+    return max(1, total_slots // 4)
+
+
+EndpointKey = tuple[str, str, str]  # app id, endpoint id, url: one webhook entry
+
+
+def endpoint_key(delivery: Delivery) -> EndpointKey:
+    return (delivery.app_id, delivery.endpoint, delivery.url)
+
+
 class EmbeddedQueue:
     """Delivers from this process with the same policy as the RQ workers: ``concurrency``
     greenlets send, retries wait in sleeping greenlets, dead letters stay in memory.
-    Nothing here survives a restart."""
+
+    Each endpoint (webhook entry) has its own ready line and at most ``max_concurrent_per_endpoint``
+    attempts in flight (0: ``auto_endpoint_slots(concurrency)``); the senders take endpoints in
+    turn, so a slow endpoint's backlog waits in its own line while other endpoints' and other
+    apps' deliveries go out. Every attempt is bounded by its endpoint's timeout as a whole
+    (``delivery.post``). Nothing here survives a restart."""
 
     backend = "memory"
 
     def __init__(self, runtime: Runtime, metrics: WebhookMetrics | None, dead_letters: DeadLetters,
-                 sender: Sender = post, clock: Callable[[], float] = time.time, concurrency: int = 20,
+                 sender: Sender = post, clock: Callable[[], float] = time.time, concurrency: int = EMBEDDED_CONCURRENCY,
                  capacity: int = OUTBOX_LIMIT) -> None:
         self.runtime = runtime
         self.metrics = metrics
@@ -147,7 +167,10 @@ class EmbeddedQueue:
         self.clock = clock
         self.concurrency = concurrency
         self.capacity = capacity
-        self._ready: deque[_Job] = deque()
+        self._lines: dict[EndpointKey, deque[_Job]] = {}
+        self._inflight: dict[EndpointKey, int] = {}
+        self._turns: deque[EndpointKey] = deque()  # endpoints with a ready job and a free slot, each once
+        self._queued = 0
         self._wake = runtime.event()
         self._delayed = 0
         self._active = 0
@@ -164,7 +187,7 @@ class EmbeddedQueue:
         """Give ready and running deliveries ``timeout`` seconds, then stop (retries waiting for
         their time are dropped: this queue does not survive a restart)."""
         deadline = self.clock() + timeout
-        while (self._ready or self._active) and self.clock() < deadline:
+        while (self._queued or self._active) and self.clock() < deadline:
             self.runtime.sleep(0.05)
         self._stopping = True
         self._wake.set()
@@ -172,29 +195,74 @@ class EmbeddedQueue:
     def enqueue(self, deliveries: list[Delivery]) -> None:
         now = self.clock()
         for delivery in deliveries:
-            if len(self._ready) >= self.capacity:
+            if self._queued >= self.capacity:
                 if self.metrics is not None:
                     self.metrics.dropped.labels(delivery.app_id, delivery.endpoint_label).inc()
                 logger.error("webhook queue full; delivery dropped",
                              extra={"app_id": delivery.app_id, "delivery_id": delivery.delivery_id})
                 continue
-            self._ready.append(_Job(delivery, 1, None, now))
+            self._push(_Job(delivery, 1, None, now))
         self._wake.set()
 
     def stats(self) -> QueueStats:
-        oldest = self._ready[0].ready_since if self._ready else None
-        age = max(0.0, self.clock() - oldest) if oldest is not None else 0.0
-        return QueueStats(self.backend, "webhooks", {"ready": len(self._ready), "delayed": self._delayed,
+        heads = [line[0].ready_since for line in self._lines.values() if line]
+        age = max(0.0, self.clock() - min(heads)) if heads else 0.0
+        return QueueStats(self.backend, "webhooks", {"ready": self._queued, "delayed": self._delayed,
                                                      "active": self._active,
                                                      "dead_letter": self.dead_letters.count()}, age)
 
+    def slots(self, delivery: Delivery) -> int:
+        return delivery.max_concurrent if delivery.max_concurrent > 0 else auto_endpoint_slots(self.concurrency)
+
+    def _push(self, job: _Job) -> None:
+        key = endpoint_key(job.delivery)
+        line = self._lines.setdefault(key, deque())
+        line.append(job)
+        self._queued += 1
+        if len(line) == 1:
+            self._offer(key, job.delivery)
+
+    def _offer(self, key: EndpointKey, delivery: Delivery) -> None:
+        """Give the endpoint a turn if it has a ready job and a free slot (and no turn yet)."""
+        line = self._lines.get(key)
+        if line and self._inflight.get(key, 0) < self.slots(delivery) and key not in self._turns:
+            self._turns.append(key)
+
+    def take(self) -> _Job | None:
+        """The next job to attempt (its endpoint's slot taken), endpoints in turn; None when
+        every endpoint with ready jobs is at its cap."""
+        if not self._turns:
+            return None
+        key = self._turns.popleft()
+        line = self._lines[key]
+        job = line.popleft()
+        self._queued -= 1
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        if line:
+            self._offer(key, job.delivery)
+        else:
+            del self._lines[key]
+        return job
+
+    def done(self, job: _Job) -> None:
+        """Release the job's endpoint slot."""
+        key = endpoint_key(job.delivery)
+        left = self._inflight.get(key, 1) - 1
+        if left > 0:
+            self._inflight[key] = left
+        else:
+            self._inflight.pop(key, None)
+        self._offer(key, job.delivery)
+        if self._turns:
+            self._wake.set()
+
     def _work(self) -> None:
         while not self._stopping:
-            if not self._ready:
+            job = self.take()
+            if job is None:
                 self._wake.clear()
                 self._wake.wait(1.0)
                 continue
-            job = self._ready.popleft()
             self._active += 1
             try:
                 self._attempt(job)
@@ -203,6 +271,7 @@ class EmbeddedQueue:
                                  extra={"app_id": job.delivery.app_id, "delivery_id": job.delivery.delivery_id})
             finally:
                 self._active -= 1
+                self.done(job)
 
     def _attempt(self, job: _Job) -> None:
         delivery = job.delivery
@@ -224,6 +293,5 @@ class EmbeddedQueue:
         self.runtime.sleep(seconds)
         self._delayed -= 1
         job.ready_since = self.clock()
-        self._ready.append(job)
+        self._push(job)
         self._wake.set()
-

@@ -98,7 +98,7 @@ def test_settings_defaults_follow_the_spec() -> None:
     assert (s.request_timeout_ms, s.batching_enabled, s.batching_duration_ms, s.batching_size) == (10000, True, 50, 100)
     assert s.retry == RetryPolicy(True, None, 300_000, 1000, 60_000)
     assert s.debounce_ms == 3000 and s.queue_driver == "auto"
-    assert s.max_concurrent_per_endpoint == 0  # auto: half the workers, at least 1
+    assert s.max_concurrent_per_endpoint == 0  # auto: a quarter of the workers' job slots, at least 1
 
 
 def test_max_concurrent_per_endpoint_from_toml_env_and_auto() -> None:
@@ -578,8 +578,9 @@ def test_embedded_queue_retries_then_delivers_and_dead_letters_permanent_failure
     deliveries = build_deliveries("1", KEY, SECRET, app.webhooks, settings, int(time.time() * 1000),
                                   [{"name": "channel_occupied", "channel": "c"}])
     queue.enqueue(deliveries)
-    while queue._ready:  # what the worker greenlets do, one attempt at a time
-        queue._attempt(queue._ready.popleft())
+    while (job := queue.take()) is not None:  # what the worker greenlets do, one attempt at a time
+        queue._attempt(job)
+        queue.done(job)
     assert sent == ["http://h/retry", "http://h/gone", "http://h/retry", "http://h/retry"]
     (letter,) = letters.list()
     assert (letter["reason"], letter["status"], letter["attempts"], letter["url"]) == ("permanent_failure", 404, 1,
@@ -593,6 +594,27 @@ def test_embedded_queue_retries_then_delivers_and_dead_letters_permanent_failure
     assert value("sockudo_webhooks_delivered_total", retry) == 1
     assert value("sockudo_webhooks_dead_lettered_total", {**gone, "reason": "permanent_failure"}) == 1
     assert queue.stats().depth == {"ready": 0, "delayed": 0, "active": 0, "dead_letter": 1}
+
+
+def test_embedded_queue_caps_each_endpoint_and_takes_endpoints_in_turn() -> None:
+    """8 senders: "auto" lets one endpoint have 2 attempts in flight. A backlog of 10 for /slow
+    does not keep /other waiting: the senders take endpoints in turn, and /slow's surplus stays
+    in its own line until one of its attempts ends."""
+    queue = EmbeddedQueue(FakeRuntime(threads=False), None, MemoryDeadLetters(), concurrency=8)
+    app = make_app({"url": "http://h/slow", "event_types": ["channel_occupied"]},
+                   {"url": "http://h/other", "event_types": ["channel_occupied"]})
+    slow, other = build_deliveries("1", KEY, SECRET, app.webhooks, WebhookSettings(), 1,
+                                   [{"name": "channel_occupied", "channel": "c"}])
+    queue.enqueue([replace(slow, delivery_id=str(i)) for i in range(10)] + [other])
+    taken = [queue.take() for _ in range(4)]
+    assert [j.delivery.url if j else None for j in taken] == ["http://h/slow", "http://h/other", "http://h/slow",
+                                                              None]
+    assert queue.stats().depth["ready"] == 8
+    assert taken[0] is not None
+    queue.done(taken[0])
+    nxt = queue.take()
+    assert nxt is not None and nxt.delivery.url == "http://h/slow"
+    assert queue.slots(replace(slow, max_concurrent=5)) == 5  # a configured cap
 
 
 def test_memory_dead_letters_keep_the_newest() -> None:
@@ -653,6 +675,54 @@ def test_post_sends_the_exact_signed_bytes(receiver: Receiver) -> None:
     assert path == "/hook?x=1" and headers["X-Custom"] == "1"
     assert body == d.body.encode("utf-8")
     assert sdk().validate_webhook(KEY, headers["X-Pusher-Signature"], body.decode()) is not None
+
+
+def test_post_bounds_the_whole_attempt_however_slowly_the_answer_trickles() -> None:
+    """One byte every 50 ms never trips a 400 ms per-read timeout; the attempt's deadline does."""
+    from tests.support.webhooks import Receiver as ScriptedReceiver
+
+    slow = ScriptedReceiver(trickle_every=0.05, script={"/hook": ["trickle"]}).start()
+    results: list[HttpResult] = []
+    try:
+        sender = threading.Thread(target=lambda: results.append(post(local_delivery(slow.port, timeout_ms=400))),
+                                  daemon=True)
+        sender.start()
+        sender.join(3)
+        assert results, "the attempt outlived its 400 ms timeout by seconds"
+        ((status, error, seconds),) = [(r.status, r.error, r.seconds) for r in results]
+        assert (status, error) == (None, "timeout") and seconds < 0.6
+    finally:
+        slow.stop()
+
+
+def test_post_reuses_keep_alive_connections() -> None:
+    from sockudo.webhooks.delivery import ConnectionPool
+    from tests.support.webhooks import Receiver as ScriptedReceiver
+
+    server = ScriptedReceiver().start()
+    pool = ConnectionPool()
+    try:
+        d = local_delivery(server.port)
+        assert post(d, pool).status == 200
+        (idle,) = pool._idle.values()
+        (conn,) = idle
+        assert post(d, pool).status == 200
+        assert pool._idle[("http", "127.0.0.1", server.port)] == [conn]  # the same connection, reused
+        assert len(server.requests) == 2
+    finally:
+        pool.clear()
+        server.stop()
+
+
+def test_retry_after_slows_the_retries_down_within_the_budget() -> None:
+    d = replace(a_delivery(), retry=RetryPolicy(initial_backoff_ms=1000, max_backoff_ms=60_000,
+                                                max_elapsed_time_ms=300_000))
+    asked = decide(d, 1, 0, 100, HttpResult(429, None, 0.1, retry_after_ms=30_000))
+    assert (asked.outcome, asked.retry_in_ms) == ("retry", 30_000)
+    capped = decide(d, 1, 0, 100, HttpResult(503, None, 0.1, retry_after_ms=3_600_000))
+    assert capped.retry_in_ms == 60_000  # at most the longest backoff
+    late = decide(d, 3, 0, 290_000, HttpResult(429, None, 0.1, retry_after_ms=30_000))
+    assert (late.outcome, late.retry_in_ms) == ("retry", 4000)  # the asked wait would pass the budget
 
 
 def test_post_reports_connection_errors_and_timeouts() -> None:
@@ -835,19 +905,21 @@ def test_endpoint_slots_cap_attempts_per_url_and_expire(rclient: redis.Redis) ->
     assert rclient.get(held[1]) == b"job9:c"
 
 
-def test_auto_cap_is_half_the_workers_on_the_queue(rclient: redis.Redis) -> None:
+def test_auto_cap_is_a_quarter_of_the_workers_job_slots(rclient: redis.Redis) -> None:
     from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-    from workers.webhooks import endpoint_slots
+    from workers.webhooks import SLOTS_FIELD, endpoint_slots
 
     queue = RqQueue(rclient, "p:")
     queue.enqueue([a_delivery()])
     job = Job.fetch(queue.queue.job_ids[0], connection=rclient)
     assert endpoint_slots(job, a_delivery()) == 1  # no worker registered: 1
     rclient.sadd(WORKERS_BY_QUEUE_KEY % "webhooks", "rq:worker:a", "rq:worker:b")
-    assert endpoint_slots(job, a_delivery()) == 1  # 2 workers: 1, the other stays free
-    rclient.sadd(WORKERS_BY_QUEUE_KEY % "webhooks", "rq:worker:c", "rq:worker:d", "rq:worker:e")
-    assert endpoint_slots(job, a_delivery()) == 2
+    assert endpoint_slots(job, a_delivery()) == 1  # 2 plain rq workers (one job each): 1
+    rclient.hset("rq:worker:a", SLOTS_FIELD, 100)  # a python -m workers with --concurrency 100
+    assert endpoint_slots(job, a_delivery()) == 25  # (100 + 1) // 4
+    rclient.hset("rq:worker:b", SLOTS_FIELD, 100)
+    assert endpoint_slots(job, a_delivery()) == 50
     assert endpoint_slots(job, replace(a_delivery(), max_concurrent=4)) == 4  # configured
 
 
@@ -920,8 +992,10 @@ def test_returned_retry_is_rqs_value() -> None:
 # -- import rules -----------------------------------------------------------------------------
 
 
-def test_workers_import_without_gevent_and_sockudo_never_imports_workers() -> None:
-    code = ("import sys, workers.webhooks, workers.worker, sockudo.webhooks.model, sockudo.webhooks.delivery;"
+def test_job_modules_import_without_gevent_and_sockudo_never_imports_workers() -> None:
+    """The job functions also run under a plain ``rq worker``; only the worker process
+    (``workers.worker``, ``python -m workers``) is gevent's."""
+    code = ("import sys, workers.webhooks, workers.push, sockudo.webhooks.model, sockudo.webhooks.delivery;"
             "print('gevent' in sys.modules or 'flask' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
