@@ -1,5 +1,6 @@
 """RQ job functions and the worker process (``python -m workers``).
 
-Importable without gevent: the server enqueues jobs here by dotted path
-(``workers.webhooks.deliver``) and never imports this package.
+The job modules (``workers.webhooks``, ``workers.push``) import without gevent: the server
+enqueues them by dotted path (``workers.webhooks.deliver``) and never imports this package, and
+a plain ``rq worker`` can run them. The worker process (``workers.worker``) is gevent's.
 """

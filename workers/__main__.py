@@ -1,7 +1,8 @@
 """``python -m workers``: an RQ worker for the ``webhooks`` queue (``rq worker --with-scheduler``
-semantics) with webhook metrics and prompt recovery of jobs left by crashed workers.
+semantics) that runs up to ``--concurrency`` jobs at once in one gevent-patched process, with
+webhook metrics and prompt recovery of jobs left by crashed workers.
 
-    python -m workers [--url redis://…] [--config sockudo.toml] [--metrics-port 9602] [queue …]
+    python -m workers [--url redis://…] [--config sockudo.toml] [--metrics-port 9602] [--concurrency 100] [queue …]
 
 Redis comes from ``--url``, else ``REDIS_URL`` / ``REDIS_SENTINELS`` or the config file's
 ``[database.redis]`` (the server's settings). Plain ``rq worker --with-scheduler webhooks``
@@ -15,10 +16,15 @@ import logging
 import os
 import sys
 
-from sockudo.webhooks.model import RQ_QUEUE
+from sockudo.webhooks.model import RQ_QUEUE  # pure: imports no socket, ssl, redis or rq
+
+# ``python -m workers`` monkey-patches (in ``__main__`` below) before redis, rq and ssl are
+# imported, inside ``main``; importing this module patches nothing.
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .worker import DEFAULT_CONCURRENCY, run_worker
+
     parser = argparse.ArgumentParser(prog="python -m workers", description="Webhook delivery worker (RQ)")
     parser.add_argument("queues", nargs="*", default=[RQ_QUEUE], help=f"queues to work on (default: {RQ_QUEUE})")
     parser.add_argument("--url", help="Redis URL (default: $REDIS_URL, else the config's [database.redis])")
@@ -30,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reap-interval", type=float, default=None,
                         help="seconds between sweeps for jobs left by dead workers (default: "
                              "$WEBHOOK_REAP_INTERVAL_MS/1000, else 5; 0 turns it off)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"jobs run at once in this process (default: $WORKER_CONCURRENCY, else "
+                             f"{DEFAULT_CONCURRENCY})")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = parser.parse_args(argv)
 
@@ -66,14 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     if reap_interval is None:
         reap_interval = float(os.environ.get("WEBHOOK_REAP_INTERVAL_MS") or 5000) / 1000.0
 
-    from sockudo.metrics.labels import constant_labels
+    concurrency = args.concurrency
+    if concurrency is None:
+        concurrency = int(os.environ.get("WORKER_CONCURRENCY") or DEFAULT_CONCURRENCY)
+    if concurrency < 1:
+        print("workers: --concurrency must be at least 1", file=sys.stderr)
+        return 2
 
-    from .worker import run_worker
+    from sockudo.metrics.labels import constant_labels
 
     try:
         run_worker(connection, args.queues, name=args.name, metrics_port=metrics_port, metrics_host=args.metrics_host,
                    reap_interval=reap_interval, burst=args.burst, logging_level=config.log_level.upper(),
-                   prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"})
+                   prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"},
+                   concurrency=concurrency)
     except OSError as exc:
         logging.getLogger("workers").error("worker stopped: %s", exc)
         return 1
@@ -81,4 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all()  # first: the sockets, SSL, threads and sleeps of everything imported later cooperate
     sys.exit(main())

@@ -1,20 +1,20 @@
-"""The webhook delivery job: one attempt of one signed delivery (spec §5.3).
+"""The webhook delivery job: one attempt of one signed delivery.
 
 ``deliver`` is enqueued by the server as ``"workers.webhooks.deliver"`` with the delivery as a
 plain dict (body, headers with the signature already computed, URL, policy): no app secret
 ever reaches Redis. Per attempt it
 
 - takes one of the endpoint's **in-flight slots** (``EndpointSlots``: at most
-  ``max_concurrent_per_endpoint`` attempts per endpoint across all workers, default half the
-  workers). When none is free the job is **deferred**: it returns ``rq.Retry`` for ~1 s later
+  ``max_concurrent_per_endpoint`` attempts per endpoint across all workers, default a quarter
+  of the workers' job slots). When none is free the job is **deferred**: it returns ``rq.Retry`` for ~1 s later
   (same job, same delivery id) without making or counting an attempt, and the time it spends
   deferred after its first attempt is not charged to its retry budget. So a hanging endpoint
-  can never hold every worker: its surplus jobs wait in RQ's scheduled registry instead;
+  can never hold every worker slot: its surplus jobs wait in RQ's scheduled registry instead;
 - stamps the job's meta (attempt number, first-attempt time) and takes a **lease**
   (``sockudo_webhooks:lease:<job id>``, a little longer than the attempt can possibly run),
   so a worker that finds the job still "started" after the lease is gone knows its worker
   died (see ``workers.worker``);
-- POSTs once with the endpoint's timeout;
+- POSTs once, the endpoint's timeout bounding the whole attempt;
 - on a retryable failure with budget left, **returns** ``rq.Retry(interval=[wait])`` — RQ's
   "retry is a value": RQ schedules the next attempt after exactly the policy's wait (needs
   ``--with-scheduler``); nothing sleeps. (Raising would also retry, but RQ would then log the
@@ -24,8 +24,8 @@ ever reaches Redis. Per attempt it
 - on success returns; on a permanent failure, or when the budget is spent, writes a dead
   letter and returns (the job itself succeeded: it reached a final answer).
 
-The outcome is also left in ``job.meta["sockudo_outcome"]``; the worker's main process turns
-it into metrics after each job (no shared-memory metrics across forked work-horses).
+The outcome is also left in ``job.meta["sockudo_outcome"]``; the worker turns it into metrics
+after each job (the same path works for a plain ``rq worker``'s forked work-horses).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from sockudo.webhooks.delivery import (
     post,
 )
 from sockudo.webhooks.model import LEASE_KEY, Delivery
+from sockudo.webhooks.queue import auto_endpoint_slots
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,11 @@ FIRST_ATTEMPT_MS = "sockudo_first_attempt_ms"
 DEFERRALS = "sockudo_deferrals"  # deferrals in a row since the last attempt
 DEFERRED_SINCE_MS = "sockudo_deferred_since_ms"  # when the current run of deferrals began
 DEFERRED_MS = "sockudo_deferred_ms"  # time spent deferred after the first attempt (not charged to the budget)
+SLOTS_FIELD = "sockudo_slots"  # in RQ's worker hash: how many jobs that worker runs at once
 
 # RQ's scheduler enqueues due jobs once a second, so ~1 s is the shortest useful wait. A job
 # deferred many times in a row (an endpoint that hangs for its whole timeout) waits longer,
-# so a large backlog for one endpoint costs its workers a bounded number of work-horses.
+# so a large backlog for one endpoint costs its workers a bounded number of short job runs.
 DEFER_S = (1, 1, 1, 1, 2, 2, 2, 2, 4)
 
 
@@ -77,16 +79,28 @@ def defer_delay_s(deferrals: int) -> int:
 
 
 def endpoint_slots(job: Job, delivery: Delivery) -> int:
-    """The endpoint's in-flight cap: the configured one, or (0, "auto") half the workers
-    registered on the job's queue, at least 1 — with two or more workers, one always stays
-    free for other endpoints."""
+    """The endpoint's in-flight cap: the configured one, or (0, "auto") a quarter of the jobs
+    the workers registered on the job's queue can run at once, at least 1 — so a few slow
+    endpoints cannot take every worker slot (``sockudo.webhooks.queue.auto_endpoint_slots``)."""
     if delivery.max_concurrent > 0:
         return delivery.max_concurrent
+    return auto_endpoint_slots(queue_slots(job.connection, job.origin))
+
+
+def queue_slots(connection: Any, queue: str) -> int:
+    """Jobs the workers on ``queue`` can run at once: each ``python -m workers`` records its
+    concurrency in its RQ worker hash; a worker without it (plain ``rq worker``) runs one."""
     try:
-        workers = int(job.connection.scard(WORKERS_BY_QUEUE_KEY % job.origin))
+        keys = list(connection.smembers(WORKERS_BY_QUEUE_KEY % queue))
+        if not keys:
+            return 0
+        pipe = connection.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, SLOTS_FIELD)
+        values = pipe.execute()
     except RedisError:
-        workers = 0
-    return max(1, workers // 2)
+        return 0
+    return sum(int(v) if v and v.isdigit() else 1 for v in values)
 
 
 def deliver(payload: dict[str, Any]) -> dict[str, Any] | Retry:

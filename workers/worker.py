@@ -1,19 +1,29 @@
-"""The webhook worker: RQ's forking ``Worker`` plus metrics and prompt crash recovery.
+"""The worker process: RQ jobs run concurrently in one long-lived, gevent-patched process.
 
-**Metrics.** Jobs run in forked work-horses, one per job; counting in the horse would need
-prometheus-client's multiprocess mode and leave one file per horse pid. Instead the job
-records its outcome in ``job.meta`` and this (long-lived) main process counts it after the
-horse exits, into an ordinary registry served on ``WORKER_METRICS_PORT``.
+**Worker model.** ``PoolWorker`` is RQ's ``SimpleWorker`` (jobs run in the worker's own
+process, no fork per job) with a bounded pool of greenlets: the main greenlet dequeues a job
+whenever a pool slot is free and runs RQ's own ``perform_job`` for it in that slot, so up to
+``concurrency`` jobs are in flight at once — each mostly waiting on its endpoint's answer.
+Modules, configuration and HTTP connections (``sockudo.webhooks.delivery``'s keep-alive pool,
+the push providers' clients) live as long as the process, not one job. RQ's job timeout is a
+``gevent.Timeout`` in the job's greenlet (``GeventDeathPenalty``), not SIGALRM.
 
-**Crashed workers.** RQ recovers a job whose work-horse died while the worker lives (it
-retries it from the job's crash allowance). When the whole worker dies (``kill -9``, a lost
-machine), RQ only notices after the job's heartbeat expires (≥ 60 s) *and* another worker
-runs its maintenance (every 10 min by default); its scheduler lock also stays taken for
-about a minute, stalling scheduled retries. The ``Reaper`` thread fixes both, every
-``reap_interval`` seconds, under a Redis lock so one worker does it at a time:
+**Metrics.** Each job leaves its outcome in ``job.meta``; the worker counts it after the job,
+in its own registry served on ``WORKER_METRICS_PORT`` (the same path for jobs run by a plain
+``rq worker``, whose forked work-horses share no registry).
+
+**Stopping.** SIGTERM/SIGINT: no new job is taken, the jobs in flight finish (each bounded by
+its job timeout), then the worker deregisters and exits. A second signal stops at once: the
+jobs in flight are abandoned, and the reaper of another (or the next) worker puts them back.
+
+**Crashed workers.** When the whole worker dies (``kill -9``, a lost machine), RQ only notices
+after the job's heartbeat expires (≥ 60 s) *and* another worker runs its maintenance (every
+10 min by default); its scheduler lock also stays taken for about a minute, stalling
+scheduled retries. The ``Reaper`` fixes both, every ``reap_interval`` seconds, under a Redis
+lock so one worker does it at a time:
 
 - a ``workers.webhooks.deliver`` job still *started* whose lease key has expired (the lease
-  outlives any legitimate attempt: RQ kills an attempt at ``job_timeout``) is put back at
+  outlives any legitimate attempt: an attempt is killed at ``job_timeout``) is put back at
   the front of its queue — the next attempt carries the same delivery id;
 - scheduled jobs overdue by more than ``SCHEDULER_STALL_S`` (no scheduler is running them)
   are enqueued;
@@ -31,11 +41,17 @@ import threading
 import time
 from typing import Any
 
+import gevent
+import gevent.pool
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
-from rq import Queue, Worker
-from rq.exceptions import NoSuchJobError
+from rq import Queue
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+from rq.timeouts import BaseDeathPenalty
+from rq.worker import DequeueStrategy, SimpleWorker
 
 from sockudo.webhooks.delivery import (
     REASON_WORKER,
@@ -48,53 +64,218 @@ from sockudo.webhooks.delivery import (
 from sockudo.webhooks.metrics import WebhookMetrics
 from sockudo.webhooks.model import LEASE_KEY, REAPER_LOCK_KEY, RQ_JOB, Delivery
 
-from .webhooks import ATTEMPTS, FIRST_ATTEMPT_MS, OUTCOME
+from .webhooks import ATTEMPTS, FIRST_ATTEMPT_MS, OUTCOME, SLOTS_FIELD
 
 logger = logging.getLogger(__name__)
 
 STARTUP_GRACE_S = 5.0  # a just-started job may not have taken its lease yet
 SCHEDULER_STALL_S = 10.0  # RQ's scheduler runs due jobs every second; this late means none runs
 BATCH = 500
+DEFAULT_CONCURRENCY = 100  # jobs one worker process runs at once (--concurrency, WORKER_CONCURRENCY)
+POLL_S = 1  # the main greenlet's longest wait (BLPOP, a full pool): how soon it sees a stop request
+HEARTBEAT_S = 10.0  # the worker's own heartbeat while jobs keep coming (RQ's TTL is worker_ttl + 60 s)
 
 
-class WebhookWorker(Worker):
-    """``rq worker`` semantics (fork per job, ``--with-scheduler``) with webhook metrics."""
+class GeventDeathPenalty(BaseDeathPenalty):
+    """RQ's job timeout as a ``gevent.Timeout`` raised in the job's own greenlet (SIGALRM, RQ's
+    default, would interrupt whichever greenlet happens to run)."""
 
+    _timer: gevent.Timeout | None = None
+
+    def setup_death_penalty(self) -> None:
+        seconds = self._timeout if self._timeout and self._timeout > 0 else None
+        self._timer = gevent.Timeout(seconds, self._exception(
+            f"Task exceeded maximum timeout value ({self._timeout} seconds)"))
+        self._timer.start()
+
+    def cancel_death_penalty(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+
+
+class _Running:
+    """What RQ's worker asks of a scheduler's process, answered for a greenlet."""
+
+    pid = None
+
+    def __init__(self, greenlet: gevent.Greenlet) -> None:
+        self.greenlet = greenlet
+
+    def is_alive(self) -> bool:
+        return not self.greenlet.dead
+
+    def join(self, timeout: float | None = None) -> None:
+        self.greenlet.join(timeout)
+
+
+class GreenletScheduler(RQScheduler):
+    """RQ's scheduler (due retries and deferrals back into their queue, once a second) in a
+    greenlet of the worker process. RQ forks a process for it, but a fork of a gevent process
+    copies every greenlet running at that moment — the jobs in flight, which would then run
+    twice, and the metrics server."""
+
+    def _install_signal_handlers(self) -> None:
+        pass  # the worker's handlers stop it
+
+    def start(self) -> _Running:  # type: ignore[override]
+        self._status = self.Status.STARTED
+        running = _Running(gevent.spawn(self._run))
+        self._process = running  # type: ignore[assignment]
+        return running
+
+    def _run(self) -> None:
+        try:
+            self.work()
+        except RedisError as exc:  # the worker's maintenance starts it again once it has the lock
+            self.log.warning("scheduler stopped: Redis unavailable: %s", exc)
+        except Exception:
+            self.log.exception("scheduler failed")
+
+
+class PoolWorker(SimpleWorker):
+    """RQ's ``SimpleWorker`` running up to ``concurrency`` jobs at once, one greenlet each
+    (``--with-scheduler`` semantics, RQ's own ``perform_job`` bookkeeping per job)."""
+
+    death_penalty_class = GeventDeathPenalty
+    concurrency = DEFAULT_CONCURRENCY
     webhook_metrics: WebhookMetrics | None = None
     push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
     stop_signalled = False  # SIGTERM/SIGINT arrived: the loop ended on request, not on an error
+    force_stop = False  # a second signal: leave the jobs in flight to the reaper
 
     def request_stop(self, signum: Any, frame: Any) -> None:
-        # RQ's idle worker stops by raising StopRequested without setting _stop_requested, so
-        # run_worker could not tell a requested stop from a crash; remember the signal here.
+        # A signal handler runs in whichever greenlet is current: it only sets flags, and the
+        # main greenlet (which wakes at least every POLL_S) acts on them.
+        if self.stop_signalled:
+            self.force_stop = True
         self.stop_signalled = True
-        super().request_stop(signum, frame)
+        self._stop_requested = True
 
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        super().execute_job(job, queue)
+    def work(self, burst: bool = False, logging_level: str | None = None,
+             date_format: str = DEFAULT_LOGGING_DATE_FORMAT, log_format: str = DEFAULT_LOGGING_FORMAT,
+             max_jobs: int | None = None, max_idle_time: int | None = None,
+             with_scheduler: bool = False, dequeue_strategy: DequeueStrategy = DequeueStrategy.DEFAULT) -> bool:
+        """RQ's work loop, with the job run in a pool greenlet instead of inline; the loop takes
+        the next job as soon as a pool slot is free. Returns whether any job ran."""
+        self.bootstrap(logging_level, date_format, log_format)
+        self._dequeue_strategy = dequeue_strategy
+        # How many jobs this worker runs at once, beside RQ's fields (expires with the worker's
+        # hash): the jobs' "auto" per-endpoint cap adds them up over the queue's workers.
+        self.connection.hset(self.key, SLOTS_FIELD, self.concurrency)
+        if with_scheduler:
+            self._start_scheduler(burst, logging_level, date_format, log_format)
+        self._install_signal_handlers()
+        pool = gevent.pool.Pool(self.concurrency)
+        started = 0
+        beat = time.monotonic()
+        try:
+            while not self._stop_requested:
+                self.check_for_suspension(burst)
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    self.heartbeat()
+                    beat = time.monotonic()
+                if pool.full():
+                    pool.wait_available(timeout=POLL_S)
+                    continue
+                result = self._dequeue(None if burst else POLL_S)
+                if result is None:
+                    if burst:
+                        pool.join()  # their retries may be due only later: burst means "the queue is empty"
+                        if self._dequeue_peek():
+                            continue
+                        self.log.info("Worker %s: done, quitting", self.name)
+                        break
+                    continue
+                job, queue = result
+                pool.spawn(self._run, job, queue)
+                started += 1
+                if max_jobs is not None and started >= max_jobs:
+                    break
+            if self.force_stop:
+                self.log.warning("Worker %s: cold shut down; %d jobs in flight are left to the reaper", self.name,
+                                 len(pool))
+                pool.kill(block=False)
+                raise SystemExit(1)
+            if len(pool):
+                self.log.info("Worker %s: stopping after the %d jobs in flight", self.name, len(pool))
+            while len(pool) and not self.force_stop:
+                pool.join(timeout=POLL_S)
+            if self.force_stop and len(pool):
+                pool.kill(block=False)
+                raise SystemExit(1)
+        finally:
+            if not self.force_stop:
+                pool.join()
+            self.teardown()
+        return bool(started)
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
+                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+                         log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
+        """RQ's own, with the scheduler in a greenlet (``GreenletScheduler``)."""
+        self.scheduler = GreenletScheduler(self.queues, connection=self.connection,
+                                           logging_level=logging_level if logging_level is not None else self.log.level,
+                                           date_format=date_format, log_format=log_format, serializer=self.serializer)
+        self.scheduler.acquire_locks()
+        if self.scheduler.acquired_locks:
+            if burst:
+                try:
+                    self.scheduler.register_birth()
+                    self.scheduler.enqueue_scheduled_jobs()
+                finally:
+                    self.scheduler.release_locks()
+                    self.scheduler.register_death()
+            else:
+                self.scheduler.start()
+
+    def stop_scheduler(self) -> None:
+        if self.scheduler is not None and self.scheduler._process is not None:
+            self.scheduler.request_stop()
+            self.scheduler._process.join(timeout=self.scheduler.interval + 2)
+
+    def _dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
+        try:
+            result = self.queue_class.dequeue_any(self._ordered_queues, timeout, connection=self.connection,
+                                                  job_class=self.job_class, serializer=self.serializer,
+                                                  death_penalty_class=self.death_penalty_class)
+        except DequeueTimeout:
+            return None
+        if result is not None:
+            job, queue = result
+            self.reorder_queues(reference_queue=queue)
+            job.redis_server_version = self.get_redis_server_version()
+            self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+        return result
+
+    def _dequeue_peek(self) -> bool:
+        return any(queue.count for queue in self.queues)
+
+    def _run(self, job: Job, queue: Queue) -> None:
+        """One job in a pool greenlet: RQ's execution record, perform, success/failure/retry."""
+        try:
+            execution = self.prepare_execution(job)
+            self.perform_job(job, queue, execution)
+        except RedisError as exc:
+            # RQ could not record the job's start or end. A webhook job still 'started' has a
+            # lease that expires; the reaper then puts it back.
+            self.log.error("Worker %s: job %s: Redis unavailable: %s", self.name, job.id, exc)
         try:
             self._count(job)
             self._count_push(job)
         except Exception:  # metrics must never stop the worker
-            logger.exception("could not record webhook metrics", extra={"job_id": job.id})
+            logger.exception("could not record job metrics", extra={"job_id": job.id})
 
     def _count_push(self, job: Job) -> None:
         if self.push_metrics is None or not (job.func_name or "").startswith("workers.push."):
             return
-        try:
-            meta = job.get_meta(refresh=True)
-        except NoSuchJobError:
-            return
-        self.push_metrics.replay(meta.get("sockudo_push_metrics") or [])
+        self.push_metrics.replay(job.meta.get("sockudo_push_metrics") or [])
 
     def _count(self, job: Job) -> None:
         if self.webhook_metrics is None or job.func_name != RQ_JOB:
             return
-        try:
-            meta = job.get_meta(refresh=True)
-        except NoSuchJobError:
-            return
-        outcome = meta.get(OUTCOME)
+        outcome = job.meta.get(OUTCOME)
         if outcome:
             record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome))
 
@@ -102,7 +283,7 @@ class WebhookWorker(Worker):
         """RQ's version attaches the job's arguments (body, signature) to the log record; a JSON
         log handler would print them. Log the failure without them."""
         exc = exc_info[1] if len(exc_info) > 1 else None
-        logger.error("webhook job raised %s: %s", type(exc).__name__ if exc else "?", exc,
+        logger.error("job raised %s: %s", type(exc).__name__ if exc else "?", exc,
                      extra={"job_id": job.id, "queue": job.origin})
 
 
@@ -116,6 +297,7 @@ class Reaper(threading.Thread):
         self.metrics = metrics
         self.owner = owner
         self.stopped = threading.Event()
+        self._unstarted: dict[str, float] = {}  # job id -> when first seen dequeued but not started
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -146,21 +328,58 @@ class Reaper(threading.Thread):
                 job = Job.fetch(job_id, connection=self.connection)
             except NoSuchJobError:
                 continue
-            if job.func_name != RQ_JOB or job.get_status(refresh=False) != JobStatus.STARTED:
+            if job.func_name != RQ_JOB:
                 continue
-            if job.started_at is not None and now - job.started_at.timestamp() < STARTUP_GRACE_S:
+            status = job.get_status(refresh=False)
+            if status == JobStatus.STARTED:
+                if job.started_at is not None and now - job.started_at.timestamp() < STARTUP_GRACE_S:
+                    continue
+            elif status != JobStatus.QUEUED or not self._unstarted_for(job_id, now):
+                # QUEUED in the started registry: its worker died between RQ's two preparation steps.
                 continue
-            # Enqueue first: a crash between the two steps leaves a stale registry entry
-            # (harmless, the job is no longer 'started'), never a job that is nowhere.
+            # Enqueue first: a crash between the steps leaves a stale entry (harmless, the job is
+            # no longer 'started'), never a job that is nowhere.
             queue.enqueue_job(job, at_front=True)
             self.connection.zrem(registry.key, f"{job_id}:{execution_id}")
+            self.connection.lrem(queue.intermediate_queue_key, 0, job_id)
             requeued += 1
-            if self.metrics is not None:
-                self.metrics.abandoned.inc()
-            meta = job.meta or {}
-            logger.warning("webhook job abandoned by a dead worker; requeued job_id=%s attempts=%s", job_id,
-                           meta.get(ATTEMPTS), extra={"job_id": job_id, "attempt": meta.get(ATTEMPTS)})
+            self._abandoned(job)
+        # Dequeued (moved to RQ's intermediate list) by a worker that died before it registered
+        # the job as started: RQ itself would fail it only after a minute or more.
+        for raw in self.connection.lrange(queue.intermediate_queue_key, 0, BATCH - 1):
+            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            if job_id in registry or self.connection.exists(LEASE_KEY.format(job_id=job_id)):
+                continue  # started (the loop above watches it), or running
+            try:
+                job = Job.fetch(job_id, connection=self.connection)
+            except NoSuchJobError:
+                continue
+            if (job.func_name != RQ_JOB or job.get_status(refresh=False) != JobStatus.QUEUED
+                    or not self._unstarted_for(job_id, now)):
+                continue
+            queue.enqueue_job(job, at_front=True)
+            self.connection.lrem(queue.intermediate_queue_key, 0, job_id)
+            requeued += 1
+            self._abandoned(job)
+        for job_id in [j for j, seen in self._unstarted.items() if now - seen > 60 * STARTUP_GRACE_S]:
+            del self._unstarted[job_id]  # started normally meanwhile
         return requeued
+
+    def _unstarted_for(self, job_id: str, now: float) -> bool:
+        """Whether this reaper has seen the job dequeued but not started for STARTUP_GRACE_S (a
+        live worker starts a dequeued job within milliseconds)."""
+        first = self._unstarted.setdefault(job_id, now)
+        if now - first < STARTUP_GRACE_S:
+            return False
+        del self._unstarted[job_id]
+        return True
+
+    def _abandoned(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.abandoned.inc()
+        meta = job.meta or {}
+        logger.warning("webhook job abandoned by a dead worker; requeued job_id=%s attempts=%s", job.id,
+                       meta.get(ATTEMPTS), extra={"job_id": job.id, "attempt": meta.get(ATTEMPTS)})
 
     def enqueue_overdue(self, queue: Queue, now: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -216,8 +435,10 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it 
 
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
-               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None) -> bool:
-    """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``).
+               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None,
+               concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+    """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``), running up
+    to ``concurrency`` jobs at once.
 
     RQ's work loop retries a lost Redis only while it waits for a job; a connection error
     anywhere else (heartbeat, maintenance, preparing a job) ends the loop. A worker that
@@ -234,7 +455,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
     from . import push as push_jobs
 
     push_metrics = PushMetrics(registry)
-    push_jobs.preload()  # work-horses are forked per job: import push's modules once, here
+    push_jobs.preload()  # import push's modules and read the configuration once, before the first job
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -248,11 +469,12 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
     try:
         for run in itertools.count():
             # A restarted loop takes a new name: the old one may still be registered as alive.
-            worker = WebhookWorker(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
+            worker = PoolWorker(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
                                    # A short maintenance interval lets this worker take over RQ's scheduler
                                    # lock soon after the worker holding it died (the lock expires ~1 min
                                    # after its last beat).
                                    maintenance_interval=30)
+            worker.concurrency = max(1, concurrency)
             worker.webhook_metrics = metrics
             worker.push_metrics = push_metrics
             if reaper is None and reap_interval > 0:
@@ -265,9 +487,13 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
                 return worked
             try:
                 worked = bool(worker.work(burst=burst, with_scheduler=True, logging_level=logging_level)) or worked
-            except RedisError as exc:  # teardown could not register the worker's death
+            except RedisError as exc:  # Redis went away (dequeueing, bookkeeping, teardown)
                 logger.warning("worker %s ended without reaching Redis: %s", worker.name, exc)
                 _quietly(worker.unsubscribe)
+                _quietly(worker.stop_scheduler if worker.scheduler else lambda: None)
+            except Exception:  # a bug in the loop: start a fresh worker rather than exit
+                logger.exception("worker %s: work loop failed", worker.name)
+                _quietly(worker.teardown)
             if burst or worker.stop_signalled or worker._stop_requested or stop.is_set():
                 return worked
             logger.error("worker %s: RQ's work loop ended on an error (Redis unreachable?); starting it again "
@@ -300,7 +526,7 @@ def _run_name(name: str | None, run: int) -> str | None:
     return f"{name or 'sockudo-worker'}.{os.getpid()}.r{run}"
 
 
-def _install_stop_handlers(stop: threading.Event, worker: WebhookWorker | None) -> None:
+def _install_stop_handlers(stop: threading.Event, worker: PoolWorker | None) -> None:
     """Before a worker's loop and between two runs (RQ's handlers are bound to one Worker)."""
     def handler(signum: int, frame: Any) -> None:
         stop.set()

@@ -74,11 +74,12 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 @pytest.fixture
-def worker_factory(redis_url: str) -> Iterator[Callable[[], WorkerProcess]]:
+def worker_factory(redis_url: str) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``python -m workers`` processes (``concurrency=N``: job slots); stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def make() -> WorkerProcess:
-        worker = WorkerProcess(redis_url)
+    def make(concurrency: int | None = None) -> WorkerProcess:
+        worker = WorkerProcess(redis_url, concurrency)
         started.append(worker)
         return worker.start()
 

@@ -1,4 +1,4 @@
-"""Webhook test helpers: a scripted HTTP receiver and a ``python -m workers`` process."""
+"""Webhook test helpers: a scripted, latency-injecting HTTP receiver and a ``python -m workers`` process."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class Received:
     headers: dict[str, str]
     body: str
     status: int | None = None  # None: never answered (hung, or its sender died)
+    at: float = 0.0  # time.monotonic() when the request arrived
+    ended: float | None = None  # when the handler was done with it (answered, or the sender hung up)
 
     @property
     def delivery_id(self) -> str:
@@ -51,43 +53,82 @@ class Received:
 
 @dataclass
 class Receiver:
-    """``script[path]`` answers in order (an int status, or ``"hang"``), then 200. It dedupes like
-    a careful receiver: ``processed`` counts each delivery id once, on its first 2xx."""
+    """``script[path]`` answers in order (an int status, ``"hang"``, or ``"trickle"``: one byte of
+    a never-ending answer every ``trickle_every`` seconds until the sender hangs up), then 200.
+    Every answer comes ``delay`` seconds after the request (a real endpoint's latency), and at
+    most ``max_concurrent`` requests are handled at once (others wait their turn, as in a busy
+    server). It dedupes like a careful receiver: ``processed`` counts each delivery id once, on
+    its first 2xx."""
 
     port: int = 0
     script: dict[str, list[int | str]] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
     processed: dict[str, Received] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
+    delay: float = 0.0
+    max_concurrent: int = 1000
+    trickle_every: float = 0.2
 
     def start(self) -> Receiver:
         outer = self
+        slots = threading.BoundedSemaphore(self.max_concurrent)
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints
+
             def do_POST(self) -> None:  # noqa: N802
+                with slots:
+                    self._answer()
+
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
                 path = self.path.split("?", 1)[0]
-                got = Received(path, dict(self.headers), body)
+                got = Received(path, dict(self.headers), body, at=time.monotonic())
                 outer.requests.append(got)
                 steps = outer.script.get(path)
                 action = steps.pop(0) if steps else 200
-                if action == "hang":
-                    outer.release.wait(60)
-                    return  # no answer at all
-                got.status = int(action)
-                if 200 <= got.status < 300:
-                    outer.processed.setdefault(got.delivery_id, got)
                 try:
-                    self.send_response(got.status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass
+                    if action == "hang":
+                        outer.release.wait(60)
+                        self.close_connection = True
+                        return  # no answer at all
+                    if action == "trickle":
+                        self.close_connection = True
+                        self._trickle()
+                        return
+                    if outer.delay:
+                        time.sleep(outer.delay)
+                    got.status = int(action)
+                    if 200 <= got.status < 300:
+                        outer.processed.setdefault(got.delivery_id, got)
+                    try:
+                        self.send_response(got.status)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    except OSError:
+                        self.close_connection = True
+                finally:
+                    got.ended = time.monotonic()
+
+            def _trickle(self) -> None:
+                answer = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"z" * 100_000
+                for i in range(len(answer)):
+                    if outer.release.wait(outer.trickle_every):
+                        return
+                    try:
+                        self.wfile.write(answer[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the sender gave up
 
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                return None  # a sender that hangs up (a timeout, a killed worker) is part of the tests
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -109,11 +150,11 @@ class Receiver:
 
 
 class WorkerProcess:
-    """``python -m workers`` in its own process group (so ``kill -9`` takes the whole worker:
-    main process, work-horse and scheduler)."""
+    """``python -m workers`` in its own process group (``kill -9`` takes the whole worker)."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, concurrency: int | None = None) -> None:
         self.redis_url = redis_url
+        self.concurrency = concurrency
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
         self.log_path = os.path.join(self.dir, "worker.log")
@@ -124,7 +165,8 @@ class WorkerProcess:
         env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port)],
+            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port),
+             *(["--concurrency", str(self.concurrency)] if self.concurrency else [])],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(self._ready, timeout=20, message="worker metrics endpoint")
@@ -144,7 +186,7 @@ class WorkerProcess:
             return fh.read()
 
     def children(self) -> list[int]:
-        """The work-horse and the scheduler (RQ puts the horse in a process group of its own)."""
+        """The worker's child processes, if any."""
         assert self.proc is not None
         found: list[int] = []
         pending = [self.proc.pid]
@@ -160,21 +202,16 @@ class WorkerProcess:
                 pending.extend(kids)
         return found
 
-    def kill9(self, horse_only: bool = False) -> None:
-        """``kill -9`` of the whole worker (main process, work-horse, scheduler), or of the
-        work-horse alone (the worker survives and sees it die)."""
+    def kill9(self) -> None:
+        """``kill -9`` of the whole worker (its jobs, scheduler and reaper are greenlets of one
+        process): the jobs in flight are abandoned mid-request, with nobody left to notice."""
         assert self.proc is not None
-        victims = self.children() if horse_only else [self.proc.pid, *self.children()]
-        if horse_only:
-            victims = [pid for pid in victims if os.getpgid(pid) == pid]  # the horse leads its own group
-            assert victims, "no work-horse running"
-        for pid in victims:
+        for pid in [self.proc.pid, *self.children()]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if not horse_only:
-            self.proc.wait(timeout=10)
+        self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
