@@ -6,9 +6,10 @@ ever reaches Redis. Per attempt it
 
 - takes one of the endpoint's **in-flight slots** (``EndpointSlots``: at most
   ``max_concurrent_per_endpoint`` attempts per endpoint across all workers, default a quarter
-  of the workers' job slots). When none is free the job is **deferred**: it returns ``rq.Retry`` for ~1 s later
-  (same job, same delivery id) without making or counting an attempt, and the time it spends
-  deferred after its first attempt is not charged to its retry budget. So a hanging endpoint
+  of the workers' job slots). When none frees up within ``SLOT_WAIT_S`` the job is
+  **deferred**: it returns ``rq.Retry`` for ~1 s later (same job, same delivery id) without
+  making or counting an attempt, and the time it spends deferred after its first attempt is
+  not charged to its retry budget. So a hanging endpoint
   can never hold every worker slot: its surplus jobs wait in RQ's scheduled registry instead;
 - stamps the job's meta (attempt number, first-attempt time) and takes a **lease**
   (``sockudo_webhooks:lease:<job id>``, a little longer than the attempt can possibly run),
@@ -31,6 +32,7 @@ after each job (the same path works for a plain ``rq worker``'s forked work-hors
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -111,7 +113,10 @@ def deliver(payload: dict[str, Any]) -> dict[str, Any] | Retry:
     slots = EndpointSlots(job.connection)
     owner = f"{job.id}:"
     token = owner + uuid.uuid4().hex
-    key = slots.acquire(delivery, endpoint_slots(job, delivery), token, delivery.lease_ms, owner=owner)
+    cap = endpoint_slots(job, delivery)
+    key = slots.acquire(delivery, cap, token, delivery.lease_ms, owner=owner)
+    if key is None:
+        key = _wait_for_slot(slots, delivery, cap, token, owner)
     if key is None:
         return _defer(job, delivery)
     try:
@@ -122,6 +127,42 @@ def deliver(payload: dict[str, Any]) -> dict[str, Any] | Retry:
         except RedisError as exc:  # the slot expires by itself after lease_ms
             logger.warning("could not release a webhook in-flight slot: %s", exc,
                            extra={"app_id": delivery.app_id, "delivery_id": delivery.delivery_id})
+        _slot_freed(delivery)
+
+
+# A job whose endpoint has every slot taken waits this long in its worker for one before it is
+# deferred. An endpoint that is busy but healthy frees a slot every few hundred milliseconds, so
+# its jobs mostly get one here instead of going round RQ's scheduler; an endpoint that hangs
+# costs each of its waiting jobs this much of a worker slot, then they are deferred.
+SLOT_WAIT_S = 0.5
+SLOT_POLL_S = 0.1  # slots freed by other worker processes are noticed this often
+
+_freed: dict[tuple[str, str, str], threading.Condition] = {}
+
+
+def _endpoint(delivery: Delivery) -> tuple[str, str, str]:
+    return (delivery.app_id, delivery.endpoint, delivery.url)
+
+
+def _wait_for_slot(slots: EndpointSlots, delivery: Delivery, cap: int, token: str, owner: str) -> str | None:
+    """Wait up to SLOT_WAIT_S for a slot: woken when this process frees one of the endpoint's,
+    else every SLOT_POLL_S. (Under ``python -m workers`` the condition is gevent's.)"""
+    freed = _freed.setdefault(_endpoint(delivery), threading.Condition())
+    deadline = time.monotonic() + SLOT_WAIT_S
+    while (left := deadline - time.monotonic()) > 0:
+        with freed:
+            freed.wait(min(left, SLOT_POLL_S))
+        key = slots.acquire(delivery, cap, token, delivery.lease_ms, owner=owner)
+        if key is not None:
+            return key
+    return None
+
+
+def _slot_freed(delivery: Delivery) -> None:
+    freed = _freed.get(_endpoint(delivery))
+    if freed is not None:
+        with freed:
+            freed.notify()
 
 
 def _defer(job: Job, delivery: Delivery) -> Retry:
