@@ -592,7 +592,8 @@ def cross_churn(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _webhook_receiver(stack: ExitStack) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.webhook_receiver", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "bench.webhook_receiver", "--port", str(port), "--delay-ms", "0"],
+                            cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=sys.stderr)
 
     def stop() -> None:
