@@ -107,6 +107,29 @@ def test_killing_the_worker_mid_batch_loses_and_duplicates_nothing(
         receiver.stop()
 
 
+def test_workers_a_trickling_endpoint_costs_its_timeout_and_delays_no_other(
+        receiver: Receiver, redis_url: str, worker_factory: Callable[..., WorkerProcess]) -> None:
+    """With Redis: a worker of 8 slots (auto cap: 2 per endpoint), 10 deliveries to an endpoint
+    that trickles one byte every 0.2 s forever, then 5 to another. Each trickled attempt ends
+    at its 1 s deadline, and the other endpoint's deliveries go out at once."""
+    receiver.trickle_every = 0.2
+    receiver.script["/trickle"] = ["trickle"] * 1000
+    worker_factory(concurrency=8)
+    try:
+        enqueue(redis_url, receiver.url("/trickle"), 10, timeout_ms=1000)
+        wait_until(lambda: len(receiver.at("/trickle")) >= 2, timeout=10, message="/trickle being tried")
+        raised = time.monotonic()
+        ids = enqueue(redis_url, receiver.url("/quick"), 5)
+        wait_until(lambda: set(receiver.processed) >= ids, timeout=5, message="/quick's deliveries")
+        assert time.monotonic() - raised < 2.5
+        ended = lambda: [r for r in receiver.at("/trickle") if r.ended is not None]  # noqa: E731
+        wait_until(lambda: len(ended()) >= 4, timeout=10, message="/trickle's attempts ending at their deadline")
+        durations = [r.ended - r.at for r in ended() if r.ended is not None]
+        assert max(durations) < 1.0 + 2 * 0.2 + 0.5, durations
+    finally:
+        receiver.release.set()
+
+
 def test_embedded_queue_a_trickling_endpoint_costs_its_timeout_and_delays_no_other(
         server_factory: Callable[..., ServerProcess], receiver: Receiver) -> None:
     """No Redis: the server sends. /trickle answers one byte every 0.2 s forever; each attempt
