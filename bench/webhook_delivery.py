@@ -7,10 +7,9 @@ One Redis, one receiver (``bench.webhook_receiver`` answering every request afte
 ``--delay-ms``), and per round, one after the other on a freshly flushed database with the same
 backlog of signed deliveries (one event each) for that one endpoint:
 
-- ``forking``: ``rq worker --with-scheduler webhooks``, RQ's forking worker — one work-horse
-  process per job, one request at a time — with the job's modules imported before it forks. This
-  is what ``python -m workers`` ran before the pool (its own loop only added metrics and the
-  reaper);
+- ``forking``: ``python -m workers --fork``, RQ's forking worker (``rq worker --with-scheduler``
+  semantics) — one work-horse process per job, one request at a time — which is what
+  ``python -m workers`` ran before the pool;
 - ``pool``: ``python -m workers`` (default ``--concurrency`` 100, per-endpoint cap "auto": a
   quarter of the slots, 25);
 - ``pool-cap100``: the same with ``max_concurrent_per_endpoint = 100`` (the cap at the pool's size).
@@ -92,13 +91,7 @@ def _enqueue(client: redis.Redis, url: str, count: int, max_concurrent: int) -> 
 def _worker(kind: str, redis_url: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
     env["LOG_LEVEL"] = "warning"
-    if kind == "forking":
-        # RQ's CLI, with the job's modules imported before it forks (as the old ``python -m
-        # workers`` had them), so each work-horse inherits them instead of importing them again.
-        cmd = [sys.executable, "-c", "import workers.webhooks, rq.cli; rq.cli.main()", "worker", "--with-scheduler",
-               "--url", redis_url, "--logging_level", "WARNING", "webhooks"]
-    else:
-        cmd = [sys.executable, "-m", "workers", "--url", redis_url]
+    cmd = [sys.executable, "-m", "workers", "--url", redis_url, *(["--fork"] if kind == "forking" else [])]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

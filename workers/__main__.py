@@ -17,14 +17,20 @@ import os
 import sys
 
 from sockudo.webhooks.model import RQ_QUEUE  # pure: imports no socket, ssl, redis or rq
+from workers import DEFAULT_CONCURRENCY
 
-# ``python -m workers`` monkey-patches (in ``__main__`` below) before redis, rq and ssl are
-# imported, inside ``main``; importing this module patches nothing.
+# ``python -m workers`` monkey-patches (in ``__main__`` below, for the pool) before redis, rq and
+# ssl are imported, inside ``main``; importing this module patches nothing.
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .worker import DEFAULT_CONCURRENCY, run_worker
+def pooled(args: argparse.Namespace) -> bool:
+    """The pool runs the webhooks queue. Other queues (push) keep RQ's forking worker, one
+    work-horse per job: the push dispatcher keeps per-process state (its lease owner) that must
+    not outlive one job. ``--fork`` forces the forking worker."""
+    return not args.fork and all(queue == RQ_QUEUE for queue in args.queues)
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workers", description="Webhook delivery worker (RQ)")
     parser.add_argument("queues", nargs="*", default=[RQ_QUEUE], help=f"queues to work on (default: {RQ_QUEUE})")
     parser.add_argument("--url", help="Redis URL (default: $REDIS_URL, else the config's [database.redis])")
@@ -39,8 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None,
                         help=f"jobs run at once in this process (default: $WORKER_CONCURRENCY, else "
                              f"{DEFAULT_CONCURRENCY})")
+    parser.add_argument("--fork", action="store_true",
+                        help="RQ's forking worker (one work-horse process per job) instead of the pool")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .worker import run_worker
+
+    args = _parser().parse_args(argv)
 
     from sockudo.config import load_config
     from sockudo.core.errors import ConfigError
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(connection, args.queues, name=args.name, metrics_port=metrics_port, metrics_host=args.metrics_host,
                    reap_interval=reap_interval, burst=args.burst, logging_level=config.log_level.upper(),
                    prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"},
-                   concurrency=concurrency)
+                   concurrency=concurrency, pooled=pooled(args))
     except OSError as exc:
         logging.getLogger("workers").error("worker stopped: %s", exc)
         return 1
@@ -96,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gevent import monkey
+    if pooled(_parser().parse_known_args()[0]):
+        from gevent import monkey
 
-    monkey.patch_all()  # first: the sockets, SSL, threads and sleeps of everything imported later cooperate
+        monkey.patch_all()  # first: the sockets, SSL, threads and sleeps of everything imported later cooperate
     sys.exit(main())

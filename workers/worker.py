@@ -8,6 +8,10 @@ Modules, configuration and HTTP connections (``sockudo.webhooks.delivery``'s kee
 the push providers' clients) live as long as the process, not one job. RQ's job timeout is a
 ``gevent.Timeout`` in the job's greenlet (``GeventDeathPenalty``), not SIGALRM.
 
+The pool serves the webhooks queue. ``ForkingWorker`` — RQ's forking worker, one work-horse
+process per job, in a process that is not monkey-patched — serves other queues (push, whose
+dispatcher keeps per-process state that must not outlive a job) and ``--fork``.
+
 **Metrics.** Each job leaves its outcome in ``job.meta``; the worker counts it after the job,
 in its own registry served on ``WORKER_METRICS_PORT`` (the same path for jobs run by a plain
 ``rq worker``, whose forked work-horses share no registry).
@@ -45,13 +49,13 @@ import gevent
 import gevent.pool
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty
-from rq.worker import DequeueStrategy, SimpleWorker
+from rq.worker import BaseWorker, DequeueStrategy, SimpleWorker
 
 from sockudo.webhooks.delivery import (
     REASON_WORKER,
@@ -64,6 +68,7 @@ from sockudo.webhooks.delivery import (
 from sockudo.webhooks.metrics import WebhookMetrics
 from sockudo.webhooks.model import LEASE_KEY, REAPER_LOCK_KEY, RQ_JOB, Delivery
 
+from . import DEFAULT_CONCURRENCY
 from .webhooks import ATTEMPTS, FIRST_ATTEMPT_MS, OUTCOME, SLOTS_FIELD
 
 logger = logging.getLogger(__name__)
@@ -71,9 +76,54 @@ logger = logging.getLogger(__name__)
 STARTUP_GRACE_S = 5.0  # a just-started job may not have taken its lease yet
 SCHEDULER_STALL_S = 10.0  # RQ's scheduler runs due jobs every second; this late means none runs
 BATCH = 500
-DEFAULT_CONCURRENCY = 100  # jobs one worker process runs at once (--concurrency, WORKER_CONCURRENCY)
 POLL_S = 1  # the main greenlet's longest wait (BLPOP, a full pool): how soon it sees a stop request
 HEARTBEAT_S = 10.0  # the worker's own heartbeat while jobs keep coming (RQ's TTL is worker_ttl + 60 s)
+
+
+class _Counting:
+    """Turns the outcome a job left in its ``meta`` into this worker's metrics."""
+
+    webhook_metrics: WebhookMetrics | None = None
+    push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
+
+    def count_outcome(self, job: Job, meta: dict[str, Any]) -> None:
+        try:
+            if self.push_metrics is not None and (job.func_name or "").startswith("workers.push."):
+                self.push_metrics.replay(meta.get("sockudo_push_metrics") or [])
+            outcome = meta.get(OUTCOME)
+            if self.webhook_metrics is not None and job.func_name == RQ_JOB and outcome:
+                record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]),
+                               AttemptResult.from_dict(outcome))
+        except Exception:  # metrics must never stop the worker
+            logger.exception("could not record job metrics", extra={"job_id": job.id})
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """RQ's version attaches the job's arguments (body, signature) to the log record; a JSON
+        log handler would print them. Log the failure without them."""
+        exc = exc_info[1] if len(exc_info) > 1 else None
+        logger.error("job raised %s: %s", type(exc).__name__ if exc else "?", exc,
+                     extra={"job_id": job.id, "queue": job.origin})
+
+
+class ForkingWorker(_Counting, Worker):
+    """RQ's forking worker (``rq worker --with-scheduler``: one work-horse process per job) with
+    metrics: the horse leaves the outcome in the job's meta, this long-lived process counts it."""
+
+    stop_signalled = False
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        # RQ's idle worker stops by raising StopRequested without setting _stop_requested, so
+        # run_worker could not tell a requested stop from a crash; remember the signal here.
+        self.stop_signalled = True
+        super().request_stop(signum, frame)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        try:
+            meta = job.get_meta(refresh=True)
+        except NoSuchJobError:
+            return
+        self.count_outcome(job, meta)
 
 
 class GeventDeathPenalty(BaseDeathPenalty):
@@ -132,14 +182,12 @@ class GreenletScheduler(RQScheduler):
             self.log.exception("scheduler failed")
 
 
-class PoolWorker(SimpleWorker):
+class PoolWorker(_Counting, SimpleWorker):
     """RQ's ``SimpleWorker`` running up to ``concurrency`` jobs at once, one greenlet each
     (``--with-scheduler`` semantics, RQ's own ``perform_job`` bookkeeping per job)."""
 
     death_penalty_class = GeventDeathPenalty
     concurrency = DEFAULT_CONCURRENCY
-    webhook_metrics: WebhookMetrics | None = None
-    push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
     stop_signalled = False  # SIGTERM/SIGINT arrived: the loop ended on request, not on an error
     force_stop = False  # a second signal: leave the jobs in flight to the reaper
 
@@ -166,6 +214,7 @@ class PoolWorker(SimpleWorker):
             self._start_scheduler(burst, logging_level, date_format, log_format)
         self._install_signal_handlers()
         pool = gevent.pool.Pool(self.concurrency)
+        self._running: dict[str, tuple[Job, Any]] = {}
         started = 0
         beat = time.monotonic()
         try:
@@ -175,6 +224,7 @@ class PoolWorker(SimpleWorker):
                     self.run_maintenance_tasks()
                 if time.monotonic() - beat >= HEARTBEAT_S:
                     self.heartbeat()
+                    self._beat_running()
                     beat = time.monotonic()
                 if pool.full():
                     pool.wait_available(timeout=POLL_S)
@@ -202,6 +252,10 @@ class PoolWorker(SimpleWorker):
                 self.log.info("Worker %s: stopping after the %d jobs in flight", self.name, len(pool))
             while len(pool) and not self.force_stop:
                 pool.join(timeout=POLL_S)
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    self.heartbeat()
+                    self._beat_running()
+                    beat = time.monotonic()
             if self.force_stop and len(pool):
                 pool.kill(block=False)
                 raise SystemExit(1)
@@ -235,6 +289,22 @@ class PoolWorker(SimpleWorker):
             self.scheduler.request_stop()
             self.scheduler._process.join(timeout=self.scheduler.interval + 2)
 
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        # RQ's forking worker's, not SimpleWorker's (the whole job timeout + 60 s): a job left
+        # 'started' by a worker that died (or lost Redis) expires from the started registry within
+        # about 90 s, and RQ's maintenance then fails it into its retries, as with work-horses.
+        return BaseWorker.get_heartbeat_ttl(self, job, working_time)
+
+    def _beat_running(self) -> None:
+        """What RQ's forking worker does while it waits for its horse: keep each running job's
+        heartbeat (and its entry in the started registry) fresh."""
+        for job, execution in list(self._running.values()):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                self.log.warning("Worker %s: could not renew job %s's heartbeat: %s", self.name, job.id, exc)
+                return
+
     def _dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
         try:
             result = self.queue_class.dequeue_any(self._ordered_queues, timeout, connection=self.connection,
@@ -256,35 +326,17 @@ class PoolWorker(SimpleWorker):
         """One job in a pool greenlet: RQ's execution record, perform, success/failure/retry."""
         try:
             execution = self.prepare_execution(job)
-            self.perform_job(job, queue, execution)
+            self._running[job.id] = (job, execution)
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                self._running.pop(job.id, None)
         except RedisError as exc:
             # RQ could not record the job's start or end. A webhook job still 'started' has a
             # lease that expires; the reaper then puts it back.
             self.log.error("Worker %s: job %s: Redis unavailable: %s", self.name, job.id, exc)
-        try:
-            self._count(job)
-            self._count_push(job)
-        except Exception:  # metrics must never stop the worker
-            logger.exception("could not record job metrics", extra={"job_id": job.id})
+        self.count_outcome(job, job.meta)  # the job updated this very object's meta
 
-    def _count_push(self, job: Job) -> None:
-        if self.push_metrics is None or not (job.func_name or "").startswith("workers.push."):
-            return
-        self.push_metrics.replay(job.meta.get("sockudo_push_metrics") or [])
-
-    def _count(self, job: Job) -> None:
-        if self.webhook_metrics is None or job.func_name != RQ_JOB:
-            return
-        outcome = job.meta.get(OUTCOME)
-        if outcome:
-            record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome))
-
-    def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """RQ's version attaches the job's arguments (body, signature) to the log record; a JSON
-        log handler would print them. Log the failure without them."""
-        exc = exc_info[1] if len(exc_info) > 1 else None
-        logger.error("job raised %s: %s", type(exc).__name__ if exc else "?", exc,
-                     extra={"job_id": job.id, "queue": job.origin})
 
 
 class Reaper(threading.Thread):
@@ -328,14 +380,15 @@ class Reaper(threading.Thread):
                 job = Job.fetch(job_id, connection=self.connection)
             except NoSuchJobError:
                 continue
-            if job.func_name != RQ_JOB:
-                continue
             status = job.get_status(refresh=False)
             if status == JobStatus.STARTED:
+                if job.func_name != RQ_JOB:
+                    continue  # no lease to tell a dead worker's job from a running one
                 if job.started_at is not None and now - job.started_at.timestamp() < STARTUP_GRACE_S:
                     continue
             elif status != JobStatus.QUEUED or not self._unstarted_for(job_id, now):
-                # QUEUED in the started registry: its worker died between RQ's two preparation steps.
+                # QUEUED in the started registry (any job: it never ran): its worker died
+                # between RQ's two preparation steps.
                 continue
             # Enqueue first: a crash between the steps leaves a stale entry (harmless, the job is
             # no longer 'started'), never a job that is nowhere.
@@ -354,8 +407,7 @@ class Reaper(threading.Thread):
                 job = Job.fetch(job_id, connection=self.connection)
             except NoSuchJobError:
                 continue
-            if (job.func_name != RQ_JOB or job.get_status(refresh=False) != JobStatus.QUEUED
-                    or not self._unstarted_for(job_id, now)):
+            if job.get_status(refresh=False) != JobStatus.QUEUED or not self._unstarted_for(job_id, now):
                 continue
             queue.enqueue_job(job, at_front=True)
             self.connection.lrem(queue.intermediate_queue_key, 0, job_id)
@@ -375,6 +427,10 @@ class Reaper(threading.Thread):
         return True
 
     def _abandoned(self, job: Job) -> None:
+        if job.func_name != RQ_JOB:
+            logger.warning("job abandoned by a dead worker before it started; requeued job_id=%s", job.id,
+                           extra={"job_id": job.id, "queue": job.origin})
+            return
         if self.metrics is not None:
             self.metrics.abandoned.inc()
         meta = job.meta or {}
@@ -436,7 +492,7 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it 
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
                logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None,
-               concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+               concurrency: int = DEFAULT_CONCURRENCY, pooled: bool = True) -> bool:
     """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``), running up
     to ``concurrency`` jobs at once.
 
@@ -469,12 +525,14 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
     try:
         for run in itertools.count():
             # A restarted loop takes a new name: the old one may still be registered as alive.
-            worker = PoolWorker(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
+            worker_class = PoolWorker if pooled else ForkingWorker
+            worker = worker_class(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
                                    # A short maintenance interval lets this worker take over RQ's scheduler
                                    # lock soon after the worker holding it died (the lock expires ~1 min
                                    # after its last beat).
                                    maintenance_interval=30)
-            worker.concurrency = max(1, concurrency)
+            if isinstance(worker, PoolWorker):
+                worker.concurrency = max(1, concurrency)
             worker.webhook_metrics = metrics
             worker.push_metrics = push_metrics
             if reaper is None and reap_interval > 0:
@@ -526,7 +584,7 @@ def _run_name(name: str | None, run: int) -> str | None:
     return f"{name or 'sockudo-worker'}.{os.getpid()}.r{run}"
 
 
-def _install_stop_handlers(stop: threading.Event, worker: PoolWorker | None) -> None:
+def _install_stop_handlers(stop: threading.Event, worker: PoolWorker | ForkingWorker | None) -> None:
     """Before a worker's loop and between two runs (RQ's handlers are bound to one Worker)."""
     def handler(signum: int, frame: Any) -> None:
         stop.set()
