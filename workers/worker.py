@@ -4,8 +4,8 @@
 process, no fork per job) with a bounded pool of greenlets: the main greenlet dequeues a job
 whenever a pool slot is free and runs RQ's own ``perform_job`` for it in that slot, so up to
 ``concurrency`` jobs are in flight at once — each mostly waiting on its endpoint's answer.
-Modules, configuration and HTTP connections (``sockudo.webhooks.delivery``'s keep-alive pool,
-the push providers' clients) live as long as the process, not one job. RQ's job timeout is a
+Modules, configuration and HTTP connections (``sockudo.webhooks.delivery``'s keep-alive pool)
+live as long as the process, not one job. RQ's job timeout is a
 ``gevent.Timeout`` in the job's greenlet (``GeventDeathPenalty``), not SIGALRM.
 
 The pool serves the webhooks queue. ``ForkingWorker`` — RQ's forking worker, one work-horse
