@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 METRICS_META = "sockudo_push_metrics"
 
 _service: Any = None
+_service_pid = 0
 _metrics: RecordingMetrics | None = None
 _config: Any = None
 
@@ -48,9 +49,11 @@ def preload() -> None:
 
 
 def service() -> Any:
-    """The push composition for this process, built once from the server's configuration."""
-    global _service, _metrics
-    if _service is None:
+    """The push composition for this process, built once from the server's configuration and
+    reused by every job the process runs (its provider connections with it). A forked child
+    (RQ's work-horse) builds its own: sockets are never shared across a fork."""
+    global _service, _service_pid, _metrics
+    if _service is None or _service_pid != os.getpid():
         from sockudo.config import load_config
         from sockudo.push.service import build_push
 
@@ -59,6 +62,7 @@ def service() -> Any:
             raise RuntimeError("push workers need Redis (REDIS_URL or the config's [database.redis])")
         _metrics = RecordingMetrics()
         _service = build_push(config, _metrics)
+        _service_pid = os.getpid()
         if _service is None:
             raise RuntimeError("push is disabled in the configuration ([push] enabled = false)")
     return _service

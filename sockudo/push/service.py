@@ -447,7 +447,7 @@ def build_push(
         store = MemoryStore()
         tokens = MemoryTokenCache()
         queue = None
-    dispatcher = Dispatcher(settings, store, queue, lambda: ProviderClients(settings, tokens), metrics)
+    dispatcher = Dispatcher(settings, store, queue, lambda: ProviderClients.for_process(settings, tokens), metrics)
     if queue is None:
         queue = InProcessQueue(dispatcher.run)
         dispatcher.queue = queue

@@ -45,7 +45,16 @@ class PushSettings:
     fcm_endpoint: str = "https://fcm.googleapis.com"
     vapid_contact: str = "mailto:sockudo-webpush@example.com"
     connect_timeout_ms: int = 5000
+    # The whole attempt (connect + send + headers + body), however slowly the provider answers.
     request_timeout_ms: int = 10_000
+    # Requests in flight at once per worker process, per provider (HTTP/2 streams for APNs and
+    # FCM over TLS, pooled HTTP/1.1 connections for Web Push and plain-http endpoints).
+    apns_concurrency: int = 100
+    fcm_concurrency: int = 100
+    webpush_concurrency: int = 50
+    # A 429 / TooManyRequests pauses that provider in this process; a delivery waits this long at
+    # most inside its job (then it becomes a scheduled retry that honours Retry-After).
+    backpressure_max_wait_ms: int = 1000
     batch_size: int = 100  # deliveries per dispatch job (≤ 500)
     lease_ms: int = 30_000  # a started job not renewed for this long is taken over (worker crash)
     maintenance_interval_ms: int = 1000  # lease reaper / queue gauges tick
@@ -168,6 +177,9 @@ def parse_settings(
     _check_range("push.connect_timeout_ms", settings.connect_timeout_ms, 1)
     _check_range("push.request_timeout_ms", settings.request_timeout_ms, 1)
     _check_range("push.batch_size", settings.batch_size, 1, 500)
+    for name in ("apns_concurrency", "fcm_concurrency", "webpush_concurrency"):
+        _check_range(f"push.{name}", getattr(settings, name), 1, 1000)
+    _check_range("push.backpressure_max_wait_ms", settings.backpressure_max_wait_ms, 0, 60_000)
     _check_range("push.lease_ms", settings.lease_ms, 500)
     _check_range("push.maintenance_interval_ms", settings.maintenance_interval_ms, 50)
     _check_range("push.publish_status_ttl_days", settings.publish_status_ttl_days, 1)

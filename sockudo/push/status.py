@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 QUEUED = "queued"
 PLANNING = "planning"
@@ -77,6 +78,19 @@ class Change:
     terminal: str | None = None  # the terminal state reached by this change
     violation: bool = False
     possible_duplicate: bool = False
+
+
+@dataclass
+class SettleOp:
+    """One delivery's settle, as a batch settle takes it (see the stores' ``settle_many``)."""
+
+    key: str
+    outcome: Outcome
+    next_attempt: int | None = None
+    due_ms: int | None = None
+    replay: bool = False
+    reason: str = ""
+    dead_letter: tuple[dict[str, Any], int] | None = None  # (letter, ttl s)
 
 
 def rank(state: str) -> int:

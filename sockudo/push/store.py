@@ -277,6 +277,38 @@ class MemoryStore:
                     self.add_dead_letter(app_id, *dead_letter)
             return change
 
+    def claim_many(
+        self,
+        app_id: str,
+        publish_id: str,
+        entries: list[tuple[str, int]],
+        owner: str,
+        now_ms: int,
+        lease_until_ms: int,
+    ) -> list[st.Change]:
+        """:meth:`claim` for several (key, attempt) of one publish."""
+        with self.lock:
+            return [self.claim(app_id, publish_id, k, a, owner, now_ms, lease_until_ms) for k, a in entries]
+
+    def settle_many(self, app_id: str, publish_id: str, ops: list[st.SettleOp], now_ms: int) -> list[st.Change]:
+        """:meth:`settle` for several deliveries of one publish."""
+        with self.lock:
+            return [
+                self.settle(
+                    app_id,
+                    publish_id,
+                    op.key,
+                    op.outcome,
+                    now_ms,
+                    next_attempt=op.next_attempt,
+                    due_ms=op.due_ms,
+                    replay=op.replay,
+                    reason=op.reason,
+                    dead_letter=op.dead_letter,
+                )
+                for op in ops
+            ]
+
     def complete(self, app_id: str, publish_id: str, now_ms: int) -> st.Change:
         """Give the publish its terminal state if its counters are complete and it has none yet
         (idempotent; ``change.terminal`` is set only by the call that wrote it)."""

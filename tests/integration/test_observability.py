@@ -173,8 +173,8 @@ class PushProviders:
         self.dir = tempfile.mkdtemp(prefix="sockudo-obs-push-")
         self.apns_key = ec.generate_private_key(ec.SECP256R1())
         self.apns = FakeAPNs(team_id=TEAM_ID, key_id=KEY_ID, public_key=self.apns_key.public_key(), topic=TOPIC,
-                             cert_dir=self.dir)
-        self.fcm = FakeFCM()
+                             cert_dir=self.dir, delay=0.0)
+        self.fcm = FakeFCM(delay=0.0)
         self.env = {"PUSH_CREDENTIALS_KEY": "obs-credentials-key-" + uuid.uuid4().hex,
                     "PUSH_ALLOW_INSECURE_ENDPOINTS": "true", "PUSH_CA_FILE": self.apns.cert_path,
                     "APNS_ENDPOINT": self.apns.url, "FCM_ENDPOINT": self.fcm.url}

@@ -12,16 +12,23 @@
   ``aes128gcm`` headers, and keeps the encrypted bodies for the test to decrypt.
 
 Every fake can be scripted per token (``script``) or taken down (``down``), and counts accepted
-deliveries per token.
+deliveries per token. Like the real services across the internet, every answer takes ``delay``
+seconds (default :data:`LATENCY_S`, 100 ms; requests wait concurrently, never behind each other),
+and at most ``max_concurrency`` requests are served at once: beyond it the fake answers 429
+(``TooManyRequests``, ``Retry-After: busy_retry_after``). The fake APNs also advertises
+``max_concurrency`` as its HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS``, as Apple does.
 """
 
 from __future__ import annotations
 
 import datetime
+import heapq
 import ipaddress
+import itertools
 import json
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -37,6 +44,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -45,6 +53,9 @@ from cryptography.x509.oid import NameOID
 from sockudo.push import crypto
 
 Reply = tuple[int, Any, dict[str, str]]  # status, JSON body (or None), headers
+
+LATENCY_S = 0.1  # a provider's answer time across the internet (50–300 ms in practice)
+MAX_CONCURRENCY = 1000
 
 
 def self_signed_cert(directory: str) -> tuple[str, str]:
@@ -82,15 +93,37 @@ def self_signed_cert(directory: str) -> tuple[str, str]:
 class _Scripted:
     """Per-token scripted replies, an outage switch, a response delay, delivery bookkeeping."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, delay: float = LATENCY_S, max_concurrency: int = MAX_CONCURRENCY) -> None:
         self.lock = threading.Lock()
         self.scripts: dict[str, list[Reply]] = defaultdict(list)
         self.down = False
-        self.delay = 0.0
+        self.delay = delay
+        self.max_concurrency = max_concurrency
+        self.busy_retry_after = "1"
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.throttled = 0  # requests answered 429 for being over max_concurrency
         self.accepted: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.requests: dict[str, list[float]] = defaultdict(list)  # token → request times
         self.auth_failures = 0
         self.bad_requests: list[str] = []
+
+    def enter(self) -> bool:
+        """Count a request in; False (answer 429) when ``max_concurrency`` are already in."""
+        with self.lock:
+            if self.in_flight >= self.max_concurrency:
+                self.throttled += 1
+                return False
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def busy_reply(self) -> Reply:
+        return (429, {"reason": "TooManyRequests"}, {"retry-after": self.busy_retry_after})
 
     def script(self, token: str, replies: Iterable[Reply]) -> None:
         with self.lock:
@@ -137,9 +170,17 @@ APNS_PUSH_TYPES = {
 
 class FakeAPNs(_Scripted):
     def __init__(
-        self, *, team_id: str, key_id: str, public_key: ec.EllipticCurvePublicKey, topic: str, cert_dir: str
+        self,
+        *,
+        team_id: str,
+        key_id: str,
+        public_key: ec.EllipticCurvePublicKey,
+        topic: str,
+        cert_dir: str,
+        delay: float = LATENCY_S,
+        max_concurrency: int = MAX_CONCURRENCY,
     ) -> None:
-        super().__init__()
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.team_id, self.key_id, self.public_key, self.topic = team_id, key_id, public_key, topic
         self.cert_path, key_path = self_signed_cert(cert_dir)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -148,7 +189,7 @@ class FakeAPNs(_Scripted):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self.jwts_seen: set[str] = set()
@@ -183,36 +224,55 @@ class FakeAPNs(_Scripted):
         with self.lock:
             self.connections += 1
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrency}
+        )
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         streams: dict[int, dict[str, Any]] = {}
+        due: list[tuple[float, int, int, Reply, bool]] = []  # answers waiting out the delay (a heap)
+        order = itertools.count()
         try:
             while True:
-                data = sock.recv(65535)
-                if not data:
-                    return
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
-                    elif isinstance(event, h2.events.DataReceived):
-                        streams[event.stream_id]["body"] += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        stream = streams.pop(event.stream_id)
-                        status, body, headers = self._handle(stream["headers"], stream["body"])
-                        if self.delay:
-                            time.sleep(self.delay)
-                        payload = json.dumps(body).encode() if body is not None else b""
-                        response_headers = [(":status", str(status)), *headers.items()]
-                        if payload:
-                            response_headers.append(("content-type", "application/json"))
-                        conn.send_headers(event.stream_id, response_headers, end_stream=not payload)
-                        if payload:
-                            conn.send_data(event.stream_id, payload, end_stream=True)
+                wait = max(0.0, due[0][0] - time.monotonic()) if due else None
+                if sock.pending() or select.select([sock], [], [], wait)[0]:
+                    data = sock.recv(65535)
+                    if not data:
+                        return
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
+                        elif isinstance(event, h2.events.DataReceived):
+                            streams[event.stream_id]["body"] += event.data
+                            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        elif isinstance(event, h2.events.StreamEnded):
+                            stream = streams.pop(event.stream_id)
+                            counted = self.enter()
+                            if counted:
+                                reply = self._handle(stream["headers"], stream["body"])
+                            else:
+                                status, rbody, rheaders = self.busy_reply()
+                                reply = (status, rbody, {**rheaders, "apns-id": str(uuid.uuid4())})
+                            entry = (time.monotonic() + self.delay, next(order), event.stream_id, reply, counted)
+                            heapq.heappush(due, entry)
+                while due and due[0][0] <= time.monotonic():
+                    _, _, stream_id, (status, body, headers), counted = heapq.heappop(due)
+                    if counted:
+                        self.leave()
+                    payload = json.dumps(body).encode() if body is not None else b""
+                    response_headers = [(":status", str(status)), *headers.items()]
+                    if payload:
+                        response_headers.append(("content-type", "application/json"))
+                    conn.send_headers(stream_id, response_headers, end_stream=not payload)
+                    if payload:
+                        conn.send_data(stream_id, payload, end_stream=True)
                 sock.sendall(conn.data_to_send())
         except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
             return
         finally:
+            for entry in due:
+                if entry[4]:
+                    self.leave()
             sock.close()
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
@@ -282,6 +342,7 @@ class FakeAPNs(_Scripted):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # a worker opening its pool's connections at once must not see SYNs dropped
 
 
 def _serve(handler_cls: type[BaseHTTPRequestHandler]) -> _Server:
@@ -304,6 +365,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("content-length") or 0))
 
+    def _answer(self, handle: Any) -> None:
+        """``handle()`` → the reply, sent after the fake's delay; 429 beyond its concurrency."""
+        fake = self.fake
+        if not fake.enter():
+            time.sleep(fake.delay)
+            return self._reply(*fake.busy_reply())
+        try:
+            reply = handle()
+            time.sleep(fake.delay)
+        finally:
+            fake.leave()
+        return self._reply(*reply)
+
     def _reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
@@ -320,9 +394,14 @@ class FakeFCM(_Scripted):
     SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
     def __init__(
-        self, *, project_id: str = "demo-project", client_email: str = "push@demo-project.iam.example"
+        self,
+        *,
+        project_id: str = "demo-project",
+        client_email: str = "push@demo-project.iam.example",
+        delay: float = LATENCY_S,
+        max_concurrency: int = MAX_CONCURRENCY,
     ) -> None:
-        super().__init__()
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.project_id, self.client_email = project_id, client_email
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.key_id = uuid.uuid4().hex
@@ -333,15 +412,17 @@ class FakeFCM(_Scripted):
         class Handler(_Handler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self._body()
+                self._answer(lambda: self.route(body))
+
+            def route(self, body: bytes) -> Reply:
                 if self.path == "/token":
-                    return self._reply(*fake.token(body))
+                    return fake.token(body)
                 match = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", self.path)
                 if match is None:
-                    return self._reply(404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}})
-                status, rbody, headers = fake.send(match.group(1), self.headers.get("authorization", ""), body)
-                if fake.delay:
-                    time.sleep(fake.delay)
-                return self._reply(status, rbody, headers)
+                    return (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}}, {})
+                return fake.send(match.group(1), self.headers.get("authorization", ""), body)
+
+        Handler.fake = fake
 
         self.server = _serve(Handler)
         self.port = self.server.server_address[1]
@@ -453,8 +534,10 @@ class FakeFCM(_Scripted):
 
 
 class FakeWebPush(_Scripted):
-    def __init__(self, *, vapid_public_key: str) -> None:
-        super().__init__()
+    def __init__(
+        self, *, vapid_public_key: str, delay: float = LATENCY_S, max_concurrency: int = MAX_CONCURRENCY
+    ) -> None:
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.vapid_public_key = vapid_public_key.rstrip("=")
         self.bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = defaultdict(list)
         fake = self
@@ -462,15 +545,15 @@ class FakeWebPush(_Scripted):
         class Handler(_Handler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self._body()
+                self._answer(lambda: self.route(body))
+
+            def route(self, body: bytes) -> Reply:
                 match = re.fullmatch(r"/push/([A-Za-z0-9_\-]+)", self.path)
                 if match is None:
-                    return self._reply(404)
-                status, rbody, headers = fake.receive(
-                    match.group(1), {k.lower(): v for k, v in self.headers.items()}, body
-                )
-                if fake.delay:
-                    time.sleep(fake.delay)
-                return self._reply(status, rbody, headers)
+                    return (404, None, {})
+                return fake.receive(match.group(1), {k.lower(): v for k, v in self.headers.items()}, body)
+
+        Handler.fake = fake
 
         self.server = _serve(Handler)
         self.port = self.server.server_address[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -57,6 +58,11 @@ class Clients:
         self.sent.append(ctx.device_id)
         queue = self.script.get(ctx.device_id)
         return queue.pop(0) if queue else ProviderResult(ACCEPTED, message_id="m")
+
+    def submit(self, provider: str, device: dict[str, Any], rendered: Any, creds: Any, ctx: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(self.send(provider, device, rendered, creds, ctx))
+        return future
 
 
 def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clients, FakeClock, CollectorRegistry]:
@@ -240,10 +246,10 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
     pid = publish(service)
     service.dispatcher.run(queue.take()[0][1])  # planned
 
-    def gives_up(*args: Any, **kwargs: Any) -> st.Change:
+    def gives_up(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise st.CasExhausted("push store: feedback transaction kept conflicting")
 
-    service.store.settle = gives_up  # type: ignore[method-assign]
+    service.store.settle_many = gives_up  # type: ignore[method-assign]
     batch_id = queue.take()[0][1]
     try:
         service.dispatcher.run(batch_id)
@@ -253,10 +259,10 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
         raise AssertionError("a status update that was given up must fail the job (it is re-run)")
     assert registry.get_sample_value(failures, {"component": "feedback", "reason": "cas_exhausted"}) == 1
 
-    def breaks(*args: Any, **kwargs: Any) -> st.Change:
+    def breaks(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise ConnectionError("redis went away")
 
-    service.store.claim = breaks  # type: ignore[method-assign]
+    service.store.claim_many = breaks  # type: ignore[method-assign]
     try:
         service.dispatcher.run(batch_id)
     except ConnectionError:
@@ -408,8 +414,8 @@ def test_killed_right_after_a_dead_letter_settle_the_rerun_leaves_exactly_one_de
     pid = publish_to(service, "d0")
     crashed = crash_once(
         store,
-        "settle",
-        lambda *a, **kw: a[3] in (st.Outcome.REJECTED, st.Outcome.DEAD_LETTER),
+        "settle_many",
+        lambda *a, **kw: any(op.outcome in (st.Outcome.REJECTED, st.Outcome.DEAD_LETTER) for op in a[2]),
         after=True,
     )
     run_killed(service, queue, clock)
