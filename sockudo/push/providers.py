@@ -1,8 +1,10 @@
 """APNs, FCM HTTP v1 and Web Push: credentials, wire requests, response classification (spec §6.8).
 
 The classifiers (``classify_*``) are pure functions of (status, headers, body). The senders
-speak the real protocols against configurable base URLs with ``httpx`` — HTTP/2 only for APNs,
-HTTP/2 (ALPN ``h2`` on https, else HTTP/1.1) for FCM, HTTP/1.1 for Web Push. Plain http and
+speak the real protocols against configurable base URLs: HTTP/2 for APNs (ALPN ``h2`` on https,
+prior knowledge on ``http://`` test endpoints) and for FCM on https, with our small client on
+``h2`` (``h2client.py``); ``httpx`` over HTTP/1.1 for Web Push, the OAuth token endpoint and
+plain-http FCM endpoints. Plain http and
 local/private hosts (including names resolving to them) are refused unless
 ``push.allow_insecure_endpoints`` is set (tests/dev only).
 
@@ -41,6 +43,8 @@ from urllib.parse import quote, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
+from sockudo.push.h2client import H2Client
+from sockudo.push.h2client import tls_context as h2_tls_context
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
@@ -509,8 +513,10 @@ class ProviderClients:
             transport._pool._network_backend = deadline_backend()  # httpx has no parameter for it
             return httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
 
-        self.apns = client(False, True, settings.apns_concurrency)
-        self.fcm = client(True, True, settings.fcm_concurrency)
+        # APNs, and FCM on https: our own HTTP/2 client (see h2client.py), one connection per
+        # origin shared by every sending thread. Plain-http FCM endpoints (tests) use HTTP/1.1.
+        self.h2 = H2Client(h2_tls_context(settings.ca_file), min(total, settings.connect_timeout_ms / 1000))
+        self.fcm = client(True, False, settings.fcm_concurrency)
         self.http = client(True, False, settings.webpush_concurrency)  # Web Push and OAuth token endpoints
         self.limits = {
             "apns": settings.apns_concurrency,
@@ -526,7 +532,7 @@ class ProviderClients:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
-        self.apns.close()
+        self.h2.close()
         self.fcm.close()
         self.http.close()
 
@@ -673,7 +679,7 @@ class ProviderClients:
         for _ in range(2):
             token = self.apns_jwt(creds, cache_name)
             headers["authorization"] = f"bearer {token}"
-            resp = self.apns.post(url, content=body, headers=headers)
+            resp = self.h2.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
             result = classify_apns(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token:
                 break
@@ -753,9 +759,11 @@ class ProviderClients:
             token = self.fcm_access_token(account, cache_name)
             if isinstance(token, ProviderResult):
                 return token
-            resp = self.fcm.post(
-                url, content=body, headers={"authorization": f"Bearer {token}", "content-type": "application/json"}
-            )
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            if url.startswith("https:"):
+                resp = self.h2.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
+            else:
+                resp = self.fcm.post(url, content=body, headers=headers)
             result = classify_fcm(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token or attempt > 0:
                 break
@@ -807,6 +815,14 @@ class ProviderClients:
             headers["topic"] = wp["topic"]
         resp = self.http.post(endpoint, content=body, headers=headers)
         return classify_webpush(resp.status_code, resp.headers, resp.content)
+
+
+def _time_left(settings: PushSettings) -> float:
+    """Seconds left of this thread's attempt deadline (the whole timeout outside one)."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return settings.request_timeout_ms / 1000
+    return max(0.0, at - time.monotonic())
 
 
 def _retry_after_s(header: str | None, now: float) -> float | None:

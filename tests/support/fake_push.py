@@ -193,6 +193,7 @@ class FakeAPNs(_Scripted):
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self.jwts_seen: set[str] = set()
+        self.verified: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -289,11 +290,15 @@ class FakeAPNs(_Scripted):
             self.auth_failures += 1
             return (403, {"reason": "MissingProviderToken"}, out)
         jwt = auth[7:]
-        try:
-            header, claims = crypto.jwt_verify(jwt, self.public_key)
-        except crypto.CryptoError:
-            self.auth_failures += 1
-            return (403, {"reason": "InvalidProviderToken"}, out)
+        verified = self.verified.get(jwt)  # like APNs, a token is verified once, not per request
+        if verified is None:
+            try:
+                verified = crypto.jwt_verify(jwt, self.public_key)
+            except crypto.CryptoError:
+                self.auth_failures += 1
+                return (403, {"reason": "InvalidProviderToken"}, out)
+            self.verified[jwt] = verified
+        header, claims = verified
         if header.get("kid") != self.key_id or claims.get("iss") != self.team_id:
             self.auth_failures += 1
             return (403, {"reason": "InvalidProviderToken"}, out)
