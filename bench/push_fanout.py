@@ -56,6 +56,16 @@ FINAL = ("succeeded", "partially_succeeded", "failed", "dead_lettered")
 TARGETS = {"apns": 2000.0, "fcm": 2000.0, "webpush": 1000.0}
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (RQ's work-horses) from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def extract(rev: str) -> Path:
     """The tree of ``rev`` in a temporary directory (its workers run from there)."""
     out = Path(tempfile.mkdtemp(prefix="push-bench-base-"))
@@ -98,7 +108,7 @@ class Bench:
             "FCM_ENDPOINT": self.fcm.url,
             "PUSH_REDIS_PREFIX": self.prefix,
             "PUSH_BATCH_SIZE": str(args.batch_size),
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         }
         self.server = ServerProcess([APP], env=self.env).start()
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -174,12 +184,17 @@ class Bench:
                 cwd = base
             else:
                 env.update({f"PUSH_{p.upper()}_CONCURRENCY": "1" for p in ("apns", "fcm", "webpush")})
+        command = [sys.executable, "-m", "workers", "push", "--metrics-port", "{port}", "--metrics-host", "127.0.0.1"]
+        if mode == "concurrent" and self.args.in_process:
+            # RQ's SimpleWorker: jobs run in the worker process itself (no fork per job), so the
+            # push composition and its provider connections live as long as the process.
+            command = [sys.executable, "-c", "from rq.cli import main; main()", "worker", "--worker-class",
+                       "rq.worker.SimpleWorker", "--with-scheduler", "--url", self.redis.url, "push"]
         for i in range(self.args.workers):
             log = open(os.path.join(self.dir, f"{mode}-worker-{i}.log"), "ab")  # noqa: SIM115
             self.workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "workers", "push", "--metrics-port", str(free_port()),
-                     "--metrics-host", "127.0.0.1"],
+                    [part.replace("{port}", str(free_port())) for part in command],
                     cwd=cwd,
                     env=env,
                     stdout=log,
@@ -203,6 +218,8 @@ class Bench:
     def run(self, provider: str, channel: str, devices: int) -> dict[str, Any]:
         fake = self.fakes[provider]
         before = fake.total_accepted()
+        cpu_before = sum(cpu_s(p.pid) for p in self.workers)
+        own_before = time.process_time()
         t0 = time.perf_counter()
         resp = signed(
             self.server,
@@ -221,6 +238,9 @@ class Bench:
         status = wait_until(done, timeout=600, interval=0.05)
         total_s = time.perf_counter() - t0
         delivered = fake.total_accepted() - before
+        time.sleep(0.3)  # the last work-horse's CPU is counted once it is reaped
+        worker_cpu = sum(cpu_s(p.pid) for p in self.workers) - cpu_before
+        fake_cpu = time.process_time() - own_before
         return {
             "devices": devices,
             "seconds": round(total_s, 2),
@@ -229,6 +249,8 @@ class Bench:
             "state": status["state"],
             "succeeded": status["counters"]["succeeded"],
             "provider_accepted": delivered,
+            "worker_cpu_ms_per_delivery": round(worker_cpu * 1000 / devices, 2),
+            "fake_cpu_ms_per_delivery": round(fake_cpu * 1000 / devices, 2),
         }
 
 
@@ -243,6 +265,9 @@ def main() -> int:
     parser.add_argument("--providers", default="apns,fcm,webpush")
     parser.add_argument("--baseline-rev", default=None, help="git revision whose workers are the baseline")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the concurrent workers' jobs in the worker process (RQ SimpleWorker, "
+                             "no fork per job)")
     args = parser.parse_args()
     providers = [p for p in args.providers.split(",") if p]
 

@@ -31,6 +31,7 @@ from sockudo.push.metrics import PushMetrics, RecordingMetrics
 from sockudo.push.providers import (
     CREDENTIAL_AUTH,
     DEVICE_TERMINAL,
+    EXPIRED,
     REJECTED,
     RETRYABLE,
     UNKNOWN,
@@ -47,6 +48,11 @@ logger = logging.getLogger("sockudo_push")
 Metrics = PushMetrics | RecordingMetrics
 # A scheduled job this overdue has no running RQ scheduler (its lock may belong to a dead worker).
 SCHEDULER_STALL_MS = 5000
+# Provider answers wait at most this long, or until this many have arrived, before their batch
+# settle (one Redis transaction). A worker killed in that window leaves them claimed: they are
+# sent again by the takeover and listed as possible duplicates.
+SETTLE_EVERY_S = 0.05
+SETTLE_GROUP = 50
 
 
 def now_ms() -> int:
@@ -344,9 +350,10 @@ class Dispatcher:
             in_flight[future] = (delivery, time.perf_counter())
         self._flush(settles)
         tick = self.settings.lease_ms / 4000
+        oldest = 0.0  # when the oldest answer not yet settled arrived
         while in_flight:
-            done, _ = wait(in_flight, timeout=tick, return_when=FIRST_COMPLETED)
-            self._renew(batch_id)
+            timeout = tick if not settles.items else max(0.0, oldest + SETTLE_EVERY_S - time.monotonic())
+            done, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 delivery, started = in_flight.pop(future)
                 try:
@@ -354,8 +361,14 @@ class Dispatcher:
                 except Exception as exc:  # a bug in a sender must not strand the batch's other answers
                     logger.exception("push sender failed", extra=self._log(app_id, publish_id, delivery))
                     result = ProviderResult(RETRYABLE, UNKNOWN, f"sender_error: {type(exc).__name__}")
+                if not settles.items:
+                    oldest = time.monotonic()
                 self._answered(settles, plan, first_ms, delivery, result, time.perf_counter() - started)
-            self._flush(settles)
+            # Answers are settled in groups: one transaction per SETTLE_EVERY_S or SETTLE_GROUP answers.
+            if not in_flight or len(settles.items) >= SETTLE_GROUP or time.monotonic() - oldest >= SETTLE_EVERY_S:
+                self._flush(settles)
+            self._renew(batch_id)
+        self._flush(settles)
         # A re-run after a worker died between a settle's counters and the state write finds
         # every claim settled: the publish is completed here, whoever counted last.
         self._reconcile(app_id, publish_id)
@@ -393,6 +406,10 @@ class Dispatcher:
             self.metrics.inc("sockudo_push_provider_failures", {**labels, "failure_class": result.failure_class})
         log = self._log(app_id, publish_id, delivery)
         log.update({"error": result.reason or None, "failure_class": result.failure_class, "status": result.status})
+        if result.outcome == EXPIRED:
+            logger.info("push expired before it was sent", extra=log)
+            self._settle(settles, delivery, st.Outcome.EXPIRED, reason="expired")
+            return
         if result.outcome == "accepted":
             logger.info("push delivered", extra=log)
             self._settle(settles, delivery, st.Outcome.ACCEPTED, message_id=result.message_id)

@@ -60,6 +60,10 @@ class H2Refused(H2Error):
     pass
 
 
+class H2Expired(Exception):
+    """The request was not sent: its ``not_after`` time had passed when its turn came."""
+
+
 @dataclass
 class H2Response:
     status_code: int
@@ -217,7 +221,15 @@ class H2Connection:
 
     # -- a request --
 
-    def request(self, method: str, path: str, headers: dict[str, str], body: bytes, deadline: float) -> H2Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        deadline: float,
+        not_after: float | None = None,
+    ) -> H2Response:
         stream = _Stream()
         with self.cond:
             while self.usable and self.conn.open_outbound_streams >= self.conn.remote_settings.max_concurrent_streams:
@@ -225,6 +237,8 @@ class H2Connection:
                     raise H2Timeout("no stream slot on the connection before the deadline")
             if not self.usable:
                 raise H2Refused("connection not usable")
+            if not_after is not None and time.time() >= not_after:
+                raise H2Expired("not sent: past its expiry")
             stream_id = self.conn.get_next_available_stream_id()
             pseudo = [(":method", method), (":scheme", self.scheme), (":authority", self.authority), (":path", path)]
             self.conn.send_headers(stream_id, pseudo + list(headers.items()), end_stream=not body)
@@ -330,8 +344,11 @@ class H2Client:
             sock.close()
             raise H2ConnectError(f"HTTP/2 preface: {exc}") from None
 
-    def post(self, url: str, *, content: bytes, headers: dict[str, str], timeout: float) -> H2Response:
-        """POST within ``timeout`` seconds in all. A request the server never processed (its
+    def post(
+        self, url: str, *, content: bytes, headers: dict[str, str], timeout: float, not_after: float | None = None
+    ) -> H2Response:
+        """POST within ``timeout`` seconds in all, not after the epoch time ``not_after``
+        (:class:`H2Expired`: never sent). A request the server never processed (its
         connection went away first, or it refused the stream) is sent once more on a new one."""
         deadline = time.monotonic() + timeout
         parts = urlsplit(url)
@@ -342,16 +359,8 @@ class H2Client:
         for attempt in range(2):
             conn = self._connection(scheme, host, port, deadline)
             try:
-                return conn.request("POST", path, headers, content, deadline)
+                return conn.request("POST", path, headers, content, deadline, not_after)
             except H2Refused:
                 if attempt:
                     raise
         raise H2Refused("unreachable")  # pragma: no cover
-
-
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(ca_file)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx

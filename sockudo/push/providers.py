@@ -43,8 +43,7 @@ from urllib.parse import quote, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
-from sockudo.push.h2client import H2Client
-from sockudo.push.h2client import tls_context as h2_tls_context
+from sockudo.push.h2client import H2Client, H2Expired
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
@@ -59,6 +58,7 @@ WEBPUSH_DEFAULT_TTL_S = 2_419_200
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 RETRYABLE = "retryable"
+EXPIRED = "expired"  # not sent: the push's expiresAtMs passed before the request went out
 
 # failure classes (spec §1.2 I)
 DEVICE_TERMINAL = "device_terminal"
@@ -72,7 +72,7 @@ UNKNOWN = "unknown"
 
 @dataclass(frozen=True)
 class ProviderResult:
-    outcome: str  # accepted | rejected | retryable
+    outcome: str  # accepted | rejected | retryable | expired
     failure_class: str | None = None
     reason: str = ""
     retry_after: str | None = None  # the raw Retry-After header
@@ -493,11 +493,7 @@ class ProviderClients:
         self.resolver = resolver or _resolve
         total = settings.request_timeout_ms / 1000
         timeout = httpx.Timeout(total, connect=min(total, settings.connect_timeout_ms / 1000))
-        verify: Any = True
-        if settings.ca_file:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(settings.ca_file)
-            verify = ctx
+        verify = tls_context(settings.ca_file, "http/1.1")
         self._httpx = httpx
         # httpx logs every request URL at INFO: APNs paths and Web Push endpoints are device tokens.
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
@@ -515,7 +511,7 @@ class ProviderClients:
 
         # APNs, and FCM on https: our own HTTP/2 client (see h2client.py), one connection per
         # origin shared by every sending thread. Plain-http FCM endpoints (tests) use HTTP/1.1.
-        self.h2 = H2Client(h2_tls_context(settings.ca_file), min(total, settings.connect_timeout_ms / 1000))
+        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), min(total, settings.connect_timeout_ms / 1000))
         self.fcm = client(True, False, settings.fcm_concurrency)
         self.http = client(True, False, settings.webpush_concurrency)  # Web Push and OAuth token endpoints
         self.limits = {
@@ -623,6 +619,8 @@ class ProviderClients:
                 return self._send_webpush(device, rendered, credentials, ctx)
         except EndpointRefused as exc:
             return ProviderResult(REJECTED, UNKNOWN, f"endpoint_refused: {exc}")
+        except H2Expired:
+            return ProviderResult(EXPIRED, reason="expired")  # not sent: its expiresAtMs passed
         except self._httpx.HTTPError as exc:
             return transport_failure(exc)
         except (OSError, ssl.SSLError) as exc:
@@ -679,7 +677,9 @@ class ProviderClients:
         for _ in range(2):
             token = self.apns_jwt(creds, cache_name)
             headers["authorization"] = f"bearer {token}"
-            resp = self.h2.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
+            resp = self.h2.post(
+                url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+            )
             result = classify_apns(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token:
                 break
@@ -761,8 +761,11 @@ class ProviderClients:
                 return token
             headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
             if url.startswith("https:"):
-                resp = self.h2.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
+                resp = self.h2.post(
+                    url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+                )
             else:
+                _check_expiry(ctx)
                 resp = self.fcm.post(url, content=body, headers=headers)
             result = classify_fcm(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token or attempt > 0:
@@ -813,8 +816,40 @@ class ProviderClients:
             headers["urgency"] = wp["urgency"]
         if wp.get("topic"):
             headers["topic"] = wp["topic"]
+        _check_expiry(ctx)
         resp = self.http.post(endpoint, content=body, headers=headers)
         return classify_webpush(resp.status_code, resp.headers, resp.content)
+
+
+_tls_contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
+_tls_lock = threading.Lock()
+
+
+def tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
+    """The TLS client context for provider connections (system CAs plus ``push.ca_file``),
+    made once per process — loading the CA store takes tens of milliseconds. A worker's main
+    process makes it before forking (``workers.push.preload``), so work-horses inherit it.
+    One per ALPN protocol: httpx sets its own ALPN list on the context it is given."""
+    key = (ca_file, alpn)
+    with _tls_lock:
+        ctx = _tls_contexts.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if ca_file:
+                ctx.load_verify_locations(ca_file)
+            ctx.set_alpn_protocols([alpn])
+            _tls_contexts[key] = ctx
+        return ctx
+
+
+def _not_after(ctx: SendContext) -> float | None:
+    return ctx.expires_at_ms / 1000 if ctx.expires_at_ms is not None else None
+
+
+def _check_expiry(ctx: SendContext) -> None:
+    """Right before a request goes out: a push is never sent after its ``expiresAtMs``."""
+    if ctx.expires_at_ms is not None and time.time() * 1000 >= ctx.expires_at_ms:
+        raise H2Expired("the push expired before it was sent")
 
 
 def _time_left(settings: PushSettings) -> float:
