@@ -93,7 +93,8 @@ class Bench:
             cert_dir=self.dir,
             delay=latency,
         )
-        self.fcm = FakeFCM(delay=latency)
+        # FCM over HTTP/2 with TLS, as Google serves it (its certificate is in the same CA file).
+        self.fcm = FakeFCM(delay=latency, cert_dir=self.dir)
         self.webpush = FakeWebPush(
             vapid_public_key=crypto.b64url(crypto.p256_public_raw(self.vapid_key)), delay=latency
         )
@@ -103,16 +104,24 @@ class Bench:
             "REDIS_URL": self.redis.url,
             "PUSH_CREDENTIALS_KEY": "bench-" + uuid.uuid4().hex,
             "PUSH_ALLOW_INSECURE_ENDPOINTS": "true",
-            "PUSH_CA_FILE": self.apns.cert_path,
+            "PUSH_CA_FILE": self.ca_file(),
             "APNS_ENDPOINT": self.apns.url,
             "FCM_ENDPOINT": self.fcm.url,
             "PUSH_REDIS_PREFIX": self.prefix,
-            "PUSH_BATCH_SIZE": str(args.batch_size),
             "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         }
         self.server = ServerProcess([APP], env=self.env).start()
         self.workers: list[subprocess.Popen[bytes]] = []
         self.fakes = {"apns": self.apns, "fcm": self.fcm, "webpush": self.webpush}
+
+    def ca_file(self) -> str:
+        """One bundle with both fakes' self-signed certificates."""
+        path = os.path.join(self.dir, "fakes-ca.pem")
+        with open(path, "w", encoding="ascii") as out:
+            for cert in (self.apns.cert_path, self.fcm.cert_path):
+                with open(cert, encoding="ascii") as fh:
+                    out.write(fh.read())
+        return path
 
     def close(self) -> None:
         self.stop_workers()
@@ -178,6 +187,8 @@ class Bench:
 
     def start_workers(self, mode: str, base: Path | None) -> None:
         env = {**self.server.env, "SOCKUDO_CONFIG": self.server.config_path}
+        # Planning happens in the workers: the batch size is theirs (the baseline keeps the default).
+        env["PUSH_BATCH_SIZE"] = "100" if mode == "baseline" else str(self.args.batch_size)
         cwd = ROOT
         if mode == "baseline":
             if base is not None:
@@ -259,7 +270,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--baseline-devices", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="devices per dispatch job (concurrent workers)")
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--providers", default="apns,fcm,webpush")

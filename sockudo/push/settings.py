@@ -49,9 +49,9 @@ class PushSettings:
     request_timeout_ms: int = 10_000
     # Requests in flight at once per worker process, per provider (HTTP/2 streams for APNs and
     # FCM over TLS, pooled HTTP/1.1 connections for Web Push and plain-http endpoints).
-    apns_concurrency: int = 100
-    fcm_concurrency: int = 100
-    webpush_concurrency: int = 50
+    apns_concurrency: int = 500
+    fcm_concurrency: int = 500
+    webpush_concurrency: int = 100
     # A 429 / TooManyRequests pauses that provider in this process; a delivery waits this long at
     # most inside its job (then it becomes a scheduled retry that honours Retry-After).
     backpressure_max_wait_ms: int = 1000

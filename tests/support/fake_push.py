@@ -61,7 +61,8 @@ MAX_CONCURRENCY = 1000
 def self_signed_cert(directory: str) -> tuple[str, str]:
     """A certificate for localhost / 127.0.0.1; returns (cert path, key path)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    label = f"fake-{uuid.uuid4().hex[:8]}"  # several fakes may share a directory and a CA bundle
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"localhost ({label})")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -78,7 +79,7 @@ def self_signed_cert(directory: str) -> tuple[str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = os.path.join(directory, "fake-apns.crt"), os.path.join(directory, "fake-apns.key")
+    cert_path, key_path = os.path.join(directory, f"{label}.crt"), os.path.join(directory, f"{label}.key")
     with open(cert_path, "wb") as fh:
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as fh:
@@ -125,63 +126,11 @@ class _Scripted:
     def busy_reply(self) -> Reply:
         return (429, {"reason": "TooManyRequests"}, {"retry-after": self.busy_retry_after})
 
-    def script(self, token: str, replies: Iterable[Reply]) -> None:
-        with self.lock:
-            self.scripts[token].extend(replies)
+    # -- HTTP/2 over TLS (APNs; FCM when given a certificate directory) --
 
-    def next_reply(self, token: str) -> Reply | None:
-        with self.lock:
-            self.requests[token].append(time.time())
-            if self.down:
-                return (503, {"reason": "ServiceUnavailable"}, {})
-            if self.scripts.get(token):
-                return self.scripts[token].pop(0)
-        return None
-
-    def record(self, token: str, item: dict[str, Any]) -> None:
-        with self.lock:
-            self.accepted[token].append(item)
-
-    def accepted_count(self, token: str) -> int:
-        with self.lock:
-            return len(self.accepted.get(token, ()))
-
-    def total_accepted(self) -> int:
-        with self.lock:
-            return sum(len(v) for v in self.accepted.values())
-
-
-# -- APNs --------------------------------------------------------------------------------------
-
-APNS_PUSH_TYPES = {
-    "alert",
-    "background",
-    "voip",
-    "complication",
-    "fileprovider",
-    "mdm",
-    "liveactivity",
-    "location",
-    "pushtotalk",
-    "widgets",
-    "controls",
-}
-
-
-class FakeAPNs(_Scripted):
-    def __init__(
-        self,
-        *,
-        team_id: str,
-        key_id: str,
-        public_key: ec.EllipticCurvePublicKey,
-        topic: str,
-        cert_dir: str,
-        delay: float = LATENCY_S,
-        max_concurrency: int = MAX_CONCURRENCY,
-    ) -> None:
-        super().__init__(delay=delay, max_concurrency=max_concurrency)
-        self.team_id, self.key_id, self.public_key, self.topic = team_id, key_id, public_key, topic
+    def listen_h2(self, cert_dir: str) -> None:
+        """Serve HTTP/2 over TLS (ALPN ``h2``, a self-signed certificate at ``cert_path``);
+        every request goes to ``self._handle(headers, body)``."""
         self.cert_path, key_path = self_signed_cert(cert_dir)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(self.cert_path, key_path)
@@ -192,18 +141,15 @@ class FakeAPNs(_Scripted):
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
-        self.jwts_seen: set[str] = set()
-        self.verified: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         while not self.closed:
@@ -275,6 +221,71 @@ class FakeAPNs(_Scripted):
                 if entry[4]:
                     self.leave()
             sock.close()
+
+    def script(self, token: str, replies: Iterable[Reply]) -> None:
+        with self.lock:
+            self.scripts[token].extend(replies)
+
+    def next_reply(self, token: str) -> Reply | None:
+        with self.lock:
+            self.requests[token].append(time.time())
+            if self.down:
+                return (503, {"reason": "ServiceUnavailable"}, {})
+            if self.scripts.get(token):
+                return self.scripts[token].pop(0)
+        return None
+
+    def record(self, token: str, item: dict[str, Any]) -> None:
+        with self.lock:
+            self.accepted[token].append(item)
+
+    def accepted_count(self, token: str) -> int:
+        with self.lock:
+            return len(self.accepted.get(token, ()))
+
+    def total_accepted(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.accepted.values())
+
+
+# -- APNs --------------------------------------------------------------------------------------
+
+APNS_PUSH_TYPES = {
+    "alert",
+    "background",
+    "voip",
+    "complication",
+    "fileprovider",
+    "mdm",
+    "liveactivity",
+    "location",
+    "pushtotalk",
+    "widgets",
+    "controls",
+}
+
+
+class FakeAPNs(_Scripted):
+    def __init__(
+        self,
+        *,
+        team_id: str,
+        key_id: str,
+        public_key: ec.EllipticCurvePublicKey,
+        topic: str,
+        cert_dir: str,
+        delay: float = LATENCY_S,
+        max_concurrency: int = MAX_CONCURRENCY,
+    ) -> None:
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
+        self.team_id, self.key_id, self.public_key, self.topic = team_id, key_id, public_key, topic
+        self.jwts_seen: set[str] = set()
+        self.verified: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.listen_h2(cert_dir)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
@@ -405,7 +416,11 @@ class FakeFCM(_Scripted):
         client_email: str = "push@demo-project.iam.example",
         delay: float = LATENCY_S,
         max_concurrency: int = MAX_CONCURRENCY,
+        cert_dir: str | None = None,
     ) -> None:
+        """With ``cert_dir``, ``messages:send`` is served over HTTP/2 with TLS (as Google serves
+        it; ``url`` is then https and ``cert_path`` the certificate to trust); the OAuth token
+        endpoint stays HTTP/1.1."""
         super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.project_id, self.client_email = project_id, client_email
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -430,15 +445,26 @@ class FakeFCM(_Scripted):
         Handler.fake = fake
 
         self.server = _serve(Handler)
-        self.port = self.server.server_address[1]
+        self.http_port = self.port = self.server.server_address[1]
+        self.h2 = cert_dir is not None
+        if cert_dir is not None:
+            self.listen_h2(cert_dir)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}" if self.h2 else f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self.h2:
+            super().close()
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        match = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", headers.get(":path", ""))
+        if match is None:
+            return (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}}, {})
+        return self.send(match.group(1), headers.get("authorization", ""), body)
 
     def service_account(self) -> dict[str, Any]:
         pem = self.key.private_bytes(
@@ -450,7 +476,7 @@ class FakeFCM(_Scripted):
             "private_key_id": self.key_id,
             "private_key": pem,
             "client_email": self.client_email,
-            "token_uri": f"{self.url}/token",
+            "token_uri": f"http://127.0.0.1:{self.http_port}/token",
         }
 
     def token(self, body: bytes) -> Reply:
@@ -467,7 +493,7 @@ class FakeFCM(_Scripted):
         now = time.time()
         if (
             claims.get("iss") != self.client_email
-            or claims.get("aud") != f"{self.url}/token"
+            or claims.get("aud") != f"http://127.0.0.1:{self.http_port}/token"
             or self.SCOPE not in str(claims.get("scope", "")).split()
             or header.get("kid") != self.key_id
             or not isinstance(claims.get("exp"), int)
