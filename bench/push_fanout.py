@@ -193,6 +193,8 @@ class Bench:
         if mode == "baseline":
             if base is not None:
                 cwd = base
+                # Before concurrent dispatch, FCM was sent over HTTP/1.1: the fake's HTTP/1.1 side.
+                env["FCM_ENDPOINT"] = f"http://127.0.0.1:{self.fcm.http_port}"
             else:
                 env.update({f"PUSH_{p.upper()}_CONCURRENCY": "1" for p in ("apns", "fcm", "webpush")})
         command = [sys.executable, "-m", "workers", "push", "--metrics-port", "{port}", "--metrics-host", "127.0.0.1"]
