@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,6 +311,9 @@ class Dispatcher:
         credentials: dict[str, dict[str, Any] | None] = {}
         expires = plan.get("expiresAtMs")
         in_flight: dict[Future[ProviderResult], tuple[_Delivery, float]] = {}
+        # Finished sends arrive here (a queue, not concurrent.futures.wait: that re-registers a
+        # waiter on every pending future at each call, quadratic in the batch).
+        answers: queue.SimpleQueue[Future[ProviderResult]] = queue.SimpleQueue()
         busy = False
         for delivery, claim in zip(deliveries, claims, strict=True):
             if claim.claim is st.Claim.BUSY:
@@ -348,12 +352,19 @@ class Dispatcher:
                 delivery.provider, delivery.device, plan["rendered"][delivery.provider], creds, ctx
             )
             in_flight[future] = (delivery, time.perf_counter())
+            future.add_done_callback(answers.put)
         self._flush(settles)
         tick = self.settings.lease_ms / 4000
         oldest = 0.0  # when the oldest answer not yet settled arrived
         while in_flight:
             timeout = tick if not settles.items else max(0.0, oldest + SETTLE_EVERY_S - time.monotonic())
-            done, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+            done = []
+            try:
+                done.append(answers.get(timeout=timeout))
+                while True:
+                    done.append(answers.get_nowait())
+            except queue.Empty:
+                pass
             for future in done:
                 delivery, started = in_flight.pop(future)
                 try:
