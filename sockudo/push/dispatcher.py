@@ -124,7 +124,7 @@ class Dispatcher:
         self._clients_pid = 0
         self.metrics = metrics
         self.clock = clock
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"  # each run claims as owner:pid:run
         self._leases: dict[str, tuple[int, int]] = {}  # job → (renewed at, lease deadline), ms
 
     def clients(self) -> ProviderClients:
@@ -296,6 +296,10 @@ class Dispatcher:
             key = keys.segment(device_id) if replay is None else f"{keys.segment(device_id)}#replay:{replay}"
             deliveries.append(_Delivery(device_id, int(attempt), provider, replay, device, key))
         now = self.now_ms()
+        # Each run claims as its own owner: a re-run of this job — even in the same process,
+        # which keeps its dispatcher across jobs — finds the deliveries a dead run left in
+        # flight held by another owner, and flags them as possible duplicates.
+        owner = f"{self.owner}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         # The deliveries' lease is the job's: when a takeover finds the job lapsed, its in-flight
         # deliveries have lapsed too.
         lease_until = self._renew(batch_id)
@@ -304,7 +308,7 @@ class Dispatcher:
             app_id,
             publish_id,
             lambda: self.store.claim_many(
-                app_id, publish_id, [(d.key, d.attempt) for d in deliveries], self.owner, now, lease_until
+                app_id, publish_id, [(d.key, d.attempt) for d in deliveries], owner, now, lease_until
             ),
         )
         settles = _Settles(app_id, publish_id)

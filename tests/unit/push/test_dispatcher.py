@@ -459,3 +459,18 @@ def test_a_duplicate_settle_writes_no_second_dead_letter(store: Any) -> None:
     assert [d["deadLetterId"] for d in items] == [letter["deadLetterId"]] and not more
     assert items[0]["occurredAtMs"] == 5
     assert store.get_status("a", "p")["state"] == st.FAILED
+
+
+def test_a_rerun_in_the_same_process_flags_what_the_dead_run_left_in_flight(store: Any) -> None:
+    """A worker keeps its dispatcher across jobs. A run that died after its provider accepted a
+    delivery but before the settle is re-run by the same dispatcher: the delivery is sent again
+    and listed as a possible duplicate (the re-run is a different claim owner)."""
+    service, queue, clients, clock, registry = build(store)
+    pid = publish_to(service, "d0")
+    crashed = crash_once(store, "settle_many", lambda *a, **kw: True)  # the answer is never settled
+    run_killed(service, queue, clock)
+    assert crashed == [1]
+    status = service.status("app", pid)
+    assert status["state"] == st.SUCCEEDED, status
+    assert clients.sent == ["d0", "d0"]
+    assert status["possibleDuplicates"] == ["d0"]
