@@ -6,6 +6,7 @@ the protocol pulled them in, none of the other unit tests would be testing a san
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,24 @@ def test_pure_core_imports_no_gevent_or_flask() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_workers_import_without_gevent_and_sockudo_never_imports_workers() -> None:
+    code = ("import sys, workers.webhooks, workers.worker, sockudo.webhooks.model, sockudo.webhooks.delivery;"
+            "print('gevent' in sys.modules or 'flask' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+        return names
+
+    for path in (ROOT / "sockudo").rglob("*.py"):
+        assert "workers" not in imported(path), f"{path} imports workers"
+    for path in (ROOT / "sockudo" / "webhooks").glob("*.py"):
+        assert not imported(path) & {"gevent", "flask", "geventwebsocket"}, path.name
+    assert not imported(ROOT / "sockudo" / "webhooks" / "model.py") & {"rq", "redis", "http", "socket"}
