@@ -20,7 +20,7 @@ from sockudo.core.auth import verify_channel_auth, verify_user_auth
 from sockudo.core.connection import Connection, Transport
 from sockudo.core.errors import ApiError, PusherCode, PusherError, SubscriptionError
 from sockudo.core.wsframe import OutFrame
-from sockudo.history.store import SequencerUnavailable
+from sockudo.history.store import SequencerUnavailable, empty_stream_id
 from sockudo.publisher import (
     CACHE_TTL_SECONDS,  # noqa: F401  (re-exported for the REST layer)
     PublishUnavailable,
@@ -309,8 +309,16 @@ class Handler:
         channel = data.get("channel")
         if not isinstance(channel, str) or channel not in conn.channels:
             raise PusherError(PusherCode.CHANNEL_ERROR, "Subscribe to the channel before reading its history")
+        if conn.transport.pending_bytes():
+            # The socket has not taken what it was sent: another page would only wait in its
+            # queue. Without this, a client that stops reading turned ~100-byte requests into
+            # megabytes held by the server until the queue's limit cut it off.
+            self.metrics.rate_limited(conn.app.id, "channel_history", "websocket")
+            error = {"error": "Read what was sent before asking for more history", "code": "rate_limited",
+                     "status": 429}
+            self._send(conn, p.frame("sockudo:channel_history", p.dumps(error), channel=channel))
+            return
         params = dict(data)
-        params.setdefault("limit", 100)
         try:
             page = read_history(self.s.sequencer, self.metrics, conn.app, channel, params,
                                 attach_serial=(conn.attach_serials or {}).get(channel), websocket=True)
@@ -435,11 +443,18 @@ class Handler:
         if conn.protocol == 2 and (app.connection_recovery.enabled or app.history.enabled) \
                 and p.server_to_user_id(channel) is None:
             # Protocol 2 (spec §7.3-§7.4): the ack carries the channel's position, so even an
-            # idle channel gives the client a starting point for a later resume.
+            # idle channel gives the client a starting point for a later resume. A channel
+            # nobody has published to has no stream yet and gets none here: its position is
+            # (empty_stream_id, 0), which resumes into its first stream. (Creating the stream
+            # on subscribe let anyone with the app key leave one behind per channel name.)
+            stream_id: str | None
+            serial: int | None
             try:
-                stream_id, serial = self.s.sequencer.ensure(app, channel)  # type: ignore[union-attr]
+                position = self.s.sequencer.position(app.id, channel)  # type: ignore[union-attr]
             except SequencerUnavailable:
                 stream_id, serial = None, None
+            else:
+                stream_id, serial = position if position is not None else (empty_stream_id(app.id, channel), 0)
             if serial is not None:
                 if conn.attach_serials is None:
                     conn.attach_serials = {}
@@ -457,6 +472,8 @@ class Handler:
     def _leave(self, conn: Connection, channel: str) -> None:
         app = conn.app
         user_id = conn.channels.pop(channel, None)
+        if conn.attach_serials:
+            conn.attach_serials.pop(channel, None)
         local_remaining, vacated = self.adapter.unsubscribe(app.id, channel, conn.socket_id)
         kind = p.channel_kind(channel)
         self.metrics.unsubscribed(app.id, kind.value, local_remaining == 0)

@@ -129,6 +129,8 @@ class Config:
     websocket_max_payload_kb: int = 64
     max_connections: int = 0  # node-wide; 0 = unlimited
     websocket_max_messages: int = 1000  # outbound frames queued per socket before 4100
+    websocket_max_buffer_bytes: int = 1 << 20  # outbound bytes queued per socket before 4100
+    websocket_max_fragments: int = 1024  # frames one inbound message may be split into (more: close 1009)
     request_limit_in_mb: float = 10
     # Slow-loris protection of the HTTP side (0 = off): the request line and headers must arrive
     # within the first, a request body within the second; lifted once a WebSocket is established.
@@ -364,6 +366,8 @@ _ENV = {
     "USER_AUTHENTICATION_TIMEOUT": "user_authentication_timeout",
     "WEBSOCKET_MAX_PAYLOAD_KB": "websocket_max_payload_kb",
     "WEBSOCKET_MAX_MESSAGES": "websocket_max_messages",
+    "WEBSOCKET_MAX_BUFFER_BYTES": "websocket_max_buffer_bytes",
+    "WEBSOCKET_MAX_FRAGMENTS": "websocket_max_fragments",
     "SOCKUDO_MAX_CONNECTIONS": "max_connections",
     "SHUTDOWN_GRACE_PERIOD": "shutdown_grace_period",
     "HTTP_API_REQUEST_LIMIT_IN_MB": "request_limit_in_mb",
@@ -432,6 +436,8 @@ def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
             out[mapping[key]] = value
 
     take(section("websocket"), "websocket", {"max_messages": "websocket_max_messages",
+                                              "max_buffer_bytes": "websocket_max_buffer_bytes",
+                                              "max_fragments": "websocket_max_fragments",
                                               "max_payload_kb": "websocket_max_payload_kb"})
     take(section("http_api"), "http_api", {"request_limit_in_mb": "request_limit_in_mb",
                                             "header_timeout_seconds": "http_header_timeout",
@@ -645,5 +651,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"config: logging.level (LOG_LEVEL) is not a log level: {config.log_level!r}")
     if config.websocket_max_messages < 1:
         raise ConfigError("config: websocket.max_messages must be at least 1")
+    if config.websocket_max_buffer_bytes < 65536:
+        raise ConfigError("config: websocket.max_buffer_bytes must be at least 65536")
+    if config.websocket_max_fragments < 1:
+        raise ConfigError("config: websocket.max_fragments must be at least 1")
     if config.webhooks.queue_driver == "redis" and not (config.redis_url or config.redis_sentinels):
         raise ConfigError("config: webhooks.queue_driver \"redis\" needs REDIS_URL (database.redis.url) or sentinels")

@@ -224,7 +224,7 @@ class RecoveryService:
 
     def resume(self, app: Any, channel: str, stream_id: Any, serial: Any, legacy: bool, subscribed: bool,
                ) -> ResumeOutcome:
-        from sockudo.history.store import SequencerUnavailable  # local import: history imports config only
+        from sockudo.history.store import SequencerUnavailable, empty_stream_id  # history imports config only
 
         if not isinstance(channel, str) or not subscribed:
             return self._fail(app.id, str(channel), CONTINUITY_UNVERIFIABLE,
@@ -237,11 +237,23 @@ class RecoveryService:
             current = self.sequencer.position(app.id, channel)
         except SequencerUnavailable:
             return self._fail(app.id, channel, PERSISTENCE_UNAVAILABLE, "Message store unavailable", stream_id, None)
+        empty = empty_stream_id(app.id, channel)
         if legacy:
             # A legacy position has no stream id: only the hot tier, and only if our buffer
             # is the channel's current stream.
             stream_id = current[0] if current else None
-        result = self.buffers.replay(app.id, channel, stream_id, serial, cfg, now_ms, current)
+        elif current is None:
+            # No stream: nothing has been published to the channel (or its stream was lost from
+            # the store). Subscribers are given the empty position now; any other is a reset.
+            current = (empty, 0)
+        lookup = stream_id
+        if not legacy and stream_id == empty and current is not None and current[0] != empty:
+            # A position taken before the channel's first message: its whole stream was missed.
+            if serial != 0:
+                return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE,
+                                  "A position before the channel's first message has serial 0", stream_id, None)
+            lookup = current[0]
+        result = self.buffers.replay(app.id, channel, lookup, serial, cfg, now_ms, current)
         source = "hot"
         frames = [m.text for m in result.messages]
         last = result.messages[-1] if result.messages else None

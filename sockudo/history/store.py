@@ -68,6 +68,22 @@ class StreamState:
     retained_bytes: int = 0
 
 
+#: Namespace of ``empty_stream_id`` (a fixed, random UUID).
+_EMPTY_STREAM_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-4e55-9a7b-0c8d2e1f4a63")
+
+
+def empty_stream_id(app_id: str, channel: str) -> str:
+    """The stream id given for a channel that has no stream yet (nothing published to it).
+
+    Nothing is stored for such a channel: serial state is created by the first publish, so a
+    client cannot make the server keep state by subscribing to names nobody uses. The id is
+    derived from the names, so every node gives the same one; a position ``(this id, 0)``
+    means "before the channel's first message" and resumes into the stream the first publish
+    creates (``RecoveryService.resume``). A real stream id is a random UUID, never this one.
+    """
+    return str(uuid.uuid5(_EMPTY_STREAM_NAMESPACE, f"{app_id}\x00{channel}"))
+
+
 class SequencerUnavailable(Exception):
     """The store could not assign a serial (Redis down or out of memory)."""
 

@@ -84,7 +84,7 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     transport = WsTransport(
         sock, config.websocket_max_messages,
         on_slow_consumer=lambda: metrics.slow_consumer_disconnects.labels(app.id, metrics.port).inc(),
-        v2=version == 2,
+        v2=version == 2, max_bytes=config.websocket_max_buffer_bytes,
     )
     conn = handler.open(app, transport, version)
     registry.connections[conn.socket_id] = conn
@@ -94,7 +94,8 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
         handler.touch(conn)
         transport.send_pong(payload)
 
-    reader = FrameReader(read, config.websocket_max_payload_kb * 1024, on_ping=on_ping, on_pong=lambda _: handler.touch(conn))
+    reader = FrameReader(read, config.websocket_max_payload_kb * 1024, on_ping=on_ping,
+                         on_pong=lambda _: handler.touch(conn), max_fragments=config.websocket_max_fragments)
     try:
         while not transport.dead:
             try:
