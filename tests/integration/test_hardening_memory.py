@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.test_limits import rss_kb
+from tests.integration.test_recovery import signed as signed_request
 from tests.support.cluster import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
 from tests.support.wsmany import CLOSE, PING, PONG, TEXT, Fleet, MiniWs, masked_frame
 from tests.support.wsraw import TcpWebSocket
 
@@ -48,8 +48,6 @@ APP = {"id": "100", "key": "mem-key", "secret": "mem-secret", "max_event_payload
 
 def signed(server: ServerProcess, method: str, path: str, params: dict[str, Any] | None = None,
            body: Any = None) -> Any:
-    from tests.integration.test_recovery import signed as signed_request
-
     resp = signed_request(server, method, path, params, body, app=APP)
     assert resp.status_code == 200, resp.text
     return resp.json()

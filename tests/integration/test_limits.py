@@ -33,7 +33,7 @@ import requests
 import websocket
 
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
 from tests.support.sdk import assert_still_delivering, sdk_for
 from tests.support.wsmany import Fleet, MiniWs, masked_frame
 from tests.support.wsraw import RawClient
@@ -54,14 +54,6 @@ def publish(server: ServerProcess, channel: str, event: str, data: str) -> None:
     resp = requests.post(server.url + path, params=query, data=body, headers={"Content-Type": "application/json"},
                          timeout=10)
     assert resp.status_code == 200, resp.text
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

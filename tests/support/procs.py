@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,50 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {message or condition}{detail}")
         time.sleep(interval)
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set size in KiB (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+class RssPeak:
+    """The highest RSS (KiB) of a process, sampled every 10 ms by a thread: transient growth
+    that is freed again before a test could look counts too. ``reset()`` starts over from now."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.baseline = self.peak = rss_kb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, rss_kb(self.pid))
+            except (OSError, AssertionError):
+                return  # the process is gone
+
+    def reset(self) -> None:
+        self.peak = rss_kb(self.pid)
+
+    def grown(self) -> int:
+        """KiB the peak is above the baseline (taken when this was created)."""
+        self.peak = max(self.peak, rss_kb(self.pid))
+        return self.peak - self.baseline
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
 
 
 def _toml_value(value: Any) -> str:
