@@ -283,13 +283,18 @@ class Handler:
             recovered: list[dict[str, Any]] = []
             failed: list[dict[str, Any]] = []
             replays: list[str] = []
+            # The replay is written after the failures, so it is collected first: never more
+            # than the socket may hold (up to 100 channels x 1,000 history messages could be
+            # read otherwise). A channel that would go over fails as position_expired.
+            budget = max(0, self.config.websocket_max_buffer_bytes - conn.transport.pending_bytes())
             for channel, stream_id, serial, is_legacy in requests[:100]:
                 outcome = self.s.recovery.resume(app, channel, stream_id, serial, is_legacy,
-                                                 subscribed=channel in conn.channels)
+                                                 subscribed=channel in conn.channels, max_bytes=budget)
                 if outcome.failure is not None:
                     failed.append(outcome.failure)
                     self._send(conn, p.frame("sockudo:resume_failed", p.dumps(outcome.failure), channel=channel))
                     continue
+                budget -= sum(len(text) for text in outcome.frames)
                 replays.extend(outcome.frames)
                 if outcome.last_serial is not None:
                     delivered[channel] = outcome.last_serial

@@ -192,6 +192,11 @@ class ReplayBuffers:
 # -- the resume service ----------------------------------------------------------
 
 MAX_COLD_REPLAY = 1000
+TOO_MUCH_TO_REPLAY = "More missed messages than one resume may replay; read them from history"
+
+
+def _too_big(frames: list[str], max_bytes: int | None) -> bool:
+    return max_bytes is not None and sum(len(text) for text in frames) > max_bytes
 
 
 @dataclass
@@ -223,7 +228,10 @@ class RecoveryService:
         })
 
     def resume(self, app: Any, channel: str, stream_id: Any, serial: Any, legacy: bool, subscribed: bool,
-               ) -> ResumeOutcome:
+               max_bytes: int | None = None) -> ResumeOutcome:
+        """One channel's resume. ``max_bytes`` bounds the frames it may replay (what is left of
+        the socket's send budget): a longer replay fails as ``position_expired`` instead, and
+        the client reads the messages from history page by page."""
         from sockudo.history.store import SequencerUnavailable, empty_stream_id  # history imports config only
 
         if not isinstance(channel, str) or not subscribed:
@@ -274,6 +282,8 @@ class RecoveryService:
                 if contiguous:
                     assert current is not None
                     frames = [m.frame_v2(channel, current[0]) for m in stored]
+                    if _too_big(frames, max_bytes):
+                        return self._fail(app.id, channel, POSITION_EXPIRED, TOO_MUCH_TO_REPLAY, stream_id, result)
                     source = "cold"
                     result.code = None
                     last_serial, last_id = stored[-1].serial, stored[-1].message_id
@@ -303,6 +313,8 @@ class RecoveryService:
                 CONTINUITY_UNVERIFIABLE: "The position cannot be verified against this channel",
             }.get(result.code or "", "Cannot recover")
             return self._fail(app.id, channel, result.code or CONTINUITY_UNVERIFIABLE, reason, stream_id, result)
+        if _too_big(frames, max_bytes):
+            return self._fail(app.id, channel, POSITION_EXPIRED, TOO_MUCH_TO_REPLAY, stream_id, result)
         self.metrics.recovery_success.labels(app.id, self.metrics.port, source).inc()
         if frames:
             self.metrics.recovery_replayed.labels(app.id, self.metrics.port, source).inc(len(frames))

@@ -9,6 +9,8 @@ RSS or its Redis keys, and the close code or reply the client gets.
 - ``sockudo:channel_history`` pages are capped at the app's ``max_page_size`` (like REST), and a
   socket with unsent bytes queued gets 429 instead of another page: a hundred-byte request can no
   longer queue megabytes;
+- one ``sockudo:resume`` replays at most what the socket may hold (``max_buffer_bytes``): the rest
+  fails as ``position_expired`` (read history), instead of up to 100 channels x 1,000 messages;
 - a fragmented message is bounded in fragments (``websocket.max_fragments``, close 1009), not only
   in payload bytes: empty and one-byte continuation frames cost nothing beyond their payload;
 - subscribing to and leaving unique public channel names on protocol 2 (history and recovery
@@ -31,7 +33,7 @@ import redis
 
 from tests.integration.test_recovery import signed as signed_request
 from tests.support.cluster import metric
-from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
+from tests.support.procs import RedisServer, RssPeak, ServerProcess, rss_kb, wait_until
 from tests.support.wsmany import CLOSE, PING, PONG, TEXT, Fleet, MiniWs, masked_frame
 from tests.support.wsraw import TcpWebSocket
 
@@ -206,6 +208,46 @@ def test_websocket_history_pages_are_capped_like_rest(node: ServerProcess) -> No
         assert serials == list(range(1, 251))
     finally:
         client.close()
+
+
+def test_one_resume_replays_no_more_than_the_socket_may_hold(node: ServerProcess) -> None:
+    """20 channels with 200 messages of 10 KB each; a client that reads nothing resumes all of
+    them from serial 0 (history serves the gaps: the hot buffers keep 100). The whole replay,
+    ~40 MB, used to be built in memory before the first frame was queued."""
+    channels = [f"mem-resume-{i}" for i in range(20)]
+    for channel in channels:
+        fill_history(node, channel, 200, 10_000)
+    attacker = v2_socket(node, rcvbuf=4096)
+    try:
+        positions = {}
+        for channel in channels:
+            ack = subscribe_v2(attacker, channel)
+            assert ack["serial"] == 200
+            positions[channel] = {"stream_id": ack["stream_id"], "serial": 0}
+        assert node.proc is not None
+        with RssPeak(node.proc.pid) as rss:
+            attacker.send_json({"event": "sockudo:resume", "data": {"channel_positions": positions}})
+            wait_until(lambda: sample(node, "sockudo_history_recovery_success_total")
+                       + sample(node, "sockudo_history_recovery_failures_total") >= len(channels), timeout=30,
+                       message="every channel's resume to be decided")
+            grown = rss.grown()
+        assert grown < 16 * 1024, f"RSS peaked {grown} KiB over its baseline for one resume request"
+
+        read_until(attacker, lambda: attacker.events("sockudo:resume_success") or attacker.close_code is not None
+                   or attacker.eof, timeout=30)
+        (done,) = attacker.events("sockudo:resume_success")
+        failed = data_of(done)["failed"]
+        replayed = sum(r["replayed"] for r in data_of(done)["recovered"])
+        assert replayed * 10_000 <= MAX_BUFFER_BYTES and len(failed) + len(data_of(done)["recovered"]) == 20
+        assert {f["code"] for f in failed} == {"position_expired"} and "history" in failed[0]["reason"]
+        # The socket is still served, and history gives the messages page by page.
+        attacker.send_json({"event": "sockudo:channel_history", "data": {"channel": channels[-1],
+                                                                       "direction": "oldest_first"}})
+        read_until(attacker, lambda: attacker.events("sockudo:channel_history"))
+        page = data_of(attacker.events("sockudo:channel_history")[0])
+        assert [item["serial"] for item in page["items"]] == list(range(1, MAX_PAGE_SIZE + 1))
+    finally:
+        attacker.close()
 
 
 # -- bytes per socket: fragments -----------------------------------------------------------------------

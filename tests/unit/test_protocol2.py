@@ -272,6 +272,26 @@ def test_resume_without_positions_is_error_4302(data: dict[str, Any]) -> None:
     assert error["event"] == "sockudo:error" and error["data"]["code"] == 4302
 
 
+def test_a_resume_replays_no_more_than_the_socket_may_hold() -> None:
+    """Up to 100 channels x 1,000 messages could be replayed by one request: past the socket's
+    ``websocket.max_buffer_bytes`` a channel fails as position_expired (read history instead)."""
+    w = World(recovery_app(history=True), websocket_max_buffer_bytes=8000)
+    c = v2_client(w, "a", "b")
+    c.take()
+    publish(w, *("x" * 1000 for _ in range(5)), channel="a")
+    publish(w, *("y" * 1000 for _ in range(5)), channel="b")
+    frames = c.take()
+    positions = {ch: {"stream_id": f["stream_id"], "serial": 0}
+                 for ch in ("a", "b") for f in frames if f["channel"] == ch}
+    c.send(resume_request(positions))
+    frames = c.take()
+    assert [f["event"] for f in frames] == ["sockudo:resume_failed"] + ["update"] * 5 + ["sockudo:resume_success"]
+    failure = data_of(frames[0])
+    assert (frames[0]["channel"], failure["code"]) == ("b", "position_expired")
+    assert "history" in failure["reason"] and failure["newest_available_serial"] == 5
+    assert {f["channel"] for f in frames[1:6]} == {"a"}
+
+
 def test_legacy_channel_serials_resume_from_the_buffer() -> None:
     w = World(recovery_app())
     c = v2_client(w, CH)
