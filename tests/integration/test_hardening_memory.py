@@ -25,15 +25,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
-from tests.integration.test_recovery import signed as signed_request
-from tests.support.cluster import metric
-from tests.support.procs import RedisServer, RssPeak, ServerProcess, rss_kb, wait_until
+from tests.support.metrics import metric
+from tests.support.procs import RssPeak, ServerProcess, rss_kb, wait_until
+from tests.support.sdk import signed as signed_request
 from tests.support.wsmany import CLOSE, PING, PONG, TEXT, Fleet, MiniWs, masked_frame
 from tests.support.wsraw import TcpWebSocket
 
@@ -50,7 +50,7 @@ APP = {"id": "100", "key": "mem-key", "secret": "mem-secret", "max_event_payload
 
 def signed(server: ServerProcess, method: str, path: str, params: dict[str, Any] | None = None,
            body: Any = None) -> Any:
-    resp = signed_request(server, method, path, params, body, app=APP)
+    resp = signed_request(server, method, path, body, {k: str(v) for k, v in (params or {}).items()}, app=APP)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -330,20 +330,15 @@ def churn(client: MiniWs, names: list[str], chunk: int = 200) -> None:
     assert client.counts["sockudo:error"] == 0 and client.counts["pusher:error"] == 0, client.counts
 
 
-@pytest.fixture
-def redis_node(server_factory: Callable[..., ServerProcess], redis_server: RedisServer) -> Iterator[ServerProcess]:
-    url = f"redis://127.0.0.1:{redis_server.port}/7"
-    redis.Redis.from_url(url).flushdb()
-    yield server_factory([APP], env={"REDIS_URL": url})
-
-
-def test_unique_channel_names_leave_no_keys_in_redis(redis_node: ServerProcess, redis_server: RedisServer) -> None:
+def test_unique_channel_names_leave_no_keys_in_redis(server_factory: Callable[..., ServerProcess],
+                                                      redis_url: str) -> None:
     """Each subscribe used to create ``…:stream:{channel}`` with a 24-hour TTL."""
-    client = v2_socket(redis_node)
+    node = server_factory([APP], env={"REDIS_URL": redis_url})
+    client = v2_socket(node)
     try:
         names = [f"mem-{uuid.uuid4().hex}" for _ in range(1000)]
         churn(client, names)
-        store = redis.Redis(port=redis_server.port, db=7)
+        store = redis.Redis.from_url(redis_url)
         leftover = [k for k in store.scan_iter(match=f"sockudo:app:{APP['id']}:*", count=1000)
                     if b":stream:mem-" in k or b":history:mem-" in k]
         assert leftover == [], f"{len(leftover)} keys left by 1,000 subscribe/unsubscribe pairs: {leftover[:3]}"
@@ -370,14 +365,10 @@ def test_unique_channel_names_leave_nothing_in_memory(node: ServerProcess) -> No
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_an_idle_channel_position_still_recovers_what_was_missed(
-        backend: str, server_factory: Callable[..., ServerProcess], redis_server: RedisServer) -> None:
+        backend: str, server_factory: Callable[..., ServerProcess], request: pytest.FixtureRequest) -> None:
     """The position in the ack of a channel nobody has published to yet (no state is kept for
     it) resumes to the messages published while its only subscriber was away."""
-    env = {}
-    if backend == "redis":
-        url = f"redis://127.0.0.1:{redis_server.port}/8"
-        redis.Redis.from_url(url).flushdb()
-        env = {"REDIS_URL": url}
+    env = {"REDIS_URL": request.getfixturevalue("redis_url")} if backend == "redis" else {}
     server = server_factory([APP], env=env)
     channel = f"mem-idle-{uuid.uuid4().hex[:8]}"
     phone = v2_socket(server)
