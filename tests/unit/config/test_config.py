@@ -130,7 +130,7 @@ def test_missing_file_fails(tmp_path: Path) -> None:
         ('debug = "maybe"\n', "debug"),
         ("port = true\n", "port"),
         ('[metrics]\nport = "x"\n', "metrics.port"),
-        ('[websocket]\nmax_messages = "lots"\n', "websocket_max_messages"),
+        ('[websocket]\nmax_messages = "lots"\n', "websocket.max_messages"),
         (
             '[[app_manager.array.apps]]\nid = "1"\nkey = "k"\nsecret = "s"\nmax_connections = "x"\n',
             "app_manager.array.apps[0].max_connections",
