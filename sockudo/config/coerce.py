@@ -138,12 +138,13 @@ def unknown_key(path: str, name: str, candidates: Iterable[str]) -> ConfigError:
     return ConfigError(f"config: unknown key {path}{suggestion(name, candidates)}")
 
 
-def check_keys(where: str, values: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Refuse any key of ``values`` not in ``allowed``; ``where`` is the table's path (``""`` at the top)."""
+def check_keys(where: str, values: Mapping[str, Any], allowed: Iterable[str], hints: Iterable[str] = ()) -> None:
+    """Refuse any key of ``values`` not in ``allowed``; ``where`` is the table's path (``""`` at the top).
+    ``hints``: more names a "did you mean" may offer (keys another layer handles)."""
     known = set(allowed)
     for name in values:
         if name not in known:
-            raise unknown_key(f"{where}.{name}" if where else name, name, known)
+            raise unknown_key(f"{where}.{name}" if where else name, name, known | set(hints))
 
 
 # Coercers by the annotation text of a dataclass field (``from __future__ import annotations``).

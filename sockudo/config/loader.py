@@ -35,6 +35,7 @@ from sockudo.config.schema import (
     TcpExporterConfig,
     builtin_default_app,
 )
+from sockudo.config.sockudo_keys import TABLES, translate
 from sockudo.core.errors import ConfigError
 from sockudo.push.settings import parse_settings as parse_push_settings
 from sockudo.webhooks.model import parse_endpoints, parse_settings
@@ -246,13 +247,13 @@ def _from_document(data: Mapping[str, Any], app_defaults: Mapping[str, Any]) -> 
         if key in _TOP_LEVEL:
             out[key] = value
         elif key not in _SECTIONS:
-            raise unknown_key(key, key, (*_TOP_LEVEL, *_SECTIONS))
+            raise unknown_key(key, key, (*_TOP_LEVEL, *_SECTIONS, *TABLES[""]))
 
     for path, mapping in _SECTION_KEYS.items():
         values = dict(_section(data, path))
         if path == "adapter":
             values.pop("redis", None)
-        check_keys(path, values, mapping)
+        check_keys(path, values, mapping, TABLES.get(path, ()))
         out.update({mapping[key]: value for key, value in values.items()})
     check_keys("database", _section(data, "database"), ("redis",))
 
@@ -309,12 +310,18 @@ def _env_values(env: Mapping[str, str], variables: Mapping[str, str]) -> dict[st
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build the Config: defaults → file → environment. Raises ConfigError naming the key."""
+    """Build the Config: defaults → file → environment. Raises ConfigError naming the key.
+    The file's settings that have no effect here are in ``Config.warnings`` (not logged here:
+    the caller logs them once its logging is set up)."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     app_defaults: dict[str, Any] = {}
+    warnings: tuple[str, ...] = ()
     if path is not None:
-        raw = _from_document(read_document(path, env), app_defaults)
+        translated = translate(read_document(path, env), env)
+        warnings = tuple(translated.warnings)
+        app_defaults = _app_defaults(translated.app_defaults)
+        raw = _from_document(translated.document, app_defaults)
 
     display = dict(FIELD_KEYS)
     for var, name in _ENV.items():
@@ -370,7 +377,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             if not getattr(app, required).strip():
                 raise ConfigError(f"config: app {required} must not be empty (SOCKUDO_DEFAULT_APP_{required.upper()})")
     _check_apps(apps)
-    config = replace(config, apps=apps)
+    config = replace(config, apps=apps, warnings=warnings)
     _validate(config)
     return config
 

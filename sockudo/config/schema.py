@@ -153,6 +153,9 @@ class Config:
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)  # [rate_limiter] (docs/security.md)
     ssl: SslConfig = field(default_factory=SslConfig)  # [ssl]
     apps: tuple[AppConfig, ...] = ()
+    # Settings of the file that have no effect here (Sockudo's NATS adapter, delta compression, …),
+    # one line each, for the server to log once logging is set up.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 def builtin_default_app() -> AppConfig:

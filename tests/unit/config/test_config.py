@@ -268,8 +268,12 @@ def test_duplicate_app_ids_or_keys_fail(toml: Callable[[str], str], field: str) 
     assert first[field] in message and "twice" in message
 
 
-def test_unsupported_app_manager_driver_fails(toml: Callable[[str], str]) -> None:
-    assert "app_manager.driver" in _error(toml('[app_manager]\ndriver = "mysql"\n'))
+def test_a_database_app_manager_warns_and_serves_the_file_apps(
+    toml: Callable[[str], str],
+) -> None:
+    config = load_config(toml('[app_manager]\ndriver = "mysql"\n' + TwoApps.replace("port = 7000\n", "")), env={})
+    assert [a.id for a in config.apps] == ["100", "200"]
+    assert "app_manager.driver = 'mysql' has no effect here" in " ".join(config.warnings)
 
 
 # -- environment ------------------------------------------------------------------
@@ -422,7 +426,6 @@ def test_feature_switches_from_the_environment_alone() -> None:
 
 @pytest.mark.parametrize(("text", "key"), [
     ("[history]\nmax_page_size = \"many\"\n", "history.max_page_size"),
-    ("[history]\nbackend = \"postgres\"\n", "history.backend"),
     ("[[app_manager.array.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nhistory = 3\n", "history"),
 ])
 def test_bad_feature_values_fail_naming_the_key(toml: Callable[[str], str], text: str, key: str) -> None:
