@@ -103,8 +103,8 @@ same("debug host port shutdown_grace_period websocket_max_payload_kb max_connect
      "activity_timeout health_check_timeout_ms")
 ignored("mode", "no development/production switch here; every check applies in both")
 ignored("server_role", "every process serves WebSockets and the HTTP API (no API-only role)", inert=("default",))
-ignored("path_prefix", "WebSockets are served at /app/{key} and the HTTP API at /apps/…, without a prefix",
-        inert=("/", ""))
+ignored("path_prefix", "WebSockets are served at /app/{key} and the HTTP API at /apps/… (Sockudo does not "
+        "apply a prefix either)", inert=("/", ""))
 renamed("instance.process_id", "node_id")
 
 # -- [adapter] ---------------------------------------------------------------------------
@@ -202,7 +202,8 @@ renamed("cache.driver", "(automatic)", "cache-channel payloads are kept in Redis
         "else in memory; \"memory\" and \"redis\" need no setting, others: a warning", apply="cache_driver")
 ignored("cache.redis", "the cache uses the adapter's Redis connection", keys="prefix url_override cluster_mode",
         when=_driver_is("cache.driver", "redis", "redis-cluster"))
-ignored("cache.memory", "cache-channel payloads are kept for their own TTL, without a size cap",
+ignored("cache.memory", "cache-channel payloads expire after one hour and expired ones are swept; there is "
+        "no separate TTL, sweep interval or capacity",
         keys="ttl cleanup_interval max_capacity", when=_driver_is("cache.driver", "memory"))
 renamed("queue.driver", "webhooks.queue_driver", "\"memory\" and \"redis\" as is (\"none\" as \"memory\"); "
         "a broker: a warning, and the automatic choice", apply="queue_driver")
@@ -284,7 +285,7 @@ renamed("event_limits.max_name_length", "app default: max_event_name_length", ap
 renamed("event_limits.max_payload_in_kb", "app default: max_event_payload_in_kb", apply="app_default")
 renamed("event_limits.max_batch_size", "app default: max_event_batch_size", apply="app_default")
 renamed("channel_limits.max_name_length", "app default: max_channel_name_length", apply="app_default")
-ignored("channel_limits.cache_ttl", "a cache channel keeps its last event for a fixed 30 minutes")
+ignored("channel_limits.cache_ttl", "a cache channel keeps its last event for one hour (3600 s)", inert=(3600,))
 
 # -- listener, HTTP API, TLS, CORS, logging, metrics -----------------------------------------
 
@@ -389,7 +390,7 @@ renamed("push.queue_driver", "push.queue_driver", "\"memory\" and \"redis\" as i
         "automatic choice", apply="push_queue_driver")
 ignored("push.storage_driver", "push state is kept where push.queue_driver puts it (Redis or memory)",
         inert=("memory", "redis"))
-ignored("push.allow_memory_drivers", "the in-memory push store is allowed (and logged as not durable)",
+ignored("push.allow_memory_drivers", "the in-memory push queue is always allowed (it is not durable)",
         inert=(True, False))
 ignored("push.fcm_enabled", "FCM is always available", inert=(True,))
 ignored("push.apns_enabled", "APNs is always available", inert=(True,))

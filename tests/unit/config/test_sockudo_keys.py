@@ -281,3 +281,14 @@ def test_a_json_file_is_read_as_json_with_null_as_unset(write: Callable[..., str
     assert config.port == 7100 and config.apps[0].max_presence_members_per_channel == 9
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(write("{port", name="bad.json"), env={})
+
+
+def test_the_configuration_page_lists_every_catalogue_entry() -> None:
+    page = (Path(__file__).resolve().parents[3] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = page[page.index("## Sockudo config files"):page.index("## Validation")]
+    prefix = "app_manager.array.apps[]."
+    missing = [path for path in CATALOGUE if f"`{path.removeprefix(prefix)}`" not in section]
+    assert missing == []
+    for entry in CATALOGUE.values():
+        if entry.effect == IGNORED:
+            assert entry.note in section, entry.path
