@@ -413,8 +413,8 @@ def _validate(config: Config) -> None:
     if config.adapter_driver not in ("local", "redis"):
         raise ConfigError(f"config: adapter.driver must be \"local\" or \"redis\", got {config.adapter_driver!r}")
     if config.adapter_driver == "redis" and not (config.redis_url or config.redis_sentinels):
-        raise ConfigError("config: adapter.driver \"redis\" needs REDIS_URL (database.redis.url) or "
-                          "database.redis.sentinels")
+        raise ConfigError("config: adapter.driver \"redis\" needs a Redis address: REDIS_URL, database.redis.url, "
+                          "database.redis.host/port or database.redis.sentinels")
     if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("config: database.redis.url (REDIS_URL) must start with redis://, rediss:// or unix://")
     for entry in config.redis_sentinels:

@@ -501,6 +501,8 @@ class _Translator:
                 inner = self.walk(value, path, where)
                 if inner or path in NATIVE_TABLES:  # a Sockudo-only table is gone once translated
                     out[name] = inner
+            elif path in TABLES and path not in NATIVE_TABLES:
+                raise ConfigError(f"config: {where} must be a table")
             elif f"{path}[]" in TABLES and isinstance(value, list):
                 out[name] = [self.walk(table(f"{where}[{i}]", item), f"{path}[]", f"{where}[{i}]")
                              for i, item in enumerate(value)]
@@ -663,7 +665,14 @@ class _Translator:
         database = document.setdefault("database", {})
         redis = database.setdefault("redis", {}) if isinstance(database, dict) else {}
         url = parts.pop("client_url", None)
-        if parts and not redis.get("url") and not redis.get("sentinels"):
+        if parts and redis.get("sentinels"):
+            for key in ("password", "db"):  # the master's, behind the sentinels
+                if key in parts:
+                    redis.setdefault(key, parts.pop(key))
+        if parts and (redis.get("url") or redis.get("sentinels")):
+            given = "database.redis.url" if redis.get("url") else "database.redis.sentinels"
+            self.result.warnings.append(f"config: database.redis.{'/'.join(sorted(parts))} is overridden by {given}")
+        elif parts:
             if self.redis_selected():
                 url = url or self.redis_url(parts)
             else:

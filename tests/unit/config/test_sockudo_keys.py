@@ -184,19 +184,28 @@ def test_sockudo_sentinels_are_host_port_tables(write: Callable[..., str]) -> No
 driver = "redis"
 [database.redis]
 name = "primary"
+password = "master-pass"
+db = 3
 sentinel_password = "sp"
 sentinels = [{ host = "s1", port = 26379 }, { host = "s2", port = 26380 }]
 """)
     config = load_config(path, env={})
     assert config.redis_sentinels == ("s1:26379", "s2:26380")
     assert config.redis_sentinel_master == "primary"
-    assert config.redis_sentinel_password == "sp"
+    assert (config.redis_password, config.redis_db, config.redis_sentinel_password) == ("master-pass", 3, "sp")
 
 
 def test_redis_settings_without_a_redis_driver_only_warn(write: Callable[..., str]) -> None:
     config = load_config(write('[adapter]\ndriver = "local"\n[database.redis]\nhost = "redis"\nport = 6379\n'), env={})
     assert config.redis_url is None and config.adapter_driver == "local"
     assert "database.redis.host/port has no effect here" in " ".join(config.warnings)
+
+
+def test_our_redis_url_wins_over_sockudo_host_and_port(write: Callable[..., str]) -> None:
+    path = write('[adapter]\ndriver = "redis"\n[database.redis]\nurl = "redis://10.0.0.9:6379/0"\nhost = "other"\n')
+    config = load_config(path, env={})
+    assert config.redis_url == "redis://10.0.0.9:6379/0"
+    assert "config: database.redis.host is overridden by database.redis.url" in config.warnings
 
 
 def test_an_adapter_this_server_lacks_warns_and_falls_back(write: Callable[..., str]) -> None:
@@ -263,6 +272,7 @@ def test_translation_reports_instead_of_logging() -> None:
     ("[websocket]\nmax_frames = 1\n", "unknown key websocket.max_frames"),
     ("[delta_compresion]\nenabled = false\n", 'unknown key delta_compresion (did you mean "delta_compression"?)'),
     ("[database.redis]\nhots = \"x\"\n", 'unknown key database.redis.hots (did you mean "host"?)'),
+    ("presence = 5\n", "config: presence must be a table"),
     ('[[app_manager.array.apps]]\nid = "1"\nkey = "k"\nsecret = "s"\n[app_manager.array.apps.policy.limits]\n'
      "max_conections = 1\n", 'app_manager.array.apps[0].max_conections (did you mean "max_connections"?)'),
     ('[[app_manager.array.apps]]\nid = "1"\nkey = "k"\nsecret = "s"\n[app_manager.array.apps.policy.extras]\n'
