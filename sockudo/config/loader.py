@@ -234,7 +234,7 @@ _SECTIONS = ("websocket", "app_manager", "metrics", "http_api", "adapter", "data
 
 
 def _section(data: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    node: Any = data
+    node: Mapping[str, Any] = data
     for part in path.split("."):
         node = table(f"[{path}]", node.get(part, {}))
     return node
