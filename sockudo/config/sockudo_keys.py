@@ -297,7 +297,9 @@ ignored("ssl.ca_path", "client certificates are not requested")
 ignored("ssl.redirect_http", "there is no plain-HTTP redirect listener", inert=(False,))
 ignored("ssl.http_port", "there is no plain-HTTP redirect listener",
         when=lambda root: _get(root, "ssl.redirect_http") is True)
-same("rate_limiter.enabled rate_limiter.driver")
+same("rate_limiter.enabled")
+renamed("rate_limiter.driver", "rate_limiter.driver", "\"memory\" and \"redis\" as is; \"redis-cluster\" and "
+        "\"none\": a warning, and counting in memory", apply="rate_limiter_driver")
 for _name in ("api_rate_limit", "websocket_rate_limit"):
     same(" ".join(f"rate_limiter.{_name}.{k}" for k in ("max_requests", "window_seconds", "identifier", "trust_hops")))
 ignored("rate_limiter.redis", "the Redis rate limiter uses the adapter's Redis connection and prefix",
@@ -580,6 +582,15 @@ class _Translator:
         else:
             self.warn(f"{where} = {driver!r}", "webhook jobs are queued in memory or in Redis (RQ) only; "
                       "the queue is Redis when Redis is configured, else memory")
+
+    def _rate_limiter_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any],
+                             name: str) -> None:
+        driver = to_str(where, value).strip().lower()
+        if driver in ("memory", "redis"):
+            out[name] = driver
+        else:
+            self.warn(f"{where} = {driver!r}", "the limits are counted in this process's memory, or in Redis with "
+                      "driver = \"redis\"")
 
     def _push_queue_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
         driver = to_str(where, value).strip().lower()

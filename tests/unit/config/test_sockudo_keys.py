@@ -218,6 +218,12 @@ def test_an_adapter_this_server_lacks_warns_and_falls_back(write: Callable[..., 
     assert config.adapter_driver == "redis"
 
 
+def test_a_rate_limiter_driver_this_server_lacks_counts_in_memory(write: Callable[..., str]) -> None:
+    config = load_config(write('[rate_limiter]\nenabled = true\ndriver = "redis-cluster"\n'), env={})
+    assert (config.rate_limiter.enabled, config.rate_limiter.driver) == (True, "memory")
+    assert "rate_limiter.driver = 'redis-cluster' has no effect here" in " ".join(config.warnings)
+
+
 def test_lambda_webhooks_are_left_out_with_a_warning(write: Callable[..., str]) -> None:
     path = write("""
 [[app_manager.array.apps]]
