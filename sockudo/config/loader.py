@@ -344,6 +344,8 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
     known = {f.name: f for f in fields(Config)}
     config = Config(**{name: coerce_field(display[name], known[name].type, value) for name, value in raw.items()})
+    if config.debug and "log_level" not in raw:
+        config = replace(config, log_level="DEBUG")  # Sockudo's meaning of debug = true
     tcp_raw = dict(table("[metrics.tcp_exporter]", metrics_raw.pop("tcp_exporter", {})))
     tcp_raw.update(_env_values(env, _TCP_EXPORTER_ENV))
     metrics: MetricsConfig = build(MetricsConfig, metrics_raw, "metrics")

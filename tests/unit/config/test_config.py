@@ -447,3 +447,11 @@ def test_feature_values_out_of_range_fail(toml: Callable[[str], str], text: str,
     """A zero TTL or page size would silently break the feature (Redis refuses EX 0: every keyed
     publish would answer 503), so start-up refuses it."""
     assert key in _error(toml(text))
+
+
+def test_debug_turns_on_debug_logs_unless_a_level_is_given(toml: Callable[[str], str]) -> None:
+    assert load_config(toml("debug = true\n"), env={}).log_level == "DEBUG"
+    assert load_config(None, env={"DEBUG": "1"}).log_level == "DEBUG"
+    assert load_config(toml('debug = true\n[logging]\nlevel = "WARNING"\n'), env={}).log_level == "WARNING"
+    assert load_config(toml("debug = true\n"), env={"LOG_LEVEL": "ERROR"}).log_level == "ERROR"
+    assert load_config(toml("debug = false\n"), env={}).log_level == "INFO"
