@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,14 @@ def test_suggestion_names_the_closest_key_but_never_the_key_itself() -> None:
     assert suggestion("max_mesages", ["max_messages", "max_bytes"]) == ' (did you mean "max_messages"?)'
     assert suggestion("zzz", ["max_messages"]) == ""
     assert suggestion("port", ["port"]) == ""
+
+
+@pytest.mark.parametrize("first", ["sockudo.webhooks.model", "sockudo.push.settings", "sockudo.config.listener",
+                                   "sockudo.config.schema", "sockudo.config"])
+def test_the_package_imports_in_any_order(first: str) -> None:
+    # webhooks.model and push.settings use config.coerce while the schema uses their settings
+    # classes: importing sockudo.config must not pull the schema in eagerly.
+    code = f"import {first}\nfrom sockudo.config import Config, load_config\nprint(load_config(None, {{}}).port)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "6001"
