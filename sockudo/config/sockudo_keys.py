@@ -19,7 +19,6 @@ neither knows stays an error, with a "did you mean" hint.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,6 @@ from urllib.parse import quote
 
 from sockudo.config.coerce import table, to_bool, to_float, to_int, to_str, unknown_key
 from sockudo.core.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 SAME = "same"
 RENAMED = "renamed"
