@@ -244,8 +244,8 @@ ignored("database.redis.key_prefix", "Redis keys use adapter.redis.prefix and fi
 renamed("database.redis.master_tls", "database.redis.tls", "enabled becomes tls; certificate options have "
         "no effect (the system CAs are trusted)", apply="master_tls")
 ignored("database.redis.sentinel_tls", "sentinels are reached without TLS",
-        keys="enabled accept_invalid_certs ca_path client_cert_path client_key_path", inert=(False,))
-ignored("database.redis.cluster", "Redis Cluster is not supported here", keys="nodes username password use_tls",
+        keys="enabled accept_invalid_certs acceptInvalidCerts ca_path client_cert_path client_key_path", inert=(False,))
+ignored("database.redis.cluster", "Redis Cluster is not supported here", keys="nodes username password use_tls useTLS",
         inert=([],))
 ignored("database.redis.cluster_nodes", "Redis Cluster is not supported here", inert=([],))
 _SQL = "host port username password database table_name connection_pool_size pool_min pool_max cache_ttl " \

@@ -290,6 +290,12 @@ def test_keys_neither_server_knows_are_errors(write: Callable[..., str], text: s
     assert message in str(info.value)
 
 
+def test_sockudos_camel_case_aliases_are_known(write: Callable[..., str]) -> None:
+    text = ("[database.redis.cluster]\nuseTLS = false\n[database.redis.sentinel_tls]\nacceptInvalidCerts = false\n"
+            "[database.redis.master_tls]\nacceptInvalidCerts = false\n")
+    assert load_config(write(text), env={}).redis_tls is False
+
+
 def test_a_json_file_is_read_as_json_with_null_as_unset(write: Callable[..., str]) -> None:
     path = write(json.dumps({"port": 7100, "logging": None, "presence": {"max_members_per_channel": 9}}),
                  name="sockudo.json")
