@@ -121,12 +121,13 @@ class ServerProcess:
     """``python -m sockudo`` on free ports, with its log kept for assertions."""
 
     def __init__(self, apps: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
-                 config_text: str | None = None, extra_args: list[str] | None = None, **top: Any) -> None:
+                 config_text: str | None = None, extra_args: list[str] | None = None,
+                 config_name: str = "sockudo.toml", **top: Any) -> None:
         self.extra_args = list(extra_args or [])  # e.g. ["--workers", "2"]
         self.port = free_port()
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-test-")
-        self.config_path = os.path.join(self.dir, "sockudo.toml")
+        self.config_path = os.path.join(self.dir, config_name)  # a ".json" name: the file is JSON
         if config_text is None:
             metrics = dict(top.pop("metrics", {}))
             metrics.setdefault("port", self.metrics_port)
