@@ -274,6 +274,8 @@ class Metrics:
         """Create every series of a known, finite label set at 0 (the apps of the configuration,
         ``app_id="unknown"`` for refusals before an app is known, and the adapter's driver)."""
         port = self.port
+        # Every metric labelled by app alone (prometheus-client keeps the label names in
+        # ``_labelnames``; a metric added later is covered without being listed here).
         app_labelled = [m for m in vars(self).values()
                         if isinstance(m, (Counter, Gauge, Histogram)) and m._labelnames == ("app_id", "port")]
         for app_id in app_ids:
