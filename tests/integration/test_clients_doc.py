@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sdk_for
 from tests.support.procs import ROOT, ServerProcess, free_port, wait_until
+from tests.support.sdk import sdk_for
 
 DOC = ROOT / "docs" / "clients.md"
 JS = ROOT / "tests" / "js"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_observability import Worker, samples
 from tests.support.cluster import node_env
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.prometheus import ALERTS, PrometheusServer
+from tests.support.webhooks import WorkerProcess
 
 APP = {"id": "910", "key": "fresh-key", "secret": "fresh-secret"}
 EVENT_TYPES = ("channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event",
@@ -34,8 +36,9 @@ class Fresh:
                                   push={"enabled": True}).start()
         wait_until(lambda: requests.get(self.node.url + "/up", timeout=5).status_code == 200, timeout=15,
                    message="the node to be ready")
-        self.worker = Worker(self.redis.url, {**self.node.env, "SOCKUDO_CONFIG": self.node.config_path},
-                             queues=("webhooks", "push"))
+        # The worker reads the server's configuration (its apps), as a deployed one does.
+        self.worker = WorkerProcess(self.redis.url, queues=("webhooks", "push"),
+                                    env={"SOCKUDO_CONFIG": self.node.config_path}).start()
 
     def stop(self) -> None:
         self.worker.stop()
@@ -48,6 +51,10 @@ def fresh() -> Iterator[Fresh]:
     deployment = Fresh()
     yield deployment
     deployment.stop()
+
+
+def samples(text: str) -> list[Any]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def series(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:

@@ -15,34 +15,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 import requests
 from rq import Worker
 
-from tests.integration.test_webhooks import Receiver
 from tests.support.procs import ROOT, RedisServer, free_port, toml_config, wait_until
+from tests.support.webhooks import Receiver
 from tests.support.wsraw import RawClient
 
 APP = {"id": "12345", "key": "procfile-key", "secret": "procfile-secret"}
 VENV_BIN = str(Path(sys.executable).parent)  # the interpreter running the suite has the requirements
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def honcho_env(**extra: str) -> dict[str, str]:
@@ -53,6 +37,7 @@ def honcho_env(**extra: str) -> dict[str, str]:
 
 
 def test_honcho_runs_web_worker_and_push(own_redis: RedisServer, receiver: Receiver) -> None:
+    own_redis.start()
     honcho = shutil.which("honcho", path=honcho_env()["PATH"])
     assert honcho is not None, "honcho is in requirements-dev.txt"
     workdir = Path(tempfile.mkdtemp(prefix="sockudo-procfile-"))
