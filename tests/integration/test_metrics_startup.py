@@ -106,6 +106,7 @@ def test_a_fresh_server_has_every_finite_label_series_at_zero(fresh: Fresh) -> N
         assert_zero(text, name, **app)
     # Webhooks: no app has one, the outcome counters exist anyway; the shared queue is reported.
     assert label_values(text, "sockudo_webhooks_queued_total", "event_type", **app) == set(EVENT_TYPES)
+    assert label_values(text, "sockudo_webhooks_queued_total", "endpoint", **app) == {"none"}
     assert_zero(text, "sockudo_webhooks_queued_total", **app)
     assert label_values(text, "sockudo_queue_depth", "state", queue="webhooks") == {
         "ready", "delayed", "active", "dead_letter"}
