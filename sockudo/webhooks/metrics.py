@@ -7,9 +7,9 @@ still in flight; ``failed`` and ``retried`` once per event per failed attempt (a
 events that fails twice adds 6). So every outcome breaks down by app, endpoint, event type and
 reason. Labels stay bounded: ``app_id``, ``endpoint`` (the entry's ``endpoint_id``,
 ``<index>-<8 hex>``: as many as the config has entries; ``unknown`` for jobs queued by an older
-server; ``none`` for an app without webhooks, whose series exist at 0), ``event_type`` (the 7 webhook event names), ``reason``
-(``timeout|connect|request|http_5xx|http_<4xx>``, or the dead-letter reasons) — never URLs,
-channels or delivery ids. The latency histograms stay per app.
+server; ``none`` for an app without webhooks, whose series exist at 0), ``event_type`` (the 7
+webhook event names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``, or the
+dead-letter reasons) — never URLs, channels or delivery ids. The latency histograms stay per app.
 """
 
 from __future__ import annotations
