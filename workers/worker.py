@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -216,32 +217,39 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it 
 
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
-               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None) -> bool:
+               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None,
+               apps: Sequence[Any] = ()) -> bool:
     """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``).
 
     RQ's work loop retries a lost Redis only while it waits for a job; a connection error
     anywhere else (heartbeat, maintenance, preparing a job) ends the loop. A worker that
     exits when Redis restarts leaves every queued webhook and push waiting for an operator,
     so this function runs the loop again — with a fresh RQ ``Worker`` — once Redis answers.
+
+    ``apps`` (the configuration's) get their outcome series at 0 from the start.
     """
     stop = threading.Event()
     _install_stop_handlers(stop, None)  # a SIGTERM while starting up is a stop, not a kill
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(apps)
     queues = [Queue(n, connection=connection) for n in queue_names]
     from sockudo.push.metrics import PushMetrics
 
     from . import push as push_jobs
 
     push_metrics = PushMetrics(registry)
+    push_metrics.prepare([app.id for app in apps])
     push_jobs.preload()  # work-horses are forked per job: import push's modules once, here
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         from sockudo.metrics.labels import ConstantLabels
+        from sockudo.metrics.listener import MetricsListener, serve_in_thread
 
         # The server's constant labels (environment, region, node, adapter) on every series.
-        start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))
+        exposition = make_wsgi_app(ConstantLabels(registry, labels or {}))
+        serve_in_thread(MetricsListener({"/metrics": exposition}), metrics_host, metrics_port)
         logger.info("worker metrics on :%d/metrics", metrics_port)
     worked = False
     reaper = None

@@ -14,7 +14,49 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from ..core.errors import PusherCode
+from ..core.protocol import ChannelKind
+
 LATENCY_MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+# Every value of the small label sets below. ``Metrics.prepare`` creates each series at 0 when
+# the server starts, so ``rate()``, ``increase()`` and the shipped alert rules have data before
+# the first failure (a series that appears only at its first increment hides that increment
+# from ``increase()``). Values outside these sets are still counted, only not created up front.
+CHANNEL_TYPES = tuple(kind.value for kind in ChannelKind)
+DISCONNECT_REASONS = (
+    "client_closed", "connection_lost", "protocol_error", "invalid_utf8",
+    # closes the server starts on an open socket: terminated or not signed in in time, slow
+    # consumer, shutdown, missed pong
+    *(f"closed_{int(code)}" for code in (PusherCode.UNAUTHORIZED, PusherCode.OVER_CAPACITY,
+                                         PusherCode.RECONNECT_NOW, PusherCode.PONG_TIMEOUT)),
+)
+CONNECTION_ERROR_TYPES = (
+    "app_disabled", "origin_not_allowed", "node_over_capacity", "app_over_quota", "unsupported_protocol",
+    "pong_timeout", "invalid_message_format", "message_too_large", "invalid_utf8", "protocol_error",
+    "authentication_failed", "api_authentication_failed",
+)
+#: ``app_id="unknown"``: refusals before an app is known (the key is the client's choice).
+UNKNOWN_APP = "unknown"
+UNKNOWN_APP_CONNECTION_ERRORS = ("app_not_found",)
+SUBSCRIPTION_ERRORS = (
+    ("invalid", "invalid_channel"),
+    *((kind.value, "LimitReached") for kind in ChannelKind),
+    *((kind.value, "AuthError") for kind in ChannelKind if kind.needs_auth or kind is ChannelKind.SERVER_TO_USER),
+    (ChannelKind.PRESENCE.value, "InvalidChannelData"),
+)
+PUBLISH_REJECT_REASONS = (
+    "invalid_input", "invalid_channel", "event_name_too_long", "too_many_channels", "payload_too_large",
+    "batch_too_large", "store_unavailable", "idempotency_store_failed",
+)
+CLIENT_EVENT_REJECT_REASONS = (
+    "rate_limited", "disabled", "event_name_too_long", "invalid_channel", "wrong_channel_type", "payload_too_large",
+    "not_subscribed",
+)
+APP_RATE_LIMITS = (("client_events", "websocket"),)
+IP_RATE_LIMITS = (("ip_websocket_upgrades", "websocket"), ("ip_connections", "websocket"), ("ip_api", "http"))
+RECOVERY_SOURCES = ("hot", "cold")
+RECOVERY_FAILURE_CODES = ("stream_reset", "position_expired", "continuity_unverifiable", "persistence_unavailable")
 
 
 class AppMetrics:
@@ -227,6 +269,50 @@ class Metrics:
             registry=r,
         )
         self._apps: dict[str, AppMetrics] = {}
+
+    def prepare(self, app_ids: list[str], adapter_driver: str | None = None) -> None:
+        """Create every series of a known, finite label set at 0 (the apps of the configuration,
+        ``app_id="unknown"`` for refusals before an app is known, and the adapter's driver)."""
+        port = self.port
+        # Every metric labelled by app alone (prometheus-client keeps the label names in
+        # ``_labelnames``; a metric added later is covered without being listed here).
+        app_labelled = [m for m in vars(self).values()
+                        if isinstance(m, (Counter, Gauge, Histogram)) and m._labelnames == ("app_id", "port")]
+        for app_id in app_ids:
+            self.app(app_id)
+            for metric in app_labelled:
+                metric.labels(app_id, port)
+            for reason in DISCONNECT_REASONS:
+                self.disconnect_reasons.labels(app_id, port, reason)
+            for error_type in CONNECTION_ERROR_TYPES:
+                self.connection_errors.labels(app_id, port, error_type)
+            for channel_type in CHANNEL_TYPES:
+                self.channel_subscriptions.labels(app_id, port, channel_type)
+                self.channel_unsubscriptions.labels(app_id, port, channel_type)
+                self.active_channels.labels(app_id, port, channel_type)
+            for channel_type, reason in SUBSCRIPTION_ERRORS:
+                self.subscription_errors.labels(app_id, port, channel_type, reason)
+            for reason in PUBLISH_REJECT_REASONS:
+                self.publishes_rejected.labels(app_id, port, reason)
+            for reason in CLIENT_EVENT_REJECT_REASONS:
+                self.client_events_rejected.labels(app_id, port, reason)
+            for limiter_type, context in APP_RATE_LIMITS:
+                self.rate_limit_triggered.labels(app_id, port, limiter_type, context)
+            for source in RECOVERY_SOURCES:
+                self.recovery_success.labels(app_id, port, source)
+                self.recovery_replayed.labels(app_id, port, source)
+            for code in RECOVERY_FAILURE_CODES:
+                self.recovery_failures.labels(app_id, port, code)
+        for error_type in UNKNOWN_APP_CONNECTION_ERRORS:
+            self.connection_errors.labels(UNKNOWN_APP, port, error_type)
+        for limiter_type, context in IP_RATE_LIMITS:
+            self.rate_limit_triggered.labels(UNKNOWN_APP, port, limiter_type, context)
+        for metric in (self.adapter_duplicates_suppressed, self.history_evictions):
+            metric.labels(port)
+        if adapter_driver is not None and adapter_driver != "local":
+            self.adapter_up.labels(adapter_driver)
+            self.transport_dropped.labels(adapter_driver)
+            self.transport_reconnections.labels(adapter_driver)
 
     def watch_replay_buffers(self, buffers: Any) -> None:
         """Export ``buffers``' per-app pressure (full evictions, fullest buffer) at scrape time."""

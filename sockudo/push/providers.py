@@ -51,6 +51,8 @@ CREDENTIAL_AUTH = "credential_auth"
 CALLER_PAYLOAD = "caller_payload"
 NETWORK_TRANSPORT = "network_transport"
 UNKNOWN = "unknown"
+FAILURE_CLASSES = (DEVICE_TERMINAL, PROVIDER_TRANSIENT, PROVIDER_QUOTA, CREDENTIAL_AUTH, CALLER_PAYLOAD,
+                   NETWORK_TRANSPORT, UNKNOWN)
 
 
 @dataclass(frozen=True)

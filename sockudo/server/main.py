@@ -50,6 +50,7 @@ class _QuietHandler(GuardedHandler):
 
 def build_services(config: Config) -> Services:
     metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix, process=True)
+    metrics.prepare([app.id for app in config.apps], config.adapter_driver)
     adapter: Any
     extras: dict[str, Any] = {}
     cache: Any = MemoryCache(time.time)

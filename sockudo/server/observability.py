@@ -13,6 +13,7 @@ from prometheus_client import make_wsgi_app
 from sockudo.config import Config
 from sockudo.health import build_readiness
 from sockudo.metrics.labels import ConstantLabels, constant_labels
+from sockudo.metrics.listener import MetricsListener
 from sockudo.metrics.tcp.exporter import TcpExporter
 from sockudo.server.runtime import GeventRuntime
 
@@ -21,9 +22,10 @@ logger = logging.getLogger(__name__)
 WSGI_ERROR_LOG = logging.getLogger("gevent.pywsgi")  # pass as WSGIServer(error_log=...)
 
 
-def metrics_app(config: Config, registry: Any) -> Any:
-    """``GET /metrics``: the registry with ``environment, region, node, adapter`` on every series."""
-    return make_wsgi_app(ConstantLabels(registry, constant_labels(config)))
+def metrics_app(config: Config, registry: Any) -> MetricsListener:
+    """``GET /metrics``: the registry with ``environment, region, node, adapter`` on every series;
+    404 elsewhere."""
+    return MetricsListener({"/metrics": make_wsgi_app(ConstantLabels(registry, constant_labels(config)))})
 
 
 def start_tcp_exporter(config: Config, registry: Any) -> TcpExporter | None:

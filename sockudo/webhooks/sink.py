@@ -378,13 +378,16 @@ def warn_duplicate_endpoints(config: Config) -> None:
 
 def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any,
                        clients: RedisClients | None = None) -> WebhookSink | None:
-    """The sink for the composition root; None when no app has a webhook (the null sink stays)."""
-    if not any(app.webhooks for app in config.apps):
-        return None
+    """The sink for the composition root; None when no app has a webhook (the null sink stays).
+
+    The webhook metrics exist either way, at 0 for every app, and with a Redis queue its depth
+    is reported too: dashboards and alerts have data before the first app gets a webhook."""
     settings = config.webhooks
     prefix = config.metrics.prefix
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(config.apps)
     key_prefix = f"{config.redis_prefix}webhooks:"
+    enabled = any(app.webhooks for app in config.apps)
     queue: Any
     markers: Markers
     failures: tuple[type[BaseException], ...] = (OSError,)
@@ -396,12 +399,17 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
 
         client = (clients or RedisClients(config)).shared
         queue = RqQueue(client, key_prefix, dead_letter_limit=settings.dead_letter_limit)
+        registry.register(QueueCollector(queue.stats, prefix))
+        if not enabled:
+            return None
         markers = RedisMarkers(client, key_prefix)
         failures = (RedisError, OSError)
+    elif not enabled:
+        return None
     else:
         queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit))
         markers = MemoryMarkers()
-    registry.register(QueueCollector(queue.stats, prefix))
+        registry.register(QueueCollector(queue.stats, prefix))
     warn_duplicate_endpoints(config)
     logger.info("webhooks enabled", extra={"queue": queue.backend,
                                            "apps": [a.id for a in config.apps if a.webhooks]})

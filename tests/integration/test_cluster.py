@@ -448,6 +448,23 @@ def test_cache_channel_payload_is_shared_by_every_node(cluster, pusherjs) -> Non
     assert "cache" in sdk_for(b).channel_info(channel, ["cache"])
 
 
+def test_cache_channel_payload_lives_in_redis_not_in_a_process(cluster, pusherjs, redis_server) -> None:
+    """Shared through Redis, not process memory: once the publishing node has stopped, a node
+    started after the publish (it never saw the event) serves it to a new subscriber, and the
+    payload is a key in Redis with the cache TTL."""
+    (a,) = cluster(1)
+    channel = "cache-cluster-late-node"
+    sdk_for(a).trigger(channel, "price", {"eur": 8})  # nobody subscribed anywhere: only the cache keeps it
+    client = redis.Redis.from_url(redis_server.url)
+    keys = [k for k in client.scan_iter(match="*" + channel + "*") if client.type(k) == b"string"]
+    assert len(keys) == 1 and 0 < client.pttl(keys[0]), keys
+    a.stop()
+    (c,) = cluster(1)  # a process that did not exist when the event was published
+    late = connect(pusherjs, "cache-late-node", c, APP, None, channel)
+    assert late.wait_event(channel, "price")["data"] == {"eur": 8}
+    assert not received(late, channel, "pusher:cache_miss")
+
+
 APP_USERS = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
              "enable_watchlist_events": True}
 

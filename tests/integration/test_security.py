@@ -342,9 +342,10 @@ def test_apps_sharing_channel_and_user_names_never_see_each_other(two_nodes):
 
 # -- operator endpoints require signatures -----------------------------------------------------------
 
-#: The routes that answer without a signature, on purpose (spec §5.3): health and usage, plus
-#: the WebSocket path (authenticated per channel). Anything else unsigned is a finding.
-UNSIGNED_ROUTES = {"/live", "/up", "/up/<app_id>", "/usage"}
+#: The routes that answer without a signature, on purpose (spec §5.3): health and usage (soketi's
+#: ``/`` and ``/ready`` included), plus the WebSocket path (authenticated per channel). Anything
+#: else unsigned is a finding.
+UNSIGNED_ROUTES = {"/", "/ready", "/live", "/up", "/up/<app_id>", "/usage"}
 
 
 def flask_routes() -> list[tuple[str, str]]:
