@@ -1,0 +1,279 @@
+"""The operator console (docs/console.md), driven the way an operator uses it: Debian's Chromium
+through Selenium, a pusher-js client and the official Python SDK on the other side.
+
+Also what it must refuse: a wrong or missing token, a cross-site POST, an unauthenticated event
+stream; and what it must never show: an app's secret.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import sdk_for
+from tests.integration.test_webhooks import KEY, SECRET, Receiver, app, receiver, webhooks  # noqa: F401
+from tests.support.cluster import node_env, wait_formed
+from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.pusherjs import PusherJsDriver
+
+TOKEN = "console-test-token-4f1b2c7d9e"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def console_url(server: ServerProcess) -> str:
+    return f"http://127.0.0.1:{server.metrics_port}/console"
+
+
+@pytest.fixture
+def console_server(server_factory: Callable[..., ServerProcess], receiver: Receiver) -> ServerProcess:  # noqa: F811
+    """One app whose channel_occupied webhook the receiver refuses for good (410): a dead letter."""
+    receiver.script["/gone"] = [410]
+    return server_factory([app({"url": receiver.url("/gone"), "event_types": ["channel_occupied"]})],
+                          webhooks=webhooks(), console={"token": TOKEN})
+
+
+def signed_in(server: ServerProcess) -> tuple[requests.Session, str]:
+    """A requests session signed in to the console, and its CSRF token."""
+    http = requests.Session()
+    resp = http.post(console_url(server) + "/login", data={"token": TOKEN}, allow_redirects=False, timeout=5)
+    assert resp.status_code == 303, resp.text
+    csrf = http.get(console_url(server) + "/api/session", timeout=5).json()["csrf"]
+    return http, csrf
+
+
+# -- the page in a real browser ------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.fail("chromium and chromium-driver are needed (make test installs them with apt-get)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1300"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def log_rows(driver: Any) -> list[dict[str, str]]:
+    """The event log as the operator sees it (newest first)."""
+    script = """
+      return Array.from(document.querySelectorAll('#log tr')).filter(r => !r.hidden).map(r => {
+        const c = r.children;
+        return {kind: c[2].textContent, channel: c[3].textContent, event: c[4].textContent,
+                details: c[5].textContent};
+      });"""
+    rows: list[dict[str, str]] = driver.execute_script(script)
+    return rows
+
+
+def test_operator_watches_publishes_and_replays_a_dead_letter_in_chromium(
+        console_server: ServerProcess, receiver: Receiver, pusherjs: PusherJsDriver,  # noqa: F811
+        browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    server = console_server
+    browser.get(console_url(server))
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "signin").click()
+    wait_until(lambda: browser.find_element(By.ID, "stream-state").text == "live", timeout=10,
+               message="the event stream to open")
+    cookie = browser.get_cookie("sockudo_console")
+    assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+    # A pusher-js client connects and subscribes: the log shows both.
+    client = pusherjs.connect("alice", key=KEY, port=server.port, secret=SECRET, app_id="100")
+    client.wait_connected()
+    client.subscribe("room")
+    client.wait_subscribed("room")
+    wait_until(lambda: any(r["kind"] == "connection" for r in log_rows(browser)), timeout=5,
+               message="the connection in the log")
+    wait_until(lambda: any(r["kind"] == "subscribed" and r["channel"] == "room" for r in log_rows(browser)),
+               timeout=5, message="the subscription in the log")
+
+    # An event published with the SDK is in the log within a second, payload included.
+    sdk_for(server, {"id": "100", "key": KEY, "secret": SECRET}).trigger("room", "sdk-event", {"n": 42})
+    published = time.monotonic()
+    row = wait_until(lambda: next((r for r in log_rows(browser) if r["event"] == "sdk-event"), None), timeout=1.0,
+                     interval=0.01, message="the SDK's event in the log within a second")
+    assert row["kind"] == "api_message" and row["channel"] == "room" and '{"n":42}' in row["details"].replace(" ", "")
+    assert time.monotonic() - published < 1.0
+
+    # The event creator publishes through the REST path; the pusher-js subscriber gets it.
+    browser.find_element(By.ID, "pub-channel").send_keys("room")
+    browser.find_element(By.ID, "pub-event").send_keys("from-console")
+    data = browser.find_element(By.ID, "pub-data")
+    data.clear()
+    data.send_keys('{"hello": "operator"}')
+    browser.find_element(By.ID, "pub-send").click()
+    got = client.wait_for({"type": "event", "channel": "room", "event": "from-console"}, timeout=5)
+    assert got["data"] == {"hello": "operator"}
+    assert browser.find_element(By.ID, "pub-result").text == "Sent."
+
+    # The channel list shows the subscriber.
+    browser.find_element(By.ID, "channels-refresh").click()
+    wait_until(lambda: [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#channels tr td")][:2]
+               == ["room", "1"], timeout=5, message="room with one subscriber in the channel list")
+
+    # channel_occupied went to an endpoint that answered 410: one dead letter, replayed from the page.
+    wait_until(lambda: len(receiver.at("/gone")) == 1, timeout=10, message="the refused webhook")
+    first_delivery = receiver.at("/gone")[0].delivery_id
+    rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#dead-letters tr")  # noqa: E731
+
+    def listed() -> bool:
+        browser.find_element(By.ID, "dl-refresh").click()
+        return len(rows()) == 1
+
+    wait_until(listed, timeout=10, interval=0.2, message="the dead letter in the page")
+    rows()[0].find_element(By.CSS_SELECTOR, "button.replay").click()
+    wait_until(lambda: [r.status for r in receiver.at("/gone")] == [410, 200], timeout=10,
+               message="the replayed delivery to arrive")
+    assert receiver.at("/gone")[1].delivery_id == first_delivery  # receivers dedupe on it
+    assert receiver.at("/gone")[1].events == [{"name": "channel_occupied", "channel": "room"}]
+    wait_until(lambda: browser.find_element(By.ID, "dl-result").text.startswith("Replayed"), timeout=5)
+    wait_until(lambda: any(r["kind"] == "webhook" and "status=delivered" in r["details"]
+                           for r in log_rows(browser)), timeout=5, message="the delivery in the log")
+
+    # The client leaves: a disconnection with its close code.
+    client.disconnect()
+    wait_until(lambda: any(r["kind"] == "disconnection" for r in log_rows(browser)), timeout=5)
+
+    shot = tmp_path / "console.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    assert SECRET not in browser.page_source
+
+
+# -- what it refuses ------------------------------------------------------------------------------
+
+
+def test_wrong_or_missing_token_and_unauthenticated_reads_are_refused(console_server: ServerProcess) -> None:
+    base = console_url(console_server)
+    page = requests.get(base + "/", timeout=5)
+    assert page.status_code == 200 and 'id="token"' in page.text and "Event log" not in page.text
+    for form in ({"token": "wrong"}, {"token": ""}, {}, {"token": TOKEN[:-1]}):
+        resp = requests.post(base + "/login", data=form, allow_redirects=False, timeout=5)
+        assert resp.status_code == 401 and "sockudo_console" not in resp.headers.get("Set-Cookie", "")
+    for path in ("/api/session", "/api/apps/100/overview", "/api/apps/100/channels", "/api/apps/100/dead-letters"):
+        assert requests.get(base + path, timeout=5).status_code == 401
+    # The event stream, without a session or with a made-up one.
+    assert requests.get(base + "/api/apps/100/events", timeout=5, stream=True).status_code == 401
+    forged = requests.get(base + "/api/apps/100/events", cookies={"sockudo_console": "forged"}, timeout=5, stream=True)
+    assert forged.status_code == 401
+    assert requests.post(base + "/api/apps/100/publish", json={"channel": "c", "name": "e"},
+                         timeout=5).status_code == 401
+    # Not on the public port.
+    assert requests.get(f"{console_server.url}/console/", timeout=5).status_code == 404
+
+
+def test_cross_site_posts_are_refused(console_server: ServerProcess, pusherjs: PusherJsDriver) -> None:
+    base = console_url(console_server)
+    client = pusherjs.connect("bob", key=KEY, port=console_server.port, secret=SECRET, app_id="100")
+    client.wait_connected()
+    client.subscribe("csrf-room")
+    client.wait_subscribed("csrf-room")
+    # Signing in from another site (login CSRF).
+    evil = {"Origin": "http://evil.example"}
+    assert requests.post(base + "/login", data={"token": TOKEN}, headers=evil, allow_redirects=False,
+                         timeout=5).status_code == 403
+    http, csrf = signed_in(console_server)
+    set_cookie = http.post(base + "/login", data={"token": TOKEN}, allow_redirects=False, timeout=5).headers["Set-Cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    event = {"channel": "csrf-room", "name": "forged", "data": {}}
+    publish = base + "/api/apps/100/publish"
+    assert http.post(publish, json=event, timeout=5).status_code == 403  # no CSRF token
+    assert http.post(publish, json=event, headers={"X-Console-CSRF": "guess"}, timeout=5).status_code == 403
+    assert http.post(publish, json=event, headers={"X-Console-CSRF": csrf, **evil}, timeout=5).status_code == 403
+    assert http.post(publish, json=event, headers={"X-Console-CSRF": csrf, "Sec-Fetch-Site": "cross-site"},
+                     timeout=5).status_code == 403
+    assert http.post(base + "/api/apps/100/dead-letters/x/replay", timeout=5).status_code == 403
+    # None of them published; the same request with the token does.
+    ok = http.post(publish, json={**event, "name": "allowed"}, headers={"X-Console-CSRF": csrf}, timeout=5)
+    assert ok.status_code == 200, ok.text
+    got = client.wait_for({"type": "event", "channel": "csrf-room"}, timeout=5)
+    assert got["event"] == "allowed"
+    # The REST path's limits apply to the console too.
+    too_long = http.post(publish, json={"channel": "csrf-room", "name": "x" * 500, "data": {}},
+                         headers={"X-Console-CSRF": csrf}, timeout=5)
+    assert too_long.status_code == 400
+
+
+def test_no_secret_reaches_the_page(console_server: ServerProcess) -> None:
+    http, csrf = signed_in(console_server)
+    base = console_url(console_server)
+    for path in ("/", "/api/session", "/api/apps/100/overview", "/api/apps/100/channels",
+                 "/api/apps/100/dead-letters"):
+        resp = http.get(base + path, timeout=5)
+        assert resp.status_code == 200, path
+        assert SECRET not in resp.text and TOKEN not in resp.text
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+
+
+def sse(resp: requests.Response, timeout: float) -> Iterator[tuple[str, Any]]:
+    """``(event name, parsed data)`` from a Server-Sent Events response, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    kind = "message"
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, json.loads(line[6:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing expected arrived on the stream within {timeout}s")
+
+
+def test_with_redis_the_console_shows_every_node(server_factory: Callable[..., ServerProcess],
+                                                 pusherjs: PusherJsDriver) -> None:
+    redis_server = RedisServer().start()
+    try:
+        nodes = [server_factory([app()], start=False, env=node_env(redis_server.url), console={"token": TOKEN})
+                 for _ in range(2)]
+        for node in nodes:
+            node.start()
+        wait_formed(nodes)
+        a, b = nodes
+        http, _ = signed_in(a)
+        this_node = http.get(console_url(a) + "/api/session", timeout=5).json()["node"]
+        clients = 0
+        remote: list[dict[str, Any]] = []
+        with http.get(console_url(a) + "/api/apps/100/events", stream=True, timeout=10) as stream:
+            assert stream.status_code == 200
+            # Node b learns within about a second that a console listens; until then its events
+            # stay on b. On each stats tick (once a second) without b's event yet, connect one more
+            # client to b, until one shows up on a's console.
+            for kind, data in sse(stream, timeout=15):
+                if kind == "events":
+                    remote += [e for e in data if e["kind"] == "connection" and e["node"] != this_node]
+                if remote:
+                    break
+                if kind == "stats":
+                    pusherjs.connect(f"c{clients}", key=KEY, port=b.port, secret=SECRET, app_id="100")
+                    clients += 1
+        assert remote[0]["app"] == "100" and remote[0]["socket_id"]
+
+        def cluster() -> dict[str, int]:
+            view = http.get(console_url(a) + "/api/apps/100/overview", timeout=5).json()["cluster"]
+            return {n["id"]: n["connections"] for n in view["nodes"]}
+
+        wait_until(lambda: len(cluster()) == 2 and sum(cluster().values()) == clients, timeout=10,
+                   message="both nodes and b's connections in the cluster view")
+        assert cluster()[this_node] == 0
+    finally:
+        redis_server.stop()
