@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from sockudo.cache import cache_channel_key
 from sockudo.config import AppConfig
+from sockudo.console.tap import close_code
 from sockudo.core import protocol as p
 from sockudo.core.auth import verify_channel_auth, verify_user_auth
 from sockudo.core.connection import Connection, Transport
@@ -138,6 +139,9 @@ class Handler:
         if app.enable_user_authentication:
             conn.auth_deadline = now + self.config.user_authentication_timeout
         self.adapter.add_socket(app.id, conn)
+        tap = self.s.tap
+        if tap.attached:  # the console watches (one flag read otherwise)
+            tap.record(app.id, "connection", socket_id=conn.socket_id, protocol=protocol_version)
         m = self.metrics.app(app.id)
         m.connected.inc()
         m.new_connections.inc()
@@ -162,6 +166,9 @@ class Handler:
         m.connected.dec()
         m.new_disconnections.inc()
         self.metrics.disconnected(app.id, reason)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "disconnection", socket_id=conn.socket_id, reason=reason, code=close_code(reason))
 
     def check_liveness(self, conn: Connection, now: float) -> None:
         """Called by the server's shared timer: ping idle sockets, close silent ones (§1.5)."""
@@ -390,6 +397,10 @@ class Handler:
         if kind.needs_auth or kind is p.ChannelKind.SERVER_TO_USER:
             conn.auth_deadline = None
         self.metrics.subscribed(app.id, kind.value, local_count == 1)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "subscribed", channel=channel, socket_id=conn.socket_id, user_id=user_id,
+                       occupied=occupied or None)
         if occupied:
             self.events.emit(app, {"name": "channel_occupied", "channel": channel})
 
@@ -480,6 +491,10 @@ class Handler:
         if conn.attach_serials:
             conn.attach_serials.pop(channel, None)
         local_remaining, vacated = self.adapter.unsubscribe(app.id, channel, conn.socket_id)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "unsubscribed", channel=channel, socket_id=conn.socket_id, user_id=user_id,
+                       vacated=vacated or None)
         kind = p.channel_kind(channel)
         self.metrics.unsubscribed(app.id, kind.value, local_remaining == 0)
         if user_id is not None and self.adapter.presence_leave(app.id, channel, conn.socket_id, user_id):
@@ -558,6 +573,10 @@ class Handler:
         if user_id is not None:
             hook["user_id"] = user_id
         self.events.emit(app, hook)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "client_event", channel=channel, event=event, socket_id=conn.socket_id,
+                       user_id=user_id, data=hook["data"])
 
     # -- sign-in, users and watchlist (§4) ----------------------------------------
 

@@ -86,6 +86,11 @@ def _deliver(services: Services, app: AppConfig, event: dict[str, Any]) -> None:
         services.metrics.publish_rejected(app.id, "store_unavailable")
         raise ApiError(503, "service_unavailable", "Message store unavailable; the event was not published",
                        headers={"Retry-After": "1"}) from None
+    tap = services.tap
+    if tap.attached:  # the console watches (one flag read otherwise)
+        for channel in event["channels"]:
+            tap.record(app.id, "api_message", channel=channel, event=event["name"], data=event["data"],
+                       socket_id=event["socket_id"])
 
 
 def _user_count(services: Services, app: AppConfig, channel: str, out: dict[str, Any]) -> bool:

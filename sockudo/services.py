@@ -7,6 +7,7 @@ implements it with gevent; tests with threads or a fake).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from sockudo.adapter import Adapter
 from sockudo.apps import AppStore
 from sockudo.cache import Cache
 from sockudo.config import Config
+from sockudo.console.tap import EventTap
 from sockudo.history.idempotency import IdempotencyStore, MemoryIdempotency
 from sockudo.history.recovery import RecoveryService, ReplayBuffers
 from sockudo.history.store import MemorySequencer, Sequencer
@@ -52,6 +54,9 @@ class Services:
     idempotency: IdempotencyStore | None = None
     redis: RedisClients | None = None  # None in tests that build services by hand
     push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
+    # The console's event tap (sockudo/console/tap.py): hooks report to it only while a console
+    # watches. The composition root gives it the node id and gevent's Event.
+    tap: EventTap = field(default_factory=lambda: EventTap("local", threading.Event))
     publisher: Publisher = field(init=False)
     recovery: RecoveryService = field(init=False)
 

@@ -636,6 +636,27 @@ class RedisAdapter:
     def node_socket_count(self) -> int:
         return self.local.node_socket_count()
 
+    def node_connections(self, app_ids: list[str]) -> dict[str, int]:
+        """Open sockets of ``app_ids`` per live node, this one included (the console's cluster view)."""
+        nodes = {self.node_id: sum(self.local.socket_count(a) for a in app_ids)}
+        nodes.update({peer: 0 for peer in self._peers})
+        if not self.healthy:
+            return nodes
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for app_id in app_ids:
+                    pipe.hgetall(self.keys.connections(app_id))
+                replies = pipe.execute()
+        except FAILURES as exc:
+            self._failed("node_connections", exc)
+            return nodes
+        for counts in replies:
+            for node, value in counts.items():
+                node_id = node.decode() if isinstance(node, bytes) else node
+                if node_id in self._peers:
+                    nodes[node_id] += max(0, int(value))
+        return nodes
+
     def all_connections(self) -> list[Connection]:
         return self.local.all_connections()
 

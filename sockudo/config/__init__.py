@@ -5,7 +5,8 @@ then environment variables; read once at start-up into frozen dataclasses (docs/
 - :mod:`~sockudo.config.coerce`: the one set of value rules every section uses;
 - :mod:`~sockudo.config.loader`: reading, ``${VAR}`` interpolation, environment, validation;
 - :mod:`~sockudo.config.sockudo_keys`: Sockudo's keys and what each does here;
-- :mod:`~sockudo.config.listener`: ``[rate_limiter]`` and ``[ssl]``.
+- :mod:`~sockudo.config.listener`: ``[rate_limiter]`` and ``[ssl]``;
+- :mod:`~sockudo.config.console`: ``[console]`` (docs/console.md).
 
 The names below are imported on first use: ``sockudo.webhooks.model`` and
 ``sockudo.push.settings`` use :mod:`sockudo.config.coerce` while the schema uses their
@@ -18,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sockudo.config.console import ConsoleConfig, parse_console
     from sockudo.config.listener import RateLimiterConfig, SslConfig, parse_rate_limiter, parse_ssl
     from sockudo.config.loader import interpolate, load_config, parse_app, read_document
     from sockudo.config.schema import (
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "ConsoleConfig": "console",
+    "parse_console": "console",
     "RateLimiterConfig": "listener",
     "SslConfig": "listener",
     "parse_rate_limiter": "listener",
@@ -61,6 +65,7 @@ _EXPORTS = {
 __all__ = [
     "AppConfig",
     "Config",
+    "ConsoleConfig",
     "DEFAULT_APP_ID",
     "DEFAULT_APP_KEY",
     "DEFAULT_APP_SECRET",
@@ -76,6 +81,7 @@ __all__ = [
     "interpolate",
     "load_config",
     "parse_app",
+    "parse_console",
     "parse_rate_limiter",
     "parse_ssl",
     "read_document",

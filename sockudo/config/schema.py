@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockudo.config.console import ConsoleConfig
 from sockudo.config.listener import RateLimiterConfig, SslConfig
 from sockudo.push.settings import PushSettings
 from sockudo.webhooks.model import WebhookEndpoint, WebhookSettings
@@ -154,6 +155,7 @@ class Config:
     push: PushSettings = field(default_factory=PushSettings)  # [push] (docs/push.md)
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)  # [rate_limiter] (docs/security.md)
     ssl: SslConfig = field(default_factory=SslConfig)  # [ssl]
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)  # [console] (docs/console.md)
     apps: tuple[AppConfig, ...] = ()
     # Settings of the file that have no effect here (Sockudo's NATS adapter, delta compression, …),
     # one line each, for the server to log once logging is set up.

@@ -6,6 +6,6 @@ tokens (``sessions``), the per-app history of rates (``stats``) and the cross-no
 ``sockudo/http_api/console.py``; the page's HTML, CSS and JavaScript in ``static/``.
 """
 
-from .tap import KINDS, ConsoleEvent, EventTap, Watcher
+from sockudo.console.tap import KINDS, ConsoleEvent, EventTap, Watcher
 
 __all__ = ["KINDS", "ConsoleEvent", "EventTap", "Watcher"]

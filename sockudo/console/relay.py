@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from .tap import EventTap
+from sockudo.console.tap import EventTap
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .stats import StatsHistory
-from .tap import EventTap
+from sockudo.console.stats import StatsHistory
+from sockudo.console.tap import EventTap
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class Console:
 
     def publish(self, app_id: str, body: Any) -> dict[str, Any]:
         """The event creator: ``{"channel" or "channels", "name", "data"}`` as the REST API takes it."""
-        from .. import rest  # the REST API's own path: its limits, history and webhooks apply
-        from ..errors import ApiError
+        from sockudo import rest  # the REST API's own path: its limits, history and webhooks apply
+        from sockudo.core.errors import ApiError
 
         app = self.app(app_id)
         if not app.enabled:
@@ -148,7 +148,7 @@ class Console:
         return queue
 
     def dead_letters(self, app_id: str) -> dict[str, Any]:
-        from ..webhooks import redact_url
+        from sockudo.webhooks.model import redact_url
 
         self.app(app_id)
         letters = self._webhook_queue().dead_letters
@@ -160,7 +160,7 @@ class Console:
         return {"dead_letters": view, "stored": letters.count()}
 
     def replay_dead_letter(self, app_id: str, letter_id: str) -> dict[str, Any]:
-        from ..webhooks import replay_dead_letter
+        from sockudo.webhooks.queue import replay_dead_letter
 
         app = self.app(app_id)
         queue = self._webhook_queue()
@@ -168,14 +168,14 @@ class Console:
         if record is None or record.get("app_id") != app_id:
             raise ConsoleError(404, f"no dead letter {letter_id}")
         config = self.services.config
-        delivery = replay_dead_letter(queue, record, app, config.webhooks, f"{config.redis_prefix}webhooks:",
-                                      int(self.clock() * 1000))
+        delivery = replay_dead_letter(queue, record, app.key, app.secret, config.webhooks,
+                                      f"{config.redis_prefix}webhooks:", int(self.clock() * 1000))
         self.tap.record(app_id, "webhook", status="replayed", delivery_id=delivery.delivery_id,
                         events=list(delivery.event_names))
         return {"replayed": letter_id, "delivery_id": delivery.delivery_id}
 
     def push_status(self, app_id: str, publish_id: str) -> dict[str, Any]:
-        from ..errors import ApiError
+        from sockudo.core.errors import ApiError
 
         self.app(app_id)
         push = self.services.push

@@ -75,7 +75,7 @@ class Watcher:
         if not self.queue and not self.closed:
             self._wake.wait(timeout)
         self._wake.clear()
-        out = []
+        out: list[ConsoleEvent] = []
         while self.queue and len(out) < limit:
             out.append(self.queue.popleft())
         return out
@@ -88,7 +88,8 @@ class Watcher:
 class EventTap:
     """Hands reported events to the console pages watching, and to other nodes' consoles."""
 
-    def __init__(self, node_id: str, wake_factory: Callable[[], Wake], clock: Callable[[], float] = time.time,
+    # ``wake_factory`` makes a Wake: threading.Event in tests, gevent's Event in the server.
+    def __init__(self, node_id: str, wake_factory: Callable[[], Any], clock: Callable[[], float] = time.time,
                  watcher_capacity: int = DEFAULT_WATCHER_CAPACITY, max_watchers: int = DEFAULT_MAX_WATCHERS,
                  outbound_capacity: int = DEFAULT_OUTBOUND_CAPACITY) -> None:
         self.node_id = node_id

@@ -21,9 +21,9 @@ from flask import Flask, Response, g, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from ..console.service import Console, ConsoleError
-from ..console.sessions import Session, Sessions
-from ..console.tap import KINDS, TooManyWatchers, Watcher
+from sockudo.console.service import Console, ConsoleError
+from sockudo.console.sessions import Session, Sessions
+from sockudo.console.tap import KINDS, TooManyWatchers, Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ SECURITY_HEADERS = {
                                "base-uri 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make a browser send "Origin: null"
     "Cache-Control": "no-store",
 }
 

@@ -37,6 +37,15 @@ def _body() -> Any:
     return json_body()
 
 
+def _tap(app_id: str, accepted: dict[str, Any]) -> None:
+    """The console's event log shows each accepted publish (its id and status, no payload)."""
+    tap = services().tap
+    if tap.attached:
+        tap.record(app_id, "push", publish_id=accepted.get("publishId"), status=accepted.get("status"),
+                   expected_recipients=accepted.get("expectedRecipients"), fanout=accepted.get("fanoutRegime"),
+                   duplicate=accepted.get("duplicate"))
+
+
 def _json(data: Any, status: int = 200) -> Response:
     resp = jsonify(data)
     resp.status_code = status
@@ -94,7 +103,9 @@ def list_channels(app_id: str) -> ResponseReturnValue:
 @bp.post("/publish")
 def publish(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    resp = _json(push.publish(app_id, _body()), 202)
+    accepted = push.publish(app_id, _body())
+    _tap(app_id, accepted)
+    resp = _json(accepted, 202)
     if request.args.get("mode") == "sync" or (
         isinstance(request.get_json(silent=True), dict) and request.get_json(silent=True).get("sync") is True
     ):
@@ -105,7 +116,10 @@ def publish(app_id: str) -> ResponseReturnValue:
 @bp.post("/batch/publish")
 def batch_publish(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    return _json(push.batch_publish(app_id, _body()), 202)
+    accepted = push.batch_publish(app_id, _body())
+    for item in accepted.get("items", ()):
+        _tap(app_id, item)
+    return _json(accepted, 202)
 
 
 @bp.get("/publish/<publish_id>/status")

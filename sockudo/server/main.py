@@ -19,7 +19,7 @@ from sockudo.handler import Handler
 from sockudo.http_api import create_app, fastpath
 from sockudo.metrics.registry import Metrics
 from sockudo.redis import RedisClients, redis_configured
-from sockudo.server import observability, runtime
+from sockudo.server import console, observability, runtime
 from sockudo.server.guard import Guard, GuardedHandler, main_server
 from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
 from sockudo.services import Services
@@ -71,7 +71,9 @@ def build_services(config: Config) -> Services:
         cache = RedisCache(client, prefix="sockudo:")
     else:
         adapter = LocalAdapter()
-    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter, clients)
+    tap = console.build_tap(getattr(adapter, "node_id", None) or config.node_id or socket.gethostname())
+    extras["tap"] = tap
+    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter, clients, tap=tap)
     if webhooks is not None:
         extras["events"] = webhooks
     from sockudo.push.service import build_push
@@ -119,6 +121,7 @@ class Server:
             set_listener(self.handler)
         self.http: WSGIServer | None = None
         self.metrics_http: WSGIServer | None = None
+        self.console: console.ConsoleServer | None = None
         self.stopped = runtime.Event()
 
     # -- WSGI entry: WebSocket upgrades to the handler, everything else to Flask --
@@ -217,11 +220,15 @@ class Server:
                                 handler_class=_QuietHandler, log=None, error_log=observability.WSGI_ERROR_LOG)
         self.http.pre_start_hook = self._pre_start_hook
         self.http.start()
+        # The operator console (docs/console.md): on the metrics listener unless it has its own.
+        self.console = console.start(cfg, self.services)
+        metrics_wsgi = observability.metrics_app(cfg, self.services.metrics.registry)
+        if self.console is not None and self.console.http is None:
+            metrics_wsgi = self.console.mount(metrics_wsgi)
         if cfg.metrics.enabled:
             try:
                 self.metrics_http = WSGIServer(
-                    (cfg.metrics.host, cfg.metrics.port), observability.metrics_app(cfg, self.services.metrics.registry),
-                    log=None, error_log=observability.WSGI_ERROR_LOG,
+                    (cfg.metrics.host, cfg.metrics.port), metrics_wsgi, log=None, error_log=observability.WSGI_ERROR_LOG,
                 )
                 self.metrics_http.start()
             except OSError as exc:
@@ -268,6 +275,8 @@ class Server:
             stop_adapter(timeout=left(0.6))
         if self.http is not None:
             self.http.stop(timeout=min(1.0, left(0.5)))
+        if self.console is not None:
+            self.console.stop()  # ends open event streams, which would hold the metrics listener's stop
         if self.metrics_http is not None:
             self.metrics_http.stop(timeout=min(1.0, left()))
         observability.detach(self)

@@ -39,6 +39,9 @@ from sockudo.webhooks.model import (
     RQ_QUEUE,
     Delivery,
     RetryPolicy,
+    WebhookSettings,
+    redact_url,
+    resign,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,8 +142,9 @@ class EmbeddedQueue:
 
     def __init__(self, runtime: Runtime, metrics: WebhookMetrics | None, dead_letters: DeadLetters,
                  sender: Sender = post, clock: Callable[[], float] = time.time, concurrency: int = 20,
-                 capacity: int = OUTBOX_LIMIT) -> None:
+                 capacity: int = OUTBOX_LIMIT, tap: Any = None) -> None:
         self.runtime = runtime
+        self.tap = tap  # the console's event tap (sockudo/console/tap.py), when there is one
         self.metrics = metrics
         self.dead_letters = dead_letters
         self.sender = sender
@@ -212,6 +216,10 @@ class EmbeddedQueue:
         result = decide(delivery, job.attempt, first, now_ms, http)
         log_attempt(delivery, result)
         record_metrics(self.metrics, delivery, result, now_ms)
+        if self.tap is not None and self.tap.attached:
+            self.tap.record(delivery.app_id, "webhook", status=result.outcome, http_status=result.status,
+                            error=result.error, attempt=job.attempt, delivery_id=delivery.delivery_id,
+                            events=list(delivery.event_names), url=redact_url(delivery.url))
         if result.outcome == RETRY:
             self._delayed += 1
             self.runtime.spawn(self._later, (result.retry_in_ms or 0) / 1000.0,
@@ -227,3 +235,16 @@ class EmbeddedQueue:
         self._ready.append(job)
         self._wake.set()
 
+
+
+# -- replaying a dead letter (the CLI and the console) -------------------------------------------
+
+
+def replay_dead_letter(queue: Any, record: dict[str, Any], app_key: str, app_secret: str,
+                       settings: WebhookSettings, prefix: str, now_ms: int) -> Delivery:
+    """Enqueue a dead letter again (``model.resign``: today's secret, a fresh ``time_ms`` and
+    retry budget, the same delivery id), then remove it; a new failure writes a new one."""
+    delivery = resign(record, app_key, app_secret, now_ms, settings, prefix)
+    queue.enqueue([delivery])
+    queue.dead_letters.remove(record["id"])
+    return delivery
