@@ -32,6 +32,9 @@ COOKIE = "sockudo_console"
 CSRF_HEADER = "X-Console-CSRF"
 STREAM_WAIT_SECONDS = 1.0  # the stream sends stats (and notices a closed page) at least this often
 STREAM_BATCH = 500
+# Between two writes the stream waits this long, so a busy app costs each open page at most ten
+# writes a second (events arriving meanwhile go out together) instead of one per event.
+STREAM_MIN_INTERVAL = 0.1
 
 SECURITY_HEADERS = {
     # Only our own files; no inline script, no framing (clickjacking), no form posts elsewhere.
@@ -214,8 +217,8 @@ def _ext() -> dict[str, Any]:
 
 
 def _stream(console: Console, watcher: Watcher, app_id: str) -> Iterator[str]:
-    """The event log: ``events`` messages (a JSON array each) as they happen and a ``stats``
-    message about once a second (latest sample, events this page lost)."""
+    """The event log: ``events`` messages (a JSON array each, at most ten a second) as they
+    happen and a ``stats`` message about once a second (latest sample, events this page lost)."""
     tap = console.tap
     try:
         yield "retry: 2000\n\n"
@@ -232,5 +235,6 @@ def _stream(console: Console, watcher: Watcher, app_id: str) -> Iterator[str]:
                 out.append("event: stats\ndata: " + json.dumps(stats, separators=(",", ":")) + "\n\n")
             if out:
                 yield "".join(out)
+                console.runtime.sleep(STREAM_MIN_INTERVAL)
     finally:
         tap.unwatch(watcher)
