@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -38,10 +39,13 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from sockudo.console.relay import Reporter, console_channel
 from sockudo.webhooks.delivery import (
+    DEFERRED,
     REASON_WORKER,
     AttemptResult,
     RedisDeadLetters,
+    console_event,
     dead_letter_record,
     record_dead_lettered,
     record_metrics,
@@ -56,12 +60,14 @@ logger = logging.getLogger(__name__)
 STARTUP_GRACE_S = 5.0  # a just-started job may not have taken its lease yet
 SCHEDULER_STALL_S = 10.0  # RQ's scheduler runs due jobs every second; this late means none runs
 BATCH = 500
+WEBHOOKS_PREFIX = "webhooks:"  # the server keys its webhooks under "{redis prefix}webhooks:"
 
 
 class WebhookWorker(Worker):
     """``rq worker`` semantics (fork per job, ``--with-scheduler``) with webhook metrics."""
 
     webhook_metrics: WebhookMetrics | None = None
+    console: Any = None  # sockudo.console.relay.Reporter: attempts to the operator console, while one listens
     push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
     stop_signalled = False  # SIGTERM/SIGINT arrived: the loop ended on request, not on an error
 
@@ -97,7 +103,11 @@ class WebhookWorker(Worker):
             return
         outcome = meta.get(OUTCOME)
         if outcome:
-            record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome))
+            delivery, result = Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome)
+            record_metrics(self.webhook_metrics, delivery, result)
+            if self.console is not None and result.outcome != DEFERRED and delivery.prefix.endswith(WEBHOOKS_PREFIX):
+                redis_prefix = delivery.prefix[: -len(WEBHOOKS_PREFIX)]
+                self.console.report(console_channel(redis_prefix), console_event(delivery, result))
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """RQ's version attaches the job's arguments (body, signature) to the log record; a JSON
@@ -251,6 +261,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         exposition = make_wsgi_app(ConstantLabels(registry, labels or {}))
         serve_in_thread(MetricsListener({"/metrics": exposition}), metrics_host, metrics_port)
         logger.info("worker metrics on :%d/metrics", metrics_port)
+    console = Reporter(connection, f"worker {name or socket.gethostname()}:{os.getpid()}", failures=(RedisError, OSError))
     worked = False
     reaper = None
     try:
@@ -262,6 +273,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
                                    # after its last beat).
                                    maintenance_interval=30)
             worker.webhook_metrics = metrics
+            worker.console = console
             worker.push_metrics = push_metrics
             if reaper is None and reap_interval > 0:
                 reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")

@@ -27,9 +27,15 @@ from sockudo.console.tap import EventTap
 logger = logging.getLogger(__name__)
 
 CHECK_INTERVAL_SECONDS = 1.0
+CHANNEL_SUFFIX = "console"
 PUBLISH_BATCH = 200
 MAX_EVENTS_PER_BATCH = 500
 ERROR_LOG_INTERVAL_SECONDS = 30.0
+
+
+def console_channel(redis_prefix: str) -> str:
+    """The relay's pub/sub channel, under the adapter's Redis prefix."""
+    return f"{redis_prefix}{CHANNEL_SUFFIX}"
 
 
 class ConsoleRelay:
@@ -148,3 +154,39 @@ class ConsoleRelay:
         if now - self._last_error_log >= ERROR_LOG_INTERVAL_SECONDS:
             self._last_error_log = now
             logger.warning("%s: %s", what, exc)
+
+
+class Reporter:
+    """For a process without consoles of its own (an RQ worker): publish its events to the relay
+    channel while some console listens. Whether one does is asked at most once a
+    ``CHECK_INTERVAL_SECONDS`` per channel, so with nobody watching an event costs a dict read."""
+
+    def __init__(self, client: Any, node: str, clock: Any = time.monotonic,
+                 failures: tuple[type[BaseException], ...] = (OSError,)) -> None:
+        self.client = client
+        self.node = node
+        self.clock = clock
+        self.failures = failures
+        self._listening: dict[str, tuple[float, bool]] = {}
+        self._last_error_log = 0.0
+
+    def report(self, channel: str, event: dict[str, Any]) -> bool:
+        """Publish ``event`` (``app``, ``kind`` and its fields) if a console listens; returns whether it did."""
+        now = self.clock()
+        try:
+            checked = self._listening.get(channel)
+            if checked is None or now - checked[0] >= CHECK_INTERVAL_SECONDS:
+                reply = self.client.pubsub_numsub(channel)
+                checked = (now, bool(reply and int(reply[0][1]) > 0))
+                self._listening[channel] = checked
+            if not checked[1]:
+                return False
+            event = {"t": int(time.time() * 1000), "node": self.node, **event}
+            self.client.publish(channel, json.dumps({"node": self.node, "events": [event]}, separators=(",", ":"),
+                                                    default=str))
+            return True
+        except self.failures as exc:
+            if now - self._last_error_log >= ERROR_LOG_INTERVAL_SECONDS:
+                self._last_error_log = now
+                logger.warning("console reporter: redis unreachable: %s", exc)
+            return False

@@ -12,7 +12,7 @@ from typing import Any
 from gevent.pywsgi import WSGIServer
 
 from sockudo.config import Config
-from sockudo.console.relay import ConsoleRelay
+from sockudo.console.relay import ConsoleRelay, console_channel
 from sockudo.console.service import Console
 from sockudo.console.sessions import Sessions, generate_token
 from sockudo.console.tap import EventTap
@@ -99,7 +99,7 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
 
         from sockudo.redis import make_client
 
-        served.relay = ConsoleRelay(services.tap, make_client(config), f"{config.redis_prefix}console",
+        served.relay = ConsoleRelay(services.tap, make_client(config), console_channel(config.redis_prefix),
                                     GeventRuntime(), failures=(RedisError, OSError))
         served.relay.start()
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

@@ -36,6 +36,7 @@ from sockudo.webhooks.model import (
     endpoint_host,
     failure_reason,
     inflight_keys,
+    redact_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ def decide(delivery: Delivery, attempt: int, first_attempt_ms: float, now_ms: fl
     if delay is None:
         return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_EXHAUSTED)
     return AttemptResult(RETRY, attempt, http.status, http.error, http.seconds, reason, retry_in_ms=delay)
+
+
+def console_event(delivery: Delivery, result: AttemptResult) -> dict[str, Any]:
+    """One attempt as the console's event log shows it: no body, no headers, the URL redacted."""
+    return {"app": delivery.app_id, "kind": "webhook", "status": result.outcome, "http_status": result.status,
+            "error": result.error, "attempt": result.attempt, "delivery_id": delivery.delivery_id,
+            "events": list(delivery.event_names), "url": redact_url(delivery.url)}
 
 
 def log_attempt(delivery: Delivery, result: AttemptResult) -> None:

@@ -27,6 +27,7 @@ from sockudo.webhooks.delivery import (
     DeadLetters,
     RedisDeadLetters,
     Sender,
+    console_event,
     dead_letter_record,
     decide,
     log_attempt,
@@ -40,7 +41,6 @@ from sockudo.webhooks.model import (
     Delivery,
     RetryPolicy,
     WebhookSettings,
-    redact_url,
     resign,
 )
 
@@ -217,9 +217,8 @@ class EmbeddedQueue:
         log_attempt(delivery, result)
         record_metrics(self.metrics, delivery, result, now_ms)
         if self.tap is not None and self.tap.attached:
-            self.tap.record(delivery.app_id, "webhook", status=result.outcome, http_status=result.status,
-                            error=result.error, attempt=job.attempt, delivery_id=delivery.delivery_id,
-                            events=list(delivery.event_names), url=redact_url(delivery.url))
+            fields = console_event(delivery, result)
+            self.tap.record(fields.pop("app"), fields.pop("kind"), **fields)
         if result.outcome == RETRY:
             self._delayed += 1
             self.runtime.spawn(self._later, (result.retry_in_ms or 0) / 1000.0,

@@ -18,10 +18,21 @@ import pytest
 import requests
 
 from tests.conftest import sdk_for
-from tests.integration.test_webhooks import KEY, SECRET, Receiver, app, receiver, webhooks  # noqa: F401
+from tests.integration.test_webhooks import (  # noqa: F401  (fixtures)
+    KEY,
+    SECRET,
+    Receiver,
+    WorkerProcess,
+    app,
+    receiver,
+    redis_url,
+    webhooks,
+    worker_factory,
+)
 from tests.support.cluster import node_env, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsDriver
+from tests.support.wsraw import RawClient
 
 TOKEN = "console-test-token-4f1b2c7d9e"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -279,3 +290,36 @@ def test_with_redis_the_console_shows_every_node(server_factory: Callable[..., S
         assert cluster()[this_node] == 0
     finally:
         redis_server.stop()
+
+
+def test_with_rq_workers_the_console_shows_their_deliveries(
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,  # noqa: F811
+        worker_factory: Callable[[], WorkerProcess]) -> None:  # noqa: F811
+    """Deliveries happen in the worker processes; they reach the console through Redis."""
+    server = server_factory([app({"url": receiver.url("/hook"), "event_types": ["channel_occupied"]})],
+                            env={"REDIS_URL": redis_url}, webhooks=webhooks(), console={"token": TOKEN})
+    worker_factory()
+    http, _ = signed_in(server)
+    with http.get(console_url(server) + "/api/apps/100/events", stream=True, timeout=10) as stream:
+        assert stream.status_code == 200
+        client: RawClient | None = None
+        statuses: list[tuple[str, str]] = []
+        # The worker asks Redis whether a console listens at most once a second: subscribe once
+        # the stream is open and stats have flowed for a second (two ticks).
+        ticks = 0
+        for kind, data in sse(stream, timeout=20):
+            if kind == "stats":
+                ticks += 1
+                if ticks == 2:
+                    client = RawClient.connect(server, KEY)
+                    client.subscribe("rq-room")
+            elif kind == "events":
+                statuses += [(e["status"], e["node"]) for e in data if e["kind"] == "webhook"]
+                if any(status == "delivered" for status, _ in statuses):
+                    break
+        assert client is not None
+        client.close()
+    assert ("queued", http.get(console_url(server) + "/api/session", timeout=5).json()["node"]) in statuses
+    delivered = [node for status, node in statuses if status == "delivered"]
+    assert delivered and delivered[0].startswith("worker ")
+    assert receiver.events_at("/hook") == [{"name": "channel_occupied", "channel": "rq-room"}]
