@@ -24,6 +24,7 @@ PURE_CORE = [
     "sockudo.config.loader",
     "sockudo.config.sockudo_keys",
     "sockudo.config.listener",
+    "sockudo.config.console",
     "sockudo.apps",
     "sockudo.adapter.local",
     "sockudo.services",
@@ -43,6 +44,11 @@ PURE_CORE = [
     "sockudo.ratelimit.memory",
     "sockudo.history.store",
     "sockudo.history.recovery",
+    "sockudo.console.tap",
+    "sockudo.console.sessions",
+    "sockudo.console.stats",
+    "sockudo.console.service",
+    "sockudo.console.relay",
 ]
 ROOT = Path(__file__).resolve().parents[2]
 EDGES = ("gevent", "geventwebsocket", "flask", "werkzeug")
