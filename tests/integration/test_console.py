@@ -193,6 +193,21 @@ def test_wrong_or_missing_token_and_unauthenticated_reads_are_refused(console_se
     assert requests.get(f"{console_server.url}/console/", timeout=5).status_code == 404
 
 
+def test_without_a_configured_token_one_is_made_and_printed_once(server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory([app()])  # what `make run` does: no CONSOLE_TOKEN
+    line = wait_until(lambda: next((ln for ln in server.log().splitlines() if "sockudo console:" in ln), None),
+                      timeout=5, message="the console's address on the terminal")
+    assert f"http://127.0.0.1:{server.metrics_port}/console/" in line
+    token = line.split("made for this run: ", 1)[1].split(";", 1)[0]
+    assert len(token) >= 32
+    assert server.log().count(token) == 1  # printed once, and not in any log line
+    base = console_url(server)
+    assert requests.post(base + "/login", data={"token": token}, allow_redirects=False, timeout=5).status_code == 303
+    other = server_factory([app()])
+    assert requests.post(console_url(other) + "/login", data={"token": token}, allow_redirects=False,
+                         timeout=5).status_code == 401  # a new token per start
+
+
 def test_cross_site_posts_are_refused(console_server: ServerProcess, pusherjs: PusherJsDriver) -> None:
     base = console_url(console_server)
     client = pusherjs.connect("bob", key=KEY, port=console_server.port, secret=SECRET, app_id="100")
