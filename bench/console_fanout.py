@@ -89,10 +89,11 @@ class ConsoleReader:
         self.http.close()
 
 
-def run(quick: bool, rounds: int | None, log: Any) -> dict[str, Any]:
+def run(quick: bool, rounds: int | None, log: Any, subscribers: int | None = None,
+        publishes: int | None = None) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
-    n = sizes.cross_subscribers
-    publishes = sizes.cross_publishes
+    n = subscribers or sizes.cross_subscribers
+    publishes = publishes or sizes.cross_publishes
     rounds = rounds or sizes.cross_rounds
     out: dict[str, Any] = {"subscribers": n, "publishes_per_round": publishes, "rounds": rounds,
                            "pipelined_window": sizes.fanout_window}
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.console_fanout", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer subscribers and publishes (about a minute)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the suite's cross-node rounds)")
+    parser.add_argument("--subscribers", type=int, help="subscribers per server (default 1,000; --quick 200)")
+    parser.add_argument("--publishes", type=int, help="publishes per round and shape (default 200; --quick 100)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     raise_fd_limit()
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - begun:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    result = run(args.quick, args.rounds, log)
+    result = run(args.quick, args.rounds, log, args.subscribers, args.publishes)
     print(f"\nconsole-fanout: {result['subscribers']} subscribers, {result['publishes_per_round']} publishes per "
           f"round and shape, {result['rounds']} rounds (medians)")
     rows = [[name, shape, s["deliveries_per_s"], s["cpu_us_per_delivery"], s["all_complete"]]
