@@ -135,9 +135,14 @@ class EventTap:
             self.messages.clear()
 
     @property
+    def page_dropped(self) -> int:
+        """Events thrown away because a page was behind (pages gone included)."""
+        return self._watchers_dropped + sum(w.dropped for w in self.watchers)
+
+    @property
     def dropped(self) -> int:
-        """Events thrown away because a page (or the relay) was behind."""
-        return self._watchers_dropped + sum(w.dropped for w in self.watchers) + self.outbound_dropped
+        """Events thrown away because a page or the relay was behind."""
+        return self.page_dropped + self.outbound_dropped
 
     # -- the hook ----------------------------------------------------------------------
 

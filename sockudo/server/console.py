@@ -12,6 +12,7 @@ from typing import Any
 from gevent.pywsgi import WSGIServer
 
 from sockudo.config import Config
+from sockudo.console.metrics import ConsoleCollector
 from sockudo.console.relay import ConsoleRelay, console_channel
 from sockudo.console.service import Console
 from sockudo.console.sessions import Sessions, generate_token
@@ -85,6 +86,10 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
     console = Console(services, services.tap, GeventRuntime())
     app = create_console_app(console, Sessions(token), cfg.path)
     served = ConsoleServer(app, cfg.path, console)
+    try:
+        services.metrics.registry.register(ConsoleCollector(services.tap, config.metrics.prefix))
+    except ValueError:  # registered already (a restart in one process)
+        pass
     host, port = (cfg.host, cfg.port) if cfg.port else (config.metrics.host, config.metrics.port)
     if cfg.port:
         try:

@@ -49,6 +49,7 @@ PURE_CORE = [
     "sockudo.console.stats",
     "sockudo.console.service",
     "sockudo.console.relay",
+    "sockudo.console.metrics",
 ]
 ROOT = Path(__file__).resolve().parents[2]
 EDGES = ("gevent", "geventwebsocket", "flask", "werkzeug")

@@ -92,3 +92,23 @@ def test_close_code_from_a_disconnection_reason() -> None:
     assert close_code("closed_4009") == 4009
     assert close_code("client_closed") is None
     assert close_code("closed_x") is None
+
+
+def test_drops_are_counted_in_prometheus() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sockudo.console.metrics import ConsoleCollector
+
+    tap = make_tap(watcher_capacity=2, outbound_capacity=1)
+    registry = CollectorRegistry()
+    registry.register(ConsoleCollector(tap))
+    watcher = tap.watch("app")
+    tap.set_remote_watching(True)
+    for _ in range(5):
+        tap.record("app", "connection")
+    assert registry.get_sample_value("sockudo_console_dropped_events_total", {"stage": "page"}) == 3
+    assert registry.get_sample_value("sockudo_console_dropped_events_total", {"stage": "relay"}) == 4
+    assert registry.get_sample_value("sockudo_console_streams") == 1
+    tap.unwatch(watcher)
+    assert registry.get_sample_value("sockudo_console_dropped_events_total", {"stage": "page"}) == 3
+    assert registry.get_sample_value("sockudo_console_streams") == 0
