@@ -108,7 +108,12 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
                                     GeventRuntime(), failures=(RedisError, OSError))
         served.relay.start()
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-    announce(f"http://{shown}:{port}{cfg.path}", token if generated else None)
+    if config.log_format == "human" or sys.stderr.isatty():
+        announce(f"http://{shown}:{port}{cfg.path}", token if generated else None)
+    elif generated:
+        # JSON logs go to collectors, where a plain line (and a secret) has no place.
+        logger.warning("console access token made for this run is not shown with JSON logs; set CONSOLE_TOKEN "
+                       "to sign in", extra={"path": cfg.path})
     logger.info("console enabled", extra={"host": host, "port": port, "path": cfg.path,
                                           "token": "generated" if generated else "configured"})
     return served
