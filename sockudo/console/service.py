@@ -153,7 +153,8 @@ class Console:
         self.app(app_id)
         letters = self._webhook_queue().dead_letters
         records = letters.list(app_id, limit=MAX_DEAD_LETTERS_LISTED)
-        view = [{"id": r["id"], "delivery_id": r.get("delivery_id"), "url": redact_url(str(r.get("url", ""))),
+        view = [{"id": r["id"], "delivery_id": r.get("delivery_id"), "endpoint": r.get("endpoint"),
+                 "url": redact_url(str(r.get("url", ""))),
                  "reason": r.get("reason"), "status": r.get("status"), "error": r.get("error"),
                  "attempts": r.get("attempts"), "events": list(r.get("events", [])),
                  "failed_ms": r.get("failed_ms")} for r in records]

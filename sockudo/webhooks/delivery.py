@@ -149,7 +149,8 @@ def console_event(delivery: Delivery, result: AttemptResult) -> dict[str, Any]:
     """One attempt as the console's event log shows it: no body, no headers, the URL redacted."""
     return {"app": delivery.app_id, "kind": "webhook", "status": result.outcome, "http_status": result.status,
             "error": result.error, "attempt": result.attempt, "delivery_id": delivery.delivery_id,
-            "events": list(delivery.event_names), "url": redact_url(delivery.url)}
+            "events": list(delivery.event_names), "endpoint": delivery.endpoint or None,
+            "url": redact_url(delivery.url)}
 
 
 def log_attempt(delivery: Delivery, result: AttemptResult) -> None:

@@ -332,7 +332,8 @@ class WebhookSink:
                 self.metrics.queued.labels(delivery.app_id, delivery.endpoint_label, name).inc()
             if tap is not None and tap.attached:
                 tap.record(delivery.app_id, "webhook", status="queued", delivery_id=delivery.delivery_id,
-                           events=list(delivery.event_names), url=redact_url(delivery.url))
+                           events=list(delivery.event_names), endpoint=delivery.endpoint or None,
+                           url=redact_url(delivery.url))
         return True
 
     def _keep(self, deliveries: list[Delivery]) -> None:

@@ -17,21 +17,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import sdk_for
-from tests.integration.test_webhooks import (  # noqa: F401  (fixtures)
-    KEY,
-    SECRET,
-    Receiver,
-    WorkerProcess,
-    app,
-    receiver,
-    redis_url,
-    webhooks,
-    worker_factory,
-)
 from tests.support.cluster import node_env, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsDriver
+from tests.support.sdk import sdk_for
+from tests.support.webhooks import KEY, SECRET, Receiver, WorkerProcess, app, webhooks
 from tests.support.wsraw import RawClient
 
 TOKEN = "console-test-token-4f1b2c7d9e"
@@ -44,7 +34,7 @@ def console_url(server: ServerProcess) -> str:
 
 
 @pytest.fixture
-def console_server(server_factory: Callable[..., ServerProcess], receiver: Receiver) -> ServerProcess:  # noqa: F811
+def console_server(server_factory: Callable[..., ServerProcess], receiver: Receiver) -> ServerProcess:
     """One app whose channel_occupied webhook the receiver refuses for good (410): a dead letter."""
     receiver.script["/gone"] = [410]
     return server_factory([app({"url": receiver.url("/gone"), "event_types": ["channel_occupied"]})],
@@ -95,7 +85,7 @@ def log_rows(driver: Any) -> list[dict[str, str]]:
 
 
 def test_operator_watches_publishes_and_replays_a_dead_letter_in_chromium(
-        console_server: ServerProcess, receiver: Receiver, pusherjs: PusherJsDriver,  # noqa: F811
+        console_server: ServerProcess, receiver: Receiver, pusherjs: PusherJsDriver,
         browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -267,49 +257,47 @@ def sse(resp: requests.Response, timeout: float) -> Iterator[tuple[str, Any]]:
             raise AssertionError(f"nothing expected arrived on the stream within {timeout}s")
 
 
+@pytest.mark.slow
 def test_with_redis_the_console_shows_every_node(server_factory: Callable[..., ServerProcess],
-                                                 pusherjs: PusherJsDriver) -> None:
-    redis_server = RedisServer().start()
-    try:
-        nodes = [server_factory([app()], start=False, env=node_env(redis_server.url), console={"token": TOKEN})
-                 for _ in range(2)]
-        for node in nodes:
-            node.start()
-        wait_formed(nodes)
-        a, b = nodes
-        http, _ = signed_in(a)
-        this_node = http.get(console_url(a) + "/api/session", timeout=5).json()["node"]
-        clients = 0
-        remote: list[dict[str, Any]] = []
-        with http.get(console_url(a) + "/api/apps/100/events", stream=True, timeout=10) as stream:
-            assert stream.status_code == 200
-            # Node b learns within about a second that a console listens; until then its events
-            # stay on b. On each stats tick (once a second) without b's event yet, connect one more
-            # client to b, until one shows up on a's console.
-            for kind, data in sse(stream, timeout=15):
-                if kind == "events":
-                    remote += [e for e in data if e["kind"] == "connection" and e["node"] != this_node]
-                if remote:
-                    break
-                if kind == "stats":
-                    pusherjs.connect(f"c{clients}", key=KEY, port=b.port, secret=SECRET, app_id="100")
-                    clients += 1
-        assert remote[0]["app"] == "100" and remote[0]["socket_id"]
+                                                 pusherjs: PusherJsDriver, own_redis: RedisServer) -> None:
+    redis_server = own_redis.start()
+    nodes = [server_factory([app()], start=False, env=node_env(redis_server.url), console={"token": TOKEN})
+             for _ in range(2)]
+    for node in nodes:
+        node.start()
+    wait_formed(nodes)
+    a, b = nodes
+    http, _ = signed_in(a)
+    this_node = http.get(console_url(a) + "/api/session", timeout=5).json()["node"]
+    clients = 0
+    remote: list[dict[str, Any]] = []
+    with http.get(console_url(a) + "/api/apps/100/events", stream=True, timeout=10) as stream:
+        assert stream.status_code == 200
+        # Node b learns within about a second that a console listens; until then its events
+        # stay on b. On each stats tick (once a second) without b's event yet, connect one more
+        # client to b, until one shows up on a's console.
+        for kind, data in sse(stream, timeout=15):
+            if kind == "events":
+                remote += [e for e in data if e["kind"] == "connection" and e["node"] != this_node]
+            if remote:
+                break
+            if kind == "stats":
+                pusherjs.connect(f"c{clients}", key=KEY, port=b.port, secret=SECRET, app_id="100")
+                clients += 1
+    assert remote[0]["app"] == "100" and remote[0]["socket_id"]
 
-        def cluster() -> dict[str, int]:
-            view = http.get(console_url(a) + "/api/apps/100/overview", timeout=5).json()["cluster"]
-            return {n["id"]: n["connections"] for n in view["nodes"]}
+    def cluster() -> dict[str, int]:
+        view = http.get(console_url(a) + "/api/apps/100/overview", timeout=5).json()["cluster"]
+        return {n["id"]: n["connections"] for n in view["nodes"]}
 
-        wait_until(lambda: len(cluster()) == 2 and sum(cluster().values()) == clients, timeout=10,
-                   message="both nodes and b's connections in the cluster view")
-        assert cluster()[this_node] == 0
-    finally:
-        redis_server.stop()
+    wait_until(lambda: len(cluster()) == 2 and sum(cluster().values()) == clients, timeout=10,
+               message="both nodes and b's connections in the cluster view")
+    assert cluster()[this_node] == 0
 
 
 def test_with_rq_workers_the_console_shows_their_deliveries(
-        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,  # noqa: F811
-        worker_factory: Callable[[], WorkerProcess]) -> None:  # noqa: F811
+        server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
+        worker_factory: Callable[[], WorkerProcess]) -> None:
     """Deliveries happen in the worker processes; they reach the console through Redis."""
     server = server_factory([app({"url": receiver.url("/hook"), "event_types": ["channel_occupied"]})],
                             env={"REDIS_URL": redis_url}, webhooks=webhooks(), console={"token": TOKEN})
