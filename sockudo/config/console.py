@@ -10,6 +10,7 @@ from sockudo.config.coerce import build, table
 from sockudo.core.errors import ConfigError
 
 RESERVED_PATHS = ("/metrics",)
+MIN_TOKEN_LENGTH = 16  # a configured token is the console's only lock: no short, guessable ones
 
 
 @dataclass(frozen=True)
@@ -41,4 +42,8 @@ def parse_console(raw: Mapping[str, Any], env: Mapping[str, str]) -> ConsoleConf
         raise ConfigError(f"config: console.port must be 0 (the metrics listener) or 1-65535, got {config.port}")
     if bool(config.host) != bool(config.port):
         raise ConfigError("config: console.host and console.port go together (both empty/0: the metrics listener)")
-    return ConsoleConfig(config.enabled, config.host, config.port, path, config.token.strip())
+    token = config.token.strip()
+    if token and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"config: console.token (CONSOLE_TOKEN) must be at least {MIN_TOKEN_LENGTH} characters "
+                          "(or unset: a random one is made at start-up)")
+    return ConsoleConfig(config.enabled, config.host, config.port, path, token)
