@@ -20,7 +20,7 @@ import requests
 from tests.support.cluster import node_env, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsDriver
-from tests.support.sdk import sdk_for
+from tests.support.sdk import sdk_for, signed
 from tests.support.webhooks import KEY, SECRET, Receiver, WorkerProcess, app, webhooks
 from tests.support.wsraw import RawClient
 
@@ -326,3 +326,25 @@ def test_with_rq_workers_the_console_shows_their_deliveries(
     delivered = [node for status, node in statuses if status == "delivered"]
     assert delivered and delivered[0].startswith("worker ")
     assert receiver.events_at("/hook") == [{"name": "channel_occupied", "channel": "rq-room"}]
+
+
+def test_push_publishes_in_the_log_and_their_status_looked_up(console_server: ServerProcess) -> None:
+    http, _ = signed_in(console_server)
+    base = console_url(console_server)
+    publish = {"publishId": "console-p1", "recipients": [{"type": "channel", "channel": "news"}],
+               "payload": {"title": "hi"}}
+    with http.get(base + "/api/apps/100/events", stream=True, timeout=10) as stream:
+        messages = sse(stream, timeout=10)
+        next(m for m in messages if m[0] == "stats")  # the stream is attached
+        resp = signed(console_server, "POST", "/apps/100/push/publish", publish, app=app())
+        assert resp.status_code == 202, resp.text
+        pushes = next(data for kind, data in messages if kind == "events" and any(e["kind"] == "push" for e in data))
+    (event,) = [e for e in pushes if e["kind"] == "push"]
+    assert event["publish_id"] == "console-p1" and event["status"] == "accepted"
+    assert event["expected_recipients"] == 0
+    status = wait_until(lambda: http.get(base + "/api/apps/100/push/console-p1", timeout=5).json().get("state")
+                        == "succeeded" and http.get(base + "/api/apps/100/push/console-p1", timeout=5).json(),
+                        timeout=10, message="the publish's status")
+    assert status["publishId"] == "console-p1"
+    assert http.get(base + "/api/apps/100/push/unknown-id", timeout=5).status_code == 404
+    assert requests.get(base + "/api/apps/100/push/console-p1", timeout=5).status_code == 401
