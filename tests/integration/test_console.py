@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.support.cluster import node_env, wait_formed
+from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.pusherjs import PusherJsDriver
 from tests.support.sdk import sdk_for, signed
@@ -336,9 +337,13 @@ def test_push_publishes_in_the_log_and_their_status_looked_up(console_server: Se
     with http.get(base + "/api/apps/100/events", stream=True, timeout=10) as stream:
         messages = sse(stream, timeout=10)
         next(m for m in messages if m[0] == "stats")  # the stream is attached
+        assert metric(console_server.metrics_text(), "sockudo_console_streams") == 1
         resp = signed(console_server, "POST", "/apps/100/push/publish", publish, app=app())
         assert resp.status_code == 202, resp.text
         pushes = next(data for kind, data in messages if kind == "events" and any(e["kind"] == "push" for e in data))
+    # The page is gone: the tap detaches (nothing is recorded any more) within a stream tick.
+    wait_until(lambda: metric(console_server.metrics_text(), "sockudo_console_streams") == 0, timeout=5,
+               message="the closed stream to detach the tap")
     (event,) = [e for e in pushes if e["kind"] == "push"]
     assert event["publish_id"] == "console-p1" and event["status"] == "accepted"
     assert event["expected_recipients"] == 0
