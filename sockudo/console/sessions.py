@@ -13,12 +13,16 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_TTL_SECONDS = 12 * 3600
 DEFAULT_MAX_SESSIONS = 64
+# Wrong tokens allowed per window, all addresses together; beyond, sign-in is refused without
+# looking at the token until the window has room again (guessing stays slow).
+MAX_FAILURES = 20
+FAILURE_WINDOW_SECONDS = 60.0
 
 
 def generate_token() -> str:
@@ -39,9 +43,13 @@ class Session:
     expires_at: float
 
 
+class Throttled(Exception):
+    """Too many wrong tokens lately: sign-in is refused for now."""
+
+
 class Sessions:
     def __init__(self, token: str, clock: Callable[[], float] = time.time, ttl: float = DEFAULT_TTL_SECONDS,
-                 limit: int = DEFAULT_MAX_SESSIONS) -> None:
+                 limit: int = DEFAULT_MAX_SESSIONS, max_failures: int = MAX_FAILURES) -> None:
         if not token:
             raise ValueError("the console needs a non-empty access token")
         self.token = token
@@ -49,10 +57,19 @@ class Sessions:
         self.ttl = ttl
         self.limit = max(1, limit)
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.max_failures = max_failures
+        self._failures: deque[float] = deque()
 
     def sign_in(self, given: str | None) -> Session | None:
-        """A new session if ``given`` is the access token, else None."""
+        """A new session if ``given`` is the access token, else None. Raises ``Throttled`` after
+        ``max_failures`` wrong tokens within ``FAILURE_WINDOW_SECONDS``."""
+        now = self.clock()
+        while self._failures and self._failures[0] <= now - FAILURE_WINDOW_SECONDS:
+            self._failures.popleft()
+        if len(self._failures) >= self.max_failures:
+            raise Throttled("too many wrong tokens; try again in a minute")
         if not same(given, self.token):
+            self._failures.append(now)
             return None
         self._expire()
         while len(self._sessions) >= self.limit:

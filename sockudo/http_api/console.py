@@ -22,7 +22,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from sockudo.console.service import Console, ConsoleError
-from sockudo.console.sessions import Session, Sessions
+from sockudo.console.sessions import Session, Sessions, Throttled
 from sockudo.console.tap import KINDS, TooManyWatchers, Watcher
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,10 @@ def create_console_app(console: Console, sessions: Sessions, path: str = "/conso
     def login() -> ResponseReturnValue:
         if not _same_origin():
             return _error(403, "cross-site sign-in refused")
-        session = sessions.sign_in(request.form.get("token"))
+        try:
+            session = sessions.sign_in(request.form.get("token"))
+        except Throttled:
+            return _page("login.html", path, status=429, error="Too many wrong tokens; try again in a minute.")
         if session is None:
             logger.warning("console sign-in refused", extra={"remote_addr": request.remote_addr})
             return _page("login.html", path, status=401, error="Wrong token.")

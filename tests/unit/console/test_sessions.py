@@ -58,3 +58,16 @@ def test_sessions_expire_and_are_bounded() -> None:
 def test_generated_tokens_are_long_and_random() -> None:
     tokens = {generate_token() for _ in range(50)}
     assert len(tokens) == 50 and all(len(t) >= 32 for t in tokens)
+
+
+def test_guessing_is_throttled_for_everyone_until_the_window_moves() -> None:
+    from sockudo.console.sessions import FAILURE_WINDOW_SECONDS, Throttled
+
+    clock = Clock()
+    sessions = Sessions("right-token", clock=clock, max_failures=3)
+    for _ in range(3):
+        assert sessions.sign_in("guess") is None
+    with pytest.raises(Throttled):
+        sessions.sign_in("right-token")  # even the right token waits: the token is not even compared
+    clock.now += FAILURE_WINDOW_SECONDS
+    assert sessions.sign_in("right-token") is not None
