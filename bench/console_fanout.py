@@ -69,9 +69,10 @@ class ConsoleReader:
     def _read(self) -> None:
         kind = ""
         try:
-            for line in self.stream.iter_lines(decode_unicode=True):
+            for raw in self.stream.iter_lines():
                 if self.closed:
                     return
+                line = raw.decode("utf-8")
                 if line.startswith("event: "):
                     kind = line[7:]
                 elif line.startswith("data: "):

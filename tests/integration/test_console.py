@@ -213,7 +213,7 @@ def test_cross_site_posts_are_refused(console_server: ServerProcess, pusherjs: P
     set_cookie = requests.post(base + "/login", data={"token": TOKEN}, allow_redirects=False,
                                timeout=5).headers["Set-Cookie"]
     assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
-    event = {"channel": "csrf-room", "name": "forged", "data": {}}
+    event: dict[str, Any] = {"channel": "csrf-room", "name": "forged", "data": {}}
     publish = base + "/api/apps/100/publish"
     assert http.post(publish, json=event, timeout=5).status_code == 403  # no CSRF token
     assert http.post(publish, json=event, headers={"X-Console-CSRF": "guess"}, timeout=5).status_code == 403
@@ -249,7 +249,8 @@ def sse(resp: requests.Response, timeout: float) -> Iterator[tuple[str, Any]]:
     """``(event name, parsed data)`` from a Server-Sent Events response, until ``timeout``."""
     deadline = time.monotonic() + timeout
     kind = "message"
-    for line in resp.iter_lines(decode_unicode=True):
+    for raw in resp.iter_lines():
+        line = raw.decode("utf-8")
         if line.startswith("event: "):
             kind = line[7:]
         elif line.startswith("data: "):
