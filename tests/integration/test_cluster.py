@@ -45,7 +45,7 @@ from tests.support.cluster import (
 )
 from tests.support.fakes import FakeRuntime, RecordingTransport
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
+from tests.support.procs import RedisServer, ServerProcess, free_port, free_port_pair, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.sdk import APP, sdk_for
 from tests.support.wsraw import RawClient
@@ -169,19 +169,6 @@ def delivered_across(sdk: pusher.Pusher, client: PusherJsClient, channel: str, t
     except AssertionError:
         return False
     return True
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def honest_count(nodes: list[ServerProcess], channel: str, expected: int, wrong: list[str]) -> bool:

@@ -19,7 +19,7 @@ import requests
 
 from tests.support.cluster import node_env, wait_formed
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, free_port_pair, wait_until
 from tests.support.pusherjs import PusherJsDriver
 from tests.support.sdk import sdk_for, signed
 from tests.support.webhooks import KEY, SECRET, Receiver, WorkerProcess, app, webhooks
@@ -197,6 +197,23 @@ def test_without_a_configured_token_one_is_made_and_printed_once(server_factory:
     other = server_factory([app()])
     assert requests.post(console_url(other) + "/login", data={"token": token}, allow_redirects=False,
                          timeout=5).status_code == 401  # a new token per start
+
+
+@pytest.mark.slow
+def test_with_workers_one_token_made_at_start_opens_every_workers_console(
+        server_factory: Callable[..., ServerProcess], redis_url: str) -> None:
+    metrics_port = free_port_pair()  # worker i has its metrics listener, and console, on metrics.port + i
+    server = server_factory([app()], env=node_env(redis_url, METRICS_PORT=str(metrics_port)),
+                            extra_args=["--workers", "2"])
+    line = wait_until(lambda: next((ln for ln in server.log().splitlines() if "for every worker" in ln), None),
+                      timeout=5, message="the workers' console token on the terminal")
+    token = line.split("made for this run: ", 1)[1].split(";", 1)[0]
+    assert server.log().count(token) == 1
+    for port in (metrics_port, metrics_port + 1):
+        login = f"http://127.0.0.1:{port}/console/login"
+        wait_until(lambda login=login: requests.post(login, data={"token": token}, allow_redirects=False,
+                                                     timeout=5).status_code == 303,
+                   timeout=20, message=f"sign-in on the worker with metrics port {port}")
 
 
 def test_cross_site_posts_are_refused(console_server: ServerProcess, pusherjs: PusherJsDriver) -> None:
