@@ -115,7 +115,7 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
         logger.warning("console access token made for this run is not shown with JSON logs; set CONSOLE_TOKEN "
                        "to sign in", extra={"path": cfg.path})
     logger.info("console enabled", extra={"host": host, "port": port, "path": cfg.path,
-                                          "token": "generated" if generated else "configured"})
+                                          "sign_in": "token made at start-up" if generated else "configured token"})
     return served
 
 
