@@ -102,10 +102,11 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
     if config.adapter_driver == "redis":
         from redis.exceptions import RedisError
 
-        from sockudo.redis import make_client
+        from sockudo.redis import RedisClients
 
-        served.relay = ConsoleRelay(services.tap, make_client(config), console_channel(config.redis_prefix),
-                                    GeventRuntime(), failures=(RedisError, OSError))
+        client = (services.redis or RedisClients(config)).shared  # the process's pool; the pub/sub takes one
+        served.relay = ConsoleRelay(services.tap, client, console_channel(config.redis_prefix), GeventRuntime(),
+                                    failures=(RedisError, OSError))
         served.relay.start()
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     if config.log_format == "human" or sys.stderr.isatty():
