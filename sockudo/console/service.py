@@ -86,7 +86,7 @@ class Console:
 
     def overview(self, app_id: str) -> dict[str, Any]:
         self.app(app_id)
-        return {"app": app_id, "samples": self.stats.series(app_id), "cluster": self.cluster(),
+        return {"app": app_id, "samples": self.stats.series(app_id), "cluster": self.cluster(app_id),
                 "dropped": self.tap.dropped}
 
     def channels(self, app_id: str) -> dict[str, Any]:
@@ -106,15 +106,15 @@ class Console:
         return {"channel": channel, "members": [{"user_id": u, "user_info": members[u]} for u in ids],
                 "count": len(members), "complete": complete}
 
-    def cluster(self) -> dict[str, Any]:
+    def cluster(self, app_id: str) -> dict[str, Any]:
+        """The live nodes with their connections of ``app_id`` (one node without Redis)."""
         adapter = self.services.adapter
         node_id = self.tap.node_id
-        apps = [a.id for a in self.services.apps.all()]
         per_node = getattr(adapter, "node_connections", None)
         if per_node is not None:
-            nodes = per_node(apps)
+            nodes = per_node([app_id])
         else:
-            nodes = {node_id: adapter.node_socket_count()}
+            nodes = {node_id: adapter.socket_count(app_id)}
         return {"this_node": node_id, "driver": self.services.config.adapter_driver,
                 "nodes": [{"id": n, "connections": c} for n, c in sorted(nodes.items())]}
 
