@@ -152,6 +152,23 @@ def test_operator_watches_publishes_and_replays_a_dead_letter_in_chromium(
     wait_until(lambda: any(r["kind"] == "webhook" and "status=delivered" in r["details"]
                            for r in log_rows(browser)), timeout=5, message="the delivery in the log")
 
+    # Filter by channel, then pause: events wait until Resume.
+    sdk = sdk_for(server, {"id": "100", "key": KEY, "secret": SECRET})
+    browser.find_element(By.ID, "filter-channel").send_keys("other")
+    assert log_rows(browser) == []  # nothing on a channel named like "other" yet
+    sdk.trigger("other-room", "filtered-in", {})
+    wait_until(lambda: [r["event"] for r in log_rows(browser)] == ["filtered-in"], timeout=5,
+               message="only the filtered channel's event")
+    browser.find_element(By.ID, "pause").click()
+    sdk.trigger("other-room", "while-paused", {})
+    wait_until(lambda: "1 waiting" in browser.find_element(By.ID, "paused-note").text, timeout=5,
+               message="the paused event held")
+    assert [r["event"] for r in log_rows(browser)] == ["filtered-in"]
+    browser.find_element(By.ID, "pause").click()  # Resume
+    wait_until(lambda: [r["event"] for r in log_rows(browser)] == ["while-paused", "filtered-in"], timeout=5)
+    browser.find_element(By.ID, "filter-channel").clear()
+    browser.find_element(By.ID, "filter-channel").send_keys(" ")  # an input event; blanks are ignored
+
     # The client leaves: a disconnection with its close code.
     client.disconnect()
     wait_until(lambda: any(r["kind"] == "disconnection" for r in log_rows(browser)), timeout=5)
