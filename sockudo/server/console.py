@@ -18,6 +18,7 @@ from sockudo.console.service import Console
 from sockudo.console.sessions import Sessions, generate_token
 from sockudo.console.tap import EventTap
 from sockudo.http_api.console import create_console_app
+from sockudo.metrics.listener import MetricsListener
 from sockudo.server import observability
 from sockudo.server.runtime import Event, GeventRuntime
 
@@ -51,17 +52,11 @@ class ConsoleServer:
     relay: ConsoleRelay | None = None
     http: WSGIServer | None = None  # its own listener, when [console] host/port are set
 
-    def mount(self, other: Any) -> Any:
-        """``other`` (the metrics app) with the console under ``path``."""
-        prefix = self.path
-
-        def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
-            path = environ.get("PATH_INFO", "")
-            if path == prefix or path.startswith(prefix + "/"):
-                return self.app(environ, start_response)
-            return other(environ, start_response)
-
-        return dispatch
+    def mount(self, listener: MetricsListener) -> MetricsListener:
+        """The console under ``path`` on ``listener`` (the metrics listener's app, or its own)."""
+        listener.route(self.path, self.app)
+        listener.route(self.path + "/", self.app)
+        return listener
 
     def stop(self) -> None:
         if self.relay is not None:
@@ -93,7 +88,7 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
     host, port = (cfg.host, cfg.port) if cfg.port else (config.metrics.host, config.metrics.port)
     if cfg.port:
         try:
-            served.http = WSGIServer((cfg.host, cfg.port), served.mount(_not_found), log=None,
+            served.http = WSGIServer((cfg.host, cfg.port), served.mount(MetricsListener()), log=None,
                                      error_log=observability.WSGI_ERROR_LOG)
             served.http.start()
         except OSError as exc:
@@ -119,7 +114,3 @@ def start(config: Config, services: Any) -> ConsoleServer | None:
                                           "sign_in": "token made at start-up" if generated else "configured token"})
     return served
 
-
-def _not_found(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    start_response("404 Not Found", [("Content-Type", "text/plain")])
-    return [b"Not Found"]

@@ -224,11 +224,12 @@ class Server:
         self.console = console.start(cfg, self.services)
         metrics_wsgi = observability.metrics_app(cfg, self.services.metrics.registry)
         if self.console is not None and self.console.http is None:
-            metrics_wsgi = self.console.mount(metrics_wsgi)
+            self.console.mount(metrics_wsgi)
         if cfg.metrics.enabled:
             try:
                 self.metrics_http = WSGIServer(
-                    (cfg.metrics.host, cfg.metrics.port), metrics_wsgi, log=None, error_log=observability.WSGI_ERROR_LOG,
+                    (cfg.metrics.host, cfg.metrics.port), metrics_wsgi,
+                    log=None, error_log=observability.WSGI_ERROR_LOG,
                 )
                 self.metrics_http.start()
             except OSError as exc:

@@ -19,7 +19,7 @@ import requests
 
 from tests.support.cluster import node_env, wait_formed
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, free_port_pair, wait_until
+from tests.support.procs import RedisServer, ServerProcess, free_port, free_port_pair, wait_until
 from tests.support.pusherjs import PusherJsDriver
 from tests.support.sdk import sdk_for, signed
 from tests.support.webhooks import KEY, SECRET, Receiver, WorkerProcess, app, webhooks
@@ -231,6 +231,16 @@ def test_with_workers_one_token_made_at_start_opens_every_workers_console(
         wait_until(lambda login=login: requests.post(login, data={"token": token}, allow_redirects=False,
                                                      timeout=5).status_code == 303,
                    timeout=20, message=f"sign-in on the worker with metrics port {port}")
+
+
+def test_a_listener_of_its_own(server_factory: Callable[..., ServerProcess]) -> None:
+    port = free_port()
+    server = server_factory([app()], console={"token": TOKEN, "host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}/console"
+    assert requests.post(base + "/login", data={"token": TOKEN}, allow_redirects=False, timeout=5).status_code == 303
+    assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 404  # the console only
+    assert requests.get(console_url(server) + "/", timeout=5).status_code == 404  # not on the metrics listener
+    assert "sockudo_connected" in server.metrics_text()
 
 
 def test_cross_site_posts_are_refused(console_server: ServerProcess, pusherjs: PusherJsDriver) -> None:
