@@ -13,7 +13,7 @@ BENCH_VENV := bench/.venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: run test test-unit test-integration redis-server prometheus chromium venv js clean lint bench soak
+.PHONY: run test test-quick test-unit test-integration redis-server prometheus chromium venv js clean lint bench soak
 
 run: $(STAMP)
 	$(PY) -m sockudo $(ARGS)
@@ -62,6 +62,10 @@ test: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
 
 test-unit: $(STAMP) redis-server
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (outages, soaks, kill -9 runs): a few minutes less.
+test-quick: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)

@@ -680,6 +680,7 @@ def test_redis_restart_mid_run_resumes_delivery_and_presence(cluster, pusherjs, 
         assert len(warnings) <= 12, "\n".join(warnings)  # a few lines per outage, not a storm
 
 
+@pytest.mark.slow
 def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster, pusherjs,
                                                                          own_redis: RedisServer) -> None:
     """Redis frozen (SIGSTOP: it keeps its data, unlike a restart) while a presence member on
@@ -725,6 +726,7 @@ def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster,
     assert tracebacks(a, b) == 0
 
 
+@pytest.mark.slow
 def test_redis_away_longer_than_the_node_timeout_is_not_mistaken_for_dead_nodes(
         cluster, pusherjs, own_redis: RedisServer) -> None:
     """Redis frozen (keeping its data) for longer than ``node_timeout``: when it answers again
@@ -857,6 +859,7 @@ def test_presence_read_from_a_restarted_redis_is_partial_until_every_node_regist
     direct.close()
 
 
+@pytest.mark.slow
 def test_startup_with_redis_down_becomes_ready_once_redis_starts(cluster, pusherjs, own_redis: RedisServer) -> None:
     a, b = cluster(2, env=node_env(own_redis.url), formed=False)  # nothing listens on the port yet
     assert up_status(a) == 503 and up_status(b) == 503
@@ -930,6 +933,7 @@ def test_workers_without_redis_refuse_to_start(server_factory, how: str) -> None
 # -- Redis Sentinel -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sentinel_failover_during_traffic(cluster, pusherjs) -> None:
     master = RedisServer().start()
     replica = RedisServer(["--replicaof", "127.0.0.1", str(master.port)]).start()

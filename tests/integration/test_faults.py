@@ -51,6 +51,8 @@ KEY, SECRET, APP_ID = "fault-key", "fault-secret", "100"
 FAST_WEBHOOKS = {"debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
                  "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000}}
 
+pytestmark = pytest.mark.slow  # outages, restarts and soaks: tens of seconds each
+
 
 def signed_post(node: ServerProcess, path: str, body: dict[str, Any]) -> requests.Response:
     raw = json.dumps(body).encode()

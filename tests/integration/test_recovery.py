@@ -503,6 +503,7 @@ COUNT_APP = {**APP, "history": {"max_messages_per_channel": 20}}
 AGE_APP = {"id": "101", "key": "age-key", "secret": "age-secret", "history": {"retention_window_seconds": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_retention_by_count_and_by_age_with_per_app_overrides(start, backend: str, redis_server: RedisServer) -> None:
     (node,) = start(backend=backend, apps=[COUNT_APP, AGE_APP], history={"enabled": True})

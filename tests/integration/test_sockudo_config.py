@@ -86,6 +86,7 @@ def test_sockudos_shipped_config_starts_the_server_with_its_settings(shipped: Ca
     receiver.close()
 
 
+@pytest.mark.slow
 def test_shipped_user_authentication_feature_closes_unauthenticated_sockets(
     shipped: Callable[..., ServerProcess],
 ) -> None:

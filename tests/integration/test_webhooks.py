@@ -293,6 +293,7 @@ def test_a_hanging_endpoint_with_a_backlog_does_not_hold_up_another(
 # -- two nodes: cluster-wide occupancy and a cross-node debounce --------------------------------------
 
 
+@pytest.mark.slow
 def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
         server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
         worker_factory: Callable[[], WorkerProcess]) -> None:

@@ -20,6 +20,7 @@ import copy
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -341,6 +342,7 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
                                                                              HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(recipes(), min_size=1, max_size=8), st.sampled_from([7, 2]), HOMES)
 def test_random_and_mutated_frames_never_raise_and_touch_nobody_else(recipes_list, protocol, home):
