@@ -1,0 +1,176 @@
+"""Attacks by a client holding no credentials at all (not even an app key), against a real server
+process over raw sockets (docs/security.md, "Bounds per socket" and "Request edges").
+
+The per-socket bounds hold once a WebSocket is established and a REST call has been
+authenticated; these tests look at what a connection can make the node hold *before* that:
+
+- request headers: up to 100 header lines of 64 KiB each (Python's header parser limits) were
+  read and kept; a WebSocket keeps its request headers (``environ``) for its whole life, so a
+  handful of upgrades with fat headers held hundreds of megabytes for as long as they stayed open;
+- request bodies: every signed route read the whole body (up to ``request_limit_in_mb``, 10 MiB)
+  before it looked at the query, so a connection with no query at all made the node hold 10 MiB
+  until the body's deadline, and nothing bounds how many such connections there are;
+- more than 100 header lines was an unhandled ``HTTPException`` (a traceback at ERROR for every
+  such request), not the quiet 400 of other malformed requests.
+
+Every test measures the server's RSS (or reads its log) and fails without a bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from tests.support.procs import RssPeak, ServerProcess, rss_kb
+
+APP = {"id": "300", "key": "attack-key", "secret": "attack-secret"}
+SOCKETS = 16
+
+
+def upgrade_with_fat_headers(server: ServerProcess, lines: int, size: int) -> socket.socket:
+    """A WebSocket upgrade carrying ``lines`` extra headers of ``size`` bytes each; returns the
+    socket once the server has answered (101 or otherwise)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (f"GET /app/{APP['key']}?protocol=7&client=raw&version=1.0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n").encode()
+    filler = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * size) for i in range(lines))
+    try:
+        sock.sendall(head + filler + b"\r\n")
+    except OSError:
+        pass  # refused before the end of the headers: what a bound does
+    return sock
+
+
+def test_websocket_upgrades_cannot_park_megabytes_of_headers(server_factory: Callable[..., ServerProcess]) -> None:
+    """16 upgrades with 94 headers of 64,000 bytes each (Python's per-line and per-count limits;
+    6 MB per request). An established WebSocket keeps its request's headers for its whole life, so
+    they must be bounded in bytes (431, as nginx and Node refuse header blocks over 8-64 KiB).
+    Without a bound: ~13 MiB per socket for as long as it is open (20 sockets held 270 MiB)."""
+    server = server_factory([APP])
+    assert server.proc is not None
+    before = rss_kb(server.proc.pid)
+    socks = []
+    statuses = []
+    try:
+        for _ in range(SOCKETS):
+            sock = upgrade_with_fat_headers(server, 94, 64_000)
+            socks.append(sock)
+            try:
+                statuses.append(sock.recv(64).split(b"\r\n", 1)[0])
+            except OSError:
+                statuses.append(b"reset")
+        grown = rss_kb(server.proc.pid) - before
+        assert grown < 32 * 1024, (f"{SOCKETS} upgrades with 6 MB of headers each grew RSS by {grown // 1024} MiB "
+                                   f"(answers: {sorted(set(statuses))})")
+        assert not any(status.startswith(b"HTTP/1.1 101") for status in statuses), statuses
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_unfinished_header_blocks_are_bounded_in_bytes(server_factory: Callable[..., ServerProcess]) -> None:
+    """16 requests that send 94 headers of 64,000 bytes and never finish their header block: each
+    was held whole for the 10 s header deadline (30 such connections: +183 MiB)."""
+    server = server_factory([APP])
+    assert server.proc is not None
+    socks = []
+    with RssPeak(server.proc.pid) as peak:
+        try:
+            for _ in range(SOCKETS):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                socks.append(sock)
+                try:
+                    sock.sendall(b"GET /apps/300/channels HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 64_000) for i in range(94)))
+                except OSError:
+                    pass
+            time.sleep(0.5)  # let the server read what it will (bounded wait, then measure)
+            grown = peak.grown()
+        finally:
+            for sock in socks:
+                sock.close()
+    assert grown < 32 * 1024, f"{SOCKETS} unfinished header blocks of 6 MB grew RSS by {grown // 1024} MiB"
+
+
+BODY = 9_500_000  # under the default request_limit_in_mb (10 MiB)
+
+
+def _unsigned_body(server: ServerProcess, request_line: str, chunked: bool) -> socket.socket:
+    """Send a request with no query (so no signature) and all but the last byte of a 9.5 MB body."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {BODY}"
+    try:
+        sock.sendall(f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"{framing}\r\n\r\n".encode())
+        piece = b"x" * 500_000
+        for _ in range(BODY // len(piece) - 1):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        sock.sendall(b"%x\r\n%s\r\n" % (len(piece) - 1, piece[:-1]) if chunked else piece[:-1])
+    except OSError:
+        pass  # answered (and closed) before the body was sent: nothing held
+    return sock
+
+
+def _bodies_held(server: ServerProcess, request_line: str, chunked: bool = False) -> tuple[int, list[bytes]]:
+    assert server.proc is not None
+    socks: list[socket.socket] = []
+    with RssPeak(server.proc.pid) as peak:
+        try:
+            for _ in range(SOCKETS):
+                socks.append(_unsigned_body(server, request_line, chunked))
+            time.sleep(0.5)  # the server reads what it will (bounded wait, then measure)
+            grown = peak.grown()
+            answers = []
+            for sock in socks:
+                try:
+                    sock.sendall(b"0\r\n\r\n" if chunked else b"x")
+                except OSError:
+                    pass
+                try:
+                    answers.append(sock.recv(64).split(b"\r\n", 1)[0])
+                except OSError:
+                    answers.append(b"reset")
+        finally:
+            for sock in socks:
+                sock.close()
+    return grown, answers
+
+
+def test_an_unsigned_publish_is_refused_before_its_body_is_buffered(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """16 connections POST a 9.5 MB body to ``/apps/300/events`` with no query at all and hold the
+    last byte: the node held every body (30 connections: +286 MiB) until the body deadline, for
+    a request it refuses (400) without looking at the body. The query (auth_key, timestamp,
+    signature over method, path and query including ``body_md5``) can be checked first."""
+    server = server_factory([APP])
+    grown, answers = _bodies_held(server, "POST /apps/300/events")
+    assert grown < 48 * 1024, f"{SOCKETS} unsigned 9.5 MB publishes grew RSS by {grown // 1024} MiB ({answers[:2]})"
+
+
+def test_an_unsigned_chunked_request_is_refused_before_its_body_is_buffered(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """The same with chunked bodies: the listener reads a chunked body whole (up to the limit)
+    before any route or signature is looked at, on any path."""
+    server = server_factory([APP])
+    grown, answers = _bodies_held(server, "POST /apps/300/events", chunked=True)
+    assert grown < 48 * 1024, (f"{SOCKETS} unsigned chunked 9.5 MB bodies grew RSS by {grown // 1024} MiB "
+                               f"({answers[:2]})")
+
+
+def test_more_than_100_header_lines_is_a_quiet_400(server_factory: Callable[..., ServerProcess]) -> None:
+    """Python's header parser raises ``HTTPException`` past 100 lines; it was logged at ERROR with
+    a traceback for every such request (anyone could fill the error log)."""
+    server = server_factory([APP], env={"LOG_LEVEL": "DEBUG"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /apps/300/channels HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     + b"".join(b"X-H%d: a\r\n" % i for i in range(150)) + b"\r\n")
+        status = sock.recv(64).split(b"\r\n", 1)[0]
+    assert status.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), status
+    log = server.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert not [line for line in log.splitlines() if " ERROR " in line[:40]], log[-3000:]
