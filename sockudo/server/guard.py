@@ -12,14 +12,18 @@
 - **unambiguous framing** (RFC 9112 §6): differing ``Content-Length`` values, or one beside
   ``Transfer-Encoding``, are 400; a transfer coding other than ``chunked`` is 501; a chunked body
   is read here, up to ``request_limit_in_mb`` (413 beyond), and handed on with its length;
-- **quiet client errors**: a bad WebSocket handshake is a 400 (426 for an unknown version), and a
-  client that leaves before the end of its body is logged at DEBUG, never as an error.
+- **bounded headers**: the header block is read up to ``MAX_HEADER_BYTES`` (431 beyond); an
+  established WebSocket keeps its request's headers for its whole life;
+- **quiet client errors**: a bad WebSocket handshake is a 400 (426 for an unknown version), more
+  than 100 header lines a 400, and a client that leaves before the end of its body is logged at
+  DEBUG, never as an error.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import logging
 import math
@@ -42,6 +46,11 @@ _BAD_REQUEST_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nCont
                          b"Content-Length: 11\r\n\r\nBad request")
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                      b"Content-Length: 15\r\n\r\nRequest timeout")
+
+
+#: The bytes of one request's header lines (the request line has gevent's own 8 KiB limit). Python's
+#: parser alone allows 100 lines of 64 KiB, and a WebSocket keeps its headers while it is open.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class HeaderTimeout(TimeoutError):
@@ -67,6 +76,24 @@ class FramingError(ValueError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _HeaderBudget:
+    """The request's reader while its header lines are parsed: at most ``budget`` bytes, then 431."""
+
+    __slots__ = ("fp", "left")
+
+    def __init__(self, fp: Any, budget: int) -> None:
+        self.fp = fp
+        self.left = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        cap = self.left + 1 if limit is None or limit < 0 else min(limit, self.left + 1)
+        line: bytes = self.fp.readline(cap)
+        self.left -= len(line)
+        if self.left < 0:
+            raise FramingError("431", "request header fields too large")
+        return line
 
 
 def check_framing(headers: Any) -> None:
@@ -226,22 +253,24 @@ class GuardedHandler(WebSocketHandler):
             logger.debug("request headers too slow; connection dropped", extra={"client": self.client_address})
             return "408", _TIMEOUT_RESPONSE
         if isinstance(ex, FramingError):
-            logger.debug("ambiguous request framing refused: %s", ex.message, extra={"client": self.client_address})
-            reason = {"400": "Bad Request", "501": "Not Implemented"}[ex.status]
+            logger.debug("request refused: %s", ex.message, extra={"client": self.client_address})
+            reason = {"400": "Bad Request", "431": "Request Header Fields Too Large",
+                      "501": "Not Implemented"}[ex.status]
             body = ex.message.encode()
             return ex.status, (f"HTTP/1.1 {ex.status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        if isinstance(ex, (ValueError, OSError)):
-            # A malformed request line, header or chunk: the client's error, answered 400 and
-            # logged at DEBUG (gevent logs it at ERROR, so any client could fill the error log).
+        if isinstance(ex, (ValueError, OSError, http.client.HTTPException)):
+            # A malformed request line, header or chunk, or more than 100 header lines: the
+            # client's error, answered 400 and logged at DEBUG (gevent logs it at ERROR with a
+            # traceback, so any client could fill the error log).
             logger.debug("malformed request refused: %r", ex, extra={"client": self.client_address})
             return "400", _BAD_REQUEST_RESPONSE
         return super()._handle_client_error(ex)
 
     # -- framing --
 
-    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (gevent's name)
-        headers = super().MessageClass(*args)
+    def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 (gevent's name)
+        headers = super().MessageClass(_HeaderBudget(fp, MAX_HEADER_BYTES), *args)
         if not headers.status:  # a line too long is gevent's 400 already
             check_framing(headers)
         return headers
