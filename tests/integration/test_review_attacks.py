@@ -11,7 +11,11 @@ authenticated; these tests look at what a connection can make the node hold *bef
   before it looked at the query, so a connection with no query at all made the node hold 10 MiB
   until the body's deadline, and nothing bounds how many such connections there are;
 - more than 100 header lines was an unhandled ``HTTPException`` (a traceback at ERROR for every
-  such request), not the quiet 400 of other malformed requests.
+  such request), not the quiet 400 of other malformed requests;
+- time: the node is one process of cooperative greenlets, so a connection whose bytes keep
+  arriving faster than they are handled must still let the others run. A WebSocket streaming
+  tiny frames, or a request body of one-byte chunks (to any path), held the process for as long
+  as it kept sending: every other client waited.
 
 Every test measures the server's RSS (or reads its log) and fails without a bound.
 """
@@ -21,10 +25,15 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import requests
 
 from tests.support.procs import RssPeak, ServerProcess, rss_kb
+from tests.support.wsmany import TEXT, MiniWs, masked_frame
 
 APP = {"id": "300", "key": "attack-key", "secret": "attack-secret"}
 SOCKETS = 16
@@ -174,3 +183,76 @@ def test_more_than_100_header_lines_is_a_quiet_400(server_factory: Callable[...,
     log = server.log()
     assert "Traceback" not in log, log[-3000:]
     assert not [line for line in log.splitlines() if " ERROR " in line[:40]], log[-3000:]
+
+
+# -- time: one connection must not hold the process --------------------------------------------------
+
+
+@contextmanager
+def live_latency(server: ServerProcess) -> Iterator[list[float]]:
+    """``GET /live`` every 50 ms from another thread while the block runs; yields the latencies."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                session.get(server.url + "/live", timeout=60)
+            except requests.RequestException:
+                pass
+            latencies.append(time.monotonic() - start)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        thread.join(timeout=70)
+
+
+FLOOD_SECONDS = 4.0
+
+
+def test_a_websocket_streaming_tiny_frames_does_not_freeze_the_node(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """One socket (app key only) sends ignored 19-byte frames as fast as TCP lets it for 4 s: its
+    greenlet never found its buffer empty, so it never yielded, and ``/live`` (like every other
+    socket's delivery and pings) waited for the whole flood (7.5 s for a 7.5 s flood)."""
+    server = server_factory([APP])
+    client = MiniWs(server.port, f"/app/{APP['key']}?protocol=7&client=raw&version=1.0")
+    blob = masked_frame(TEXT, b'{"event":"x"}') * 20_000
+    try:
+        with live_latency(server) as latencies:
+            time.sleep(0.2)
+            start = time.monotonic()
+            while time.monotonic() - start < FLOOD_SECONDS:
+                client.sock.sendall(blob)
+        worst = max(latencies)
+        assert worst < 1.0, f"/live took {worst:.1f} s while one WebSocket streamed frames for {FLOOD_SECONDS} s"
+    finally:
+        client.close()
+
+
+def test_a_body_of_one_byte_chunks_does_not_freeze_the_node(server_factory: Callable[..., ServerProcess]) -> None:
+    """A chunked body of 150,000 one-byte chunks (900 KB on the wire) to a path that takes no body:
+    the listener reads chunked bodies whole, a byte at a time through a reader that armed a
+    ``gevent.Timeout`` per read (~4 us a byte), without yielding while bytes were there. 6 MB of
+    it held the process for 29 s (past the 30 s body deadline, which cannot fire in a greenlet
+    that never yields)."""
+    server = server_factory([APP])
+    body = b"1\r\nx\r\n" * 150_000 + b"0\r\n\r\n"
+    with live_latency(server) as latencies:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            start = time.monotonic()
+            sock.sendall(b"POST /live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
+            status = sock.recv(64).split(b"\r\n", 1)[0]
+            took = time.monotonic() - start
+    worst = max(latencies)
+    assert worst < 1.0, (f"/live took {worst:.1f} s while one request body of one-byte chunks was read "
+                         f"(answered {status!r} after {took:.1f} s)")
