@@ -30,7 +30,8 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import gevent
@@ -39,6 +40,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from sockudo.config import Config
 from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
+from sockudo.server import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -176,16 +178,20 @@ class Guard:
 
 class _BodyReader:
     """The request body's reader: every read must finish by ``deadline`` (monotonic; ``inf``:
-    no deadline), and the end of the stream before the end of the body is ``ClientLeft``."""
+    no deadline), and the end of the stream before the end of the body is ``ClientLeft``. Reads
+    yield to the other greenlets now and then (``runtime.fair``)."""
 
-    __slots__ = ("rfile", "deadline")
+    __slots__ = ("rfile", "deadline", "whole", "_read", "_readline")
 
     def __init__(self, rfile: Any, deadline: float) -> None:
         self.rfile = rfile
         self.deadline = deadline
+        self.whole = False  # one timer covers the whole body (``whole_body``)
+        self._read = runtime.fair(rfile.read)
+        self._readline = runtime.fair(rfile.readline)
 
     def _call(self, fn: Callable[..., bytes], *args: Any) -> bytes:
-        if self.deadline == math.inf:
+        if self.whole or self.deadline == math.inf:
             return fn(*args)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
@@ -193,14 +199,31 @@ class _BodyReader:
         with gevent.Timeout(remaining, BodyTimeout()):
             return fn(*args)
 
+    @contextmanager
+    def whole_body(self) -> Iterator[None]:
+        """One deadline timer for a whole body read: gevent's chunked reader reads a byte at a
+        time, and a timer armed per read cost ~4 us a byte."""
+        if self.deadline == math.inf:
+            yield
+            return
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BodyTimeout()
+        self.whole = True
+        try:
+            with gevent.Timeout(remaining, BodyTimeout()):
+                yield
+        finally:
+            self.whole = False
+
     def read(self, *args: Any) -> bytes:
-        data = self._call(self.rfile.read, *args)
+        data = self._call(self._read, *args)
         if args and args[0] is not None and args[0] > 0 and len(data) < args[0]:
             raise ClientLeft()  # a buffered read returns less than asked only at the end of the stream
         return data
 
     def readline(self, *args: Any) -> bytes:
-        line = self._call(self.rfile.readline, *args)
+        line = self._call(self._readline, *args)
         limit = args[0] if args and args[0] is not None and args[0] > 0 else None
         if not line.endswith(b"\n") and (limit is None or len(line) < limit):
             raise ClientLeft()
@@ -346,7 +369,9 @@ class GuardedHandler(WebSocketHandler):
         environ = self.environ
         if getattr(self.wsgi_input, "chunked_input", False):
             limit = self.guard.body_limit
-            body = environ["wsgi.input"].read(limit + 1)
+            reader = self.wsgi_input.rfile
+            with reader.whole_body() if isinstance(reader, _BodyReader) else nullcontext():
+                body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
                 return self._respond("413 Payload Too Large", b'{"error":"Request body is too large",'
                                      b'"code":"payload_too_large","status":413}\n')

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 import gevent
 import gevent.event
 import gevent.pool
@@ -14,6 +18,26 @@ Greenlet = gevent.Greenlet
 joinall = gevent.joinall
 killall = gevent.killall
 GreenletExit = gevent.GreenletExit
+
+#: How long a greenlet may go on reading bytes that are already there before it lets the others run.
+FAIR_SLICE_SECONDS = 0.01
+
+
+def fair(read: Callable[..., Any]) -> Callable[..., Any]:
+    """``read`` that yields to the other greenlets every ``FAIR_SLICE_SECONDS``. A read of bytes
+    already received never switches greenlets, so a peer sending faster than its bytes are handled
+    (tiny WebSocket frames, one-byte chunks) held the whole process, and no timer could fire."""
+    last = time.monotonic()
+
+    def fair_read(*args: Any) -> Any:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= FAIR_SLICE_SECONDS:
+            gevent.sleep(0)
+            last = time.monotonic()
+        return read(*args)
+
+    return fair_read
 
 
 class GeventRuntime:
