@@ -256,3 +256,34 @@ def test_a_body_of_one_byte_chunks_does_not_freeze_the_node(server_factory: Call
     worst = max(latencies)
     assert worst < 1.0, (f"/live took {worst:.1f} s while one request body of one-byte chunks was read "
                          f"(answered {status!r} after {took:.1f} s)")
+
+
+def test_pipelined_requests_on_one_connection_do_not_freeze_the_node(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """20,000 unsigned requests written at once on one keep-alive connection (880 KB): each was
+    answered in turn without the greenlet ever yielding while the next request was already there,
+    so ``/live`` on another connection waited for all of them (6.2 s)."""
+    server = server_factory([APP])
+    count = 20_000
+    answered = [0]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+
+        def drain() -> None:
+            try:
+                while answered[0] < count:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        return
+                    answered[0] += data.count(b"HTTP/1.1 ")
+            except OSError:
+                return
+
+        reader = threading.Thread(target=drain, daemon=True)
+        with live_latency(server) as latencies:
+            time.sleep(0.2)
+            reader.start()
+            sock.sendall(b"GET /apps/300/channels HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * count)
+            reader.join(timeout=60)
+    worst = max(latencies)
+    assert answered[0] == count, answered
+    assert worst < 1.0, f"/live took {worst:.1f} s while one connection's {count} pipelined requests were answered"
