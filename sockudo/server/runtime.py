@@ -23,18 +23,29 @@ GreenletExit = gevent.GreenletExit
 FAIR_SLICE_SECONDS = 0.01
 
 
+class FairSlice:
+    """Yields to the other greenlets when ``check()`` finds ``FAIR_SLICE_SECONDS`` have gone by
+    since it last did. A read of bytes already received never switches greenlets, so a peer
+    sending faster than its bytes are handled (tiny WebSocket frames, one-byte chunks, pipelined
+    requests) held the whole process, and no timer could fire."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def check(self) -> None:
+        if time.monotonic() - self.last >= FAIR_SLICE_SECONDS:
+            gevent.sleep(0.0001)  # > 0: after the loop has polled for I/O (sleep(0) may come back first)
+            self.last = time.monotonic()
+
+
 def fair(read: Callable[..., Any]) -> Callable[..., Any]:
-    """``read`` that yields to the other greenlets every ``FAIR_SLICE_SECONDS``. A read of bytes
-    already received never switches greenlets, so a peer sending faster than its bytes are handled
-    (tiny WebSocket frames, one-byte chunks) held the whole process, and no timer could fire."""
-    last = time.monotonic()
+    """``read`` with a ``FairSlice`` check before each call."""
+    fair_slice = FairSlice()
 
     def fair_read(*args: Any) -> Any:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= FAIR_SLICE_SECONDS:
-            gevent.sleep(0)
-            last = time.monotonic()
+        fair_slice.check()
         return read(*args)
 
     return fair_read
