@@ -23,16 +23,19 @@ Every test measures the server's RSS (or reads its log) and fails without a boun
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import requests
 
 from tests.support.procs import RssPeak, ServerProcess, rss_kb
+from tests.support.sdk import signed as signed_request
 from tests.support.wsmany import TEXT, MiniWs, masked_frame
 
 APP = {"id": "300", "key": "attack-key", "secret": "attack-secret"}
@@ -287,3 +290,59 @@ def test_pipelined_requests_on_one_connection_do_not_freeze_the_node(
     worst = max(latencies)
     assert answered[0] == count, answered
     assert worst < 1.0, f"/live took {worst:.1f} s while one connection's {count} pipelined requests were answered"
+
+
+# -- the resume budget is bytes ------------------------------------------------------------------------
+
+RECOVERY_APP = {"id": "301", "key": "attack-v2", "secret": "attack-v2-secret", "max_event_payload_in_kb": 100,
+                "max_event_batch_size": 100, "history": {"enabled": True, "max_messages_per_channel": 1000},
+                "connection_recovery": {"enabled": True}}
+MAX_BUFFER_BYTES = 1 << 20  # websocket.max_buffer_bytes, the default
+
+
+def test_one_resume_replays_no_more_bytes_than_the_socket_may_hold(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """The resume budget is ``max_buffer_bytes`` (docs/security.md), but it was spent in characters:
+    frames are UTF-8 without ``\\u`` escapes, so messages of three-byte characters replayed about
+    three times the budget. Two channels of 200 messages of 3,000 euro signs (9 KB each): each
+    channel's replay is ~620 K characters, ~1.8 MB; at most one channel's may be replayed."""
+    server = server_factory([RECOVERY_APP])
+    channels = ["utf8-a", "utf8-b"]
+    for channel in channels:
+        for first in range(0, 200, 100):
+            batch = [{"name": "update", "channel": channel,
+                      "data": json.dumps({"i": i, "pad": "\u20ac" * 3000}, ensure_ascii=False)}
+                     for i in range(first, first + 100)]
+            resp = signed_request(server, "POST", f"/apps/{RECOVERY_APP['id']}/batch_events", {"batch": batch},
+                                  app=RECOVERY_APP)
+            assert resp.status_code == 200, resp.text
+    client = MiniWs(server.port, f"/app/{RECOVERY_APP['key']}?protocol=2&client=raw&version=1.0", timeout=10)
+    try:
+        positions = {}
+        for channel in channels:
+            client.send_json({"event": "sockudo:subscribe", "data": {"channel": channel}})
+            read_frames(client, lambda: client.events("sockudo_internal:subscription_succeeded", channel))  # noqa: B023
+            ack = client.events("sockudo_internal:subscription_succeeded", channel)[0]
+            positions[channel] = {"stream_id": ack["stream_id"], "serial": 0}
+        client.send_json({"event": "sockudo:resume", "data": {"channel_positions": positions}})
+        read_frames(client, lambda: client.events("sockudo:resume_success") or client.close_code is not None)
+        replayed = [m for m in client.messages if m.get("event") == "update"]
+        size = sum(len(json.dumps(m, ensure_ascii=False, separators=(",", ":")).encode()) for m in replayed)
+        assert size <= MAX_BUFFER_BYTES, (f"one resume replayed {len(replayed)} messages, {size} bytes "
+                                          f"(budget {MAX_BUFFER_BYTES})")
+    finally:
+        client.close()
+
+
+def read_frames(client: MiniWs, condition: Callable[[], Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    client.sock.setblocking(True)
+    while not condition():
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"condition not met within {timeout}s; last frames {client.messages[-3:]}"
+        client.sock.settimeout(remaining)
+        try:
+            client.feed(client.sock.recv(262144))
+        except TimeoutError:
+            continue
+        assert not client.eof, f"connection closed first; last frames {client.messages[-3:]}"
