@@ -21,6 +21,7 @@ from sockudo.core.auth import verify_channel_auth, verify_user_auth
 from sockudo.core.connection import Connection, Transport
 from sockudo.core.errors import ApiError, PusherCode, PusherError, SubscriptionError
 from sockudo.core.wsframe import OutFrame
+from sockudo.history.recovery import frames_size
 from sockudo.history.store import SequencerUnavailable, empty_stream_id
 from sockudo.publisher import (
     CACHE_TTL_SECONDS,  # noqa: F401  (re-exported for the REST layer)
@@ -301,7 +302,7 @@ class Handler:
                     failed.append(outcome.failure)
                     self._send(conn, p.frame("sockudo:resume_failed", p.dumps(outcome.failure), channel=channel))
                     continue
-                budget -= sum(len(text) for text in outcome.frames)
+                budget -= frames_size(outcome.frames)
                 replays.extend(outcome.frames)
                 if outcome.last_serial is not None:
                     delivered[channel] = outcome.last_serial

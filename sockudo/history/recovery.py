@@ -195,8 +195,13 @@ MAX_COLD_REPLAY = 1000
 TOO_MUCH_TO_REPLAY = "More missed messages than one resume may replay; read them from history"
 
 
+def frames_size(frames: list[str]) -> int:
+    """The bytes ``frames`` take on the wire (UTF-8: a frame's characters can be up to 4 bytes each)."""
+    return sum(len(text.encode("utf-8")) for text in frames)
+
+
 def _too_big(frames: list[str], max_bytes: int | None) -> bool:
-    return max_bytes is not None and sum(len(text) for text in frames) > max_bytes
+    return max_bytes is not None and frames_size(frames) > max_bytes
 
 
 @dataclass

@@ -27,6 +27,7 @@ from sockudo.core.wsframe import (
     reply_close_code,
 )
 from sockudo.handler import Handler
+from sockudo.server import runtime
 from sockudo.server.guard import is_tls
 from sockudo.server.transport import WsTransport
 
@@ -67,7 +68,7 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     ws = environ["wsgi.websocket"]
     wsgi_handler = ws.handler
     sock: socket.socket = wsgi_handler.socket
-    read = wsgi_handler.rfile.read
+    read = runtime.fair(wsgi_handler.rfile.read)  # a client streaming tiny frames must not hold the process
     config = handler.config
     app_key = environ.get("PATH_INFO", "")[len(APP_PATH_PREFIX):].strip("/")
     requested = protocol_version(environ)
