@@ -325,6 +325,13 @@ class Metrics:
             bound = self._apps[app_id] = AppMetrics(self, app_id)
         return bound
 
+    def http_call(self, app_id: str, received_bytes: int, sent_bytes: int) -> None:
+        """One REST call of an authenticated app: its request and response body sizes."""
+        labels = (app_id, self.port)
+        self.http_calls_received.labels(*labels).inc()
+        self.http_received_bytes.labels(*labels).inc(received_bytes)
+        self.http_transmitted_bytes.labels(*labels).inc(sent_bytes)
+
     def connection_error(self, app_id: str, error_type: str) -> None:
         self.connection_errors.labels(app_id, self.port, error_type).inc()
 
