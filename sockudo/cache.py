@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import redis
+
 
 class Cache(Protocol):
     def get(self, key: str) -> tuple[str, float] | None:
@@ -53,7 +55,7 @@ class RedisCache:
             pipe.get(self.prefix + key)
             pipe.pttl(self.prefix + key)
             value, pttl = pipe.execute()
-        except Exception:  # a cache miss is the safe answer when Redis is away
+        except redis.RedisError:  # a cache miss is the safe answer when Redis is away
             return None
         if value is None:
             return None
@@ -62,7 +64,7 @@ class RedisCache:
     def set(self, key: str, value: str, ttl_seconds: float) -> None:
         try:
             self.client.set(self.prefix + key, value, px=int(ttl_seconds * 1000))
-        except Exception:
+        except redis.RedisError:
             pass  # best effort: a later publish stores it again
 
 

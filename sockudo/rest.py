@@ -6,6 +6,7 @@ or raises ``ApiError`` with the documented status.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -131,11 +132,14 @@ def _idempotent(services: Services, app: AppConfig, key: str,
     try:
         response = run()
     except BaseException:
-        store.release(key)  # let a retry publish
+        # Let a retry publish; with the store down too, the claim lapses with its TTL instead
+        # (and the caller still gets the publish's own error).
+        with contextlib.suppress(idempotency.IdempotencyUnavailable):
+            store.release(key)
         raise
     try:
         store.store(key, p.dumps(response), cfg.ttl_seconds)
-    except Exception:  # the publish happened; a lost record only weakens dedupe of a later retry
+    except idempotency.IdempotencyUnavailable:  # the publish happened; a lost record only weakens dedupe of a retry
         services.metrics.publish_rejected(app.id, "idempotency_store_failed")
     return response, False
 
