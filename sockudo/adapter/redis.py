@@ -32,13 +32,13 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
 from sockudo.adapter import cluster as c
+from sockudo.adapter.base import ClusterListener, RemoteMessageRecorder
 from sockudo.adapter.local import LocalAdapter
 from sockudo.config import Config
 from sockudo.core import protocol
@@ -57,19 +57,6 @@ LEAVE_TIMEOUT = 2.0  # seconds a graceful stop spends leaving the cluster throug
 FAILURES = (RedisError, OSError)
 
 
-
-
-class ClusterListener(Protocol):
-    """What the adapter reports when a cluster-wide transition happens elsewhere
-    (a dead node's users leaving, or stale holdings released after an outage)."""
-
-    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None: ...
-    def on_channel_vacated(self, app_id: str, channel: str) -> None: ...
-    def on_user_offline(self, app_id: str, user_id: str) -> None: ...
-
-
-
-
 class RedisAdapter:
     def __init__(self, config: Config, metrics: Metrics, runtime: Runtime, node_id: str | None = None,
                  client: redis.Redis | None = None) -> None:
@@ -85,7 +72,7 @@ class RedisAdapter:
         self.listener: ClusterListener | None = None
         # Called with (app_id, channel, v2_text, stream_id, serial, published_ms, message_id) for a
         # sequenced message published elsewhere, so this node's replay buffer has it too.
-        self.on_remote_message: Callable[..., None] | None = None
+        self.on_remote_message: RemoteMessageRecorder | None = None
         self.healthy = False
         self._dirty = True  # holdings must be (re)written to Redis
         self._listening = False  # the pub/sub listener is subscribed (commands may still fail)
@@ -280,7 +267,8 @@ class RedisAdapter:
         serial = msg.get("serial")
         frame = OutFrame(text, v2_text if isinstance(v2_text, str) else None, msg.get("channel"),
                          serial if isinstance(serial, int) else None)
-        if frame.serial is not None and frame.v2_text is not None and self.on_remote_message is not None:
+        if (frame.serial is not None and frame.v2_text is not None and frame.channel is not None
+                and self.on_remote_message is not None):
             try:
                 self.on_remote_message(app_id, frame.channel, frame.v2_text, str(msg.get("stream_id")), frame.serial,
                                        int(msg.get("published_ms", 0)), str(msg.get("message_id", "")))

@@ -109,6 +109,8 @@ class Sequencer(Protocol):
              limit: int) -> list[StoredMessage]: ...
     def reset(self, app: AppConfig, channel: str) -> None: ...
     def sweep(self, apps: list[AppConfig]) -> int: ...
+    def take_purged(self) -> int:
+        """Entries retention removed (on write or in ``sweep``) since the last call."""
 
 
 # -- memory ------------------------------------------------------------------------
@@ -203,6 +205,10 @@ class MemorySequencer:
 
     def reset(self, app: AppConfig, channel: str) -> None:
         self.channels.pop((app.id, channel), None)
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         by_id = {a.id: a for a in apps}
@@ -414,6 +420,10 @@ class RedisSequencer:
             self.client.delete(*self._keys(app.id, channel))
         except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         """Retention by age for the streams this node wrote to, when their oldest entry is due.

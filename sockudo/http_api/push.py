@@ -6,7 +6,7 @@ is admin; any other capability is refused with 403. A key of another app gets 40
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -14,17 +14,20 @@ from flask.typing import ResponseReturnValue
 from sockudo.core.errors import ApiError
 from sockudo.http_api.signing import json_body, require_signed_app, services
 
+if TYPE_CHECKING:
+    from sockudo.push.service import PushService
+
 bp = Blueprint("push", __name__, url_prefix="/apps/<app_id>/push")
 
 
-def _push(app_id: str) -> Any:
+def _push(app_id: str) -> PushService:
     app = require_signed_app(None)
     if app.id != app_id:
         raise ApiError(403, "forbidden", "the signing key belongs to another app")
     capability = request.headers.get("x-sockudo-push-capability", "push-admin")
     if capability != "push-admin":
         raise ApiError(403, "forbidden", f"capability {capability!r} is not allowed here (push-admin only)")
-    push = getattr(services(), "push", None)
+    push = services().push
     if push is None:
         raise ApiError(503, "service_unavailable", "push notifications are disabled ([push] enabled = false)")
     return push
@@ -96,12 +99,11 @@ def list_channels(app_id: str) -> ResponseReturnValue:
 @bp.post("/publish")
 def publish(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    accepted = push.publish(app_id, json_body())
+    body = json_body()
+    accepted = push.publish(app_id, body)
     _tap(app_id, accepted)
     resp = _json(accepted, 202)
-    if request.args.get("mode") == "sync" or (
-        isinstance(request.get_json(silent=True), dict) and request.get_json(silent=True).get("sync") is True
-    ):
+    if request.args.get("mode") == "sync" or (isinstance(body, dict) and body.get("sync") is True):
         resp.headers["X-Sockudo-Forced-Async"] = "publish-api-is-async"
     return resp
 

@@ -15,13 +15,25 @@ class LifecycleSink(Protocol):
     def emit(self, app: AppConfig, event: dict[str, Any]) -> None:
         """``event`` is one webhook event, e.g. ``{"name": "channel_occupied", "channel": "x"}``."""
 
+    def start(self) -> None:
+        """Start background work (the server calls it once it listens)."""
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Hand over what is pending, within ``timeout`` seconds (graceful shutdown)."""
+
 
 class NullSink:
     def emit(self, app: AppConfig, event: dict[str, Any]) -> None:
         return None
 
+    def start(self) -> None:
+        return None
 
-class RecordingSink:
+    def stop(self, timeout: float | None = None) -> None:
+        return None
+
+
+class RecordingSink(NullSink):
     """Keeps events in memory; for tests of the pure core."""
 
     def __init__(self) -> None:
