@@ -14,6 +14,9 @@ class Cache(Protocol):
 
     def set(self, key: str, value: str, ttl_seconds: float) -> None: ...
 
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks (raises when the store is unreachable); None for one in memory."""
+
 
 class MemoryCache:
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -41,6 +44,9 @@ class MemoryCache:
         for key in [k for k, (_, exp) in self._items.items() if exp <= now]:
             del self._items[key]
 
+    def readiness_probe(self) -> None:
+        return None
+
 
 class RedisCache:
     """Cache-channel payloads shared by every node (spec §8.4)."""
@@ -48,6 +54,9 @@ class RedisCache:
     def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
         self.client = client
         self.prefix = prefix
+
+    def readiness_probe(self) -> Callable[[], bool]:
+        return lambda: bool(self.client.ping())
 
     def get(self, key: str) -> tuple[str, float] | None:
         try:

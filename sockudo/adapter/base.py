@@ -34,6 +34,9 @@ class Adapter(Protocol):
     def stop(self, timeout: float) -> None:
         """Leave the cluster, within ``timeout`` seconds; the caller has closed every socket."""
     def set_listener(self, listener: ClusterListener) -> None: ...
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks: raises or returns False when the backend is unreachable; None
+        when the adapter depends on nothing outside this process."""
 
     # sockets
     def add_socket(self, app_id: str, conn: Connection) -> None: ...

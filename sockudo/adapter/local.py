@@ -30,6 +30,9 @@ class LocalAdapter:
     def set_listener(self, listener: ClusterListener) -> None:
         return None  # with no other nodes, no transition happens elsewhere
 
+    def readiness_probe(self) -> None:
+        return None  # nothing outside this process to check
+
     def namespace(self, app_id: str) -> Namespace:
         ns = self.namespaces.get(app_id)
         if ns is None:

@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -141,6 +142,15 @@ class RedisAdapter:
 
     def set_listener(self, listener: ClusterListener) -> None:
         self.listener = listener
+
+    def readiness_probe(self) -> Callable[[], bool]:
+        def probe() -> bool:
+            self.client.ping()
+            if not self.healthy:
+                raise ConnectionError("pub/sub listener not connected")
+            return True
+
+        return probe
 
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ The handler reports them here. When an app has webhooks the composition root plu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sockudo.config import AppConfig
@@ -21,6 +22,9 @@ class LifecycleSink(Protocol):
     def stop(self, timeout: float | None = None) -> None:
         """Hand over what is pending, within ``timeout`` seconds (graceful shutdown)."""
 
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks (not critical: webhooks wait in their queue); None when nothing."""
+
 
 class NullSink:
     def emit(self, app: AppConfig, event: dict[str, Any]) -> None:
@@ -30,6 +34,9 @@ class NullSink:
         return None
 
     def stop(self, timeout: float | None = None) -> None:
+        return None
+
+    def readiness_probe(self) -> None:
         return None
 
 
