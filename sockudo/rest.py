@@ -73,9 +73,11 @@ def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, 
     info = _info_set(body.get("info"))
     unknown = info - {"user_count", "subscription_count"}
     if unknown:
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", f"Unknown info attribute {sorted(unknown)[0]}")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      f"Unknown info attribute {sorted(unknown)[0]}")
     if "user_count" in info and not all(p.channel_kind(c) is p.ChannelKind.PRESENCE for c in channels):
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", "user_count is only available on presence channels")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      "user_count is only available on presence channels")
     return {"name": name, "channels": channels, "data": data, "socket_id": socket_id, "info": info}
 
 

@@ -162,7 +162,8 @@ class RedisAdapter:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         if self.healthy:
-            logger.warning("redis unreachable, serving local answers until it is back", extra={"op": what, "error": str(exc)})
+            logger.warning("redis unreachable, serving local answers until it is back",
+                           extra={"op": what, "error": str(exc)})
         elif time.monotonic() - self._last_error_log > 30:
             logger.warning("redis still unreachable", extra={"op": what, "error": str(exc)})
         else:
@@ -298,7 +299,8 @@ class RedisAdapter:
                     bound.bytes_sent.inc(sent * len(text))
         sent_ms = msg.get("timestamp_ms")
         if isinstance(sent_ms, (int, float)):
-            self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(max(0.0, time.time() * 1000 - sent_ms))
+            latency_ms = max(0.0, time.time() * 1000 - sent_ms)
+            self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(latency_ms)
 
     def _on_request(self, req: dict[str, Any]) -> None:
         kind, app_id = req.get("request_type"), req.get("app_id")
@@ -315,7 +317,8 @@ class RedisAdapter:
         elif kind == c.SOCKETS_COUNT:
             reply["sockets_count"] = self.local.socket_count(app_id)
         elif kind == c.TERMINATE_USER:
-            self.local.terminate_user(app_id, str(req.get("user_id")), int(req.get("code", 4009)), str(req.get("message", "")))
+            self.local.terminate_user(app_id, str(req.get("user_id")), int(req.get("code", 4009)),
+                                      str(req.get("message", "")))
             return
         elif kind == c.WATCHLIST_NOTIFY and isinstance(req.get("message"), str):
             self.local.notify_watchers(app_id, str(req.get("user_id")), OutFrame(req["message"]))
@@ -571,7 +574,8 @@ class RedisAdapter:
         self._dirty = False
         announced = set(self._released_unsynced)
         desired = self._desired_holdings()
-        current = {m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(self.keys.holdings(self.node_id))}
+        held = self.client.smembers(self.keys.holdings(self.node_id))
+        current = {m.decode() if isinstance(m, bytes) else m for m in held}
         for member in current - set(desired):
             holding = c.Holding.from_member(member)
             if holding is not None and self._release_holding(holding, self.node_id, member) \
@@ -690,8 +694,8 @@ class RedisAdapter:
 
     def broadcast(self, app_id: str, channel: str, frame: OutFrame, except_socket_id: str | None = None) -> int:
         sent = self.local.broadcast(app_id, channel, frame, except_socket_id)
-        envelope: dict[str, Any] = {"node_id": self.node_id, "app_id": app_id, "channel": channel, "message": frame.text,
-                                    "timestamp_ms": time.time() * 1000}
+        envelope: dict[str, Any] = {"node_id": self.node_id, "app_id": app_id, "channel": channel,
+                                    "message": frame.text, "timestamp_ms": time.time() * 1000}
         if except_socket_id is not None:
             envelope["except_socket_id"] = except_socket_id
         if frame.v2_text is not None:

@@ -131,7 +131,8 @@ class Server:
     def _pre_start_hook(self, wsgi_handler: Any) -> bool:
         """Returns True to refuse the upgrade and answer with plain HTTP instead."""
         env = wsgi_handler.environ
-        return not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining or protocol_version(env) is None
+        return (not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining
+                or protocol_version(env) is None)
 
     def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("wsgi.websocket") is not None:
@@ -243,7 +244,8 @@ class Server:
         self.services.events.start()
         logger.info(
             "sockudo listening",
-            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver, "metrics_port": cfg.metrics.port if self.metrics_http else None,
+            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver,
+                   "metrics_port": cfg.metrics.port if self.metrics_http else None,
                    "apps": [a.id for a in self.services.apps.all()]},
         )
 

@@ -196,7 +196,8 @@ class PusherJsDriver:
             timeout=timeout,
         )
         if ev["type"] == "cmd_error":
-            raise PusherJsError(f"driver rejected {cmd.get('cmd')!r} for client {cmd.get('client')!r}: {ev.get('message')}")
+            raise PusherJsError(f"driver rejected {cmd.get('cmd')!r} for client {cmd.get('client')!r}: "
+                                f"{ev.get('message')}")
         return ev
 
     def events(self, client: str | None = None, type: str | None = None, since: int = 0) -> list[dict]:
