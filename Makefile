@@ -88,5 +88,11 @@ SOAK_SECONDS ?= 1800
 soak: $(STAMP) redis-server
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak
 
+# ruff (style, imports, bug patterns) and mypy (types), both configured in pyproject.toml and
+# pinned in requirements-dev.txt; CI runs this before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check sockudo workers bench tests
+	$(PY) -m mypy
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache .ruff_cache .mypy_cache

@@ -253,7 +253,8 @@ class Handler:
             label = "invalid"
             self.metrics.subscription_error(app.id, label, "invalid_channel")
             chan = channel if isinstance(channel, str) and len(channel) <= 1024 else None
-            self._subscription_failed(conn, chan, SubscriptionError(PusherCode.CHANNEL_ERROR, error, 400, "ChannelError"))
+            self._subscription_failed(conn, chan,
+                                      SubscriptionError(PusherCode.CHANNEL_ERROR, error, 400, "ChannelError"))
             return
         assert isinstance(channel, str)
         conn.hold()
@@ -365,7 +366,8 @@ class Handler:
             if kind is p.ChannelKind.PRESENCE:
                 raw = data.get("channel_data")
                 if not isinstance(raw, str):
-                    raise SubscriptionError(PusherCode.GENERIC, "channel_data is required for presence channels", 400, "InvalidChannelData")
+                    raise SubscriptionError(PusherCode.GENERIC, "channel_data is required for presence channels", 400,
+                                            "InvalidChannelData")
                 channel_data = raw
             if not verify_channel_auth(app.key, app.secret, conn.socket_id, channel, auth, channel_data):
                 raise SubscriptionError(PusherCode.UNAUTHORIZED, "Invalid signature", 401, "AuthError")
@@ -436,7 +438,8 @@ class Handler:
         try:
             parsed = p.loads(channel_data)
         except (ValueError, RecursionError):
-            raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400, "InvalidChannelData") from None
+            raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400,
+                                    "InvalidChannelData") from None
         if not isinstance(parsed, dict):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data must be a JSON object", 400, "InvalidChannelData")
         raw_id = parsed.get("user_id")

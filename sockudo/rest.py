@@ -6,6 +6,7 @@ or raises ``ApiError`` with the documented status.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -72,9 +73,11 @@ def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, 
     info = _info_set(body.get("info"))
     unknown = info - {"user_count", "subscription_count"}
     if unknown:
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", f"Unknown info attribute {sorted(unknown)[0]}")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      f"Unknown info attribute {sorted(unknown)[0]}")
     if "user_count" in info and not all(p.channel_kind(c) is p.ChannelKind.PRESENCE for c in channels):
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", "user_count is only available on presence channels")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      "user_count is only available on presence channels")
     return {"name": name, "channels": channels, "data": data, "socket_id": socket_id, "info": info}
 
 
@@ -131,11 +134,14 @@ def _idempotent(services: Services, app: AppConfig, key: str,
     try:
         response = run()
     except BaseException:
-        store.release(key)  # let a retry publish
+        # Let a retry publish; with the store down too, the claim lapses with its TTL instead
+        # (and the caller still gets the publish's own error).
+        with contextlib.suppress(idempotency.IdempotencyUnavailable):
+            store.release(key)
         raise
     try:
         store.store(key, p.dumps(response), cfg.ttl_seconds)
-    except Exception:  # the publish happened; a lost record only weakens dedupe of a later retry
+    except idempotency.IdempotencyUnavailable:  # the publish happened; a lost record only weakens dedupe of a retry
         services.metrics.publish_rejected(app.id, "idempotency_store_failed")
     return response, False
 

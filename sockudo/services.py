@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sockudo.adapter import Adapter
 from sockudo.apps import AppStore
@@ -28,6 +28,9 @@ from sockudo.publisher import (
 )
 from sockudo.redis import RedisClients
 from sockudo.webhooks.lifecycle import LifecycleSink, NullSink
+
+if TYPE_CHECKING:  # the push service pulls in its providers' HTTP and crypto libraries
+    from sockudo.push.service import PushService
 
 
 class Runtime(Protocol):
@@ -53,7 +56,7 @@ class Services:
     buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
     idempotency: IdempotencyStore | None = None
     redis: RedisClients | None = None  # None in tests that build services by hand
-    push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
+    push: PushService | None = None  # None when [push] is disabled
     # The console's event tap (sockudo/console/tap.py): hooks report to it only while a console
     # watches. The composition root gives it the node id and gevent's Event.
     tap: EventTap = field(default_factory=lambda: EventTap("local", threading.Event))

@@ -9,7 +9,6 @@ from urllib.parse import parse_qsl
 
 from sockudo.core.errors import ApiError
 
-EMPTY_BODY_MD5 = hashlib.md5(b"").hexdigest()
 TIMESTAMP_WINDOW_SECONDS = 600
 
 

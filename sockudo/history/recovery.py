@@ -243,7 +243,8 @@ class RecoveryService:
             return self._fail(app.id, str(channel), CONTINUITY_UNVERIFIABLE,
                               "Subscribe to the channel before resuming it", stream_id, None)
         if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
-            return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE, "serial must be a whole number", stream_id, None)
+            return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE, "serial must be a whole number", stream_id,
+                              None)
         cfg = app.connection_recovery
         now_ms = int(self.clock() * 1000)
         try:

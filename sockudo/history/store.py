@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import redis
+
 from sockudo.config import AppConfig, HistoryConfig
 from sockudo.core import protocol as p
 from sockudo.core.errors import ApiError
@@ -107,6 +109,8 @@ class Sequencer(Protocol):
              limit: int) -> list[StoredMessage]: ...
     def reset(self, app: AppConfig, channel: str) -> None: ...
     def sweep(self, apps: list[AppConfig]) -> int: ...
+    def take_purged(self) -> int:
+        """Entries retention removed (on write or in ``sweep``) since the last call."""
 
 
 # -- memory ------------------------------------------------------------------------
@@ -201,6 +205,10 @@ class MemorySequencer:
 
     def reset(self, app: AppConfig, channel: str) -> None:
         self.channels.pop((app.id, channel), None)
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         by_id = {a.id: a for a in apps}
@@ -325,7 +333,7 @@ class RedisSequencer:
                          cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or ""))
         try:
             flat = self._next(keys=keys, args=args)
-        except Exception as exc:  # redis errors, including OOM with noeviction
+        except redis.RedisError as exc:  # including out of memory with noeviction
             raise SequencerUnavailable(str(exc)) from exc
         out: list[tuple[str, int, int]] = []
         for i, (channel, *_rest) in enumerate(items):
@@ -348,7 +356,7 @@ class RedisSequencer:
         seq_key, _ = self._keys(app_id, channel)
         try:
             values = self.client.hmget(seq_key, "stream_id", "serial")
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         sid, serial = values
         if sid is None:
@@ -365,7 +373,7 @@ class RedisSequencer:
                 pipe.delete(hist_key)
                 pipe.pexpire(seq_key, max(app.history.retention_window_seconds, 86400) * 1000)
                 pipe.execute()
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         position = self.position(app.id, channel)
         assert position is not None
@@ -385,7 +393,7 @@ class RedisSequencer:
             pipe.xlen(hist_key)
             pipe.memory_usage(hist_key)
             first, last, length, usage = pipe.execute()
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         oldest = _decode_entry(first[0]) if first else None
         newest = _decode_entry(last[0]) if last else None
@@ -403,15 +411,19 @@ class RedisSequencer:
                 entries = self.client.xrevrange(hist_key, high, low, count=limit)
             else:
                 entries = self.client.xrange(hist_key, low, high, count=limit)
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         return [m for m in (_decode_entry(e) for e in entries) if m is not None]
 
     def reset(self, app: AppConfig, channel: str) -> None:
         try:
             self.client.delete(*self._keys(app.id, channel))
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         """Retention by age for the streams this node wrote to, when their oldest entry is due.
@@ -430,7 +442,7 @@ class RedisSequencer:
                 continue
             try:
                 next_due = self._apply_retention(app, key[1])
-            except Exception as exc:  # Redis down: try again next time
+            except redis.RedisError as exc:  # Redis down: try again next time
                 logger.warning("history retention sweep failed", extra={"app_id": key[0], "error": str(exc)[:200]})
                 break
             if next_due:

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from ..core.errors import PusherCode
-from ..core.protocol import ChannelKind
+from sockudo.core.errors import PusherCode
+from sockudo.core.protocol import ChannelKind
+from sockudo.metrics.instruments import Counter, Gauge, Histogram
 
 LATENCY_MS_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -142,14 +143,19 @@ class Metrics:
             registry=r,
         )
         self.connection_errors = Counter(
-            f"{p}connection_errors", "Refused or failed connections and protocol errors", [*app, "error_type"], registry=r
+            f"{p}connection_errors", "Refused or failed connections and protocol errors", [*app, "error_type"],
+            registry=r
         )
-        self.socket_received_bytes = Counter(f"{p}socket_received_bytes", "WebSocket payload bytes received", app, registry=r)
+        self.socket_received_bytes = Counter(
+            f"{p}socket_received_bytes", "WebSocket payload bytes received", app, registry=r
+        )
         self.socket_transmitted_bytes = Counter(
             f"{p}socket_transmitted_bytes", "WebSocket payload bytes queued for sending", app, registry=r
         )
         self.ws_messages_received = Counter(f"{p}ws_messages_received", "WebSocket messages received", app, registry=r)
-        self.ws_messages_sent = Counter(f"{p}ws_messages_sent", "WebSocket messages queued for sending", app, registry=r)
+        self.ws_messages_sent = Counter(
+            f"{p}ws_messages_sent", "WebSocket messages queued for sending", app, registry=r
+        )
         self.http_received_bytes = Counter(f"{p}http_received_bytes", "REST request body bytes", app, registry=r)
         self.http_transmitted_bytes = Counter(f"{p}http_transmitted_bytes", "REST response body bytes", app, registry=r)
         self.http_calls_received = Counter(f"{p}http_calls_received", "REST calls received", app, registry=r)
@@ -160,20 +166,27 @@ class Metrics:
             f"{p}subscription_errors", "Refused subscriptions by reason", [*ch, "reason"], registry=r
         )
         self.active_channels = Gauge(f"{p}active_channels", "Channels with a subscriber on this node", ch, registry=r)
-        self.presence_joins = Counter(f"{p}presence_member_joins", "Presence members added (first socket of a user)", app, registry=r)
-        self.presence_leaves = Counter(f"{p}presence_member_leaves", "Presence members removed (last socket of a user)", app, registry=r)
+        self.presence_joins = Counter(
+            f"{p}presence_member_joins", "Presence members added (first socket of a user)", app, registry=r
+        )
+        self.presence_leaves = Counter(
+            f"{p}presence_member_leaves", "Presence members removed (last socket of a user)", app, registry=r
+        )
         self.publishes_accepted = Counter(
             f"{p}publish_accepted", "Events accepted for delivery (one per channel per publish)", app, registry=r
         )
         self.publishes_rejected = Counter(
             f"{p}publish_rejected", "REST publishes refused, by reason", [*app, "reason"], registry=r
         )
-        self.client_events = Counter(f"{p}client_events_received", "Client events accepted and relayed", app, registry=r)
+        self.client_events = Counter(
+            f"{p}client_events_received", "Client events accepted and relayed", app, registry=r
+        )
         self.client_events_rejected = Counter(
             f"{p}client_events_rejected", "Client events refused, by reason", [*app, "reason"], registry=r
         )
         self.rate_limit_triggered = Counter(
-            f"{p}rate_limit_triggered", "Requests refused by a rate limit", [*app, "limiter_type", "request_context"], registry=r
+            f"{p}rate_limit_triggered", "Requests refused by a rate limit", [*app, "limiter_type", "request_context"],
+            registry=r
         )
         self.broadcast_latency_ms = Histogram(
             f"{p}broadcast_latency_ms",
@@ -183,14 +196,17 @@ class Metrics:
             registry=r,
         )
         self.slow_consumer_disconnects = Counter(
-            f"{p}slow_consumer_disconnections", "Sockets closed with 4100 because their send queue was full", app, registry=r
+            f"{p}slow_consumer_disconnections", "Sockets closed with 4100 because their send queue was full", app,
+            registry=r
         )
         # -- horizontal adapter (Sockudo names where they exist) --
         self.adapter_resolve_time = Histogram(
             f"{p}horizontal_adapter_resolve_time", "Cross-node query time, in ms", app,
             buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000), registry=r,
         )
-        self.adapter_sent_requests = Counter(f"{p}horizontal_adapter_sent_requests", "Cross-node queries sent", app, registry=r)
+        self.adapter_sent_requests = Counter(
+            f"{p}horizontal_adapter_sent_requests", "Cross-node queries sent", app, registry=r
+        )
         self.adapter_received_requests = Counter(
             f"{p}horizontal_adapter_received_requests", "Cross-node queries answered by this node", app, registry=r
         )
@@ -202,7 +218,8 @@ class Metrics:
         )
         self.adapter_uncomplete = Counter(
             f"{p}horizontal_adapter_uncomplete_promises",
-            "Cross-node queries that timed out with a partial answer (marked in the response and logged)", app, registry=r,
+            "Cross-node queries that timed out with a partial answer (marked in the response and logged)", app,
+            registry=r,
         )
         self.adapter_publish_latency_ms = Histogram(
             f"{p}adapter_publish_latency_ms", "Time to hand a broadcast to Redis, from the publish call, in ms",
@@ -214,17 +231,24 @@ class Metrics:
             ["port"], buckets=LATENCY_MS_BUCKETS, registry=r,
         )
         self.adapter_duplicates_suppressed = Counter(
-            f"{p}adapter_duplicates_suppressed", "Own broadcasts received back from Redis and skipped", ["port"], registry=r
+            f"{p}adapter_duplicates_suppressed", "Own broadcasts received back from Redis and skipped", ["port"],
+            registry=r
         )
         self.transport_dropped = Counter(
-            f"{p}horizontal_transport_messages_dropped", "Cross-node messages not sent (Redis unreachable or queue full)",
+            f"{p}horizontal_transport_messages_dropped",
+            "Cross-node messages not sent (Redis unreachable or queue full)",
             ["driver"], registry=r,
         )
         self.transport_reconnections = Counter(
-            f"{p}horizontal_transport_reconnections", "Reconnections to Redis after a lost connection", ["driver"], registry=r
+            f"{p}horizontal_transport_reconnections", "Reconnections to Redis after a lost connection", ["driver"],
+            registry=r
         )
-        self.adapter_up = Gauge(f"{p}adapter_connected", "1 while the cross-node adapter is connected", ["driver"], registry=r)
-        self.cluster_nodes = Gauge(f"{p}cluster_nodes", "Live nodes seen through the adapter (this one included)", registry=r)
+        self.adapter_up = Gauge(
+            f"{p}adapter_connected", "1 while the cross-node adapter is connected", ["driver"], registry=r
+        )
+        self.cluster_nodes = Gauge(
+            f"{p}cluster_nodes", "Live nodes seen through the adapter (this one included)", registry=r
+        )
         self.dead_nodes_cleaned = Counter(
             f"{p}dead_nodes_cleaned", "Dead nodes whose sockets and presence this node removed", registry=r
         )
@@ -241,10 +265,12 @@ class Metrics:
             f"{p}history_cursor_errors", "History reads refused for a tampered or mismatched cursor", app, registry=r
         )
         self.recovery_success = Counter(
-            f"{p}history_recovery_success", "Channels recovered by sockudo:resume, by tier", [*app, "source"], registry=r
+            f"{p}history_recovery_success", "Channels recovered by sockudo:resume, by tier", [*app, "source"],
+            registry=r
         )
         self.recovery_failures = Counter(
-            f"{p}history_recovery_failures", "Channels that could not be recovered, by reason", [*app, "code"], registry=r
+            f"{p}history_recovery_failures", "Channels that could not be recovered, by reason", [*app, "code"],
+            registry=r
         )
         self.recovery_replayed = Counter(
             f"{p}recovery_replayed_messages", "Messages replayed to resuming clients", [*app, "source"], registry=r
@@ -324,6 +350,13 @@ class Metrics:
             bound = self._apps[app_id] = AppMetrics(self, app_id)
         return bound
 
+    def http_call(self, app_id: str, received_bytes: int, sent_bytes: int) -> None:
+        """One REST call of an authenticated app: its request and response body sizes."""
+        labels = (app_id, self.port)
+        self.http_calls_received.labels(*labels).inc()
+        self.http_received_bytes.labels(*labels).inc(received_bytes)
+        self.http_transmitted_bytes.labels(*labels).inc(sent_bytes)
+
     def connection_error(self, app_id: str, error_type: str) -> None:
         self.connection_errors.labels(app_id, self.port, error_type).inc()
 
@@ -355,5 +388,6 @@ class Metrics:
     def broadcast_latency(self, app_id: str, channel_type: str, recipients: int, ms: float) -> None:
         if recipients <= 0:
             return
-        bucket = "xs" if recipients <= 10 else "sm" if recipients <= 100 else "md" if recipients <= 1000 else "lg" if recipients <= 10000 else "xl"
+        bucket = ("xs" if recipients <= 10 else "sm" if recipients <= 100 else "md" if recipients <= 1000
+                  else "lg" if recipients <= 10000 else "xl")
         self.broadcast_latency_ms.labels(app_id, self.port, channel_type, bucket).observe(ms)

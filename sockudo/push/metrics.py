@@ -16,10 +16,11 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sockudo.metrics.instruments import Counter, Histogram
 from sockudo.push.model import PROVIDERS
 from sockudo.push.providers import ACCEPTED, FAILURE_CLASSES, REJECTED, RETRYABLE
 from sockudo.push.status import TERMINAL
@@ -167,12 +168,14 @@ FINITE_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
 class PushMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._metrics: dict[str, Any] = {}
+        self._counters: dict[str, Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         for name, (kind, doc, labels, buckets) in DEFINITIONS.items():
             if kind == "counter":
-                self._metrics[name] = Counter(name, doc, list(labels), registry=registry)
+                self._counters[name] = Counter(name, doc, labels, registry=registry)
             else:
-                self._metrics[name] = Histogram(name, doc, list(labels), buckets=buckets, registry=registry)
+                self._histograms[name] = Histogram(name, doc, labels, buckets=buckets or DURATION_BUCKETS,
+                                                   registry=registry)
 
     def prepare(self, app_ids: list[str]) -> None:
         """Create every series of ``FINITE_LABELS`` at 0, for each of ``app_ids`` where the metric has ``app``."""
@@ -184,13 +187,16 @@ class PushMetrics:
                     labels = dict(zip(values, combination, strict=True))
                     if app is not None:
                         labels["app"] = app
-                    self._metrics[name].labels(**labels)
+                    self._family(name).labels(**labels)
+
+    def _family(self, name: str) -> Counter | Histogram:
+        return self._counters[name] if name in self._counters else self._histograms[name]
 
     def inc(self, name: str, labels: dict[str, str], amount: float = 1) -> None:
-        self._metrics[name].labels(**labels).inc(amount)
+        self._counters[name].labels(**labels).inc(amount)
 
     def observe(self, name: str, labels: dict[str, str], value: float) -> None:
-        self._metrics[name].labels(**labels).observe(value)
+        self._histograms[name].labels(**labels).observe(value)
 
     def replay(self, ops: list[list[Any]]) -> None:
         """Apply operations recorded by :class:`RecordingMetrics` (from a work-horse's job meta)."""
@@ -203,7 +209,7 @@ class PushMetrics:
                     self.inc(name, labels, value)
                 elif kind == "observe":
                     self.observe(name, labels, value)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, KeyError):  # KeyError: an "inc" of a histogram, or the reverse
                 logger.debug("ignoring a malformed push metric operation")
 
 

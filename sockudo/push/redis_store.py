@@ -368,11 +368,6 @@ class RedisStore:
 
         return self._cas("planner", [key], body)  # type: ignore[no-any-return]
 
-    def set_fields(self, app_id: str, publish_id: str, fields: Mapping[str, Any]) -> None:
-        key = self.k("pub", app_id, publish_id)
-        if self.r.exists(key):
-            self.r.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
-
     def save_plan_devices(self, app_id: str, publish_id: str, ids: list[str]) -> list[str]:
         key = self.k("pdev", app_id, publish_id)
         if self.r.set(key, dumps(ids), nx=True, ex=self.status_ttl_s):

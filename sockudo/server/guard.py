@@ -39,6 +39,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from sockudo.config import Config
+from sockudo.http_api.common import error_body
 from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
 from sockudo.server import runtime
 
@@ -328,7 +329,8 @@ class GuardedHandler(WebSocketHandler):
             self.close_connection = True
             if not self.response_length and not self.headers_sent:
                 try:
-                    self.start_response("408 Request Timeout", [("Content-Type", "text/plain"), ("Connection", "close")])
+                    self.start_response("408 Request Timeout",
+                                        [("Content-Type", "text/plain"), ("Connection", "close")])
                     self.write(b"Request timeout")
                 except OSError:
                     pass
@@ -420,7 +422,7 @@ class GuardedHandler(WebSocketHandler):
         def too_many(_environ: dict[str, Any], start_response: Any) -> list[bytes]:
             headers = [("Retry-After", retry), ("Connection", "close")]
             if api:  # Sockudo's headers on the REST API (spec §5.1)
-                body = ('{"error":"%s","code":"rate_limited","status":429}' % message).encode()
+                body = error_body(429, "rate_limited", message)
                 headers += [("Content-Type", "application/json"), ("X-RateLimit-Limit", str(limit)),
                             ("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", str(int(time.time()) + int(retry)))]
             else:
@@ -470,7 +472,8 @@ def ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def main_server(config: Config, listener: socket.socket, application: Any, guard: Guard, **kwargs: Any) -> GuardedServer:
+def main_server(config: Config, listener: socket.socket, application: Any, guard: Guard,
+                **kwargs: Any) -> GuardedServer:
     """The main listener's server: plain, or TLS when ``[ssl] enabled``."""
     if config.ssl.enabled:
         kwargs["ssl_context"] = ssl_context(config)

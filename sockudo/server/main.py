@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent.pywsgi import WSGIServer
 
@@ -18,12 +18,16 @@ from sockudo.config import Config
 from sockudo.handler import Handler
 from sockudo.http_api import create_app, fastpath
 from sockudo.metrics.registry import Metrics
+from sockudo.metrics.tcp.exporter import TcpExporter
 from sockudo.redis import RedisClients, redis_configured
 from sockudo.server import console, observability, runtime
 from sockudo.server.guard import Guard, GuardedHandler, main_server
 from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
 from sockudo.services import Services
 from sockudo.webhooks.sink import build_webhook_sink
+
+if TYPE_CHECKING:
+    from sockudo.push.service import PushService
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,7 @@ def build_services(config: Config) -> Services:
         metrics=metrics,
         **extras,
     )
-    if hasattr(adapter, "on_remote_message"):
-        adapter.on_remote_message = services.publisher.record_remote
+    adapter.on_remote_message = services.publisher.record_remote
     return services
 
 
@@ -116,12 +119,11 @@ class Server:
         self.handler = Handler(self.services)
         self.registry = ConnectionRegistry()
         self.flask = create_app(self.services, self.handler)
-        set_listener = getattr(self.services.adapter, "set_listener", None)
-        if set_listener is not None:
-            set_listener(self.handler)
+        self.services.adapter.set_listener(self.handler)
         self.http: WSGIServer | None = None
         self.metrics_http: WSGIServer | None = None
         self.console: console.ConsoleServer | None = None
+        self.tcp_exporter: TcpExporter | None = None
         self.stopped = runtime.Event()
 
     # -- WSGI entry: WebSocket upgrades to the handler, everything else to Flask --
@@ -129,7 +131,8 @@ class Server:
     def _pre_start_hook(self, wsgi_handler: Any) -> bool:
         """Returns True to refuse the upgrade and answer with plain HTTP instead."""
         env = wsgi_handler.environ
-        return not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining or protocol_version(env) is None
+        return (not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining
+                or protocol_version(env) is None)
 
     def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("wsgi.websocket") is not None:
@@ -152,9 +155,8 @@ class Server:
 
     # -- background work --
 
-    def _push_maintenance_loop(self) -> None:
+    def _push_maintenance_loop(self, push: PushService) -> None:
         """Push jobs whose worker died are re-enqueued once their lease lapses (sockudo/push)."""
-        push = self.services.push
         interval = push.settings.maintenance_interval_ms / 1000
         while True:
             runtime.sleep(interval)
@@ -175,10 +177,9 @@ class Server:
                 s.metrics.replay_buffer_channels.labels(s.metrics.port).set(len(s.buffers.channels))
                 assert s.sequencer is not None
                 s.sequencer.sweep(apps)
-                purged = getattr(s.sequencer, "purged", 0)
+                purged = s.sequencer.take_purged()
                 if purged:
                     s.metrics.history_evictions.labels(s.metrics.port).inc(purged)
-                    s.sequencer.purged = 0  # type: ignore[union-attr]
             except Exception:
                 logger.exception("housekeeping failed")
 
@@ -199,13 +200,12 @@ class Server:
     def start(self) -> None:
         cfg = self.config
         adapter = self.services.adapter
-        if hasattr(adapter, "start"):
-            adapter.start()
-            # Give Redis a moment before taking sockets: decisions made before the adapter is
-            # connected are node-local (a second channel_occupied, a duplicate member_added).
-            # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
-            if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
-                logger.warning("starting without redis; cross-node delivery begins once it is reachable")
+        adapter.start()
+        # Give Redis a moment before taking sockets: decisions made before the adapter is
+        # connected are node-local (a second channel_occupied, a duplicate member_added).
+        # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
+        if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
+            logger.warning("starting without redis; cross-node delivery begins once it is reachable")
         reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"
         metrics = self.services.metrics
         limiter_redis = None
@@ -235,17 +235,17 @@ class Server:
             except OSError as exc:
                 logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
                 self.metrics_http = None
-        observability.attach(self)  # readiness, TCP metrics exporter, gevent errors into logging
+        # readiness, gevent errors into logging, TCP metrics exporter
+        self.tcp_exporter = observability.attach(cfg, self.services, self.flask)
         runtime.spawn(self._liveness_loop)
         runtime.spawn(self._housekeeping_loop)
         if self.services.push is not None:
-            runtime.spawn(self._push_maintenance_loop)
-        start_events = getattr(self.services.events, "start", None)
-        if start_events is not None:
-            start_events()
+            runtime.spawn(self._push_maintenance_loop, self.services.push)
+        self.services.events.start()
         logger.info(
             "sockudo listening",
-            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver, "metrics_port": cfg.metrics.port if self.metrics_http else None,
+            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver,
+                   "metrics_port": cfg.metrics.port if self.metrics_http else None,
                    "apps": [a.id for a in self.services.apps.all()]},
         )
 
@@ -268,19 +268,17 @@ class Server:
         def left(share: float = 1.0) -> float:
             return max(0.05, (end - time.monotonic()) * share)
 
-        stop_events = getattr(self.services.events, "stop", None)
-        if stop_events is not None:
-            stop_events(timeout=left(0.4))  # pending debounces, batches and the enqueue backlog (webhooks)
-        stop_adapter = getattr(self.services.adapter, "stop", None)
-        if stop_adapter is not None:
-            stop_adapter(timeout=left(0.6))
+        self.services.events.stop(timeout=left(0.4))  # pending debounces, batches and the enqueue backlog (webhooks)
+        self.services.adapter.stop(timeout=left(0.6))
         if self.http is not None:
             self.http.stop(timeout=min(1.0, left(0.5)))
         if self.console is not None:
             self.console.stop()  # ends open event streams, which would hold the metrics listener's stop
         if self.metrics_http is not None:
             self.metrics_http.stop(timeout=min(1.0, left()))
-        observability.detach(self)
+        if self.tcp_exporter is not None:
+            self.tcp_exporter.stop()
+            self.tcp_exporter = None
         self.stopped.set()
 
     def serve_forever(self) -> None:

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sockudo.metrics.instruments import Counter, CounterChild, Histogram
 from sockudo.webhooks.model import DEBOUNCED, EVENT_TYPES, UNKNOWN_ENDPOINT, distinct_endpoints
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class _DeadLettered:
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
 
-    def labels(self, *values: str, **named: str) -> Counter:
+    def labels(self, *values: str, **named: str) -> CounterChild:
         if len(values) == 2 and not named:
             app_id, reason = values
             return self.counter.labels(app_id, UNKNOWN_ENDPOINT, UNKNOWN_EVENT_TYPE, reason)

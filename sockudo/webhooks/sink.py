@@ -173,6 +173,9 @@ class WebhookSink:
         if stop_queue is not None:
             stop_queue()
 
+    def readiness_probe(self) -> Callable[[], object]:
+        return self.queue.stats
+
     # -- the pump -----------------------------------------------------------------------
 
     def _pump(self) -> None:

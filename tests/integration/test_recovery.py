@@ -668,11 +668,11 @@ def test_concurrent_duplicates_from_two_threads_are_delivered_once(start, backen
             barrier = threading.Barrier(2)
             answers: list[requests.Response] = []
 
-            def send() -> None:
+            def send(barrier: threading.Barrier, answers: list[requests.Response], body: dict[str, Any]) -> None:
                 barrier.wait()
                 answers.append(publish_events(node, body))
 
-            threads = [threading.Thread(target=send) for _ in range(2)]
+            threads = [threading.Thread(target=send, args=(barrier, answers, body)) for _ in range(2)]
             for t in threads:
                 t.start()
             for t in threads:

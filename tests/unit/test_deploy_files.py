@@ -6,8 +6,8 @@ not verify Heroku's self-signed certificate."""
 from __future__ import annotations
 
 import json
-import re
 import ssl
+import tomllib
 
 from sockudo.config import load_config
 from sockudo.redis import make_client
@@ -38,8 +38,9 @@ def test_app_json_describes_the_procfile_and_the_redis_add_on() -> None:
 
 def test_python_version_is_the_one_the_project_requires() -> None:
     version = (ROOT / ".python-version").read_text(encoding="utf-8").strip()
-    required = re.search(r'requires-python = ">=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
-    assert required is not None and version == required.group(1)
+    tools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    assert tools["mypy"]["python_version"] == version
+    assert tools["ruff"]["target-version"] == "py" + version.replace(".", "")
     assert f"PYTHON ?= python{version}" in (ROOT / "Makefile").read_text(encoding="utf-8")
 
 

@@ -34,6 +34,7 @@ PURE_CORE = [
     "sockudo.cache",
     "sockudo.webhooks.lifecycle",
     "sockudo.webhooks.model",
+    "sockudo.metrics.instruments",
     "sockudo.metrics.registry",
     "sockudo.metrics.labels",
     "sockudo.metrics.tcp.wire",

@@ -16,9 +16,16 @@ from prometheus_client import CollectorRegistry
 from sockudo.config import AppConfig, HistoryConfig, RecoveryConfig
 from sockudo.core.errors import ApiError
 from sockudo.history.api import read_history
-from sockudo.history.store import MemorySequencer, SequencerUnavailable, decode_cursor, encode_cursor
+from sockudo.history.store import (
+    MemorySequencer,
+    RedisSequencer,
+    SequencerUnavailable,
+    decode_cursor,
+    encode_cursor,
+)
 from sockudo.metrics.registry import Metrics
 from tests.support.fakes import FakeClock, make_app
+from tests.support.procs import unreachable_redis
 
 REST = object()  # Store.read's default: a REST read (no socket)
 CH = "news"
@@ -369,3 +376,12 @@ def test_until_attach_without_a_subscription_is_400(store: Store) -> None:
     store.add(3)
     assert store.status(until_attach=True) == 400  # REST
     assert store.status(attach_serial=None, until_attach=True) == 400  # a socket with no attach serial
+
+
+def test_redis_away_is_sequencer_unavailable() -> None:
+    store = RedisSequencer(unreachable_redis())
+    app = make_app(history=HistoryConfig(enabled=True))
+    with pytest.raises(SequencerUnavailable):
+        store.position(app.id, "ch")
+    with pytest.raises(SequencerUnavailable):
+        store.next(app, "ch", "m1", "ev", "x", None)

@@ -24,8 +24,8 @@ from tests.unit.webhooks.helpers import (
 def sink_parts() -> Iterator[tuple[WebhookSink, RecordingQueue, FakeClock, Occupancy, CollectorRegistry]]:
     clock, queue, occupancy, registry = FakeClock(1000.0), RecordingQueue(), Occupancy(), CollectorRegistry()
     settings = WebhookSettings(debounce_ms=1000, batching_duration_ms=50, batching_size=100)
-    sink = WebhookSink(settings, queue, WebhookMetrics(registry), FakeRuntime(threads=False), occupancy, MemoryMarkers(), "p:",
-                       clock=clock)
+    sink = WebhookSink(settings, queue, WebhookMetrics(registry), FakeRuntime(threads=False), occupancy,
+                       MemoryMarkers(), "p:", clock=clock)
     yield sink, queue, clock, occupancy, registry
 
 

@@ -131,8 +131,8 @@ def test_queue_outage_keeps_deliveries_until_it_is_back() -> None:
             super().enqueue(deliveries)
 
     queue, registry = FlakyQueue(), CollectorRegistry()
-    sink = WebhookSink(WebhookSettings(debounce_ms=0), queue, WebhookMetrics(registry), FakeRuntime(threads=False), Occupancy(),
-                       MemoryMarkers(), "p:", clock=clock)
+    sink = WebhookSink(WebhookSettings(debounce_ms=0), queue, WebhookMetrics(registry), FakeRuntime(threads=False),
+                       Occupancy(), MemoryMarkers(), "p:", clock=clock)
     app = make_app({"url": "http://h/x", "event_types": ["channel_occupied"]})
     sink.emit(app, {"name": "channel_occupied", "channel": "a"})
     run(sink, clock, 0.1)
@@ -155,8 +155,8 @@ def test_redis_down_at_the_leave_still_sends_it_after_the_window() -> None:
             super().mark(key, token, ttl_ms)
 
     clock, queue, markers = FakeClock(1000.0), RecordingQueue(), DownThenUp()
-    sink = WebhookSink(WebhookSettings(debounce_ms=1000), queue, WebhookMetrics(CollectorRegistry()), FakeRuntime(threads=False),
-                       Occupancy(), markers, "p:", clock=clock)
+    sink = WebhookSink(WebhookSettings(debounce_ms=1000), queue, WebhookMetrics(CollectorRegistry()),
+                       FakeRuntime(threads=False), Occupancy(), markers, "p:", clock=clock)
     app = make_app({"url": "http://h/x", "event_types": ["channel_vacated"]})
     sink.emit(app, {"name": "channel_vacated", "channel": "room"})
     run(sink, clock, 0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -67,7 +67,7 @@ def test_reaper_recovers_abandoned_overdue_and_failed_jobs(rclient: redis.Redis)
     queue.enqueue([a_delivery(), a_delivery()])
     dead_job, live_job = (Job.fetch(i, connection=rclient) for i in rq_queue.job_ids)
     rclient.delete(rq_queue.key)
-    started = datetime.now(timezone.utc) - timedelta(seconds=10)
+    started = datetime.now(UTC) - timedelta(seconds=10)
     for job in (dead_job, live_job):
         job.set_status(JobStatus.STARTED)
         job.started_at = started
@@ -80,7 +80,7 @@ def test_reaper_recovers_abandoned_overdue_and_failed_jobs(rclient: redis.Redis)
 
     # A retry no scheduler ran.
     rclient.delete(rq_queue.key)
-    rq_queue.schedule_job(dead_job, datetime.now(timezone.utc) - timedelta(seconds=30))
+    rq_queue.schedule_job(dead_job, datetime.now(UTC) - timedelta(seconds=30))
     assert reaper.enqueue_overdue(rq_queue) == 1 and rq_queue.job_ids == [dead_job.id]
 
     # A job RQ failed (crash allowance spent): becomes a dead letter.
