@@ -261,7 +261,8 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         exposition = make_wsgi_app(ConstantLabels(registry, labels or {}))
         serve_in_thread(MetricsListener({"/metrics": exposition}), metrics_host, metrics_port)
         logger.info("worker metrics on :%d/metrics", metrics_port)
-    console = Reporter(connection, f"worker {name or socket.gethostname()}:{os.getpid()}", failures=(RedisError, OSError))
+    console = Reporter(connection, f"worker {name or socket.gethostname()}:{os.getpid()}",
+                       failures=(RedisError, OSError))
     worked = False
     reaper = None
     try:

@@ -17,7 +17,6 @@ import base64
 import http.client
 import json
 import logging
-import socket
 import ssl
 import time
 import uuid
@@ -93,7 +92,7 @@ def post(delivery: Delivery) -> HttpResult:
     try:
         try:
             conn.connect()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return HttpResult(None, "timeout", time.perf_counter() - started)
         except OSError:
             return HttpResult(None, "connect", time.perf_counter() - started)
@@ -101,7 +100,7 @@ def post(delivery: Delivery) -> HttpResult:
         response = conn.getresponse()
         response.read(MAX_RESPONSE_BYTES)
         return HttpResult(response.status, None, time.perf_counter() - started)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return HttpResult(None, "timeout", time.perf_counter() - started)
     except (OSError, http.client.HTTPException):
         return HttpResult(None, "request", time.perf_counter() - started)
