@@ -5,10 +5,11 @@ parsing. No Flask here, so the fast path (``fastpath.py``) uses exactly these wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sockudo.config import AppConfig, Config
-from sockudo.core.auth import query_pairs, verify_rest_request
+from sockudo.core.auth import query_pairs, verify_body_md5, verify_rest_query
 from sockudo.core.errors import ApiError
 from sockudo.core.protocol import dumps, loads
 from sockudo.services import Services
@@ -18,6 +19,17 @@ CORS_HEADERS: tuple[tuple[str, str], ...] = (
     ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
     ("Access-Control-Allow-Headers", "Content-Type, X-Idempotency-Key"),
 )
+
+
+_STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 403: "403 Forbidden",
+           404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict", 413: "413 Payload Too Large",
+           415: "415 Unsupported Media Type", 422: "422 Unprocessable Entity", 429: "429 Too Many Requests",
+           500: "500 Internal Server Error", 503: "503 Service Unavailable"}
+
+
+def status_line(status: int) -> str:
+    """The WSGI status line of an answer the API gives."""
+    return _STATUS_LINES.get(status, f"{status} Error")
 
 
 def body_limit(config: Config) -> int:
@@ -57,9 +69,12 @@ def parse_json_body(content_type: str, body: bytes) -> object:
     return data
 
 
-def authenticate(s: Services, app_id: str | None, method: str, environ: dict[str, Any], body: bytes) -> AppConfig:
-    """Check a request's Pusher signature; returns the app (404 unknown key, 401 bad signature or
-    another app's key, 403 app disabled)."""
+def authenticate_query(s: Services, app_id: str | None, method: str,
+                       environ: dict[str, Any]) -> tuple[AppConfig, str | None]:
+    """Check everything of a request's Pusher signature but its body: the app by ``auth_key``
+    (404 unknown, 401 another app's), the timestamp and the signature over method, path and query.
+    Returns the app and the signed ``body_md5``. Nothing here reads the body, so an unsigned
+    request is refused before a byte of it is buffered."""
     query = environ.get("QUERY_STRING", "")
     if not query:
         raise ApiError(400, "invalid_input", "Missing authentication query parameters")
@@ -73,10 +88,42 @@ def authenticate(s: Services, app_id: str | None, method: str, environ: dict[str
     # PATH_INFO arrives latin-1 decoded per WSGI; restore the UTF-8 the client signed.
     path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
     try:
-        verify_rest_request(secret=app.secret, method=method, path=path, query_string=query, body=body, now=s.clock())
+        body_md5 = verify_rest_query(secret=app.secret, method=method, path=path, query_string=query, now=s.clock())
+    except ApiError:
+        s.metrics.connection_error(app.id, "api_authentication_failed")
+        raise
+    return app, body_md5
+
+
+def authenticate(s: Services, app_id: str | None, method: str, environ: dict[str, Any],
+                 read_body: Callable[[], bytes]) -> tuple[AppConfig, bytes]:
+    """Check a request's Pusher signature; returns the app and the body. The query is checked
+    first (``authenticate_query``), and only then is the body read and checked against the
+    signed ``body_md5`` (401); a disabled app gets 403."""
+    app, body_md5 = authenticate_query(s, app_id, method, environ)
+    body = read_body()
+    try:
+        verify_body_md5(body_md5, body)
     except ApiError:
         s.metrics.connection_error(app.id, "api_authentication_failed")
         raise
     if not app.enabled:
         raise ApiError(403, "app_disabled", "App is disabled")
-    return app
+    return app, body
+
+
+def chunked_body_gate(s: Services) -> Callable[[dict[str, Any]], tuple[str, bytes] | None]:
+    """The main listener's check before it reads a chunked body (``server/guard.py``): only the
+    REST API under ``/apps/`` takes a body, and only a request whose query is signed gets one read;
+    anything else is answered from its headers alone."""
+
+    def gate(environ: dict[str, Any]) -> tuple[str, bytes] | None:
+        if not environ.get("PATH_INFO", "").startswith("/apps/"):
+            return "400 Bad Request", error_body(400, "invalid_input", "Only the REST API under /apps/ takes a body")
+        try:
+            authenticate_query(s, None, environ.get("REQUEST_METHOD", ""), environ)
+        except ApiError as exc:
+            return status_line(exc.status), error_body(exc.status, exc.slug, exc.message)
+        return None
+
+    return gate

@@ -16,7 +16,15 @@ from typing import Any
 
 from sockudo import rest
 from sockudo.core.errors import ApiError
-from sockudo.http_api.common import CORS_HEADERS, authenticate, body_limit, error_body, json_bytes, parse_json_body
+from sockudo.http_api.common import (
+    CORS_HEADERS,
+    authenticate,
+    body_limit,
+    error_body,
+    json_bytes,
+    parse_json_body,
+    status_line,
+)
 from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
@@ -25,10 +33,6 @@ logger = logging.getLogger(__name__)
 ROUTES = (("POST", "/apps/<app_id>/events"), ("POST", "/apps/<app_id>/batch_events"))
 
 _ROUTE = re.compile(r"\A/apps/([^/]+)/(events|batch_events)\Z")
-_STATUS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 403: "403 Forbidden",
-           404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict", 413: "413 Payload Too Large",
-           415: "415 Unsupported Media Type", 422: "422 Unprocessable Entity", 429: "429 Too Many Requests",
-           500: "500 Internal Server Error", 503: "503 Service Unavailable"}
 _ALLOW = ("Allow", "OPTIONS, POST")
 
 
@@ -46,9 +50,9 @@ def serve(services: Services, environ: dict[str, Any], start_response: Callable[
     app = None
     received = 0
     try:
-        body = _read_body(environ, body_limit(services.config))
+        app, body = authenticate(services, app_id, "POST", environ,
+                                 lambda: _read_body(environ, body_limit(services.config)))
         received = len(body)
-        app = authenticate(services, app_id, "POST", environ, body)
         data = parse_json_body(environ.get("CONTENT_TYPE", ""), body)
         idempotency_key = environ.get("HTTP_X_IDEMPOTENCY_KEY")
         if route == "events":
@@ -63,7 +67,7 @@ def serve(services: Services, environ: dict[str, Any], start_response: Callable[
         status, payload, extra = 500, error_body(500, "internal_error", "Internal server error"), []
     if app is not None:
         services.metrics.http_call(app.id, received, len(payload))
-    start_response(_STATUS.get(status, f"{status} Error"), [
+    start_response(status_line(status), [
         ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *CORS_HEADERS, *extra,
     ])
     return [payload]
@@ -97,6 +101,6 @@ def _not_a_publish(method: str | None, start_response: Callable[..., Any]) -> It
         start_response("200 OK", [("Content-Length", "0"), _ALLOW, *CORS_HEADERS])
         return [b""]
     payload = error_body(405, "method_not_allowed", "The method is not allowed for the requested URL.")
-    start_response(_STATUS[405], [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+    start_response(status_line(405), [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
                                   _ALLOW, *CORS_HEADERS])
     return [payload]

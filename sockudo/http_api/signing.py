@@ -22,7 +22,7 @@ def handler() -> Handler:
 
 def require_signed_app(app_id: str | None = None) -> AppConfig:
     """Authenticate the request; returns the app. ``app_id`` None: the key decides the app."""
-    app = authenticate(services(), app_id, request.method, request.environ, request.get_data(cache=True))
+    app, _ = authenticate(services(), app_id, request.method, request.environ, lambda: request.get_data(cache=True))
     g.app = app
     return app
 

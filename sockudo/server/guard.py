@@ -175,6 +175,9 @@ class Guard:
         self.ws_hops = rl.websocket_trust_hops
         self.connections = ConnectionCounter(rl.max_connections_per_ip)
         self.on_limited = on_limited or (lambda _kind, _context: None)
+        #: Checked before a chunked body is read: ``(status line, JSON body)`` to refuse the request
+        #: without reading it (an unsigned REST call), None to read it. Set by the composition root.
+        self.body_gate: Callable[[dict[str, Any]], tuple[str, bytes] | None] = lambda _environ: None
 
 
 class _BodyReader:
@@ -377,6 +380,9 @@ class GuardedHandler(WebSocketHandler):
         its length: what follows sees one kind of body, and the limit holds for both kinds."""
         environ = self.environ
         if getattr(self.wsgi_input, "chunked_input", False):
+            refusal = self.guard.body_gate(environ)
+            if refusal is not None:  # refused on its query alone: not a byte of the body is read
+                return self._respond(*refusal)
             limit = self.guard.body_limit
             reader = self.wsgi_input.rfile
             with reader.whole_body() if isinstance(reader, _BodyReader) else nullcontext():

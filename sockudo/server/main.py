@@ -17,6 +17,7 @@ from sockudo.cache import MemoryCache
 from sockudo.config import Config
 from sockudo.handler import Handler
 from sockudo.http_api import create_app, fastpath
+from sockudo.http_api.common import chunked_body_gate
 from sockudo.metrics.registry import Metrics
 from sockudo.metrics.tcp.exporter import TcpExporter
 from sockudo.redis import RedisClients, redis_configured
@@ -215,6 +216,7 @@ class Server:
             limiter_redis = (self.services.redis or RedisClients(cfg)).fast
         guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context),
                       redis_client=limiter_redis)
+        guard.body_gate = chunked_body_gate(self.services)
         # Timeouts, per-IP limits and TLS of the main listener: sockudo/server/guard.py.
         self.http = main_server(cfg, listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, guard,
                                 handler_class=_QuietHandler, log=None, error_log=observability.WSGI_ERROR_LOG)
