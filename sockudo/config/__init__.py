@@ -7,6 +7,7 @@ then environment variables; read once at start-up into frozen dataclasses (docs/
 - :mod:`~sockudo.config.sockudo_keys`: Sockudo's keys and what each does here;
 - :mod:`~sockudo.config.listener`: ``[rate_limiter]`` and ``[ssl]``;
 - :mod:`~sockudo.config.console`: ``[console]`` (docs/console.md).
+- :mod:`~sockudo.config.cors`: ``[cors]``, the HTTP API's CORS headers.
 
 The names below are imported on first use: ``sockudo.webhooks.model`` and
 ``sockudo.push.settings`` use :mod:`sockudo.config.coerce` while the schema uses their
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sockudo.config.console import ConsoleConfig, parse_console
+    from sockudo.config.cors import CorsConfig, parse_cors
     from sockudo.config.listener import RateLimiterConfig, SslConfig, parse_rate_limiter, parse_ssl
     from sockudo.config.loader import interpolate, load_config, parse_app, read_document
     from sockudo.config.schema import (
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "ConsoleConfig": "console",
+    "CorsConfig": "cors",
+    "parse_cors": "cors",
     "parse_console": "console",
     "RateLimiterConfig": "listener",
     "SslConfig": "listener",
@@ -82,6 +86,8 @@ __all__ = [
     "load_config",
     "parse_app",
     "parse_console",
+    "CorsConfig",
+    "parse_cors",
     "parse_rate_limiter",
     "parse_ssl",
     "read_document",

@@ -27,6 +27,7 @@ from sockudo.config.coerce import (
     unknown_key,
 )
 from sockudo.config.console import parse_console
+from sockudo.config.cors import parse_cors
 from sockudo.config.listener import parse_rate_limiter, parse_ssl
 from sockudo.config.schema import (
     FEATURE_SECTIONS,
@@ -234,7 +235,7 @@ _TCP_EXPORTER_ENV = {
 }
 
 _SECTIONS = ("websocket", "app_manager", "metrics", "http_api", "adapter", "database", "logging", "webhooks", "push",
-             "rate_limiter", "ssl", "console", *FEATURE_SECTIONS)
+             "rate_limiter", "ssl", "console", "cors", *FEATURE_SECTIONS)
 
 
 def _section(data: Mapping[str, Any], path: str) -> Mapping[str, Any]:
@@ -271,7 +272,7 @@ def _from_document(data: Mapping[str, Any], app_defaults: Mapping[str, Any]) -> 
     if "prefix" in prometheus:
         metrics["prefix"] = prometheus["prefix"]  # Sockudo's spelling of metrics.prefix
     out["metrics"] = metrics
-    for name in ("webhooks", "push", "rate_limiter", "ssl", "console", *FEATURE_SECTIONS):
+    for name in ("webhooks", "push", "rate_limiter", "ssl", "console", "cors", *FEATURE_SECTIONS):
         out[name] = dict(_section(data, name))
 
     manager = _section(data, "app_manager")
@@ -344,6 +345,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     rate_limiter = parse_rate_limiter(raw.pop("rate_limiter", {}), env)
     ssl = parse_ssl(raw.pop("ssl", {}), env)
     console = parse_console(raw.pop("console", {}), env)
+    cors = parse_cors(raw.pop("cors", {}))
     apps: tuple[AppConfig, ...] = raw.pop("apps", ())
     if "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
         raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
@@ -371,7 +373,8 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
 
     config = replace(config, metrics=metrics, webhooks=parse_settings(webhooks_raw, env),
                      connection_recovery=features["connection_recovery"], history=features["history"],
-                     idempotency=features["idempotency"], rate_limiter=rate_limiter, ssl=ssl, console=console)
+                     idempotency=features["idempotency"], rate_limiter=rate_limiter, ssl=ssl, console=console,
+                     cors=cors)
     limiter = config.rate_limiter
     if limiter.enabled and limiter.driver == "redis" and not (config.redis_url or config.redis_sentinels):
         raise ConfigError("config: rate_limiter.driver = \"redis\" needs Redis (REDIS_URL, REDIS_SENTINELS or "

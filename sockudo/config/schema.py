@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockudo.config.console import ConsoleConfig
+from sockudo.config.cors import CorsConfig
 from sockudo.config.listener import RateLimiterConfig, SslConfig
 from sockudo.push.settings import PushSettings
 from sockudo.webhooks.model import WebhookEndpoint, WebhookSettings
@@ -156,6 +157,7 @@ class Config:
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)  # [rate_limiter] (docs/security.md)
     ssl: SslConfig = field(default_factory=SslConfig)  # [ssl]
     console: ConsoleConfig = field(default_factory=ConsoleConfig)  # [console] (docs/console.md)
+    cors: CorsConfig = field(default_factory=CorsConfig)  # [cors]: the HTTP API's CORS headers
     apps: tuple[AppConfig, ...] = ()
     # Settings of the file that have no effect here (Sockudo's NATS adapter, delta compression, …),
     # one line each, for the server to log once logging is set up.

@@ -301,8 +301,7 @@ for _name in ("api_rate_limit", "websocket_rate_limit"):
     same(" ".join(f"rate_limiter.{_name}.{k}" for k in ("max_requests", "window_seconds", "identifier", "trust_hops")))
 ignored("rate_limiter.redis", "the Redis rate limiter uses the adapter's Redis connection and prefix",
         keys="prefix url_override cluster_mode", when=_driver_is("rate_limiter.driver", "redis"))
-ignored("cors", "the HTTP API sends no CORS headers: it is called by servers with the app secret, not by browsers",
-        keys="credentials origin methods allowed_headers")
+same("cors.credentials cors.origin cors.methods cors.allowed_headers")
 ignored("logging.colors_enabled", "human log lines are never coloured", inert=(False,))
 ignored("logging.include_target", "human log lines always include the logger name", inert=(True,))
 same("metrics.enabled metrics.driver metrics.host metrics.port metrics.prometheus.prefix")
@@ -455,7 +454,7 @@ TABLES = table_keys()
 #: Tables whose other keys this server's own section parsers check (they hold keys of ours too).
 NATIVE_TABLES = frozenset({
     "", "adapter", "adapter.redis", "database", "database.redis", "websocket", "http_api", "logging", "metrics",
-    "metrics.prometheus", "metrics.tcp_exporter", "webhooks", "webhooks.batching", "webhooks.retry", "push",
+    "metrics.prometheus", "metrics.tcp_exporter", "webhooks", "webhooks.batching", "webhooks.retry", "push", "cors",
     "push.retry", "rate_limiter", "rate_limiter.api_rate_limit", "rate_limiter.websocket_rate_limit", "ssl",
     "connection_recovery", "history", "idempotency", "app_manager", "app_manager.array", APP, f"{APP}.policy",
     f"{APP}.policy.limits", f"{APP}.policy.features", f"{APP}.policy.channels", f"{APP}.policy.history",

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from sockudo.core.errors import ApiError
 from sockudo.handler import Handler
 from sockudo.http_api import channels, push, system, users
-from sockudo.http_api.common import CORS_HEADERS, body_limit, error_body
+from sockudo.http_api.common import body_limit, cors_headers, error_body
 from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,11 @@ def _before() -> None:
 
 
 def _after(resp: Response) -> Response:
-    for name, value in CORS_HEADERS:
+    services: Services = _services()
+    for name, value in cors_headers(services.config.cors, request.headers.get("Origin")):
         resp.headers[name] = value
     app = getattr(g, "app", None)
     if app is not None:
-        services: Services = _services()
         services.metrics.http_call(app.id, request.content_length or 0, resp.calculate_content_length() or 0)
     return resp
 

@@ -9,16 +9,27 @@ from collections.abc import Callable
 from typing import Any
 
 from sockudo.config import AppConfig, Config
+from sockudo.config.cors import CorsConfig
 from sockudo.core.auth import query_pairs, verify_body_md5, verify_rest_query
 from sockudo.core.errors import ApiError
 from sockudo.core.protocol import dumps, loads
 from sockudo.services import Services
 
-CORS_HEADERS: tuple[tuple[str, str], ...] = (
-    ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-    ("Access-Control-Allow-Headers", "Content-Type, X-Idempotency-Key"),
-)
+
+def cors_headers(cors: CorsConfig, origin: str | None) -> list[tuple[str, str]]:
+    """The CORS headers of an answer to a request from ``origin`` (its ``Origin`` header), per
+    ``[cors]``: ``*`` answers any origin; a list answers only its own (echoed, with ``Vary``);
+    with ``credentials`` the origin is always echoed, never ``*`` (browsers refuse the pair)."""
+    headers = [("Access-Control-Allow-Methods", ", ".join(cors.methods)),
+               ("Access-Control-Allow-Headers", ", ".join(cors.allowed_headers))]
+    if "*" in cors.origin and not cors.credentials:
+        return [("Access-Control-Allow-Origin", "*"), *headers]
+    headers.append(("Vary", "Origin"))
+    if origin and ("*" in cors.origin or origin in cors.origin):
+        headers.append(("Access-Control-Allow-Origin", origin))
+        if cors.credentials:
+            headers.append(("Access-Control-Allow-Credentials", "true"))
+    return headers
 
 
 _STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 403: "403 Forbidden",

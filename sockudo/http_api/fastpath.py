@@ -17,9 +17,9 @@ from typing import Any
 from sockudo import rest
 from sockudo.core.errors import ApiError
 from sockudo.http_api.common import (
-    CORS_HEADERS,
     authenticate,
     body_limit,
+    cors_headers,
     error_body,
     json_bytes,
     parse_json_body,
@@ -46,7 +46,7 @@ def serve(services: Services, environ: dict[str, Any], start_response: Callable[
           app_id: str, route: str) -> Iterable[bytes]:
     method = environ.get("REQUEST_METHOD")
     if method != "POST":
-        return _not_a_publish(method, start_response)
+        return _not_a_publish(method, start_response, cors_headers(services.config.cors, environ.get("HTTP_ORIGIN")))
     app = None
     received = 0
     try:
@@ -68,7 +68,8 @@ def serve(services: Services, environ: dict[str, Any], start_response: Callable[
     if app is not None:
         services.metrics.http_call(app.id, received, len(payload))
     start_response(status_line(status), [
-        ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *CORS_HEADERS, *extra,
+        ("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+        *cors_headers(services.config.cors, environ.get("HTTP_ORIGIN")), *extra,
     ])
     return [payload]
 
@@ -95,12 +96,13 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     return body
 
 
-def _not_a_publish(method: str | None, start_response: Callable[..., Any]) -> Iterable[bytes]:
+def _not_a_publish(method: str | None, start_response: Callable[..., Any],
+                   cors: list[tuple[str, str]]) -> Iterable[bytes]:
     """OPTIONS (a CORS preflight) gets the allowed methods; any other method 405, as Flask answers."""
     if method == "OPTIONS":
-        start_response("200 OK", [("Content-Length", "0"), _ALLOW, *CORS_HEADERS])
+        start_response("200 OK", [("Content-Length", "0"), _ALLOW, *cors])
         return [b""]
     payload = error_body(405, "method_not_allowed", "The method is not allowed for the requested URL.")
     start_response(status_line(405), [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                                  _ALLOW, *CORS_HEADERS])
+                                  _ALLOW, *cors])
     return [payload]

@@ -40,9 +40,10 @@ def shipped(server_factory: Callable[..., ServerProcess]) -> Callable[..., Serve
     return start
 
 
-def publish(server: ServerProcess, channel: str, data: str, app: dict[str, Any] = SHIPPED_APP) -> requests.Response:
+def publish(server: ServerProcess, channel: str, data: str, app: dict[str, Any] = SHIPPED_APP,
+            headers: dict[str, str] | None = None) -> requests.Response:
     body = {"name": "update", "channel": channel, "data": data}
-    return signed(server, "POST", f"/apps/{app['id']}/events", body=body, app=app)
+    return signed(server, "POST", f"/apps/{app['id']}/events", body=body, app=app, headers=headers)
 
 
 def private_auth(socket_id: str | None, channel: str) -> dict[str, str]:
@@ -54,9 +55,18 @@ def test_sockudos_shipped_config_starts_the_server_with_its_settings(shipped: Ca
     server = shipped()
     log = server.log()
     for setting in ("config: mode has no effect here", "config: delta_compression has no effect here",
-                    "config: cors has no effect here",
                     "config: app_manager.array.apps[0].policy.channels.channel_namespaces has no effect here"):
         assert log.count(setting) == 1, setting
+
+    assert "config: cors" not in log  # applied: the REST API's CORS headers
+
+    # [cors]: a listed origin is echoed with credentials; any other origin gets no CORS grant.
+    listed = publish(server, "orders", "hi", headers={"Origin": "http://localhost:3001"})
+    assert listed.headers["Access-Control-Allow-Origin"] == "http://localhost:3001"
+    assert listed.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "X-Sockudo-Push-Capability" in listed.headers["Access-Control-Allow-Headers"]
+    stranger = publish(server, "orders", "hi", headers={"Origin": "https://evil.example"})
+    assert stranger.status_code == 200 and "Access-Control-Allow-Origin" not in stranger.headers
 
     # [event_limits] max_payload_in_kb = 100 is the app's limit (this server's default is 10 KB).
     assert publish(server, "orders", "x" * 50_000).status_code == 200

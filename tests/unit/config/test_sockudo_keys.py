@@ -96,13 +96,14 @@ def test_sockudos_shipped_toml_loads_with_its_settings_applied() -> None:
     assert config.connection_recovery.enabled and config.history.enabled
     assert config.apps[0].connection_recovery.enabled
     assert config.websocket_max_messages == 1000
+    assert config.cors.credentials and "http://localhost:3001" in config.cors.origin  # [cors]
     assert config.push.queue_driver == "memory"
     assert config.webhooks.retry.max_attempts == 5
 
     warnings = config.warnings
     assert len(warnings) == len(set(warnings)), "one warning per setting"
     named = " ".join(warnings)
-    for setting in ("config: mode ", "delta_compression", "[0].policy.channels.channel_namespaces", "cors",
+    for setting in ("config: mode ", "delta_compression", "[0].policy.channels.channel_namespaces",
                     "ai_transport", "presence.update_rate_limit_per_member_per_second",
                     "push.circuit_breaker", "queue.reliability", "cleanup", "history.writer_shards"):
         assert setting in named, setting
@@ -110,7 +111,7 @@ def test_sockudos_shipped_toml_loads_with_its_settings_applied() -> None:
     # Sockudo either: no warning.
     for quiet in ("adapter.nats", "adapter.kafka", "database.surrealdb", "unix_socket", "ably_compat",
                   "queue.redis", "app_manager.cache", "enable_socket_counting", "path_prefix",
-                  "websocket.max_bytes"):  # applied: the outbound byte bound
+                  "websocket.max_bytes", "cors"):  # applied: the outbound byte bound, the CORS headers
         assert quiet not in named, quiet
 
 
@@ -119,6 +120,7 @@ def test_sockudos_shipped_json_loads_the_same() -> None:
     _assert_shipped_settings(config)
     assert not config.apps[0].connection_recovery.enabled  # the JSON file's app turns it off
     assert "config: delta_compression has no effect here: delta compression is not implemented" in config.warnings
+    assert config.cors.origin == ("*",) and config.cors.credentials  # [cors] as the JSON file has it
 
 
 # -- applied under another name -----------------------------------------------------------------
