@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from sockudo.push import crypto  # noqa: E402
+from tests.support import push_crypto  # noqa: E402
 from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription  # noqa: E402
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until  # noqa: E402
 from tests.support.push import APP, KEY_ID, TEAM_ID, TOPIC, signed  # noqa: E402
@@ -139,7 +140,7 @@ class Bench:
         for provider, body in (
             ("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
             ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
-            ("webpush", {"privateKey": crypto.b64url(crypto.p256_raw_private(self.vapid_key))}),
+            ("webpush", {"privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))}),
         ):
             resp = signed(self.server, "POST", f"/apps/{APP['id']}/push/credentials/{provider}", body)
             assert resp.status_code == 201, resp.text

@@ -49,7 +49,7 @@ import websocket
 
 from tests.support.cluster import node_env, start_all, wait_formed
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
 from tests.support.wsmany import Fleet, connect_many
 
 APP = {"id": "100", "key": "soak-key", "secret": "soak-secret", "enable_client_messages": True,
@@ -62,14 +62,6 @@ PRIVATE = [f"private-soak-{i}" for i in range(6)]
 PRESENCE = [f"presence-soak-{i}" for i in range(6)]
 USERS = [f"user-{i}" for i in range(30)]
 RSS_TOLERANCE = 0.20
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def sign(message: str) -> str:

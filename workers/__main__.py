@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_worker(connection, args.queues, name=args.name, metrics_port=metrics_port, metrics_host=args.metrics_host,
                    reap_interval=reap_interval, burst=args.burst, logging_level=config.log_level.upper(),
-                   prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"})
+                   prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"},
+                   apps=config.apps)
     except OSError as exc:
         logging.getLogger("workers").error("worker stopped: %s", exc)
         return 1

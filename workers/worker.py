@@ -27,8 +27,10 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -37,10 +39,13 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from sockudo.console.relay import Reporter, console_channel
 from sockudo.webhooks.delivery import (
+    DEFERRED,
     REASON_WORKER,
     AttemptResult,
     RedisDeadLetters,
+    console_event,
     dead_letter_record,
     record_dead_lettered,
     record_metrics,
@@ -55,12 +60,14 @@ logger = logging.getLogger(__name__)
 STARTUP_GRACE_S = 5.0  # a just-started job may not have taken its lease yet
 SCHEDULER_STALL_S = 10.0  # RQ's scheduler runs due jobs every second; this late means none runs
 BATCH = 500
+WEBHOOKS_PREFIX = "webhooks:"  # the server keys its webhooks under "{redis prefix}webhooks:"
 
 
 class WebhookWorker(Worker):
     """``rq worker`` semantics (fork per job, ``--with-scheduler``) with webhook metrics."""
 
     webhook_metrics: WebhookMetrics | None = None
+    console: Any = None  # sockudo.console.relay.Reporter: attempts to the operator console, while one listens
     push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
     stop_signalled = False  # SIGTERM/SIGINT arrived: the loop ended on request, not on an error
 
@@ -96,7 +103,11 @@ class WebhookWorker(Worker):
             return
         outcome = meta.get(OUTCOME)
         if outcome:
-            record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome))
+            delivery, result = Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome)
+            record_metrics(self.webhook_metrics, delivery, result)
+            if self.console is not None and result.outcome != DEFERRED and delivery.prefix.endswith(WEBHOOKS_PREFIX):
+                redis_prefix = delivery.prefix[: -len(WEBHOOKS_PREFIX)]
+                self.console.report(console_channel(redis_prefix), console_event(delivery, result))
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """RQ's version attaches the job's arguments (body, signature) to the log record; a JSON
@@ -216,33 +227,42 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it 
 
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
-               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None) -> bool:
+               logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None,
+               apps: Sequence[Any] = ()) -> bool:
     """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``).
 
     RQ's work loop retries a lost Redis only while it waits for a job; a connection error
     anywhere else (heartbeat, maintenance, preparing a job) ends the loop. A worker that
     exits when Redis restarts leaves every queued webhook and push waiting for an operator,
     so this function runs the loop again — with a fresh RQ ``Worker`` — once Redis answers.
+
+    ``apps`` (the configuration's) get their outcome series at 0 from the start.
     """
     stop = threading.Event()
     _install_stop_handlers(stop, None)  # a SIGTERM while starting up is a stop, not a kill
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(apps)
     queues = [Queue(n, connection=connection) for n in queue_names]
     from sockudo.push.metrics import PushMetrics
 
     from . import push as push_jobs
 
     push_metrics = PushMetrics(registry)
+    push_metrics.prepare([app.id for app in apps])
     push_jobs.preload()  # work-horses are forked per job: import push's modules once, here
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         from sockudo.metrics.labels import ConstantLabels
+        from sockudo.metrics.listener import MetricsListener, serve_in_thread
 
         # The server's constant labels (environment, region, node, adapter) on every series.
-        start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))
+        exposition = make_wsgi_app(ConstantLabels(registry, labels or {}))
+        serve_in_thread(MetricsListener({"/metrics": exposition}), metrics_host, metrics_port)
         logger.info("worker metrics on :%d/metrics", metrics_port)
+    console = Reporter(connection, f"worker {name or socket.gethostname()}:{os.getpid()}",
+                       failures=(RedisError, OSError))
     worked = False
     reaper = None
     try:
@@ -254,6 +274,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
                                    # after its last beat).
                                    maintenance_interval=30)
             worker.webhook_metrics = metrics
+            worker.console = console
             worker.push_metrics = push_metrics
             if reaper is None and reap_interval > 0:
                 reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")

@@ -68,6 +68,8 @@ CREDENTIAL_AUTH = "credential_auth"
 CALLER_PAYLOAD = "caller_payload"
 NETWORK_TRANSPORT = "network_transport"
 UNKNOWN = "unknown"
+FAILURE_CLASSES = (DEVICE_TERMINAL, PROVIDER_TRANSIENT, PROVIDER_QUOTA, CREDENTIAL_AUTH, CALLER_PAYLOAD,
+                   NETWORK_TRANSPORT, UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,7 @@ def deadline_backend() -> Any:
             self.inner = inner
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            return self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout))  # type: ignore[no-any-return]
+            return self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout))
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
             self.inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))

@@ -368,11 +368,6 @@ class RedisStore:
 
         return self._cas("planner", [key], body)  # type: ignore[no-any-return]
 
-    def set_fields(self, app_id: str, publish_id: str, fields: Mapping[str, Any]) -> None:
-        key = self.k("pub", app_id, publish_id)
-        if self.r.exists(key):
-            self.r.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
-
     def save_plan_devices(self, app_id: str, publish_id: str, ids: list[str]) -> list[str]:
         key = self.k("pdev", app_id, publish_id)
         if self.r.set(key, dumps(ids), nx=True, ex=self.status_ttl_s):
@@ -520,7 +515,7 @@ class RedisStore:
                 pipe.expire(self.k("dup", app_id, publish_id), self.status_ttl_s)
             return changes
 
-        return self._cas("retry", state_keys, body)  # type: ignore[no-any-return]
+        return self._cas("retry", state_keys, body)
 
     def settle_many(self, app_id: str, publish_id: str, ops: list[st.SettleOp], now_ms: int) -> list[st.Change]:
         """:meth:`settle` for a batch in one optimistic transaction: the delivery transitions,

@@ -414,6 +414,7 @@ def build_push(
         from prometheus_client import CollectorRegistry
 
         metrics = PushMetrics(registry if registry is not None else CollectorRegistry())
+        metrics.prepare([app.id for app in config.apps])
     from sockudo.push.providers import MemoryTokenCache, ProviderClients, RedisTokenCache
 
     redis_configured = bool(config.redis_url or config.redis_sentinels)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from sockudo.config.coerce import build_values, table
 from sockudo.core.errors import ConfigError
 
 
@@ -79,47 +80,6 @@ _ALIASES = {  # Sockudo's variable names (spec §6.10) → key
 }
 
 
-def _coerce(key: str, kind: Any, value: Any) -> Any:
-    kind = str(kind)
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-        try:
-            number = int(str(value).strip()) if isinstance(value, str) else int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}") from None
-        if isinstance(value, float) and value != number:
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-        return number
-    if kind in ("str", "str | None"):
-        if value is None and kind == "str | None":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ConfigError(f"config: {key} must be a string, got {value!r}")
-        text = str(value)
-        return None if (kind == "str | None" and text == "") else text
-    raise ConfigError(f"config: {key} has an unsupported type")  # pragma: no cover
-
-
-def _build(cls: type, raw: Mapping[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    known = {f.name: f for f in fields(cls) if f.name not in skip}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"config: unknown key {where}.{key}")
-        out[key] = _coerce(f"{where}.{key}", known[key].type, value)
-    return out
-
-
 def _check_range(key: str, value: int, low: int, high: int | None = None) -> None:
     if value < low or (high is not None and value > high):
         limit = f"{low}–{high}" if high is not None else f"at least {low}"
@@ -136,13 +96,8 @@ def parse_settings(
     raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, *, redis_configured: bool = False
 ) -> PushSettings:
     """The ``[push]`` table, then ``PUSH_*`` environment overrides. Raises ConfigError naming the key."""
-    raw = dict(raw or {})
-    if not isinstance(raw, Mapping):
-        raise ConfigError("config: [push] must be a table")
-    retry_raw = raw.pop("retry", {})
-    if not isinstance(retry_raw, Mapping):
-        raise ConfigError("config: [push.retry] must be a table")
-    retry_raw = dict(retry_raw)
+    raw = dict(table("[push]", raw or {}))
+    retry_raw = dict(table("[push.retry]", raw.pop("retry", {})))
     env = env or {}
     top_keys = [f.name for f in fields(PushSettings) if f.name != "retry"]
     for key in top_keys:
@@ -158,8 +113,8 @@ def parse_settings(
         if env.get(var, "") != "":
             retry_raw[f.name] = env[var]
 
-    values = _build(PushSettings, raw, "push", skip=("retry",))
-    retry = PushRetryPolicy(**_build(PushRetryPolicy, retry_raw, "push.retry"))
+    values = build_values(PushSettings, raw, "push", skip=("retry",))
+    retry = PushRetryPolicy(**build_values(PushRetryPolicy, retry_raw, "push.retry"))
     settings = replace(PushSettings(), retry=retry, **values)
 
     if settings.queue_driver not in QUEUE_DRIVERS:

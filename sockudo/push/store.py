@@ -219,12 +219,6 @@ class MemoryStore:
                     record.update(fields)
             return change
 
-    def set_fields(self, app_id: str, publish_id: str, fields: Mapping[str, Any]) -> None:
-        with self.lock:
-            record = self.statuses.get((app_id, publish_id))
-            if record is not None:
-                record.update(fields)
-
     def save_plan_devices(self, app_id: str, publish_id: str, ids: list[str]) -> list[str]:
         with self.lock:
             return self.plan_devices.setdefault((app_id, publish_id), list(ids))

@@ -17,7 +17,6 @@ import base64
 import http.client
 import json
 import logging
-import socket
 import ssl
 import time
 import uuid
@@ -36,6 +35,7 @@ from sockudo.webhooks.model import (
     endpoint_host,
     failure_reason,
     inflight_keys,
+    redact_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def post(delivery: Delivery) -> HttpResult:
     try:
         try:
             conn.connect()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return HttpResult(None, "timeout", time.perf_counter() - started)
         except OSError:
             return HttpResult(None, "connect", time.perf_counter() - started)
@@ -100,7 +100,7 @@ def post(delivery: Delivery) -> HttpResult:
         response = conn.getresponse()
         response.read(MAX_RESPONSE_BYTES)
         return HttpResult(response.status, None, time.perf_counter() - started)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return HttpResult(None, "timeout", time.perf_counter() - started)
     except (OSError, http.client.HTTPException):
         return HttpResult(None, "request", time.perf_counter() - started)
@@ -142,6 +142,14 @@ def decide(delivery: Delivery, attempt: int, first_attempt_ms: float, now_ms: fl
     if delay is None:
         return AttemptResult(DEAD, attempt, http.status, http.error, http.seconds, reason, REASON_EXHAUSTED)
     return AttemptResult(RETRY, attempt, http.status, http.error, http.seconds, reason, retry_in_ms=delay)
+
+
+def console_event(delivery: Delivery, result: AttemptResult) -> dict[str, Any]:
+    """One attempt as the console's event log shows it: no body, no headers, the URL redacted."""
+    return {"app": delivery.app_id, "kind": "webhook", "status": result.outcome, "http_status": result.status,
+            "error": result.error, "attempt": result.attempt, "delivery_id": delivery.delivery_id,
+            "events": list(delivery.event_names), "endpoint": delivery.endpoint or None,
+            "url": redact_url(delivery.url)}
 
 
 def log_attempt(delivery: Delivery, result: AttemptResult) -> None:

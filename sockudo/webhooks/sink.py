@@ -51,6 +51,7 @@ from sockudo.webhooks.model import (
     build_deliveries,
     duplicate_endpoints,
     normalize_event,
+    redact_url,
     wanted_event_types,
 )
 from sockudo.webhooks.queue import OUTBOX_LIMIT, DeliveryQueue, EmbeddedQueue
@@ -87,8 +88,9 @@ class _Inbound:
 class WebhookSink:
     def __init__(self, settings: WebhookSettings, queue: DeliveryQueue, metrics: WebhookMetrics, runtime: Runtime,
                  adapter: Any, markers: Markers, key_prefix: str, clock: Callable[[], float] = time.time,
-                 failures: tuple[type[BaseException], ...] = (OSError,)) -> None:
+                 failures: tuple[type[BaseException], ...] = (OSError,), tap: Any = None) -> None:
         self.settings = settings
+        self.tap = tap  # the console's event tap (sockudo/console/tap.py), when there is one
         self.queue = queue
         self.metrics = metrics
         self.runtime = runtime
@@ -170,6 +172,9 @@ class WebhookSink:
         stop_queue = getattr(self.queue, "stop", None)
         if stop_queue is not None:
             stop_queue()
+
+    def readiness_probe(self) -> Callable[[], object]:
+        return self.queue.stats
 
     # -- the pump -----------------------------------------------------------------------
 
@@ -324,9 +329,14 @@ class WebhookSink:
             self._keep(deliveries)
             self._outbox_retry_at = now + OUTBOX_RETRY_S
             return False
+        tap = self.tap
         for delivery in deliveries:
             for name in delivery.event_names:
                 self.metrics.queued.labels(delivery.app_id, delivery.endpoint_label, name).inc()
+            if tap is not None and tap.attached:
+                tap.record(delivery.app_id, "webhook", status="queued", delivery_id=delivery.delivery_id,
+                           events=list(delivery.event_names), endpoint=delivery.endpoint or None,
+                           url=redact_url(delivery.url))
         return True
 
     def _keep(self, deliveries: list[Delivery]) -> None:
@@ -377,14 +387,17 @@ def warn_duplicate_endpoints(config: Config) -> None:
 
 
 def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any,
-                       clients: RedisClients | None = None) -> WebhookSink | None:
-    """The sink for the composition root; None when no app has a webhook (the null sink stays)."""
-    if not any(app.webhooks for app in config.apps):
-        return None
+                       clients: RedisClients | None = None, tap: Any = None) -> WebhookSink | None:
+    """The sink for the composition root; None when no app has a webhook (the null sink stays).
+
+    The webhook metrics exist either way, at 0 for every app, and with a Redis queue its depth
+    is reported too: dashboards and alerts have data before the first app gets a webhook."""
     settings = config.webhooks
     prefix = config.metrics.prefix
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(config.apps)
     key_prefix = f"{config.redis_prefix}webhooks:"
+    enabled = any(app.webhooks for app in config.apps)
     queue: Any
     markers: Markers
     failures: tuple[type[BaseException], ...] = (OSError,)
@@ -396,13 +409,18 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
 
         client = (clients or RedisClients(config)).shared
         queue = RqQueue(client, key_prefix, dead_letter_limit=settings.dead_letter_limit)
+        registry.register(QueueCollector(queue.stats, prefix))
+        if not enabled:
+            return None
         markers = RedisMarkers(client, key_prefix)
         failures = (RedisError, OSError)
+    elif not enabled:
+        return None
     else:
-        queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit))
+        queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit), tap=tap)
         markers = MemoryMarkers()
-    registry.register(QueueCollector(queue.stats, prefix))
+        registry.register(QueueCollector(queue.stats, prefix))
     warn_duplicate_endpoints(config)
     logger.info("webhooks enabled", extra={"queue": queue.backend,
                                            "apps": [a.id for a in config.apps if a.webhooks]})
-    return WebhookSink(settings, queue, metrics, runtime, adapter, markers, key_prefix, failures=failures)
+    return WebhookSink(settings, queue, metrics, runtime, adapter, markers, key_prefix, failures=failures, tap=tap)

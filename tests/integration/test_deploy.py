@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 import websocket
 
@@ -146,6 +147,7 @@ class ResumingClient(threading.Thread):
             self.ready.set()
 
 
+@pytest.mark.slow
 def test_rolling_restart_loses_nothing_for_resuming_clients(
         server_factory: Callable[..., ServerProcess], own_redis: RedisServer) -> None:
     own_redis.start()

@@ -33,8 +33,8 @@ import requests
 import websocket
 
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
-from tests.support.sdk import assert_still_delivering, sdk_for
+from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
+from tests.support.sdk import assert_still_delivering, sdk_for, signed_url
 from tests.support.wsmany import Fleet, MiniWs, masked_frame
 from tests.support.wsraw import RawClient
 
@@ -54,14 +54,6 @@ def publish(server: ServerProcess, channel: str, event: str, data: str) -> None:
     resp = requests.post(server.url + path, params=query, data=body, headers={"Content-Type": "application/json"},
                          timeout=10)
     assert resp.status_code == 200, resp.text
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +264,11 @@ def test_one_header_byte_per_second_is_dropped(server, sdk, watcher):
 
 
 def test_a_trickling_body_gets_408(server, sdk, watcher):
-    head = (b"POST /apps/100/events?auth_key=limits-key HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n")
+    # Signed (with the MD5 of the 200 bytes it trickles): an unsigned request is refused from its
+    # query alone, before its body is read.
+    target = signed_url("", "POST", "/apps/100/events", APP, b" " * 200)
+    head = (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n").encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     try:
         sock.sendall(head)  # the headers in time, then the body one byte every half second

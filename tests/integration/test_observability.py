@@ -249,6 +249,7 @@ def deployment() -> Iterator[Deployment]:
 
 # -- the scripted scenario ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     a, b = deployment.a, deployment.b
     before_a, before_b, before_w = a.metrics_text(), b.metrics_text(), deployment.worker.metrics_text()
@@ -569,6 +570,7 @@ def test_prometheus_scrapes_every_metric_the_dashboard_and_alerts_use(deployment
         prometheus.stop()
 
 
+@pytest.mark.slow
 def test_readiness_alert_fires_when_redis_stops(tmp_path: Path) -> None:
     """Redis goes away: /up turns 503 and SockudoReadinessFailing (and the adapter alert) fire
     within their ``for:`` windows (shortened to 3 s in a test copy of the rules)."""
@@ -645,6 +647,7 @@ def publish_rate(server: ServerProcess, count: int) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_a_tcp_client_that_never_reads_does_not_slow_publishing(deployment: Deployment) -> None:
     a = deployment.a
     publish_rate(a, 20)  # warm up

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from sockudo.push import crypto
+from tests.support import push_crypto
 from tests.support.fake_push import FakeFCM, web_subscription
 from tests.support.metrics import metric
 from tests.support.procs import RedisServer, wait_until
@@ -106,7 +107,7 @@ def test_channel_publish_reaches_apns_fcm_and_web_push(push: Push) -> None:
     # Web Push: only the subscription's private key opens the message.
     body, headers = push.webpush.bodies[sub][0]
     assert headers["content-encoding"] == "aes128gcm"
-    assert json.loads(crypto.webpush_decrypt(body, ua_key, auth)) == {
+    assert json.loads(push_crypto.webpush_decrypt(body, ua_key, auth)) == {
         "notification": {"title": "Order updated", "body": "Packed"},
         "data": {"orderId": 42},
     }
@@ -534,7 +535,7 @@ def test_credentials_are_write_only_and_never_logged(push: Push) -> None:
     assert bad.status_code == 400
     raw_keys = [k.decode() for k in push.redis.scan_iter(match=f"{push.prefix}cred:*")]
     assert raw_keys and all(push.redis.hget(k, "sealed").startswith(b"envelope:v1:aes256gcm:") for k in raw_keys)
-    secrets = [crypto.b64url(crypto.p256_raw_private(push.vapid_key)), "BEGIN PRIVATE KEY", CREDENTIALS_KEY]
+    secrets = [crypto.b64url(push_crypto.p256_raw_private(push.vapid_key)), "BEGIN PRIVATE KEY", CREDENTIALS_KEY]
     logs = push.logs()
     assert not any(s in logs for s in secrets)
     stored = b"".join(push.redis.hget(k, "sealed") or b"" for k in raw_keys)

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sockudo.push import crypto
+from tests.support import push_crypto
 
 Reply = tuple[int, Any, dict[str, str]]  # status, JSON body (or None), headers
 
@@ -304,7 +305,7 @@ class FakeAPNs(_Scripted):
         verified = self.verified.get(jwt)  # like APNs, a token is verified once, not per request
         if verified is None:
             try:
-                verified = crypto.jwt_verify(jwt, self.public_key)
+                verified = push_crypto.jwt_verify(jwt, self.public_key)
             except crypto.CryptoError:
                 self.auth_failures += 1
                 return (403, {"reason": "InvalidProviderToken"}, out)
@@ -486,7 +487,7 @@ class FakeFCM(_Scripted):
         if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or not form.get("assertion"):
             return (400, {"error": "unsupported_grant_type"}, {})
         try:
-            header, claims = crypto.jwt_verify(form["assertion"][0], self.key.public_key())
+            header, claims = push_crypto.jwt_verify(form["assertion"][0], self.key.public_key())
         except crypto.CryptoError:
             self.auth_failures += 1
             return (400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {})
@@ -602,9 +603,9 @@ class FakeWebPush(_Scripted):
 
     def receive(self, sub: str, headers: dict[str, str], body: bytes) -> Reply:
         try:
-            token, key = crypto.parse_vapid_authorization(headers.get("authorization", ""))
+            token, key = push_crypto.parse_vapid_authorization(headers.get("authorization", ""))
             public = crypto.p256_public_from_raw(crypto.b64url_decode(key))
-            _, claims = crypto.jwt_verify(token, public)
+            _, claims = push_crypto.jwt_verify(token, public)
         except crypto.CryptoError:
             self.auth_failures += 1
             return (401, None, {})

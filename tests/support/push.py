@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sockudo.push import crypto
-from tests.support import sdk
+from tests.support import push_crypto, sdk
 from tests.support.fake_push import MAX_CONCURRENCY, FakeAPNs, FakeFCM, FakeWebPush, web_subscription
 from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
 
@@ -218,7 +218,8 @@ class Push:
             ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
             (
                 "webpush",
-                {"publicKey": self.vapid_public, "privateKey": crypto.b64url(crypto.p256_raw_private(self.vapid_key))},
+                {"publicKey": self.vapid_public,
+                 "privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))},
             ),
         ):
             resp = self.call("POST", f"/credentials/{provider}", body)

@@ -112,8 +112,10 @@ class WorkerProcess:
     """``python -m workers`` in its own process group (so ``kill -9`` takes the whole worker:
     main process, work-horse and scheduler)."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, queues: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
+        self.queues = queues  # default: the worker's (webhooks)
+        self.extra_env = dict(env or {})  # e.g. SOCKUDO_CONFIG, for the apps of a server's config
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
         self.log_path = os.path.join(self.dir, "worker.log")
@@ -121,10 +123,11 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
-        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
+        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300", **self.extra_env})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port)],
+            [sys.executable, "-m", "workers", *self.queues, "--url", self.redis_url, "--metrics-port",
+             str(self.metrics_port)],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(self._ready, timeout=20, message="worker metrics endpoint")
@@ -136,8 +139,11 @@ class WorkerProcess:
             raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
 
+    def metrics_text(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return metric(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name, **(labels or {}))
+        return metric(self.metrics_text(), name, **(labels or {}))
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:

@@ -32,7 +32,8 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     key = os.urandom(4)
     if not payload:
         return header + key
-    body = (int.from_bytes(payload, "little") ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "little")
+    body = (int.from_bytes(payload, "little") ^ mask).to_bytes(n, "little")
     return header + key + body
 
 

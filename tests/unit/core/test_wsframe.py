@@ -172,6 +172,21 @@ def test_fragmented_message_over_the_limit_in_total_is_rejected() -> None:
     assert r.read_message() == (TEXT, b"ok")
 
 
+
+@pytest.mark.parametrize("payload", [b"", b"x"], ids=["empty", "one-byte"])
+def test_a_message_in_more_fragments_than_max_fragments_is_1009(payload: bytes) -> None:
+    """Empty continuation frames add nothing to the payload: only the fragment count stops them."""
+    def message(fragments: int) -> bytes:
+        return client_frame(TEXT, b"{", fin=False) + client_frame(CONT, payload, fin=False) * (fragments - 2) \
+            + client_frame(CONT, b"}")
+
+    r, _ = reader(message(8) + message(9), max_fragments=8)
+    assert r.read_message() == (TEXT, b"{" + payload * 6 + b"}")
+    with pytest.raises(FrameProtocolError) as info:
+        r.read_message()
+    assert info.value.close_code == 1009
+
+
 # -- writing -------------------------------------------------------------------------
 
 

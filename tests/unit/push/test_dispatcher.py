@@ -249,7 +249,7 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
     def gives_up(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise st.CasExhausted("push store: feedback transaction kept conflicting")
 
-    service.store.settle_many = gives_up  # type: ignore[method-assign]
+    service.store.settle_many = gives_up
     batch_id = queue.take()[0][1]
     try:
         service.dispatcher.run(batch_id)
@@ -262,7 +262,7 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
     def breaks(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise ConnectionError("redis went away")
 
-    service.store.claim_many = breaks  # type: ignore[method-assign]
+    service.store.claim_many = breaks
     try:
         service.dispatcher.run(batch_id)
     except ConnectionError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import h2.config
@@ -58,7 +59,7 @@ class SlowPathServer:
                     sock.sendall(conn.data_to_send())
                 for event in events:
                     if isinstance(event, h2.events.RequestReceived):
-                        paths[event.stream_id] = dict(event.headers)[":path"]
+                        paths[event.stream_id] = next(str(v) for k, v in event.headers if str(k) == ":path")
                     elif isinstance(event, h2.events.StreamEnded) and paths[event.stream_id] == "/fast":
                         threading.Thread(target=answer, args=(event.stream_id,), daemon=True).start()
                     elif isinstance(event, h2.events.StreamReset):
@@ -71,9 +72,9 @@ class SlowPathServer:
 
 
 @pytest.fixture
-def server() -> SlowPathServer:
+def server() -> Iterator[SlowPathServer]:
     srv = SlowPathServer()
-    yield srv  # type: ignore[misc]
+    yield srv
     srv.close()
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from sockudo.push import providers as p
 from sockudo.push.settings import parse_settings
+from tests.support import push_crypto
 
 
 def body(obj: object) -> bytes:
@@ -169,7 +170,6 @@ def test_apns_provider_token_is_reused_for_50_minutes_then_refreshed() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from sockudo.push import crypto
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
@@ -184,7 +184,7 @@ def test_apns_provider_token_is_reused_for_50_minutes_then_refreshed() -> None:
     now[0] += 2 * 60
     second = c.apns_jwt(creds, "apns:x")
     assert second != first
-    header, claims = crypto.jwt_verify(second, key.public_key())
+    header, claims = push_crypto.jwt_verify(second, key.public_key())
     assert header == {"alg": "ES256", "kid": "KID"} and claims == {"iss": "TEAM", "iat": int(now[0])}
     c.close()
 

@@ -11,8 +11,8 @@ from tests.support.procs import RedisServer, toml_config
 
 def test_every_redis_subsystem_shares_one_client(redis_server: RedisServer, tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(toml_config([{"id": "1", "key": "k", "secret": "s",
-                                  "webhooks": [{"url": "http://127.0.0.1:9/hook", "event_types": ["channel_occupied"]}]}]))
+    webhook = {"url": "http://127.0.0.1:9/hook", "event_types": ["channel_occupied"]}
+    path.write_text(toml_config([{"id": "1", "key": "k", "secret": "s", "webhooks": [webhook]}]))
     config = load_config(str(path), env={"REDIS_URL": redis_server.url})
     services = build_services(config)
     events = services.events
