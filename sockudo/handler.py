@@ -481,7 +481,8 @@ class Handler:
                 conn.attach_serials[channel] = serial
                 if app.history.enabled:
                     payload["attach_serial"] = serial
-            frame = {"event": "sockudo_internal:subscription_succeeded", "channel": channel, "data": p.dumps(payload)}
+            frame: dict[str, Any] = {"event": "sockudo_internal:subscription_succeeded", "channel": channel,
+                                     "data": p.dumps(payload)}
             if stream_id is not None:
                 frame["stream_id"] = stream_id
                 frame["serial"] = serial

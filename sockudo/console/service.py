@@ -179,7 +179,8 @@ class Console:
         if push is None:
             raise ConsoleError(404, "push notifications are not enabled on this server")
         try:
-            return _without_tokens(push.status(app_id, publish_id))
+            status: dict[str, Any] = _without_tokens(push.status(app_id, publish_id))
+            return status
         except ApiError as exc:
             raise ConsoleError(exc.status, exc.message) from None
 

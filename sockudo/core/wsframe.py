@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 
 from sockudo.core.protocol import to_v2
 
@@ -136,7 +137,8 @@ class FrameReader:
     SKIP_CHUNK = 65536
     DEFAULT_MAX_FRAGMENTS = 1024
 
-    def __init__(self, read, max_payload: int, on_ping=None, on_pong=None,  # type: ignore[no-untyped-def]
+    def __init__(self, read: Callable[[int], bytes], max_payload: int,
+                 on_ping: Callable[[bytes], object] | None = None, on_pong: Callable[[bytes], object] | None = None,
                  max_fragments: int = DEFAULT_MAX_FRAGMENTS) -> None:
         self._read = read
         self.max_payload = max_payload
@@ -199,16 +201,17 @@ class FrameReader:
         too_big = False
         while True:
             fin, op, payload = self._frame(-1 if too_big else self.max_payload - size)
+            # A control frame's payload is never skipped (at most 125 bytes): ``or b""`` only says so.
             if op == OP_PING:
                 if self.on_ping:
-                    self.on_ping(payload)
+                    self.on_ping(payload or b"")
                 continue
             if op == OP_PONG:
                 if self.on_pong:
-                    self.on_pong(payload)
+                    self.on_pong(payload or b"")
                 continue
             if op == OP_CLOSE:
-                return OP_CLOSE, payload
+                return OP_CLOSE, payload or b""
             if op in (OP_TEXT, OP_BINARY):
                 if opcode is not None:
                     raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "Expected a continuation frame")

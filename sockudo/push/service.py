@@ -342,7 +342,7 @@ class PushService:
 
     def list_dead_letters(self, app_id: str, args: Mapping[str, str]) -> dict[str, Any]:
         limit = parse_limit(args.get("limit"))
-        bounds = []
+        bounds: list[int | None] = []
         for key in ("sinceMs", "untilMs"):
             value = args.get(key)
             if value in (None, ""):

@@ -132,9 +132,12 @@ def new_record(
 
 
 def _int(record: Mapping[str, object], key: str) -> int:
+    value = record.get(key) or 0
+    if not isinstance(value, (int, float, str, bytes)):
+        return 0
     try:
-        return int(record.get(key) or 0)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        return int(value)
+    except ValueError:
         return 0
 
 

@@ -235,7 +235,7 @@ class _BodyReader:
 
 
 def _is_upgrade(environ: dict[str, Any]) -> bool:
-    return environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+    return str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket"
 
 
 class GuardedHandler(WebSocketHandler):
@@ -388,12 +388,12 @@ class GuardedHandler(WebSocketHandler):
             with reader.whole_body() if isinstance(reader, _BodyReader) else nullcontext():
                 body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
-                return self._respond("413 Payload Too Large", b'{"error":"Request body is too large",'
-                                     b'"code":"payload_too_large","status":413}\n')
+                return self._respond("413 Payload Too Large",
+                                     error_body(413, "payload_too_large", "Request body is too large"))
             environ["wsgi.input"] = io.BytesIO(body)
             environ["CONTENT_LENGTH"] = str(len(body))
             environ.pop("HTTP_TRANSFER_ENCODING", None)
-        return super().run_application()
+        super().run_application()
 
     def upgrade_websocket(self) -> Any:
         """gevent-websocket answers a bad handshake with a text body it cannot write (a 500 and
@@ -446,8 +446,12 @@ class GuardedServer(WSGIServer):
     """The WSGI server of the main listener; with ``[ssl]`` enabled it terminates TLS, and a
     client that does not finish the TLS handshake within the header timeout is dropped."""
 
+    #: geventwebsocket's handler asks this before upgrading: True refuses the upgrade (plain HTTP).
+    pre_start_hook: Callable[[Any], bool] | None = None
+
     def __init__(self, listener: Any, application: Any, guard: Guard, **kwargs: Any) -> None:
         self.guard = guard
+        self.tls_context: ssl.SSLContext | None = kwargs.get("ssl_context")
         kwargs.setdefault("handler_class", GuardedHandler)
         super().__init__(listener, application, **kwargs)
 
@@ -455,7 +459,8 @@ class GuardedServer(WSGIServer):
         timeout = self.guard.header_timeout or None
         client_socket.settimeout(timeout)
         try:
-            tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+            assert self.tls_context is not None  # gevent calls this only on a TLS listener
+            tls_socket = self.tls_context.wrap_socket(client_socket, server_side=True)
         except (OSError, ValueError) as exc:  # handshake failed, timed out, or the peer left
             logger.debug("TLS handshake failed: %s", exc, extra={"client": address})
             client_socket.close()

@@ -130,13 +130,14 @@ class WebhookSink:
         debounce = self.settings.debounce_ms
         if debounce > 0 and name in DEBOUNCED:
             key = marker_key(app.id, event)
-            token: str | None = uuid.uuid4().hex
+            token = uuid.uuid4().hex
             try:
                 self.markers.mark(key, token, debounce * 2 + 5000)
             except self.failures as exc:
                 self._marker_trouble("not stored; deciding on this node alone", exc)
-                token = None  # the timer must not look for a marker that was never written
-            item.marker = (key, token)
+                item.marker = (key, None)  # the timer must not look for a marker that was never written
+            else:
+                item.marker = (key, token)
         elif debounce > 0 and name in CANCELS:
             try:
                 item.cancelled = self.markers.cancel(marker_key(app.id, {**event, "name": CANCELS[name]}))

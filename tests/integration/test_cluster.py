@@ -50,7 +50,7 @@ from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.sdk import APP, sdk_for
 from tests.support.wsraw import RawClient
 
-APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
+APP_ONE: dict[str, Any] = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
 
 #: The bounded window in which a duplicate would have to show up to be caught.
 DUPLICATE_WINDOW = 0.75
@@ -452,8 +452,8 @@ def test_cache_channel_payload_lives_in_redis_not_in_a_process(cluster, pusherjs
     assert not received(late, channel, "pusher:cache_miss")
 
 
-APP_USERS = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
-             "enable_watchlist_events": True}
+APP_USERS: dict[str, Any] = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
+                             "enable_watchlist_events": True}
 
 
 def test_users_across_nodes_send_to_user_watchlist_and_terminate(cluster, pusherjs) -> None:

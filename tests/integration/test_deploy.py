@@ -31,8 +31,8 @@ from tests.support.cluster import node_env, start_all, tracebacks, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.sdk import sdk_for
 
-APP = {"id": "100", "key": "deploy-key", "secret": "deploy-secret", "connection_recovery": {"enabled": True},
-       "history": {"enabled": True}}
+APP: dict[str, Any] = {"id": "100", "key": "deploy-key", "secret": "deploy-secret",
+                       "connection_recovery": {"enabled": True}, "history": {"enabled": True}}
 FEED, ROOM = "deploy-feed", "presence-deploy"
 GRACE = 3
 

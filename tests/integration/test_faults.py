@@ -48,8 +48,10 @@ from tests.support.wsraw import RawClient
 
 OUTAGE_SECONDS = float(os.environ.get("FAULT_REDIS_OUTAGE_SECONDS", "30"))  # the issue: 30 s
 KEY, SECRET, APP_ID = "fault-key", "fault-secret", "100"
-FAST_WEBHOOKS = {"debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
-                 "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000}}
+FAST_WEBHOOKS: dict[str, Any] = {
+    "debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
+    "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000},
+}
 
 pytestmark = pytest.mark.slow  # outages, restarts and soaks: tens of seconds each
 

@@ -49,9 +49,10 @@ from tests.support.sdk import assert_still_delivering, sdk_for
 from tests.support.wsraw import TcpWebSocket, close_code
 from tests.unit.test_fuzz_handler import DOCUMENTED_CODES, build, json_values, recipes
 
-APP = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,
-       "enable_user_authentication": True, "enable_watchlist_events": True, "enable_subscription_count": True,
-       "connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+APP: dict[str, Any] = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,
+                       "enable_user_authentication": True, "enable_watchlist_events": True,
+                       "enable_subscription_count": True, "connection_recovery": {"enabled": True},
+                       "history": {"enabled": True}}
 OTHER = {"id": "200", "key": "fuzz-key-2", "secret": "fuzz-secret-2"}
 SIGNER = make_app(id=APP["id"], key=APP["key"], secret=APP["secret"])  # valid signatures for the fuzzer
 EXAMPLES = int(os.environ.get("FUZZ_LIVE_EXAMPLES", "150"))  # per test

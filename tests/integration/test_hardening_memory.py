@@ -42,10 +42,10 @@ MAX_PAGE_SIZE = 100
 #: The defaults under test (docs/configuration.md): 1 MiB of unsent frames per socket, 1,024 fragments.
 MAX_BUFFER_BYTES = 1 << 20
 MAX_FRAGMENTS = 1024
-APP = {"id": "100", "key": "mem-key", "secret": "mem-secret", "max_event_payload_in_kb": 100,
-       "max_event_batch_size": 100, "history": {"enabled": True, "max_page_size": MAX_PAGE_SIZE,
-                                                "max_messages_per_channel": 5000},
-       "connection_recovery": {"enabled": True}}
+APP: dict[str, Any] = {"id": "100", "key": "mem-key", "secret": "mem-secret", "max_event_payload_in_kb": 100,
+                       "max_event_batch_size": 100,
+                       "history": {"enabled": True, "max_page_size": MAX_PAGE_SIZE, "max_messages_per_channel": 5000},
+                       "connection_recovery": {"enabled": True}}
 
 
 def signed(server: ServerProcess, method: str, path: str, params: dict[str, Any] | None = None,

@@ -39,9 +39,9 @@ from tests.support.prometheus import ALERTS, DASHBOARD, PrometheusServer, binary
 from tests.support.wsraw import RawClient
 
 SECRET = "obs-secret-Zq81-kept-private"
-APP = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
-       "max_event_payload_in_kb": 1,
-       "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
+APP: dict[str, Any] = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
+                       "max_event_payload_in_kb": 1,
+                       "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
 signed = functools.partial(sdk.signed, app=APP)
 LABELS = {"environment": "itest", "region": "loopback", "node": "node-a"}
 
@@ -260,6 +260,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
 
     # connect, bad auth, presence join and leave (node A)
     client = RawClient.connect(a, APP["key"])
+    assert client.socket_id is not None
     client.send_json({"event": "pusher:subscribe",
                       "data": {"channel": "private-orders-zz1",
                                "auth": channel_auth(client.socket_id, "private-orders-zz1", secret="bad")}})
@@ -456,6 +457,7 @@ def test_every_series_has_the_constant_labels_and_no_unbounded_value(deployment:
     sockets: list[RawClient] = []
     for i in range(3):
         c = RawClient.connect(a, APP["key"])
+        assert c.socket_id is not None
         sockets.append(c)
         channel, user, token = f"private-card-ZQX{i}9", f"user-ZQX{i}7", f"tok-ZQX{i}5"
         markers += [channel, user, token, c.socket_id]

@@ -32,7 +32,7 @@ from tests.support.wsraw import RawClient
 RECOVERY = {"enabled": True}
 HISTORY = {"enabled": True}
 #: Lets one /batch_events call carry 100 events (filling 1,000 history entries in 10 calls).
-BIG_BATCH_APP = {**APP, "max_event_batch_size": 100}
+BIG_BATCH_APP: dict[str, Any] = {**APP, "max_event_batch_size": 100}
 GRACE = 3
 _channels = itertools.count()
 
@@ -120,6 +120,7 @@ class V2Client:
     def drop(self) -> None:
         """Vanish without a close frame, as a phone entering a tunnel does."""
         sock = self.raw.ws.sock
+        assert sock is not None
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -186,7 +187,7 @@ def history(server: ServerProcess, channel: str, app: dict[str, Any] = APP, **pa
 def history_page(server: ServerProcess, channel: str, app: dict[str, Any] = APP, **params: Any) -> dict[str, Any]:
     resp = history(server, channel, app, **params)
     assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
 def serials_of(page: dict[str, Any]) -> list[int]:
@@ -499,8 +500,9 @@ def test_history_disabled_is_422(start) -> None:
     assert history(node, fresh("nothing")).status_code == 422
 
 
-COUNT_APP = {**APP, "history": {"max_messages_per_channel": 20}}
-AGE_APP = {"id": "101", "key": "age-key", "secret": "age-secret", "history": {"retention_window_seconds": 2}}
+COUNT_APP: dict[str, Any] = {**APP, "history": {"max_messages_per_channel": 20}}
+AGE_APP: dict[str, Any] = {"id": "101", "key": "age-key", "secret": "age-secret",
+                           "history": {"retention_window_seconds": 2}}
 
 
 @pytest.mark.slow
@@ -578,7 +580,7 @@ def test_websocket_channel_history_limit_up_to_the_page_size(start, v2) -> None:
         c.raw.send_json({"event": "sockudo:channel_history", "data": {"channel": channel, **request}})
         (reply,) = [f for f in c.until(lambda f: f.get("event") == "sockudo:channel_history", timeout=15)
                     if f.get("event") == "sockudo:channel_history"]
-        return data_of(reply)  # type: ignore[no-any-return]
+        return data_of(reply)
 
     page = ws_page({})
     assert page["limit"] == 100 and serials_of(page) == list(range(1200, 1100, -1))

@@ -25,7 +25,7 @@ from tests.support.sdk import APP, WATCH, sdk_for
 from tests.support.wsraw import RawClient
 
 APP_B = {"id": "200", "key": "app-key-2", "secret": "app-secret-2"}
-APP_OFF = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
+APP_OFF: dict[str, Any] = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
 
 _unset: Any = object()

@@ -40,8 +40,8 @@ from tests.support.sdk import sdk_for, signed_url
 from tests.support.wsraw import RawClient
 
 SECRET = "zq-SECRET-7f3a9c41-never-print-me"
-APP = {"id": "100", "key": "sec-key", "secret": SECRET, "enable_client_messages": True,
-       "enable_user_authentication": False}
+APP: dict[str, Any] = {"id": "100", "key": "sec-key", "secret": SECRET, "enable_client_messages": True,
+                       "enable_user_authentication": False}
 
 
 # -- TLS ---------------------------------------------------------------------------------------------
@@ -261,8 +261,8 @@ def test_the_secret_appears_in_no_log_metric_or_error(server_factory: Callable[.
 
 # -- app isolation ------------------------------------------------------------------------------------
 
-APP_A = {"id": "100", "key": "iso-a", "secret": "iso-a-secret", "enable_client_messages": True}
-APP_B = {"id": "200", "key": "iso-b", "secret": "iso-b-secret", "enable_client_messages": True}
+APP_A: dict[str, Any] = {"id": "100", "key": "iso-a", "secret": "iso-a-secret", "enable_client_messages": True}
+APP_B: dict[str, Any] = {"id": "200", "key": "iso-b", "secret": "iso-b-secret", "enable_client_messages": True}
 
 
 @pytest.fixture

@@ -149,8 +149,8 @@ def test_404_is_not_retried_and_becomes_one_dead_letter(
                                      {"app_id": APP_ID, "reason": "permanent_failure"}) == 1, timeout=5)
     assert worker.metric("sockudo_webhooks_retried_total") == 0
     # The job finished with its final answer; nothing is scheduled, so nothing can come again.
-    client = redis.Redis.from_url(redis_url)
-    assert client.zcard("rq:scheduled:webhooks") == 0 and client.llen("rq:queue:webhooks") == 0
+    rclient = redis.Redis.from_url(redis_url)
+    assert rclient.zcard("rq:scheduled:webhooks") == 0 and rclient.llen("rq:queue:webhooks") == 0
     assert len(receiver.at("/gone")) == 1
     client.close()
 

@@ -51,8 +51,11 @@ def unreachable_redis() -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_until(condition: Callable[..., Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``condition`` is called without arguments (typed ``...`` so that a lambda may bind a loop
+    variable as a default: ``lambda node=node: ...``)."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:

@@ -25,7 +25,7 @@ from tests.support.procs import ROOT, ServerProcess, free_port, wait_until
 KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
 ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss",
              "subscription_count"]
-FAST = {  # short windows so the module stays fast
+FAST: dict[str, Any] = {  # short windows so the module stays fast
     "debounce_ms": 300,
     "batching": {"enabled": True, "duration": 50, "size": 100},
     "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_time_ms": 20000},

@@ -209,12 +209,6 @@ class Fleet:
                 raise AssertionError(f"timed out after {timeout}s waiting for {message or condition}")
             self.pump(0.05)
 
-    def _send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.send(data)  # a few bytes: fits even a non-blocking socket's buffer
-        except OSError:
-            pass
-
     def close(self) -> None:
         for client in list(self.clients):
             self.remove(client)

@@ -9,6 +9,8 @@ import json
 import ssl
 import tomllib
 
+import redis
+
 from sockudo.config import load_config
 from sockudo.redis import make_client
 from tests.support.procs import ROOT
@@ -52,5 +54,6 @@ def test_heroku_config_reads_the_add_on_url_over_tls_without_verifying() -> None
     assert [app.id for app in config.apps] == ["12345"]
     pool = make_client(config).connection_pool
     connection = pool.make_connection()
+    assert isinstance(connection, redis.SSLConnection)
     assert connection.host == "ec2-1-2-3-4.compute-1.amazonaws.com" and connection.port == 6380
     assert connection.cert_reqs == ssl.CERT_NONE

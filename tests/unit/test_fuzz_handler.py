@@ -201,7 +201,8 @@ def build(recipe: dict[str, Any], socket_id: str, home: str = "private-room", ap
         frame = json.loads(build(base, socket_id, home, app))
         if recipe["override"] is not None:
             key, value = recipe["override"]
-            target = frame.get("data") if isinstance(frame.get("data"), dict) else frame
+            inner = frame.get("data")
+            target: dict[str, Any] = inner if isinstance(inner, dict) else frame
             target[key] = value
         if recipe["drop"] is not None:
             frame.pop(recipe["drop"], None)

@@ -79,7 +79,7 @@ def test_dead_letters_are_listed_without_body_headers_or_url_credentials_and_rep
     letters = MemoryDeadLetters()
     letters.add(dead_letter_record(delivery, "permanent_failure", 1, 1000, 2000, 410))
     queue = EmbeddedQueue(FakeRuntime(threads=False), None, letters)
-    world.services.events = SimpleNamespace(queue=queue, emit=lambda app, event: None)  # type: ignore[assignment]
+    world.services.events = SimpleNamespace(queue=queue, emit=lambda app, event: None)
     console, watcher = watched(world)
     listed = console.dead_letters(app.id)
     text = json.dumps(listed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ class Stream:
         return self._buf.read(min(n, self.chunk) if self.chunk else n)
 
 
-def reader(data: bytes, max_payload: int = 65536, chunk: int | None = None, **kw) -> tuple[FrameReader, Stream]:  # type: ignore[no-untyped-def]
+def reader(data: bytes, max_payload: int = 65536, chunk: int | None = None, **kw: Any) -> tuple[FrameReader, Stream]:
     stream = Stream(data, chunk)
     return FrameReader(stream.read, max_payload, **kw), stream
 

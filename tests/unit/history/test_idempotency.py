@@ -123,7 +123,11 @@ def test_begin_polls_six_times_then_answers_503_with_retry_after() -> None:
 def test_begin_returns_the_response_stored_while_it_polled() -> None:
     store = MemoryIdempotency(FakeClock())
     store.claim("k", 60)
-    sleeps = Sleeps(action=lambda n: n == 2 and store.store("k", '{"first":true}', 60))
+    def answer_on_the_second_poll(n: int) -> None:
+        if n == 2:
+            store.store("k", '{"first":true}', 60)
+
+    sleeps = Sleeps(action=answer_on_the_second_poll)
     assert idempotency.begin(store, "k", 60, sleeps) == '{"first":true}'
     assert len(sleeps.calls) == 2
 
@@ -131,7 +135,11 @@ def test_begin_returns_the_response_stored_while_it_polled() -> None:
 def test_begin_claims_a_key_released_while_it_polled() -> None:
     store = MemoryIdempotency(FakeClock())
     store.claim("k", 60)
-    sleeps = Sleeps(action=lambda n: n == 3 and store.release("k"))
+    def release_on_the_third_poll(n: int) -> None:
+        if n == 3:
+            store.release("k")
+
+    sleeps = Sleeps(action=release_on_the_third_poll)
     assert idempotency.begin(store, "k", 60, sleeps) is None
     assert store.get("k") == PROCESSING  # claimed for this request now
 

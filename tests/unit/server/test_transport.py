@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import pytest
@@ -39,7 +40,7 @@ def read_all(sock: gsocket.socket, until: bytes) -> bytes:
     return got
 
 
-def test_the_queue_is_cut_off_by_bytes_before_it_is_by_count(pair) -> None:  # type: ignore[no-untyped-def]
+def test_the_queue_is_cut_off_by_bytes_before_it_is_by_count(pair: Any) -> None:
     server, client = pair
     slow: list[bool] = []
     transport = WsTransport(server, max_messages=1000, on_slow_consumer=lambda: slow.append(True),
@@ -54,7 +55,7 @@ def test_the_queue_is_cut_off_by_bytes_before_it_is_by_count(pair) -> None:  # t
     assert b"4100" in read_all(client, b"\x88")  # the error frame, then the close frame
 
 
-def test_the_byte_count_is_zero_once_the_peer_has_read_everything(pair) -> None:  # type: ignore[no-untyped-def]
+def test_the_byte_count_is_zero_once_the_peer_has_read_everything(pair: Any) -> None:
     server, client = pair
     transport = WsTransport(server, max_messages=1000, max_bytes=1 << 20)
     frames = [frame(5000) for _ in range(20)]

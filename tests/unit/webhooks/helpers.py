@@ -12,6 +12,7 @@ from typing import Any
 import pusher
 
 from sockudo.config import AppConfig
+from sockudo.webhooks.metrics import QueueStats
 from sockudo.webhooks.model import (
     Delivery,
     RetryPolicy,
@@ -57,6 +58,9 @@ class RecordingQueue:
 
     def enqueue(self, deliveries: list[Delivery]) -> None:
         self.deliveries.extend(deliveries)
+
+    def stats(self) -> QueueStats:
+        return QueueStats(self.backend, "recording", {"ready": len(self.deliveries)}, 0.0)
 
     def events(self) -> list[dict[str, Any]]:
         return [e for d in self.deliveries for e in json.loads(d.body)["events"]]

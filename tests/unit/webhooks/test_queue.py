@@ -73,7 +73,8 @@ def test_rq_jobs_carry_no_secret_and_a_crash_allowance(rclient: redis.Redis) -> 
     job = Job.fetch(job_id, connection=rclient)
     assert job.func_name == RQ_JOB and job.timeout == d.job_timeout_s
     assert job.retries_left == CRASH_ALLOWANCE
-    assert SECRET not in rclient.hget(job.key, "data").decode("latin-1")
+    data = rclient.hget(job.key, "data")
+    assert isinstance(data, bytes) and SECRET not in data.decode("latin-1")
     assert d.body not in (job.description or "")
     assert queue.stats().depth["ready"] == 1
     assert rq_retry(RetryPolicy(initial_backoff_ms=500)).intervals == [0.5, 1.0, 2.0]

@@ -142,7 +142,7 @@ def test_queue_outage_keeps_deliveries_until_it_is_back() -> None:
     queue.down = False
     run(sink, clock, 1.0)
     assert [e["channel"] for e in queue.events()] == ["a", "b"]
-    assert registry.get_sample_value("sockudo_webhooks_enqueue_failures_total") >= 1
+    assert (registry.get_sample_value("sockudo_webhooks_enqueue_failures_total") or 0) >= 1
 
 
 def test_redis_down_at_the_leave_still_sends_it_after_the_window() -> None:

@@ -115,7 +115,7 @@ def test_a_busy_endpoint_defers_the_job_without_an_attempt(receiver: Receiver, r
     assert job.meta.get(ATTEMPTS) is None and job.meta[DEFERRALS] == 1 and job.meta[OUTCOME]["outcome"] == "deferred"
     assert job.retries_left == CRASH_ALLOWANCE
     due = rclient.zscore(queue.queue.scheduled_job_registry.key, job_id)
-    assert before <= due <= time.time() + 2  # ~1 s, not the retry policy's backoff
+    assert due is not None and before <= due <= time.time() + 2  # ~1 s, not the retry policy's backoff
     assert not rclient.exists(LEASE_KEY.format(job_id=job_id))
     assert rclient.get(held) == b"another-attempt"  # the holder's slot is untouched
 
@@ -154,4 +154,4 @@ def test_time_deferred_after_an_attempt_is_not_charged_to_the_budget(receiver: R
 
 
 def test_returned_retry_is_rqs_value() -> None:
-    assert isinstance(Retry(max=1, interval=[0.2]), Retry)
+    assert isinstance(Retry(max=1, interval=[0.2]), Retry)  # type: ignore[list-item]  # rq's own hint says int; floats work
