@@ -342,7 +342,7 @@ def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
     at = getattr(_deadline, "at", None)
     if at is None:
         return timeout
-    left = at - time.monotonic()
+    left = float(at) - time.monotonic()
     if left <= 0:
         raise error("push attempt deadline passed")
     return left if timeout is None else min(timeout, left)
@@ -360,7 +360,7 @@ def deadline_backend() -> Any:
             self.inner = inner
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            return self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout))
+            return bytes(self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout)))
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
             self.inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
@@ -859,7 +859,7 @@ def _time_left(settings: PushSettings) -> float:
     at = getattr(_deadline, "at", None)
     if at is None:
         return settings.request_timeout_ms / 1000
-    return max(0.0, at - time.monotonic())
+    return max(0.0, float(at) - time.monotonic())
 
 
 def _retry_after_s(header: str | None, now: float) -> float | None:

@@ -515,7 +515,8 @@ class RedisStore:
                 pipe.expire(self.k("dup", app_id, publish_id), self.status_ttl_s)
             return changes
 
-        return self._cas("retry", state_keys, body)
+        claimed: list[st.Change] = self._cas("retry", state_keys, body)
+        return claimed
 
     def settle_many(self, app_id: str, publish_id: str, ops: list[st.SettleOp], now_ms: int) -> list[st.Change]:
         """:meth:`settle` for a batch in one optimistic transaction: the delivery transitions,
