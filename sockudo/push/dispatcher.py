@@ -20,10 +20,10 @@ import queue
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sockudo.core import keys
 from sockudo.push import status as st
@@ -36,7 +36,6 @@ from sockudo.push.providers import (
     REJECTED,
     RETRYABLE,
     UNKNOWN,
-    ProviderClients,
     ProviderResult,
     SendContext,
 )
@@ -106,13 +105,20 @@ class _Settles:
     )
 
 
+class Sender(Protocol):
+    """What the dispatcher sends with: ``ProviderClients`` (tests hand it a scripted one)."""
+
+    def submit(self, provider: str, device: Mapping[str, Any], rendered: Mapping[str, Any],
+               credentials: Mapping[str, Any], ctx: SendContext) -> Future[ProviderResult]: ...
+
+
 class Dispatcher:
     def __init__(
         self,
         settings: PushSettings,
         store: Any,
         queue: Any,
-        clients: Callable[[], ProviderClients],
+        clients: Callable[[], Sender],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -120,14 +126,14 @@ class Dispatcher:
         self.store = store
         self.queue = queue
         self._clients_factory = clients
-        self._clients: ProviderClients | None = None
+        self._clients: Sender | None = None
         self._clients_pid = 0
         self.metrics = metrics
         self.clock = clock
         self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"  # each run claims as owner:pid:run
         self._leases: dict[str, tuple[int, int]] = {}  # job → (renewed at, lease deadline), ms
 
-    def clients(self) -> ProviderClients:
+    def clients(self) -> Sender:
         """The provider clients (made on first use; again in a forked child)."""
         if self._clients is None or self._clients_pid != os.getpid():
             self._clients = self._clients_factory()

@@ -134,10 +134,10 @@ def validate_credentials(provider: str, body: Any) -> dict[str, Any]:
         if not isinstance(private, str):
             raise bad("privateKey (the VAPID private key, raw 32-byte P-256 scalar base64url) is required")
         try:
-            key = crypto.p256_private_from_raw(private)
+            vapid_key = crypto.p256_private_from_raw(private)
         except CryptoError as exc:
             raise bad(f"privateKey: {exc}") from None
-        public = crypto.b64url(crypto.p256_public_raw(key))
+        public = crypto.b64url(crypto.p256_public_raw(vapid_key))
         given = body.get("publicKey")
         if given is not None and given.rstrip("=") != public:
             raise bad("publicKey does not match privateKey")
