@@ -129,15 +129,7 @@ class WebhookSink:
         item = _Inbound(app, event, int(self.clock() * 1000))
         debounce = self.settings.debounce_ms
         if debounce > 0 and name in DEBOUNCED:
-            key = marker_key(app.id, event)
-            token = uuid.uuid4().hex
-            try:
-                self.markers.mark(key, token, debounce * 2 + 5000)
-            except self.failures as exc:
-                self._marker_trouble("not stored; deciding on this node alone", exc)
-                item.marker = (key, None)  # the timer must not look for a marker that was never written
-            else:
-                item.marker = (key, token)
+            item.marker = self._mark(app.id, event)
         elif debounce > 0 and name in CANCELS:
             try:
                 item.cancelled = self.markers.cancel(marker_key(app.id, {**event, "name": CANCELS[name]}))
@@ -218,22 +210,25 @@ class WebhookSink:
         if self._outbox and (force or now >= self._outbox_retry_at):
             self._drain_outbox()
 
+    def _mark(self, app_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
+        """Leave this leave's pending marker for the debounce window; ``(key, token)``, the token
+        None when the marker could not be stored (the timer must not look for it then)."""
+        key = marker_key(app_id, event)
+        token = uuid.uuid4().hex
+        try:
+            self.markers.mark(key, token, self.settings.debounce_ms * 2 + 5000)
+        except self.failures as exc:
+            self._marker_trouble("not stored; deciding on this node alone", exc)
+            return key, None
+        return key, token
+
     def _route(self, item: _Inbound) -> None:
         app, event = item.app, item.event
         name = event.get("name")
         debounce = self.settings.debounce_ms
         if not item.debounced and debounce > 0:
             if name in DEBOUNCED:
-                if item.marker is not None:
-                    key, token = item.marker
-                else:
-                    key = marker_key(app.id, event)
-                    token = uuid.uuid4().hex
-                    try:
-                        self.markers.mark(key, token, debounce * 2 + 5000)
-                    except self.failures as exc:
-                        self._marker_trouble("not stored; deciding on this node alone", exc)
-                        token = None  # the timer must not look for a marker that was never written
+                key, token = item.marker if item.marker is not None else self._mark(app.id, event)
                 due = self.clock() + debounce / 1000.0
                 heapq.heappush(self._timers, (due, next(self._seq), lambda: self._fire(item, key, token)))
                 return
