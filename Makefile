@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make run` and `make test`. Both work on a fresh machine
-# with only Python 3.11 and Node 20 (make test installs redis-server and prometheus with apt-get if absent).
+# with only Python 3.11 and Node 20 (make test installs redis-server, prometheus and chromium
+# with apt-get if absent).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +13,7 @@ BENCH_VENV := bench/.venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: run test test-unit test-integration redis-server prometheus venv js clean lint bench soak
+.PHONY: run test test-quick test-unit test-integration redis-server prometheus chromium venv js clean lint bench soak
 
 run: $(STAMP)
 	$(PY) -m sockudo $(ARGS)
@@ -48,13 +49,25 @@ prometheus:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null \
 	  || { echo "make: could not install prometheus"; exit 1; }; }
 
-test: $(STAMP) $(JS_STAMP) redis-server prometheus
+# The console's test drives Debian's Chromium through Selenium (chromium-driver); this only makes
+# sure both are there.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+	  || { echo "make: could not install chromium"; exit 1; }; }
+
+test: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP) redis-server
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus
+# Everything but the tests marked slow (outages, soaks, kill -9 runs): a few minutes less.
+test-quick: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 $(BENCH_STAMP): requirements.txt bench/requirements.txt
@@ -75,5 +88,11 @@ SOAK_SECONDS ?= 1800
 soak: $(STAMP) redis-server
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak
 
+# ruff (style, imports, bug patterns) and mypy (types), both configured in pyproject.toml and
+# pinned in requirements-dev.txt; CI runs this before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check sockudo workers bench tests
+	$(PY) -m mypy
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache .ruff_cache .mypy_cache

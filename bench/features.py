@@ -840,7 +840,7 @@ def webhooks(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
 def _recovery_fanout_width(n: int, publishes: int, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {"subscribers": n, "subscriber_protocol": 2, "publishes_per_round": publishes,
                            "rounds": sizes.rec_rounds, "pipelined_window": sizes.fanout_window}
-    on = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+    on: dict[str, Any] = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
     with ExitStack() as stack:
         r_off = _redis_server(stack)
         r_on = _redis_server(stack)
@@ -893,7 +893,7 @@ def publish_cost(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     """What numbering and storing costs one publish: sequential signed publishes (one keep-alive
     connection) to a channel with one protocol-2 subscriber, recovery+history off vs on, memory
     and Redis mode, interleaved rounds; round trip, server CPU and redis-server CPU per publish."""
-    on = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+    on: dict[str, Any] = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
     n = sizes.cost_publishes
     out: dict[str, Any] = {"publishes_per_round": n, "rounds": sizes.cost_rounds, "subscribers": 1}
     with ExitStack() as stack:
@@ -1006,7 +1006,7 @@ def _resume_once(label: str, connect: Node, resume_on: Node, sizes: Sizes, pids:
 def resume(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {"clients": sizes.resume_clients, "channels": sizes.resume_channels,
                            "missed_per_client": sizes.resume_missed, "results": {}}
-    on = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+    on: dict[str, Any] = {"connection_recovery": {"enabled": True}, "history": {"enabled": True}}
     runs = (
         ("memory", False, False),
         ("redis", True, False),

@@ -1,116 +1,242 @@
-"""``python -m bench.push_fanout [--devices 10000] [--workers 2]``: push fan-out benchmark (issue 6).
+"""``python -m bench.push_fanout``: push delivery at provider latency, old worker against new.
 
-A real server, a throwaway redis-server, N real ``python -m workers push`` processes and a local
-fake FCM (tests/support/fake_push.py: OAuth token endpoint + messages:send, HTTP/1.1), all on
-127.0.0.1. Registers the devices (straight into the push store, to keep set-up short), subscribes
-them to one channel, publishes once, and prints:
+    python -m bench.push_fanout [--devices 10000] [--workers 2] [--latency-ms 100] [--runs 3]
+                                [--providers apns,fcm,webpush] [--baseline-devices 100]
+                                [--baseline-rev REV]
 
-- the publish's acceptance time (client round trip of ``POST …/push/publish``, and the server's
-  own ``sockudo_push_publish_acceptance_duration_seconds``);
-- the time until the status record is terminal, and the provider-side delivery count.
+A real server, a throwaway redis-server, N real ``python -m workers push`` processes and the
+local fake APNs (HTTP/2 over TLS), FCM (OAuth + ``messages:send``) and Web Push services of
+tests/support/fake_push.py, all on 127.0.0.1, each fake answering after ``--latency-ms``.
+Devices are written straight into the push store (set-up stays short) and subscribed to one
+channel per provider; every run publishes once to a channel and times it until the status
+record is terminal: **devices delivered per second**, plus the publish's acceptance time.
 
-Targets (issue 6): accepted in < 100 ms; fully dispatched within 30 s by two workers.
+Two worker configurations run side by side in one invocation, in interleaved rounds (median of
+``--runs``):
+
+- ``baseline``: the workers of ``--baseline-rev`` (a git revision, extracted with ``git
+  archive``; e.g. the commit before concurrent dispatch), else the current code with one
+  request in flight per provider (``PUSH_*_CONCURRENCY=1``): one delivery at a time per worker.
+  Sending one at a time, a baseline run is ``--baseline-devices`` devices (10,000 would take
+  minutes);
+- ``concurrent``: the current workers with their defaults, ``--devices`` devices.
+
+Targets: 2 workers, 100 ms latency: Web Push ≥ 1,000 devices/s (10,000 in ≤ 10 s), APNs and
+FCM ≥ 2,000 devices/s; publish accepted in < 100 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.fake_push import FakeFCM  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+from sockudo.push import crypto  # noqa: E402
+from tests.support import push_crypto  # noqa: E402
+from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription  # noqa: E402
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until  # noqa: E402
-from tests.support.push import APP, signed  # noqa: E402
+from tests.support.push import APP, KEY_ID, TEAM_ID, TOPIC, signed  # noqa: E402
+
+FINAL = ("succeeded", "partially_succeeded", "failed", "dead_lettered")
+TARGETS = {"apns": 2000.0, "fcm": 2000.0, "webpush": 1000.0}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.push_fanout")
-    parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=100)
-    args = parser.parse_args()
-
-    import redis
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from sockudo.push import model
-    from sockudo.push.redis_store import RedisStore
-
-    redis_server = RedisServer().start()
-    fcm = FakeFCM()
-    key = "bench-" + uuid.uuid4().hex
-    prefix = "sockudo:push:bench:"
-    env = {
-        "REDIS_URL": redis_server.url,
-        "PUSH_CREDENTIALS_KEY": key,
-        "PUSH_ALLOW_INSECURE_ENDPOINTS": "true",
-        "FCM_ENDPOINT": fcm.url,
-        "PUSH_REDIS_PREFIX": prefix,
-        "PUSH_BATCH_SIZE": str(args.batch_size),
-        "LOG_LEVEL": "WARNING",
-    }
-    server = ServerProcess([APP], env=env).start()
-    workers: list[subprocess.Popen[bytes]] = []
-    logdir = tempfile.mkdtemp(prefix="push-bench-")
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (RQ's work-horses) from /proc."""
     try:
-        resp = signed(
-            server, "POST", f"/apps/{APP['id']}/push/credentials/fcm", {"serviceAccountJson": fcm.service_account()}
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def extract(rev: str) -> Path:
+    """The tree of ``rev`` in a temporary directory (its workers run from there)."""
+    out = Path(tempfile.mkdtemp(prefix="push-bench-base-"))
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+    tar = out / "tree.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as fh:
+        fh.extractall(out, filter="data")
+    tar.unlink()
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="push-bench-")
+        latency = args.latency_ms / 1000
+        self.apns_key = ec.generate_private_key(ec.SECP256R1())
+        self.vapid_key = ec.generate_private_key(ec.SECP256R1())
+        self.apns = FakeAPNs(
+            team_id=TEAM_ID,
+            key_id=KEY_ID,
+            public_key=self.apns_key.public_key(),
+            topic=TOPIC,
+            cert_dir=self.dir,
+            delay=latency,
         )
-        assert resp.status_code == 201, resp.text
-        store = RedisStore(redis.Redis.from_url(redis_server.url), prefix)
-        started = time.perf_counter()
-        channel = "bench"
+        # FCM over HTTP/2 with TLS, as Google serves it (its certificate is in the same CA file).
+        self.fcm = FakeFCM(delay=latency, cert_dir=self.dir)
+        self.webpush = FakeWebPush(
+            vapid_public_key=crypto.b64url(crypto.p256_public_raw(self.vapid_key)), delay=latency
+        )
+        self.redis = RedisServer().start()
+        self.prefix = "sockudo:push:bench:"
+        self.env = {
+            "REDIS_URL": self.redis.url,
+            "PUSH_CREDENTIALS_KEY": "bench-" + uuid.uuid4().hex,
+            "PUSH_ALLOW_INSECURE_ENDPOINTS": "true",
+            "PUSH_CA_FILE": self.ca_file(),
+            "APNS_ENDPOINT": self.apns.url,
+            "FCM_ENDPOINT": self.fcm.url,
+            "PUSH_REDIS_PREFIX": self.prefix,
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        }
+        self.server = ServerProcess([APP], env=self.env).start()
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.fakes = {"apns": self.apns, "fcm": self.fcm, "webpush": self.webpush}
+
+    def ca_file(self) -> str:
+        """One bundle with both fakes' self-signed certificates."""
+        path = os.path.join(self.dir, "fakes-ca.pem")
+        with open(path, "w", encoding="ascii") as out:
+            for cert in (self.apns.cert_path, self.fcm.cert_path):
+                with open(cert, encoding="ascii") as fh:
+                    out.write(fh.read())
+        return path
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.server.stop()
+        for fake in self.fakes.values():
+            fake.close()
+        self.redis.stop()
+
+    # -- set-up --
+
+    def upload_credentials(self) -> None:
+        pem = self.apns_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        for provider, body in (
+            ("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
+            ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
+            ("webpush", {"privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))}),
+        ):
+            resp = signed(self.server, "POST", f"/apps/{APP['id']}/push/credentials/{provider}", body)
+            assert resp.status_code == 201, resp.text
+
+    def register(self, provider: str, count: int, channels: dict[str, int]) -> None:
+        """``count`` devices of ``provider``; the first ``n`` of them on each channel of ``channels``."""
+        import redis
+
+        from sockudo.push import model
+        from sockudo.push.redis_store import RedisStore
+
+        store = RedisStore(redis.Redis.from_url(self.redis.url), self.prefix)
         now = int(time.time() * 1000)
-        for i in range(args.devices):
+        _, p256dh, auth = web_subscription()
+
+        def one(i: int) -> None:
+            device_id = f"{provider}-{i:06d}"
+            if provider == "apns":
+                recipient: dict[str, Any] = {"transportType": "apns", "deviceToken": f"{i:064x}"}
+            elif provider == "fcm":
+                recipient = {"transportType": "gcm", "registrationToken": f"tok-{i:06d}"}
+            else:
+                recipient = {
+                    "transportType": "web",
+                    "endpoint": self.webpush.endpoint(f"sub{i:06d}"),
+                    "p256dh": p256dh,
+                    "auth": auth,
+                }
+            platform = {"apns": "ios", "fcm": "android", "webpush": "browser"}[provider]
             device = model.parse_device(
                 APP["id"],
-                {
-                    "id": f"dev-{i:06d}",
-                    "platform": "android",
-                    "push": {"recipient": {"transportType": "gcm", "registrationToken": f"tok-{i:06d}"}},
-                },
+                {"id": device_id, "platform": platform, "push": {"recipient": recipient}},
                 now_ms=now,
                 allow_insecure=True,
             )
             store.put_device(APP["id"], device, model.device_changed)
-            store.subscribe(APP["id"], channel, device["id"])
-        print(f"registered and subscribed {args.devices} devices in {time.perf_counter() - started:.1f} s")
+            for channel, n in channels.items():
+                if i < n:
+                    store.subscribe(APP["id"], channel, device_id)
 
-        worker_env = {**server.env, "SOCKUDO_CONFIG": server.config_path}
-        for i in range(args.workers):
-            log = open(os.path.join(logdir, f"worker-{i}.log"), "ab")
-            workers.append(
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(count)))
+
+    # -- workers --
+
+    def start_workers(self, mode: str, base: Path | None) -> None:
+        env = {**self.server.env, "SOCKUDO_CONFIG": self.server.config_path}
+        # Planning happens in the workers: the batch size is theirs (the baseline keeps the default).
+        env["PUSH_BATCH_SIZE"] = "100" if mode == "baseline" else str(self.args.batch_size)
+        cwd = ROOT
+        if mode == "baseline":
+            if base is not None:
+                cwd = base
+                # Before concurrent dispatch, FCM was sent over HTTP/1.1: the fake's HTTP/1.1 side.
+                env["FCM_ENDPOINT"] = f"http://127.0.0.1:{self.fcm.http_port}"
+            else:
+                env.update({f"PUSH_{p.upper()}_CONCURRENCY": "1" for p in ("apns", "fcm", "webpush")})
+        command = [sys.executable, "-m", "workers", "push", "--metrics-port", "{port}", "--metrics-host", "127.0.0.1"]
+        if mode == "concurrent" and self.args.in_process:
+            # RQ's SimpleWorker: jobs run in the worker process itself (no fork per job), so the
+            # push composition and its provider connections live as long as the process.
+            command = [sys.executable, "-c", "from rq.cli import main; main()", "worker", "--worker-class",
+                       "rq.worker.SimpleWorker", "--with-scheduler", "--url", self.redis.url, "push"]
+        for i in range(self.args.workers):
+            log = open(os.path.join(self.dir, f"{mode}-worker-{i}.log"), "ab")  # noqa: SIM115
+            self.workers.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "workers",
-                        "push",
-                        "--metrics-port",
-                        str(free_port()),
-                        "--metrics-host",
-                        "127.0.0.1",
-                    ],
-                    cwd=ROOT,
-                    env=worker_env,
+                    [part.replace("{port}", str(free_port())) for part in command],
+                    cwd=cwd,
+                    env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
             )
         time.sleep(2)  # let the workers import and connect before the clock starts
 
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            proc.terminate()
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.workers = []
+
+    # -- one run --
+
+    def run(self, provider: str, channel: str, devices: int) -> dict[str, Any]:
+        fake = self.fakes[provider]
+        before = fake.total_accepted()
+        cpu_before = sum(cpu_s(p.pid) for p in self.workers)
+        own_before = time.process_time()
         t0 = time.perf_counter()
         resp = signed(
-            server,
+            self.server,
             "POST",
             f"/apps/{APP['id']}/push/publish",
             {"recipients": [{"type": "channel", "channel": channel}], "payload": {"title": "bench"}},
@@ -119,47 +245,96 @@ def main() -> int:
         assert resp.status_code == 202, resp.text
         publish_id = resp.json()["publishId"]
 
-        def done() -> dict[str, object] | None:
-            status = signed(server, "GET", f"/apps/{APP['id']}/push/publish/{publish_id}/status").json()
-            return (
-                status if status["state"] in ("succeeded", "partially_succeeded", "failed", "dead_lettered") else None
-            )
+        def done() -> dict[str, Any] | None:
+            status = signed(self.server, "GET", f"/apps/{APP['id']}/push/publish/{publish_id}/status").json()
+            return status if status["state"] in FINAL else None
 
-        status = wait_until(done, timeout=300, interval=0.2)
+        status = wait_until(done, timeout=600, interval=0.05)
         total_s = time.perf_counter() - t0
-        server_accept = 0.0
-        for family in text_string_to_metric_families(server.metrics_text()):
-            for sample in family.samples:
-                if sample.name == "sockudo_push_publish_acceptance_duration_seconds_sum":
-                    server_accept += sample.value
-        result = {
-            "devices": args.devices,
-            "workers": args.workers,
-            "batch_size": args.batch_size,
-            "accept_round_trip_ms": round(accept_s * 1000, 1),
-            "accept_server_ms": round(server_accept * 1000, 1),
-            "dispatch_total_s": round(total_s, 2),
+        delivered = fake.total_accepted() - before
+        time.sleep(0.3)  # the last work-horse's CPU is counted once it is reaped
+        worker_cpu = sum(cpu_s(p.pid) for p in self.workers) - cpu_before
+        fake_cpu = time.process_time() - own_before
+        return {
+            "devices": devices,
+            "seconds": round(total_s, 2),
+            "per_s": round(devices / total_s, 1),
+            "accept_ms": round(accept_s * 1000, 1),
             "state": status["state"],
-            "counters": status["counters"],
-            "provider_accepted": fcm.total_accepted(),
-            "deliveries_per_s": round(args.devices / total_s, 1),
+            "succeeded": status["counters"]["succeeded"],
+            "provider_accepted": delivered,
+            "worker_cpu_ms_per_delivery": round(worker_cpu * 1000 / devices, 2),
+            "fake_cpu_ms_per_delivery": round(fake_cpu * 1000 / devices, 2),
         }
-        print(json.dumps(result, indent=2))
-        print(
-            f"targets: accepted < 100 ms: {'OK' if accept_s < 0.1 else 'MISSED'}; "
-            f"dispatched within 30 s: {'OK' if total_s <= 30 and fcm.total_accepted() == args.devices else 'MISSED'}"
-        )
-        return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.push_fanout")
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--baseline-devices", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=100, help="devices per dispatch job (concurrent workers)")
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--providers", default="apns,fcm,webpush")
+    parser.add_argument("--baseline-rev", default=None, help="git revision whose workers are the baseline")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the concurrent workers' jobs in the worker process (RQ SimpleWorker, "
+                             "no fork per job)")
+    args = parser.parse_args()
+    providers = [p for p in args.providers.split(",") if p]
+
+    base = extract(args.baseline_rev) if args.baseline_rev else None
+    bench = Bench(args)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"baseline": [], "concurrent": []} for p in providers}
+    try:
+        bench.upload_credentials()
+        started = time.perf_counter()
+        for provider in providers:
+            bench.register(provider, args.devices, {f"{provider}-all": args.devices,
+                                                    f"{provider}-few": args.baseline_devices})
+        print(f"registered {args.devices} devices per provider in {time.perf_counter() - started:.1f} s", flush=True)
+        for run in range(args.runs):  # interleaved rounds: both configurations see the same machine load
+            for mode in ("baseline", "concurrent"):
+                bench.start_workers(mode, base)
+                try:
+                    for provider in providers:
+                        few = mode == "baseline"
+                        channel = f"{provider}-few" if few else f"{provider}-all"
+                        out = bench.run(provider, channel, args.baseline_devices if few else args.devices)
+                        results[provider][mode].append(out)
+                        print(f"run {run + 1} {mode:10s} {provider:8s} {json.dumps(out)}", flush=True)
+                finally:
+                    bench.stop_workers()
     finally:
-        for proc in workers:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        server.stop()
-        fcm.close()
-        redis_server.stop()
+        bench.close()
+
+    print()
+    print(f"{args.workers} workers, {args.latency_ms:.0f} ms provider latency, median of {args.runs} runs "
+          f"(baseline: {'rev ' + args.baseline_rev if args.baseline_rev else 'one request in flight per worker'})")
+    print(f"{'provider':8s} {'baseline/s':>11s} {'concurrent/s':>13s} {'ratio':>7s} {'10k in s':>9s} "
+          f"{'accept ms':>10s} {'target/s':>9s}")
+    summary = {}
+    for provider in providers:
+        base_rate = statistics.median(r["per_s"] for r in results[provider]["baseline"])
+        new_rate = statistics.median(r["per_s"] for r in results[provider]["concurrent"])
+        new_s = statistics.median(r["seconds"] for r in results[provider]["concurrent"])
+        accept = statistics.median(r["accept_ms"] for r in results[provider]["concurrent"])
+        complete = all(
+            r["provider_accepted"] == r["devices"] and r["state"] == "succeeded"
+            for mode in ("baseline", "concurrent")
+            for r in results[provider][mode]
+        )
+        ok = new_rate >= TARGETS[provider] and accept < 100 and complete
+        summary[provider] = {"baseline_per_s": base_rate, "concurrent_per_s": new_rate, "ratio": new_rate / base_rate,
+                             "concurrent_s": new_s, "accept_ms": accept, "complete": complete, "target_met": ok}
+        print(f"{provider:8s} {base_rate:11.1f} {new_rate:13.1f} {new_rate / base_rate:6.1f}x {new_s:9.2f} "
+              f"{accept:10.1f} {TARGETS[provider]:9.0f} {'OK' if ok else 'MISSED'}"
+              f"{'' if complete else ' (deliveries missing or duplicated)'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

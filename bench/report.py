@@ -76,7 +76,7 @@ COLUMNS: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
 }
 
 # the one or two columns each scenario is compared on
-RATIO_ON = {
+RATIO_ON: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "fanout": [("deliveries/s", ("deliveries_per_s",)), ("CPU/delivery", ("cpu_us_per_delivery",))],
     "latency": [("p95", ("latency_ms", "p95")), ("p99", ("latency_ms", "p99"))],
     "connections": [("RSS/conn", ("rss_per_connection_kb",)), ("connects/s", ("connects_per_s",))],
@@ -125,7 +125,7 @@ def print_report(report: dict[str, Any]) -> None:
             else:
                 row += [_get(r, *path) for _, path, _ in cols]
             rows.append(row)
-        first = next(iter(per_server.values()), {})
+        first: dict[str, Any] = next(iter(per_server.values()), {})
         size = {k: first.get(k) for k in ("subscribers", "publishes", "window", "connections", "clients", "channels",
                                            "rate_per_s", "publisher_processes", "publisher_connections",
                                            "offered_cycles_per_s") if first.get(k)}

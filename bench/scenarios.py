@@ -303,7 +303,7 @@ def rest(target: Target, sizes: Sizes) -> dict[str, Any]:
             meter = CpuMeter(target.pids).start()
             done = load.go()
             meter.stop()
-            client_cpu = [cpu_seconds([pid]) - c0 for pid, c0 in zip(client_pids, client_cpu0)]
+            client_cpu = [cpu_seconds([pid]) - c0 for pid, c0 in zip(client_pids, client_cpu0, strict=True)]
         finally:
             load.close()
         time.sleep(0.5)

@@ -16,11 +16,13 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 SECRET = b"bench-secret"  # bench.harness.APP_SECRET
 
 _lock = threading.Lock()
-_stats = {"deliveries": 0, "events": 0, "duplicates": 0, "bad_signatures": 0, "first_s": None, "last_s": None}
+_stats: dict[str, Any] = {"deliveries": 0, "events": 0, "duplicates": 0, "bad_signatures": 0, "first_s": None,
+                          "last_s": None}
 _seen: set[str] = set()
 _delay_s = 0.1
 _slots = threading.BoundedSemaphore(1000)

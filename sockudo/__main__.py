@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     setup_logging(config.log_format, config.log_level, secrets=[app.secret for app in config.apps])
+    for warning in config.warnings:  # settings of the file that have no effect here, one line each
+        logging.getLogger("sockudo.config").warning("%s", warning)
     if workers > 1:
         if config.adapter_driver != "redis":
             print(

@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import redis
+
 
 class Cache(Protocol):
     def get(self, key: str) -> tuple[str, float] | None:
         """``(value, seconds_left)`` or None."""
 
     def set(self, key: str, value: str, ttl_seconds: float) -> None: ...
+
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks (raises when the store is unreachable); None for one in memory."""
 
 
 class MemoryCache:
@@ -39,6 +44,9 @@ class MemoryCache:
         for key in [k for k, (_, exp) in self._items.items() if exp <= now]:
             del self._items[key]
 
+    def readiness_probe(self) -> None:
+        return None
+
 
 class RedisCache:
     """Cache-channel payloads shared by every node (spec §8.4)."""
@@ -47,13 +55,16 @@ class RedisCache:
         self.client = client
         self.prefix = prefix
 
+    def readiness_probe(self) -> Callable[[], bool]:
+        return lambda: bool(self.client.ping())
+
     def get(self, key: str) -> tuple[str, float] | None:
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.prefix + key)
             pipe.pttl(self.prefix + key)
             value, pttl = pipe.execute()
-        except Exception:  # a cache miss is the safe answer when Redis is away
+        except redis.RedisError:  # a cache miss is the safe answer when Redis is away
             return None
         if value is None:
             return None
@@ -62,7 +73,7 @@ class RedisCache:
     def set(self, key: str, value: str, ttl_seconds: float) -> None:
         try:
             self.client.set(self.prefix + key, value, px=int(ttl_seconds * 1000))
-        except Exception:
+        except redis.RedisError:
             pass  # best effort: a later publish stores it again
 
 

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit
 
 from sockudo.cache import cache_channel_key
 from sockudo.config import AppConfig
+from sockudo.console.tap import close_code
 from sockudo.core import protocol as p
 from sockudo.core.auth import verify_channel_auth, verify_user_auth
 from sockudo.core.connection import Connection, Transport
 from sockudo.core.errors import ApiError, PusherCode, PusherError, SubscriptionError
 from sockudo.core.wsframe import OutFrame
-from sockudo.history.store import SequencerUnavailable
+from sockudo.history.recovery import frames_size
+from sockudo.history.store import SequencerUnavailable, empty_stream_id
 from sockudo.publisher import (
     CACHE_TTL_SECONDS,  # noqa: F401  (re-exported for the REST layer)
     PublishUnavailable,
@@ -138,6 +140,9 @@ class Handler:
         if app.enable_user_authentication:
             conn.auth_deadline = now + self.config.user_authentication_timeout
         self.adapter.add_socket(app.id, conn)
+        tap = self.s.tap
+        if tap.attached:  # the console watches (one flag read otherwise)
+            tap.record(app.id, "connection", socket_id=conn.socket_id, protocol=protocol_version)
         m = self.metrics.app(app.id)
         m.connected.inc()
         m.new_connections.inc()
@@ -162,6 +167,9 @@ class Handler:
         m.connected.dec()
         m.new_disconnections.inc()
         self.metrics.disconnected(app.id, reason)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "disconnection", socket_id=conn.socket_id, reason=reason, code=close_code(reason))
 
     def check_liveness(self, conn: Connection, now: float) -> None:
         """Called by the server's shared timer: ping idle sockets, close silent ones (§1.5)."""
@@ -245,7 +253,8 @@ class Handler:
             label = "invalid"
             self.metrics.subscription_error(app.id, label, "invalid_channel")
             chan = channel if isinstance(channel, str) and len(channel) <= 1024 else None
-            self._subscription_failed(conn, chan, SubscriptionError(PusherCode.CHANNEL_ERROR, error, 400, "ChannelError"))
+            self._subscription_failed(conn, chan,
+                                      SubscriptionError(PusherCode.CHANNEL_ERROR, error, 400, "ChannelError"))
             return
         assert isinstance(channel, str)
         conn.hold()
@@ -283,13 +292,18 @@ class Handler:
             recovered: list[dict[str, Any]] = []
             failed: list[dict[str, Any]] = []
             replays: list[str] = []
+            # The replay is written after the failures, so it is collected first: never more
+            # than the socket may hold (up to 100 channels x 1,000 history messages could be
+            # read otherwise). A channel that would go over fails as position_expired.
+            budget = max(0, self.config.websocket_max_buffer_bytes - conn.transport.pending_bytes())
             for channel, stream_id, serial, is_legacy in requests[:100]:
                 outcome = self.s.recovery.resume(app, channel, stream_id, serial, is_legacy,
-                                                 subscribed=channel in conn.channels)
+                                                 subscribed=channel in conn.channels, max_bytes=budget)
                 if outcome.failure is not None:
                     failed.append(outcome.failure)
                     self._send(conn, p.frame("sockudo:resume_failed", p.dumps(outcome.failure), channel=channel))
                     continue
+                budget -= frames_size(outcome.frames)
                 replays.extend(outcome.frames)
                 if outcome.last_serial is not None:
                     delivered[channel] = outcome.last_serial
@@ -309,8 +323,16 @@ class Handler:
         channel = data.get("channel")
         if not isinstance(channel, str) or channel not in conn.channels:
             raise PusherError(PusherCode.CHANNEL_ERROR, "Subscribe to the channel before reading its history")
+        if conn.transport.pending_bytes():
+            # The socket has not taken what it was sent: another page would only wait in its
+            # queue. Without this, a client that stops reading turned ~100-byte requests into
+            # megabytes held by the server until the queue's limit cut it off.
+            self.metrics.rate_limited(conn.app.id, "channel_history", "websocket")
+            error = {"error": "Read what was sent before asking for more history", "code": "rate_limited",
+                     "status": 429}
+            self._send(conn, p.frame("sockudo:channel_history", p.dumps(error), channel=channel))
+            return
         params = dict(data)
-        params.setdefault("limit", 100)
         try:
             page = read_history(self.s.sequencer, self.metrics, conn.app, channel, params,
                                 attach_serial=(conn.attach_serials or {}).get(channel), websocket=True)
@@ -344,7 +366,8 @@ class Handler:
             if kind is p.ChannelKind.PRESENCE:
                 raw = data.get("channel_data")
                 if not isinstance(raw, str):
-                    raise SubscriptionError(PusherCode.GENERIC, "channel_data is required for presence channels", 400, "InvalidChannelData")
+                    raise SubscriptionError(PusherCode.GENERIC, "channel_data is required for presence channels", 400,
+                                            "InvalidChannelData")
                 channel_data = raw
             if not verify_channel_auth(app.key, app.secret, conn.socket_id, channel, auth, channel_data):
                 raise SubscriptionError(PusherCode.UNAUTHORIZED, "Invalid signature", 401, "AuthError")
@@ -377,6 +400,10 @@ class Handler:
         if kind.needs_auth or kind is p.ChannelKind.SERVER_TO_USER:
             conn.auth_deadline = None
         self.metrics.subscribed(app.id, kind.value, local_count == 1)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "subscribed", channel=channel, socket_id=conn.socket_id, user_id=user_id,
+                       occupied=occupied or None)
         if occupied:
             self.events.emit(app, {"name": "channel_occupied", "channel": channel})
 
@@ -411,7 +438,8 @@ class Handler:
         try:
             parsed = p.loads(channel_data)
         except (ValueError, RecursionError):
-            raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400, "InvalidChannelData") from None
+            raise SubscriptionError(PusherCode.GENERIC, "channel_data is not valid JSON", 400,
+                                    "InvalidChannelData") from None
         if not isinstance(parsed, dict):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data must be a JSON object", 400, "InvalidChannelData")
         raw_id = parsed.get("user_id")
@@ -435,18 +463,26 @@ class Handler:
         if conn.protocol == 2 and (app.connection_recovery.enabled or app.history.enabled) \
                 and p.server_to_user_id(channel) is None:
             # Protocol 2 (spec §7.3-§7.4): the ack carries the channel's position, so even an
-            # idle channel gives the client a starting point for a later resume.
+            # idle channel gives the client a starting point for a later resume. A channel
+            # nobody has published to has no stream yet and gets none here: its position is
+            # (empty_stream_id, 0), which resumes into its first stream. (Creating the stream
+            # on subscribe let anyone with the app key leave one behind per channel name.)
+            stream_id: str | None
+            serial: int | None
             try:
-                stream_id, serial = self.s.sequencer.ensure(app, channel)  # type: ignore[union-attr]
+                position = self.s.sequencer.position(app.id, channel)  # type: ignore[union-attr]
             except SequencerUnavailable:
                 stream_id, serial = None, None
+            else:
+                stream_id, serial = position if position is not None else (empty_stream_id(app.id, channel), 0)
             if serial is not None:
                 if conn.attach_serials is None:
                     conn.attach_serials = {}
                 conn.attach_serials[channel] = serial
                 if app.history.enabled:
                     payload["attach_serial"] = serial
-            frame = {"event": "sockudo_internal:subscription_succeeded", "channel": channel, "data": p.dumps(payload)}
+            frame: dict[str, Any] = {"event": "sockudo_internal:subscription_succeeded", "channel": channel,
+                                     "data": p.dumps(payload)}
             if stream_id is not None:
                 frame["stream_id"] = stream_id
                 frame["serial"] = serial
@@ -457,7 +493,13 @@ class Handler:
     def _leave(self, conn: Connection, channel: str) -> None:
         app = conn.app
         user_id = conn.channels.pop(channel, None)
+        if conn.attach_serials:
+            conn.attach_serials.pop(channel, None)
         local_remaining, vacated = self.adapter.unsubscribe(app.id, channel, conn.socket_id)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "unsubscribed", channel=channel, socket_id=conn.socket_id, user_id=user_id,
+                       vacated=vacated or None)
         kind = p.channel_kind(channel)
         self.metrics.unsubscribed(app.id, kind.value, local_remaining == 0)
         if user_id is not None and self.adapter.presence_leave(app.id, channel, conn.socket_id, user_id):
@@ -536,6 +578,10 @@ class Handler:
         if user_id is not None:
             hook["user_id"] = user_id
         self.events.emit(app, hook)
+        tap = self.s.tap
+        if tap.attached:
+            tap.record(app.id, "client_event", channel=channel, event=event, socket_id=conn.socket_id,
+                       user_id=user_id, data=hook["data"])
 
     # -- sign-in, users and watchlist (§4) ----------------------------------------
 

@@ -26,19 +26,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
+
+from sockudo.metrics.instruments import Counter, Gauge
+
+if TYPE_CHECKING:
+    from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
 
 OK, DEGRADED, ERROR, DRAINING, NOT_FOUND = "OK", "DEGRADED", "ERROR", "DRAINING", "NOT_FOUND"
 
 
+#: A readiness probe: raises, or returns False, when the thing it checks is unhealthy.
+Probe = Callable[[], object]
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
-    probe: Callable[[], Any]  # raises, or returns False, when unhealthy
+    probe: Probe
     critical: bool = True
 
 
@@ -105,7 +114,7 @@ class Readiness:
             registry=registry,
         )
 
-    def add_check(self, name: str, probe: Callable[[], Any], critical: bool) -> None:
+    def add_check(self, name: str, probe: Probe, critical: bool) -> None:
         """Register a check (e.g. push's queue). A name registered twice replaces the first."""
         self.checks = [c for c in self.checks if c.name != name] + [Check(name, probe, critical)]
         self.failures.labels(name)  # the series exists from the start (0), so rate() works at once
@@ -134,33 +143,21 @@ class Readiness:
         return verdict
 
 
-def _ping(client: Any) -> bool:
-    return bool(client.ping())
-
-
-def build_readiness(services: Any) -> Readiness:
-    """The checks that apply to this server's services (duck-typed: no imports of the drivers)."""
+def build_readiness(services: Services) -> Readiness:
+    """The checks that apply to this server's services: each driver hands over its probe, or
+    None when it depends on nothing outside this process (the local adapter, the memory cache)."""
     config = services.config
     readiness = Readiness(services.metrics.registry, config.health_check_timeout_ms, config.metrics.prefix)
     for name in ("apps", "app_disabled"):
         readiness.failures.labels(name)  # failures outside the checks: no apps, a disabled app probed
-    adapter = services.adapter
-    client = getattr(adapter, "client", None)
-    if client is not None:
-        def adapter_probe() -> bool:
-            _ping(client)
-            if not getattr(adapter, "healthy", True):
-                raise ConnectionError("pub/sub listener not connected")
-            return True
-
-        readiness.add_check("adapter", adapter_probe, critical=True)
-    cache_client = getattr(services.cache, "client", None)
-    if cache_client is not None:
-        readiness.add_check("cache", lambda: _ping(cache_client), critical=True)
-    queue = getattr(services.events, "queue", None)
-    if queue is not None and hasattr(queue, "stats"):
-        readiness.add_check("webhook_queue", queue.stats, critical=False)
-    push = getattr(services, "push", None)
-    if push is not None and hasattr(push, "queue_stats"):
-        readiness.add_check("push_queue", push.queue_stats, critical=False)
+    push = services.push
+    checks: list[tuple[str, Probe | None, bool]] = [
+        ("adapter", services.adapter.readiness_probe(), True),
+        ("cache", services.cache.readiness_probe(), True),
+        ("webhook_queue", services.events.readiness_probe(), False),
+        ("push_queue", push.queue_stats if push is not None else None, False),
+    ]
+    for name, probe, critical in checks:
+        if probe is not None:
+            readiness.add_check(name, probe, critical=critical)
     return readiness

@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import Any
 
+from sockudo.adapter.base import Adapter
+from sockudo.apps import AppStore
 from sockudo.cache import Cache, cache_channel_key
 from sockudo.config import AppConfig
 from sockudo.core import protocol as p
@@ -31,8 +33,8 @@ class PublishUnavailable(Exception):
 
 
 class Publisher:
-    def __init__(self, adapter: Any, cache: Cache, sequencer: Sequencer, buffers: ReplayBuffers, metrics: Metrics,
-                 apps: Any) -> None:
+    def __init__(self, adapter: Adapter, cache: Cache, sequencer: Sequencer, buffers: ReplayBuffers, metrics: Metrics,
+                 apps: AppStore) -> None:
         self.adapter = adapter
         self.cache = cache
         self.sequencer = sequencer

@@ -38,7 +38,8 @@ def make_client(config: Config, **options: Any) -> redis.Redis:
         if config.redis_tls:
             master["ssl"] = True
         sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_kwargs, **master)
-        return sentinel.master_for(config.redis_sentinel_master, max_connections=1000, **master)
+        client: redis.Redis = sentinel.master_for(config.redis_sentinel_master, max_connections=1000, **master)
+        return client
     assert config.redis_url is not None
     # A burst of subscribes must wait for a pooled connection, not fail with "Too many
     # connections" (redis-py's default pool refuses the 101st) and mark Redis unreachable.

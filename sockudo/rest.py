@@ -6,6 +6,7 @@ or raises ``ApiError`` with the documented status.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -72,9 +73,11 @@ def _validate_event(services: Services, app: AppConfig, body: Any) -> dict[str, 
     info = _info_set(body.get("info"))
     unknown = info - {"user_count", "subscription_count"}
     if unknown:
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", f"Unknown info attribute {sorted(unknown)[0]}")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      f"Unknown info attribute {sorted(unknown)[0]}")
     if "user_count" in info and not all(p.channel_kind(c) is p.ChannelKind.PRESENCE for c in channels):
-        raise _reject(services, app, 400, "invalid_input", "invalid_input", "user_count is only available on presence channels")
+        raise _reject(services, app, 400, "invalid_input", "invalid_input",
+                      "user_count is only available on presence channels")
     return {"name": name, "channels": channels, "data": data, "socket_id": socket_id, "info": info}
 
 
@@ -86,6 +89,11 @@ def _deliver(services: Services, app: AppConfig, event: dict[str, Any]) -> None:
         services.metrics.publish_rejected(app.id, "store_unavailable")
         raise ApiError(503, "service_unavailable", "Message store unavailable; the event was not published",
                        headers={"Retry-After": "1"}) from None
+    tap = services.tap
+    if tap.attached:  # the console watches (one flag read otherwise)
+        for channel in event["channels"]:
+            tap.record(app.id, "api_message", channel=channel, event=event["name"], data=event["data"],
+                       socket_id=event["socket_id"])
 
 
 def _user_count(services: Services, app: AppConfig, channel: str, out: dict[str, Any]) -> bool:
@@ -126,11 +134,14 @@ def _idempotent(services: Services, app: AppConfig, key: str,
     try:
         response = run()
     except BaseException:
-        store.release(key)  # let a retry publish
+        # Let a retry publish; with the store down too, the claim lapses with its TTL instead
+        # (and the caller still gets the publish's own error).
+        with contextlib.suppress(idempotency.IdempotencyUnavailable):
+            store.release(key)
         raise
     try:
         store.store(key, p.dumps(response), cfg.ttl_seconds)
-    except Exception:  # the publish happened; a lost record only weakens dedupe of a later retry
+    except idempotency.IdempotencyUnavailable:  # the publish happened; a lost record only weakens dedupe of a retry
         services.metrics.publish_rejected(app.id, "idempotency_store_failed")
     return response, False
 

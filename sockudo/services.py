@@ -7,15 +7,17 @@ implements it with gevent; tests with threads or a fake).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sockudo.adapter import Adapter
 from sockudo.apps import AppStore
 from sockudo.cache import Cache
 from sockudo.config import Config
+from sockudo.console.tap import EventTap
 from sockudo.history.idempotency import IdempotencyStore, MemoryIdempotency
 from sockudo.history.recovery import RecoveryService, ReplayBuffers
 from sockudo.history.store import MemorySequencer, Sequencer
@@ -26,6 +28,9 @@ from sockudo.publisher import (
 )
 from sockudo.redis import RedisClients
 from sockudo.webhooks.lifecycle import LifecycleSink, NullSink
+
+if TYPE_CHECKING:  # the push service pulls in its providers' HTTP and crypto libraries
+    from sockudo.push.service import PushService
 
 
 class Runtime(Protocol):
@@ -51,7 +56,10 @@ class Services:
     buffers: ReplayBuffers = field(default_factory=ReplayBuffers)
     idempotency: IdempotencyStore | None = None
     redis: RedisClients | None = None  # None in tests that build services by hand
-    push: Any = None  # sockudo.push.service.PushService, None when [push] is disabled
+    push: PushService | None = None  # None when [push] is disabled
+    # The console's event tap (sockudo/console/tap.py): hooks report to it only while a console
+    # watches. The composition root gives it the node id and gevent's Event.
+    tap: EventTap = field(default_factory=lambda: EventTap("local", threading.Event))
     publisher: Publisher = field(init=False)
     recovery: RecoveryService = field(init=False)
 

@@ -49,11 +49,11 @@ import websocket
 
 from tests.support.cluster import node_env, start_all, wait_formed
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
+from tests.support.procs import RedisServer, ServerProcess, rss_kb, wait_until
 from tests.support.wsmany import Fleet, connect_many
 
-APP = {"id": "100", "key": "soak-key", "secret": "soak-secret", "enable_client_messages": True,
-       "max_client_events_per_second": 0}
+APP: dict[str, Any] = {"id": "100", "key": "soak-key", "secret": "soak-secret", "enable_client_messages": True,
+                       "max_client_events_per_second": 0}
 CHURN_THREADS = int(os.environ.get("SOAK_CHURN_THREADS", "6"))
 PUBLISH_RATE = float(os.environ.get("SOAK_PUBLISH_RATE", "40"))  # REST publishes per second
 OBSERVERS_PER_NODE = 5
@@ -62,14 +62,6 @@ PRIVATE = [f"private-soak-{i}" for i in range(6)]
 PRESENCE = [f"presence-soak-{i}" for i in range(6)]
 USERS = [f"user-{i}" for i in range(30)]
 RSS_TOLERANCE = 0.20
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def sign(message: str) -> str:
@@ -122,7 +114,8 @@ def churn(nodes: list[ServerProcess], stop: threading.Event, stats: Stats, seed:
         finally:
             if rng.random() < 0.35:  # vanish: a reset, no close frame
                 try:
-                    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    if ws.sock is not None:
+                        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 except (OSError, AttributeError):
                     pass
                 ws.shutdown()
@@ -268,9 +261,11 @@ def run(seconds: float, *, log: Any = None) -> dict[str, Any]:
         for client in observers:
             client.keep_messages = False  # count from here on (a 30-minute run would hoard them)
 
+        pumped = fleet
+
         def pump() -> None:
             while not stop_pump.is_set():
-                fleet.pump(0.05)
+                pumped.pump(0.05)
 
         threads = [threading.Thread(target=churn, args=(nodes, stop, stats, i), daemon=True)
                    for i in range(CHURN_THREADS)]

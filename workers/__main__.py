@@ -25,8 +25,8 @@ from workers import DEFAULT_CONCURRENCY
 
 def pooled(args: argparse.Namespace) -> bool:
     """The pool runs the webhooks queue. Other queues (push) keep RQ's forking worker, one
-    work-horse per job: the push dispatcher keeps per-process state (its lease owner) that must
-    not outlive one job. ``--fork`` forces the forking worker."""
+    work-horse per job, until their jobs are tested in the pool (the push dispatcher has its
+    own send concurrency). ``--fork`` forces the forking worker."""
     return not args.fork and all(queue == RQ_QUEUE for queue in args.queues)
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(connection, args.queues, name=args.name, metrics_port=metrics_port, metrics_host=args.metrics_host,
                    reap_interval=reap_interval, burst=args.burst, logging_level=config.log_level.upper(),
                    prefix=config.metrics.prefix, labels={**constant_labels(config), "adapter": "redis"},
-                   concurrency=concurrency, pooled=pooled(args))
+                   apps=config.apps, concurrency=concurrency, pooled=pooled(args))
     except OSError as exc:
         logging.getLogger("workers").error("worker stopped: %s", exc)
         return 1

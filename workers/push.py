@@ -29,9 +29,12 @@ _config: Any = None
 
 
 def preload() -> None:
-    """Called in the worker's main process: forked work-horses inherit these imports and the parsed
-    configuration instead of paying for them on every job. Opens no connection (sockets must not
-    be shared across forks)."""
+    """Called in the worker's main process, before any job. It builds this process's push
+    composition (and the TLS contexts), so a worker that forks a work-horse per job hands it
+    ready-made instead of paying imports, configuration and CA loading on every job, and a
+    worker that runs jobs in its own process reuses it (and the provider connections) for all
+    of them. Opens no connection: the Redis pool connects on first use (redis-py starts a fresh
+    pool in a forked child), and the provider clients are made per process on first use."""
     global _config
     import h2.connection  # noqa: F401
     import httpx  # noqa: F401
@@ -45,10 +48,21 @@ def preload() -> None:
         _config = load_config(os.environ.get("SOCKUDO_CONFIG") or None)
     except ConfigError:
         _config = None  # reported by the job that needs it
+        return
+    from sockudo.push.providers import tls_context
+
+    for alpn in ("h2", "http/1.1"):  # loading the CA store once
+        tls_context(_config.push.ca_file, alpn)
+    try:
+        service()
+    except RuntimeError:
+        pass  # push disabled or no Redis: reported by the job that needs it
 
 
 def service() -> Any:
-    """The push composition for this process, built once from the server's configuration."""
+    """The push composition for this process, built once from the server's configuration and
+    reused by every job (see :func:`preload`); its dispatcher makes the provider clients once
+    per process id, so a forked work-horse never uses its parent's sockets."""
     global _service, _metrics
     if _service is None:
         from sockudo.config import load_config

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import RedisError
 from rq import Retry, get_current_job
@@ -222,5 +222,7 @@ def _attempt(delivery: Delivery, job: Job | None) -> dict[str, Any] | Retry:
     if result.outcome == RETRY:
         # ``max`` only has to stay above RQ's count of returned retries: the policy decides.
         retried = int(job.number_of_retries or 0) if job is not None else 0
-        return Retry(max=retried + 1, interval=[(result.retry_in_ms or 0) / 1000.0])
+        # RQ's hint says whole seconds; it schedules with a timedelta, so a fraction works too.
+        interval = cast(list[int], [(result.retry_in_ms or 0) / 1000.0])
+        return Retry(max=retried + 1, interval=interval)
     return {"outcome": result.outcome, "attempts": attempt, "status": result.status}

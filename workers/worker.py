@@ -10,7 +10,7 @@ live as long as the process, not one job. RQ's job timeout is a
 
 The pool serves the webhooks queue. ``ForkingWorker`` — RQ's forking worker, one work-horse
 process per job, in a process that is not monkey-patched — serves other queues (push, whose
-dispatcher keeps per-process state that must not outlive a job) and ``--fork``.
+dispatcher has its own send concurrency) and ``--fork``.
 
 **Metrics.** Each job leaves its outcome in ``job.meta``; the worker counts it after the job,
 in its own registry served on ``WORKER_METRICS_PORT`` (the same path for jobs run by a plain
@@ -41,8 +41,10 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
@@ -57,10 +59,13 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import BaseWorker, DequeueStrategy, SimpleWorker
 
+from sockudo.console.relay import Reporter, console_channel
 from sockudo.webhooks.delivery import (
+    DEFERRED,
     REASON_WORKER,
     AttemptResult,
     RedisDeadLetters,
+    console_event,
     dead_letter_record,
     record_dead_lettered,
     record_metrics,
@@ -78,12 +83,14 @@ SCHEDULER_STALL_S = 10.0  # RQ's scheduler runs due jobs every second; this late
 BATCH = 500
 POLL_S = 1  # the main greenlet's longest wait (BLPOP, a full pool): how soon it sees a stop request
 HEARTBEAT_S = 10.0  # the worker's own heartbeat while jobs keep coming (RQ's TTL is worker_ttl + 60 s)
+WEBHOOKS_PREFIX = "webhooks:"  # the server keys its webhooks under "{redis prefix}webhooks:"
 
 
 class _Counting:
     """Turns the outcome a job left in its ``meta`` into this worker's metrics."""
 
     webhook_metrics: WebhookMetrics | None = None
+    console: Any = None  # sockudo.console.relay.Reporter: attempts to the operator console, while one listens
     push_metrics: Any = None  # sockudo.push.metrics.PushMetrics: workers/push.py jobs leave their ops in meta
 
     def count_outcome(self, job: Job, meta: dict[str, Any]) -> None:
@@ -92,8 +99,12 @@ class _Counting:
                 self.push_metrics.replay(meta.get("sockudo_push_metrics") or [])
             outcome = meta.get(OUTCOME)
             if self.webhook_metrics is not None and job.func_name == RQ_JOB and outcome:
-                record_metrics(self.webhook_metrics, Delivery.from_payload(job.args[0]),
-                               AttemptResult.from_dict(outcome))
+                delivery, result = Delivery.from_payload(job.args[0]), AttemptResult.from_dict(outcome)
+                record_metrics(self.webhook_metrics, delivery, result)
+                if (self.console is not None and result.outcome != DEFERRED
+                        and delivery.prefix.endswith(WEBHOOKS_PREFIX)):
+                    redis_prefix = delivery.prefix[: -len(WEBHOOKS_PREFIX)]
+                    self.console.report(console_channel(redis_prefix), console_event(delivery, result))
         except Exception:  # metrics must never stop the worker
             logger.exception("could not record job metrics", extra={"job_id": job.id})
 
@@ -167,7 +178,7 @@ class GreenletScheduler(RQScheduler):
     def _install_signal_handlers(self) -> None:
         pass  # the worker's handlers stop it
 
-    def start(self) -> _Running:  # type: ignore[override]
+    def start(self) -> _Running:
         self._status = self.Status.STARTED
         running = _Running(gevent.spawn(self._run))
         self._process = running  # type: ignore[assignment]
@@ -492,34 +503,42 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # waits between Redis probes while it 
 def run_worker(connection: Any, queue_names: list[str], *, name: str | None = None, metrics_port: int | None = None,
                metrics_host: str = "0.0.0.0", reap_interval: float = 5.0, burst: bool = False,
                logging_level: str = "INFO", prefix: str = "sockudo_", labels: dict[str, str] | None = None,
-               concurrency: int = DEFAULT_CONCURRENCY, pooled: bool = True) -> bool:
+               apps: Sequence[Any] = (), concurrency: int = DEFAULT_CONCURRENCY, pooled: bool = True) -> bool:
     """Run one worker until stopped (SIGTERM/SIGINT: warm shutdown, as ``rq worker``), running up
-    to ``concurrency`` jobs at once.
+    to ``concurrency`` jobs at once (the pool) or one per forked work-horse.
 
     RQ's work loop retries a lost Redis only while it waits for a job; a connection error
     anywhere else (heartbeat, maintenance, preparing a job) ends the loop. A worker that
     exits when Redis restarts leaves every queued webhook and push waiting for an operator,
     so this function runs the loop again — with a fresh RQ ``Worker`` — once Redis answers.
+
+    ``apps`` (the configuration's) get their outcome series at 0 from the start.
     """
     stop = threading.Event()
     _install_stop_handlers(stop, None)  # a SIGTERM while starting up is a stop, not a kill
     registry = CollectorRegistry()
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(apps)
     queues = [Queue(n, connection=connection) for n in queue_names]
     from sockudo.push.metrics import PushMetrics
 
     from . import push as push_jobs
 
     push_metrics = PushMetrics(registry)
+    push_metrics.prepare([app.id for app in apps])
     push_jobs.preload()  # import push's modules and read the configuration once, before the first job
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         from sockudo.metrics.labels import ConstantLabels
+        from sockudo.metrics.listener import MetricsListener, serve_in_thread
 
         # The server's constant labels (environment, region, node, adapter) on every series.
-        start_http_server(metrics_port, addr=metrics_host, registry=ConstantLabels(registry, labels or {}))
+        exposition = make_wsgi_app(ConstantLabels(registry, labels or {}))
+        serve_in_thread(MetricsListener({"/metrics": exposition}), metrics_host, metrics_port)
         logger.info("worker metrics on :%d/metrics", metrics_port)
+    console = Reporter(connection, f"worker {name or socket.gethostname()}:{os.getpid()}",
+                       failures=(RedisError, OSError))
     worked = False
     reaper = None
     try:
@@ -534,6 +553,7 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
             if isinstance(worker, PoolWorker):
                 worker.concurrency = max(1, concurrency)
             worker.webhook_metrics = metrics
+            worker.console = console
             worker.push_metrics = push_metrics
             if reaper is None and reap_interval > 0:
                 reaper = Reaper(connection, queues, reap_interval, metrics, owner=f"{worker.name}:{os.getpid()}")

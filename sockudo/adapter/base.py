@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sockudo.core.connection import Connection
 from sockudo.core.wsframe import OutFrame
 
 
+class ClusterListener(Protocol):
+    """What the adapter reports when a cluster-wide transition happens elsewhere
+    (a dead node's users leaving, or stale holdings released after an outage)."""
+
+    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None: ...
+    def on_channel_vacated(self, app_id: str, channel: str) -> None: ...
+    def on_user_offline(self, app_id: str, user_id: str) -> None: ...
+
+
+#: Told of each sequenced message published on another node, so this node can replay it to
+#: resuming clients: ``(app_id, channel, v2_text, stream_id, serial, published_ms, message_id)``.
+RemoteMessageRecorder = Callable[[str, str, str, str, int, int, str], None]
+
+
 class Adapter(Protocol):
     healthy: bool  # False while a cross-node adapter cannot reach its backend
+    on_remote_message: RemoteMessageRecorder | None
+
+    # lifecycle: a cross-node adapter connects, joins and leaves; a local one has nothing to do
+    def start(self) -> None: ...
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected to the backend (at once for a local adapter); False after ``timeout``."""
+    def stop(self, timeout: float) -> None:
+        """Leave the cluster, within ``timeout`` seconds; the caller has closed every socket."""
+    def set_listener(self, listener: ClusterListener) -> None: ...
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks: raises or returns False when the backend is unreachable; None
+        when the adapter depends on nothing outside this process."""
 
     # sockets
     def add_socket(self, app_id: str, conn: Connection) -> None: ...

@@ -19,9 +19,6 @@ TERMINATE_USER = "TerminateUserConnections"
 WATCHLIST_NOTIFY = "WatchlistNotify"
 NODE_DEAD = "NodeDead"  # ``dead_node_id`` left (graceful stop) or was cleaned up: stop asking it
 
-QUERIES = {CHANNEL_SOCKETS_COUNT, CHANNELS_WITH_SOCKETS_COUNT, SOCKETS_COUNT}
-ACTIONS = {TERMINATE_USER, WATCHLIST_NOTIFY, NODE_DEAD}
-
 
 @dataclass(frozen=True)
 class Keys:

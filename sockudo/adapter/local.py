@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sockudo.adapter.base import ClusterListener, RemoteMessageRecorder
 from sockudo.core import protocol
 from sockudo.core.connection import Connection
 from sockudo.core.namespace import Namespace
@@ -15,6 +16,22 @@ class LocalAdapter:
         self.namespaces: dict[str, Namespace] = {}
 
     healthy = True  # nothing outside this process to lose
+    on_remote_message: RemoteMessageRecorder | None = None  # no other nodes publish here
+
+    def start(self) -> None:
+        return None
+
+    def wait_connected(self, timeout: float) -> bool:
+        return True
+
+    def stop(self, timeout: float) -> None:
+        return None
+
+    def set_listener(self, listener: ClusterListener) -> None:
+        return None  # with no other nodes, no transition happens elsewhere
+
+    def readiness_probe(self) -> None:
+        return None  # nothing outside this process to check
 
     def namespace(self, app_id: str) -> Namespace:
         ns = self.namespaces.get(app_id)

@@ -33,12 +33,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
 from sockudo.adapter import cluster as c
+from sockudo.adapter.base import ClusterListener, RemoteMessageRecorder
 from sockudo.adapter.local import LocalAdapter
 from sockudo.config import Config
 from sockudo.core import protocol
@@ -57,19 +58,6 @@ LEAVE_TIMEOUT = 2.0  # seconds a graceful stop spends leaving the cluster throug
 FAILURES = (RedisError, OSError)
 
 
-
-
-class ClusterListener(Protocol):
-    """What the adapter reports when a cluster-wide transition happens elsewhere
-    (a dead node's users leaving, or stale holdings released after an outage)."""
-
-    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None: ...
-    def on_channel_vacated(self, app_id: str, channel: str) -> None: ...
-    def on_user_offline(self, app_id: str, user_id: str) -> None: ...
-
-
-
-
 class RedisAdapter:
     def __init__(self, config: Config, metrics: Metrics, runtime: Runtime, node_id: str | None = None,
                  client: redis.Redis | None = None) -> None:
@@ -85,7 +73,7 @@ class RedisAdapter:
         self.listener: ClusterListener | None = None
         # Called with (app_id, channel, v2_text, stream_id, serial, published_ms, message_id) for a
         # sequenced message published elsewhere, so this node's replay buffer has it too.
-        self.on_remote_message: Callable[..., None] | None = None
+        self.on_remote_message: RemoteMessageRecorder | None = None
         self.healthy = False
         self._dirty = True  # holdings must be (re)written to Redis
         self._listening = False  # the pub/sub listener is subscribed (commands may still fail)
@@ -155,6 +143,15 @@ class RedisAdapter:
     def set_listener(self, listener: ClusterListener) -> None:
         self.listener = listener
 
+    def readiness_probe(self) -> Callable[[], bool]:
+        def probe() -> bool:
+            self.client.ping()
+            if not self.healthy:
+                raise ConnectionError("pub/sub listener not connected")
+            return True
+
+        return probe
+
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.healthy and time.monotonic() < deadline:
@@ -165,7 +162,8 @@ class RedisAdapter:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         if self.healthy:
-            logger.warning("redis unreachable, serving local answers until it is back", extra={"op": what, "error": str(exc)})
+            logger.warning("redis unreachable, serving local answers until it is back",
+                           extra={"op": what, "error": str(exc)})
         elif time.monotonic() - self._last_error_log > 30:
             logger.warning("redis still unreachable", extra={"op": what, "error": str(exc)})
         else:
@@ -280,7 +278,8 @@ class RedisAdapter:
         serial = msg.get("serial")
         frame = OutFrame(text, v2_text if isinstance(v2_text, str) else None, msg.get("channel"),
                          serial if isinstance(serial, int) else None)
-        if frame.serial is not None and frame.v2_text is not None and self.on_remote_message is not None:
+        if (frame.serial is not None and frame.v2_text is not None and frame.channel is not None
+                and self.on_remote_message is not None):
             try:
                 self.on_remote_message(app_id, frame.channel, frame.v2_text, str(msg.get("stream_id")), frame.serial,
                                        int(msg.get("published_ms", 0)), str(msg.get("message_id", "")))
@@ -300,7 +299,8 @@ class RedisAdapter:
                     bound.bytes_sent.inc(sent * len(text))
         sent_ms = msg.get("timestamp_ms")
         if isinstance(sent_ms, (int, float)):
-            self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(max(0.0, time.time() * 1000 - sent_ms))
+            latency_ms = max(0.0, time.time() * 1000 - sent_ms)
+            self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(latency_ms)
 
     def _on_request(self, req: dict[str, Any]) -> None:
         kind, app_id = req.get("request_type"), req.get("app_id")
@@ -317,7 +317,8 @@ class RedisAdapter:
         elif kind == c.SOCKETS_COUNT:
             reply["sockets_count"] = self.local.socket_count(app_id)
         elif kind == c.TERMINATE_USER:
-            self.local.terminate_user(app_id, str(req.get("user_id")), int(req.get("code", 4009)), str(req.get("message", "")))
+            self.local.terminate_user(app_id, str(req.get("user_id")), int(req.get("code", 4009)),
+                                      str(req.get("message", "")))
             return
         elif kind == c.WATCHLIST_NOTIFY and isinstance(req.get("message"), str):
             self.local.notify_watchers(app_id, str(req.get("user_id")), OutFrame(req["message"]))
@@ -573,7 +574,8 @@ class RedisAdapter:
         self._dirty = False
         announced = set(self._released_unsynced)
         desired = self._desired_holdings()
-        current = {m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(self.keys.holdings(self.node_id))}
+        held = self.client.smembers(self.keys.holdings(self.node_id))
+        current = {m.decode() if isinstance(m, bytes) else m for m in held}
         for member in current - set(desired):
             holding = c.Holding.from_member(member)
             if holding is not None and self._release_holding(holding, self.node_id, member) \
@@ -636,6 +638,27 @@ class RedisAdapter:
     def node_socket_count(self) -> int:
         return self.local.node_socket_count()
 
+    def node_connections(self, app_ids: list[str]) -> dict[str, int]:
+        """Open sockets of ``app_ids`` per live node, this one included (the console's cluster view)."""
+        nodes = {self.node_id: sum(self.local.socket_count(a) for a in app_ids)}
+        nodes.update({peer: 0 for peer in self._peers})
+        if not self.healthy:
+            return nodes
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for app_id in app_ids:
+                    pipe.hgetall(self.keys.connections(app_id))
+                replies = pipe.execute()
+        except FAILURES as exc:
+            self._failed("node_connections", exc)
+            return nodes
+        for counts in replies:
+            for node, value in counts.items():
+                node_id = node.decode() if isinstance(node, bytes) else node
+                if node_id in self._peers:
+                    nodes[node_id] += max(0, int(value))
+        return nodes
+
     def all_connections(self) -> list[Connection]:
         return self.local.all_connections()
 
@@ -671,8 +694,8 @@ class RedisAdapter:
 
     def broadcast(self, app_id: str, channel: str, frame: OutFrame, except_socket_id: str | None = None) -> int:
         sent = self.local.broadcast(app_id, channel, frame, except_socket_id)
-        envelope: dict[str, Any] = {"node_id": self.node_id, "app_id": app_id, "channel": channel, "message": frame.text,
-                                    "timestamp_ms": time.time() * 1000}
+        envelope: dict[str, Any] = {"node_id": self.node_id, "app_id": app_id, "channel": channel,
+                                    "message": frame.text, "timestamp_ms": time.time() * 1000}
         if except_socket_id is not None:
             envelope["except_socket_id"] = except_socket_id
         if frame.v2_text is not None:

@@ -17,12 +17,13 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sockudo.config import Config, load_config
 from sockudo.core.errors import ConfigError
-from sockudo.webhooks.model import redact_url, resign
+from sockudo.webhooks.model import redact_url
+from sockudo.webhooks.queue import replay_dead_letter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def _store(config: Config) -> Any:
 def _when(ms: Any) -> str:
     if not isinstance(ms, (int, float)):
         return "-"
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main(argv: list[str]) -> int:
@@ -105,10 +106,8 @@ def main(argv: list[str]) -> int:
             print(f"sockudo: {record['id']}: app {record['app_id']!r} is not in the config; skipped", file=sys.stderr)
             failed += 1
             continue
-        delivery = resign(record, app.key, app.secret, int(time.time() * 1000), config.webhooks,
-                          f"{config.redis_prefix}webhooks:")
-        queue.enqueue([delivery])
-        letters.remove(record["id"])
+        delivery = replay_dead_letter(queue, record, app.key, app.secret, config.webhooks,
+                                      f"{config.redis_prefix}webhooks:", int(time.time() * 1000))
         replayed += 1
         print(f"replayed {record['id']} (delivery_id={delivery.delivery_id}, app={delivery.app_id})")
     print(f"{replayed} replayed, {failed} skipped", file=sys.stderr)

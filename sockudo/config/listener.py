@@ -1,5 +1,4 @@
-"""The main listener's settings: ``[rate_limiter]`` and ``[ssl]``.
-"""
+"""The main listener's settings: ``[rate_limiter]`` and ``[ssl]`` (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from sockudo.config.coerce import build, table, unknown_key
 from sockudo.core.errors import ConfigError
 
 
@@ -40,52 +40,17 @@ class SslConfig:
 _RATE_TABLES = {"api_rate_limit": "api_", "websocket_rate_limit": "websocket_"}
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-    if kind is int:
-        try:
-            number = int(str(value).strip()) if not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None or number < 0:
-            raise ConfigError(f"config: {key} must be a whole number >= 0, got {value!r}")
-        return number
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ConfigError(f"config: {key} must be a string, got {value!r}")
-    return str(value)
-
-
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    known = {f.name: f.type for f in fields(cls)}
-    kinds = {"bool": bool, "int": int, "str": str}
-    out = {}
-    for name, value in values.items():
-        if name not in known:
-            raise ConfigError(f"config: unknown key {where}{name}")
-        out[name] = _coerce(f"{where}{name}", value, kinds[str(known[name])])
-    return cls(**out)
-
-
 def parse_rate_limiter(raw: Mapping[str, Any], env: Mapping[str, str]) -> RateLimiterConfig:
     """The ``[rate_limiter]`` table (with Sockudo's nested rate tables), then ``RATE_LIMITER_*``."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _RATE_TABLES:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config: [rate_limiter.{key}] must be a table")
-            for sub, sub_value in value.items():
+            for sub, sub_value in table(f"rate_limiter.{key}", value).items():
                 if sub == "identifier":
                     continue  # Sockudo's label for logs; accepted, unused
                 if sub not in ("max_requests", "window_seconds", "trust_hops"):
-                    raise ConfigError(f"config: unknown key rate_limiter.{key}.{sub}")
+                    raise unknown_key(f"rate_limiter.{key}.{sub}", sub,
+                                      ("max_requests", "window_seconds", "trust_hops", "identifier"))
                 flat[_RATE_TABLES[key] + sub] = sub_value
         else:
             flat[key] = value
@@ -93,12 +58,13 @@ def parse_rate_limiter(raw: Mapping[str, Any], env: Mapping[str, str]) -> RateLi
         var = "RATE_LIMITER_" + f.name.upper()
         if env.get(var, "") != "":
             flat[f.name] = env[var]
-    config: RateLimiterConfig = _build(RateLimiterConfig, flat, "rate_limiter.")
+    config: RateLimiterConfig = build(RateLimiterConfig, flat, "rate_limiter")
     if config.driver not in ("memory", "redis"):
         raise ConfigError(f"config: rate_limiter.driver must be \"memory\" or \"redis\", got {config.driver!r}")
     for name in ("api_window_seconds", "websocket_window_seconds"):
         if getattr(config, name) < 1:
-            raise ConfigError(f"config: rate_limiter.{name.replace('_window', '_rate_limit.window')} must be at least 1")
+            key = name.replace("_window", "_rate_limit.window")
+            raise ConfigError(f"config: rate_limiter.{key} must be at least 1")
     return config
 
 
@@ -110,7 +76,7 @@ def parse_ssl(raw: Mapping[str, Any], env: Mapping[str, str]) -> SslConfig:
         var = "SSL_" + f.name.upper()
         if env.get(var, "") != "":
             values[f.name] = env[var]
-    config: SslConfig = _build(SslConfig, values, "ssl.")
+    config: SslConfig = build(SslConfig, values, "ssl")
     if config.enabled:
         for name in ("cert_path", "key_path"):
             path = getattr(config, name)

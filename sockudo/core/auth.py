@@ -9,7 +9,6 @@ from urllib.parse import parse_qsl
 
 from sockudo.core.errors import ApiError
 
-EMPTY_BODY_MD5 = hashlib.md5(b"").hexdigest()
 TIMESTAMP_WINDOW_SECONDS = 600
 
 
@@ -70,20 +69,14 @@ def rest_signature(secret: str, method: str, path: str, pairs: Iterable[tuple[st
     return sign(secret, rest_string_to_sign(method, path, pairs))
 
 
-def verify_rest_request(
-    *,
-    secret: str,
-    method: str,
-    path: str,
-    query_string: str,
-    body: bytes,
-    now: float,
-) -> None:
-    """Raise ``ApiError(401)`` unless the request is signed by ``secret`` (§5.2).
+def verify_rest_query(*, secret: str, method: str, path: str, query_string: str, now: float) -> str | None:
+    """Raise ``ApiError(401)`` unless the query is signed by ``secret``; returns the signed
+    ``body_md5`` (None when absent).
 
-    The caller has already matched ``auth_key`` to the app. ``body_md5`` is required on
-    every POST; on GET/DELETE it is accepted only when it is the MD5 of the empty body
-    (the Python SDK sends it).
+    Everything but the body is checked here: the timestamp window, ``body_md5`` present on every
+    POST, and the signature over method, path and query (which includes ``body_md5``). So a
+    request nobody signed is refused before its body is read (``verify_body_md5`` comes after).
+    The caller has already matched ``auth_key`` to the app.
     """
     pairs = query_pairs(query_string)
     params = {k.lower(): v for k, v in pairs}
@@ -94,20 +87,33 @@ def verify_rest_request(
         raise ApiError(401, "auth_failed", "auth_timestamp missing or not an integer") from None
     if abs(now - ts) > TIMESTAMP_WINDOW_SECONDS:
         raise ApiError(401, "auth_failed", "Timestamp expired: outside the 600 s window")
-
     body_md5 = params.get("body_md5")
-    if method.upper() == "POST":
-        if body_md5 is None:
-            raise ApiError(401, "auth_failed", "body_md5 is required on POST")
-        actual = hashlib.md5(body).hexdigest()
-        if not hmac.compare_digest(body_md5.encode(), actual.encode()):
-            raise ApiError(401, "auth_failed", "body_md5 does not match the body")
-    elif body_md5 is not None and not hmac.compare_digest(
-        body_md5.encode(), hashlib.md5(body).hexdigest().encode()
-    ):
-        raise ApiError(401, "auth_failed", "body_md5 does not match the body")
-
+    if method.upper() == "POST" and body_md5 is None:
+        raise ApiError(401, "auth_failed", "body_md5 is required on POST")
     given = params.get("auth_signature", "")
     expected = rest_signature(secret, method, path, pairs)
     if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
         raise ApiError(401, "auth_failed", "Invalid API signature")
+    return body_md5
+
+
+def verify_body_md5(body_md5: str | None, body: bytes) -> None:
+    """Raise ``ApiError(401)`` unless the body is the one signed. ``body_md5`` is required on POST
+    (``verify_rest_query``); on GET/DELETE it is accepted only when it is the MD5 of the empty
+    body (the Python SDK sends it)."""
+    if body_md5 is not None and not hmac.compare_digest(body_md5.encode(), hashlib.md5(body).hexdigest().encode()):
+        raise ApiError(401, "auth_failed", "body_md5 does not match the body")
+
+
+def verify_rest_request(
+    *,
+    secret: str,
+    method: str,
+    path: str,
+    query_string: str,
+    body: bytes,
+    now: float,
+) -> None:
+    """Raise ``ApiError(401)`` unless the request (query and body) is signed by ``secret``."""
+    body_md5 = verify_rest_query(secret=secret, method=method, path=path, query_string=query_string, now=now)
+    verify_body_md5(body_md5, body)

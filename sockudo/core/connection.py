@@ -20,6 +20,9 @@ class Transport(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Send the close frame after what is already queued, then drop the socket."""
 
+    def pending_bytes(self) -> int:
+        """Bytes accepted but not yet handed to the kernel: how far behind the client is."""
+
 
 class Connection:
     """One WebSocket client. Slots keep 10,000 idle connections cheap."""

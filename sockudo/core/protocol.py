@@ -16,9 +16,6 @@ CONNECTION_ESTABLISHED = "pusher:connection_established"
 ERROR = "pusher:error"
 PING = "pusher:ping"
 PONG = "pusher:pong"
-SUBSCRIBE = "pusher:subscribe"
-UNSUBSCRIBE = "pusher:unsubscribe"
-SIGNIN = "pusher:signin"
 SIGNIN_SUCCESS = "pusher:signin_success"
 SUBSCRIPTION_ERROR = "pusher:subscription_error"
 CACHE_MISS = "pusher:cache_miss"
@@ -29,7 +26,6 @@ SUBSCRIPTION_COUNT = "pusher_internal:subscription_count"
 WATCHLIST_EVENTS = "pusher_internal:watchlist_events"
 
 CLIENT_EVENT_PREFIX = "client-"
-RESERVED_PREFIXES = ("pusher:", "pusher_internal:", "sockudo:", "sockudo_internal:")
 SYSTEM_PREFIXES = ("pusher:", "sockudo:")
 
 SERVER_TO_USER_PREFIX = "#server-to-user-"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 
 from sockudo.core.protocol import to_v2
 
@@ -22,8 +23,8 @@ OP_PONG = 0xA
 
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_MESSAGE_TOO_BIG = 1009
 
 
 class FrameProtocolError(Exception):
@@ -122,17 +123,26 @@ class FrameReader:
     ``max_payload`` bounds a message (all its fragments). A larger message is skipped
     chunk by chunk as it arrives, never buffered whole, and ``MessageTooBig`` is raised once
     it has been consumed, so the caller can answer with an error and keep the socket.
+    ``max_fragments`` bounds the frames one message may be split into: empty or one-byte
+    continuation frames add (next to) nothing to the payload, so without it a message could
+    go on for ever; one more is ``FrameProtocolError`` 1009. Fragments are joined into one
+    buffer as they arrive, so a fragmented message costs its payload bytes, not an object
+    per fragment.
     Control frames are handed to ``on_ping`` / ``on_pong``; ``read_message`` returns
     ``(opcode, payload)`` for text or binary messages and ``(OP_CLOSE, payload)`` for close.
     """
 
-    __slots__ = ("_read", "max_payload", "on_ping", "on_pong")
+    __slots__ = ("_read", "max_payload", "max_fragments", "on_ping", "on_pong")
 
     SKIP_CHUNK = 65536
+    DEFAULT_MAX_FRAGMENTS = 1024
 
-    def __init__(self, read, max_payload: int, on_ping=None, on_pong=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, read: Callable[[int], bytes], max_payload: int,
+                 on_ping: Callable[[bytes], object] | None = None, on_pong: Callable[[bytes], object] | None = None,
+                 max_fragments: int = DEFAULT_MAX_FRAGMENTS) -> None:
         self._read = read
         self.max_payload = max_payload
+        self.max_fragments = max_fragments
         self.on_ping = on_ping
         self.on_pong = on_pong
 
@@ -184,21 +194,24 @@ class FrameReader:
 
     def read_message(self) -> tuple[int, bytes]:
         opcode: int | None = None
-        parts: list[bytes] = []
+        first: bytes | None = None  # an unfragmented message is returned as read, without a copy
+        joined = bytearray()  # the fragments so far, once there is more than one
+        fragments = 0
         size = 0
         too_big = False
         while True:
             fin, op, payload = self._frame(-1 if too_big else self.max_payload - size)
+            # A control frame's payload is never skipped (at most 125 bytes): ``or b""`` only says so.
             if op == OP_PING:
                 if self.on_ping:
-                    self.on_ping(payload)
+                    self.on_ping(payload or b"")
                 continue
             if op == OP_PONG:
                 if self.on_pong:
-                    self.on_pong(payload)
+                    self.on_pong(payload or b"")
                 continue
             if op == OP_CLOSE:
-                return OP_CLOSE, payload
+                return OP_CLOSE, payload or b""
             if op in (OP_TEXT, OP_BINARY):
                 if opcode is not None:
                     raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "Expected a continuation frame")
@@ -208,16 +221,27 @@ class FrameReader:
                     raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "Unexpected continuation frame")
             else:
                 raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "Unknown opcode")
+            fragments += 1
+            if fragments > self.max_fragments:
+                raise FrameProtocolError(CLOSE_MESSAGE_TOO_BIG,
+                                         f"Message in more than {self.max_fragments} fragments")
             if payload is None:
                 too_big = True
-                parts.clear()
+                first = None
+                joined = bytearray()
             elif not too_big:
                 size += len(payload)
-                parts.append(payload)
+                if fragments == 1:
+                    first = payload
+                else:
+                    if first is not None:
+                        joined += first
+                        first = None
+                    joined += payload
             if fin:
                 if too_big:
                     raise MessageTooBig(f"Message larger than {self.max_payload} bytes")
-                return opcode, parts[0] if len(parts) == 1 else b"".join(parts)
+                return opcode, first if first is not None else bytes(joined)
 
 
 def close_code_of(payload: bytes) -> int | None:

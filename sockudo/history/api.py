@@ -15,10 +15,10 @@ from sockudo.metrics.registry import Metrics
 NEWEST_FIRST = {"newest_first", "backwards", "reverse"}
 OLDEST_FIRST = {"oldest_first", "forwards", "forward"}
 MAX_PARAM = 2**63 - 1
-#: ``sockudo:channel_history`` pages (spec §7.6): ``limit`` defaults to 100 and may be up to
-#: 1,000, whatever ``max_page_size`` (the REST cap) says.
+#: ``sockudo:channel_history`` pages: ``limit`` defaults to 100 and, as on REST, is capped at
+#: the app's ``max_page_size``. (Sockudo lets a WebSocket page hold up to 1,000 messages whatever
+#: ``max_page_size`` says; here one ~100-byte request could then queue a frame of megabytes.)
 WS_DEFAULT_LIMIT = 100
-WS_MAX_LIMIT = 1000
 
 
 def _int_param(params: dict[str, Any], *names: str) -> int | None:
@@ -42,9 +42,10 @@ def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str,
                  attach_serial: int | None = None, *, websocket: bool = False) -> dict[str, Any]:
     """One page of ``channel``'s history.
 
-    REST: ``limit`` defaults to and is capped at ``max_page_size``. WebSocket
-    ``sockudo:channel_history`` (``websocket=True``): ``limit`` defaults to 100 and is capped at
-    1,000, and ``attach_serial`` (the socket's, if any) caps the page for ``until_attach``.
+    ``limit`` is capped at ``max_page_size``; it defaults to ``max_page_size`` on REST and to
+    100 (or ``max_page_size`` if smaller) on the WebSocket ``sockudo:channel_history``
+    (``websocket=True``), where ``attach_serial`` (the socket's, if any) caps the page for
+    ``until_attach``.
     """
     attach = attach_serial
     if not app.history.enabled:
@@ -55,10 +56,10 @@ def read_history(sequencer: Any, metrics: Metrics, app: AppConfig, channel: str,
     cfg = app.history
     limit = _int_param(params, "limit")
     if limit is None:
-        limit = WS_DEFAULT_LIMIT if websocket else cfg.max_page_size
+        limit = min(WS_DEFAULT_LIMIT, cfg.max_page_size) if websocket else cfg.max_page_size
     if limit == 0:
         raise ApiError(400, "invalid_input", "limit must be at least 1")
-    limit = min(limit, WS_MAX_LIMIT if websocket else cfg.max_page_size)
+    limit = min(limit, cfg.max_page_size)
     direction = str(params.get("direction") or "newest_first")
     if direction in NEWEST_FIRST:
         direction = "newest_first"

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import redis
+
 from sockudo.core.errors import ApiError
 
 PROCESSING = "__processing__"
@@ -18,7 +20,13 @@ POLLS = 6
 POLL_SECONDS = 0.05
 
 
+class IdempotencyUnavailable(Exception):
+    """The store could not be read or written (Redis down, out of memory, timed out)."""
+
+
 class IdempotencyStore(Protocol):
+    """Raises ``IdempotencyUnavailable`` when the store fails; anything else is a bug."""
+
     def claim(self, key: str, ttl_seconds: int) -> str | None:
         """Claim ``key``; None when claimed now, else the stored value (``PROCESSING`` or a response)."""
 
@@ -68,19 +76,30 @@ class RedisIdempotency:
         return self.prefix + key
 
     def get(self, key: str) -> str | None:
-        value = self.client.get(self._key(key))
+        try:
+            value = self.client.get(self._key(key))
+        except redis.RedisError as exc:
+            raise IdempotencyUnavailable(str(exc)) from exc
         return value.decode() if isinstance(value, bytes) else value
 
     def claim(self, key: str, ttl_seconds: int) -> str | None:
-        if self.client.set(self._key(key), PROCESSING, nx=True, ex=ttl_seconds):
-            return None
-        return self.get(key) or PROCESSING
+        try:
+            claimed = self.client.set(self._key(key), PROCESSING, nx=True, ex=ttl_seconds)
+        except redis.RedisError as exc:
+            raise IdempotencyUnavailable(str(exc)) from exc
+        return None if claimed else self.get(key) or PROCESSING
 
     def store(self, key: str, response: str, ttl_seconds: int) -> None:
-        self.client.set(self._key(key), response, ex=ttl_seconds)
+        try:
+            self.client.set(self._key(key), response, ex=ttl_seconds)
+        except redis.RedisError as exc:
+            raise IdempotencyUnavailable(str(exc)) from exc
 
     def release(self, key: str) -> None:
-        self.client.delete(self._key(key))
+        try:
+            self.client.delete(self._key(key))
+        except redis.RedisError as exc:
+            raise IdempotencyUnavailable(str(exc)) from exc
 
 
 def validate_key(key: Any, max_length: int) -> str:
@@ -95,7 +114,7 @@ def begin(store: IdempotencyStore, key: str, ttl_seconds: int, sleep: Callable[[
     """Claim ``key``. Returns a stored response to replay, or None when the caller must publish.
 
     A repeat that arrives while the first is still publishing polls briefly, then gets 503.
-    Any store failure is a 503 too: never publish without the claim.
+    A store failure (``IdempotencyUnavailable``) is a 503 too: never publish without the claim.
     """
     try:
         existing = store.claim(key, ttl_seconds)
@@ -108,9 +127,7 @@ def begin(store: IdempotencyStore, key: str, ttl_seconds: int, sleep: Callable[[
                 existing = store.claim(key, ttl_seconds)
                 if existing is None:
                     return None
-    except ApiError:
-        raise
-    except Exception as exc:
+    except IdempotencyUnavailable as exc:
         raise ApiError(503, "service_unavailable", "Idempotency store unavailable") from exc
     if existing == PROCESSING:
         raise ApiError(503, "backpressure", "A publish with this idempotency key is in progress",

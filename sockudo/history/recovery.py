@@ -192,6 +192,16 @@ class ReplayBuffers:
 # -- the resume service ----------------------------------------------------------
 
 MAX_COLD_REPLAY = 1000
+TOO_MUCH_TO_REPLAY = "More missed messages than one resume may replay; read them from history"
+
+
+def frames_size(frames: list[str]) -> int:
+    """The bytes ``frames`` take on the wire (UTF-8: a frame's characters can be up to 4 bytes each)."""
+    return sum(len(text.encode("utf-8")) for text in frames)
+
+
+def _too_big(frames: list[str], max_bytes: int | None) -> bool:
+    return max_bytes is not None and frames_size(frames) > max_bytes
 
 
 @dataclass
@@ -223,25 +233,41 @@ class RecoveryService:
         })
 
     def resume(self, app: Any, channel: str, stream_id: Any, serial: Any, legacy: bool, subscribed: bool,
-               ) -> ResumeOutcome:
-        from sockudo.history.store import SequencerUnavailable  # local import: history imports config only
+               max_bytes: int | None = None) -> ResumeOutcome:
+        """One channel's resume. ``max_bytes`` bounds the frames it may replay (what is left of
+        the socket's send budget): a longer replay fails as ``position_expired`` instead, and
+        the client reads the messages from history page by page."""
+        from sockudo.history.store import SequencerUnavailable, empty_stream_id  # history imports config only
 
         if not isinstance(channel, str) or not subscribed:
             return self._fail(app.id, str(channel), CONTINUITY_UNVERIFIABLE,
                               "Subscribe to the channel before resuming it", stream_id, None)
         if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
-            return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE, "serial must be a whole number", stream_id, None)
+            return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE, "serial must be a whole number", stream_id,
+                              None)
         cfg = app.connection_recovery
         now_ms = int(self.clock() * 1000)
         try:
             current = self.sequencer.position(app.id, channel)
         except SequencerUnavailable:
             return self._fail(app.id, channel, PERSISTENCE_UNAVAILABLE, "Message store unavailable", stream_id, None)
+        empty = empty_stream_id(app.id, channel)
         if legacy:
             # A legacy position has no stream id: only the hot tier, and only if our buffer
             # is the channel's current stream.
             stream_id = current[0] if current else None
-        result = self.buffers.replay(app.id, channel, stream_id, serial, cfg, now_ms, current)
+        elif current is None:
+            # No stream: nothing has been published to the channel (or its stream was lost from
+            # the store). Subscribers are given the empty position now; any other is a reset.
+            current = (empty, 0)
+        lookup = stream_id
+        if not legacy and stream_id == empty and current is not None and current[0] != empty:
+            # A position taken before the channel's first message: its whole stream was missed.
+            if serial != 0:
+                return self._fail(app.id, channel, CONTINUITY_UNVERIFIABLE,
+                                  "A position before the channel's first message has serial 0", stream_id, None)
+            lookup = current[0]
+        result = self.buffers.replay(app.id, channel, lookup, serial, cfg, now_ms, current)
         source = "hot"
         frames = [m.text for m in result.messages]
         last = result.messages[-1] if result.messages else None
@@ -262,6 +288,8 @@ class RecoveryService:
                 if contiguous:
                     assert current is not None
                     frames = [m.frame_v2(channel, current[0]) for m in stored]
+                    if _too_big(frames, max_bytes):
+                        return self._fail(app.id, channel, POSITION_EXPIRED, TOO_MUCH_TO_REPLAY, stream_id, result)
                     source = "cold"
                     result.code = None
                     last_serial, last_id = stored[-1].serial, stored[-1].message_id
@@ -291,6 +319,8 @@ class RecoveryService:
                 CONTINUITY_UNVERIFIABLE: "The position cannot be verified against this channel",
             }.get(result.code or "", "Cannot recover")
             return self._fail(app.id, channel, result.code or CONTINUITY_UNVERIFIABLE, reason, stream_id, result)
+        if _too_big(frames, max_bytes):
+            return self._fail(app.id, channel, POSITION_EXPIRED, TOO_MUCH_TO_REPLAY, stream_id, result)
         self.metrics.recovery_success.labels(app.id, self.metrics.port, source).inc()
         if frames:
             self.metrics.recovery_replayed.labels(app.id, self.metrics.port, source).inc(len(frames))

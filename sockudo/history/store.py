@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import redis
+
 from sockudo.config import AppConfig, HistoryConfig
 from sockudo.core import protocol as p
 from sockudo.core.errors import ApiError
@@ -68,6 +70,22 @@ class StreamState:
     retained_bytes: int = 0
 
 
+#: Namespace of ``empty_stream_id`` (a fixed, random UUID).
+_EMPTY_STREAM_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-4e55-9a7b-0c8d2e1f4a63")
+
+
+def empty_stream_id(app_id: str, channel: str) -> str:
+    """The stream id given for a channel that has no stream yet (nothing published to it).
+
+    Nothing is stored for such a channel: serial state is created by the first publish, so a
+    client cannot make the server keep state by subscribing to names nobody uses. The id is
+    derived from the names, so every node gives the same one; a position ``(this id, 0)``
+    means "before the channel's first message" and resumes into the stream the first publish
+    creates (``RecoveryService.resume``). A real stream id is a random UUID, never this one.
+    """
+    return str(uuid.uuid5(_EMPTY_STREAM_NAMESPACE, f"{app_id}\x00{channel}"))
+
+
 class SequencerUnavailable(Exception):
     """The store could not assign a serial (Redis down or out of memory)."""
 
@@ -91,6 +109,8 @@ class Sequencer(Protocol):
              limit: int) -> list[StoredMessage]: ...
     def reset(self, app: AppConfig, channel: str) -> None: ...
     def sweep(self, apps: list[AppConfig]) -> int: ...
+    def take_purged(self) -> int:
+        """Entries retention removed (on write or in ``sweep``) since the last call."""
 
 
 # -- memory ------------------------------------------------------------------------
@@ -185,6 +205,10 @@ class MemorySequencer:
 
     def reset(self, app: AppConfig, channel: str) -> None:
         self.channels.pop((app.id, channel), None)
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         by_id = {a.id: a for a in apps}
@@ -309,7 +333,7 @@ class RedisSequencer:
                          cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or ""))
         try:
             flat = self._next(keys=keys, args=args)
-        except Exception as exc:  # redis errors, including OOM with noeviction
+        except redis.RedisError as exc:  # including out of memory with noeviction
             raise SequencerUnavailable(str(exc)) from exc
         out: list[tuple[str, int, int]] = []
         for i, (channel, *_rest) in enumerate(items):
@@ -332,7 +356,7 @@ class RedisSequencer:
         seq_key, _ = self._keys(app_id, channel)
         try:
             values = self.client.hmget(seq_key, "stream_id", "serial")
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         sid, serial = values
         if sid is None:
@@ -349,7 +373,7 @@ class RedisSequencer:
                 pipe.delete(hist_key)
                 pipe.pexpire(seq_key, max(app.history.retention_window_seconds, 86400) * 1000)
                 pipe.execute()
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         position = self.position(app.id, channel)
         assert position is not None
@@ -369,7 +393,7 @@ class RedisSequencer:
             pipe.xlen(hist_key)
             pipe.memory_usage(hist_key)
             first, last, length, usage = pipe.execute()
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         oldest = _decode_entry(first[0]) if first else None
         newest = _decode_entry(last[0]) if last else None
@@ -387,15 +411,19 @@ class RedisSequencer:
                 entries = self.client.xrevrange(hist_key, high, low, count=limit)
             else:
                 entries = self.client.xrange(hist_key, low, high, count=limit)
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
         return [m for m in (_decode_entry(e) for e in entries) if m is not None]
 
     def reset(self, app: AppConfig, channel: str) -> None:
         try:
             self.client.delete(*self._keys(app.id, channel))
-        except Exception as exc:
+        except redis.RedisError as exc:
             raise SequencerUnavailable(str(exc)) from exc
+
+    def take_purged(self) -> int:
+        purged, self.purged = self.purged, 0
+        return purged
 
     def sweep(self, apps: list[AppConfig]) -> int:
         """Retention by age for the streams this node wrote to, when their oldest entry is due.
@@ -414,7 +442,7 @@ class RedisSequencer:
                 continue
             try:
                 next_due = self._apply_retention(app, key[1])
-            except Exception as exc:  # Redis down: try again next time
+            except redis.RedisError as exc:  # Redis down: try again next time
                 logger.warning("history retention sweep failed", extra={"app_id": key[0], "error": str(exc)[:200]})
                 break
             if next_due:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from sockudo.core.errors import ApiError
 from sockudo.handler import Handler
-from sockudo.http_api import channels, events, push, system, users
+from sockudo.http_api import channels, push, system, users
+from sockudo.http_api.common import body_limit, cors_headers, error_body
 from sockudo.services import Services
 
 logger = logging.getLogger(__name__)
@@ -18,12 +19,13 @@ logger = logging.getLogger(__name__)
 
 def create_app(services: Services, handler: Handler) -> Flask:
     app = Flask("sockudo", static_folder=None)  # no static route: nothing here is a file server
-    app.config["MAX_CONTENT_LENGTH"] = int(services.config.request_limit_in_mb * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = body_limit(services.config)
     app.extensions["sockudo"] = {"services": services, "handler": handler}
 
     app.register_blueprint(system.bp)
     app.register_blueprint(push.bp)
-    for bp in (events.bp, channels.bp, users.bp):
+    # POST /apps/{id}/events and /batch_events are served before Flask (fastpath.py).
+    for bp in (channels.bp, users.bp):
         app.register_blueprint(bp)
     app.before_request(_before)
     app.after_request(_after)
@@ -33,11 +35,7 @@ def create_app(services: Services, handler: Handler) -> Flask:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Response:
-        resp = jsonify({"error": exc.message, "code": exc.slug, "status": exc.status})
-        resp.status_code = exc.status
-        for key, value in exc.headers.items():
-            resp.headers[key] = value
-        return resp
+        return _error(exc.status, exc.slug, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -47,18 +45,18 @@ def create_app(services: Services, handler: Handler) -> Flask:
         if status == 404 and not request.path.startswith("/apps/"):
             return Response("404 NOT FOUND", status=404, mimetype="text/plain")
         message = exc.description if status < 500 else "Internal server error"
-        resp = jsonify({"error": message, "code": slugs.get(status, "error"), "status": status})
-        resp.status_code = status
-        return resp
+        return _error(status, slugs.get(status, "error"), message or "")
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         logger.exception("unhandled error in REST API", extra={"path": request.path})
-        resp = jsonify({"error": "Internal server error", "code": "internal_error", "status": 500})
-        resp.status_code = 500
-        return resp
+        return _error(500, "internal_error", "Internal server error")
 
     return app
+
+
+def _error(status: int, slug: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status, slug, message), status=status, mimetype="application/json", headers=headers)
 
 
 def _before() -> None:
@@ -66,16 +64,12 @@ def _before() -> None:
 
 
 def _after(resp: Response) -> Response:
-    resp.headers["Access-Control-Allow-Origin"] = "*"
-    resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
-    resp.headers["Access-Control-Allow-Headers"] = "Content-Type, X-Idempotency-Key"
+    services: Services = _services()
+    for name, value in cors_headers(services.config.cors, request.headers.get("Origin")):
+        resp.headers[name] = value
     app = getattr(g, "app", None)
     if app is not None:
-        services: Services = _services()
-        labels = (app.id, services.metrics.port)
-        services.metrics.http_calls_received.labels(*labels).inc()
-        services.metrics.http_received_bytes.labels(*labels).inc(request.content_length or 0)
-        services.metrics.http_transmitted_bytes.labels(*labels).inc(resp.calculate_content_length() or 0)
+        services.metrics.http_call(app.id, request.content_length or 0, resp.calculate_content_length() or 0)
     return resp
 
 

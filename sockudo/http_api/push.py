@@ -6,7 +6,7 @@ is admin; any other capability is refused with 403. A key of another app gets 40
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -14,27 +14,32 @@ from flask.typing import ResponseReturnValue
 from sockudo.core.errors import ApiError
 from sockudo.http_api.signing import json_body, require_signed_app, services
 
+if TYPE_CHECKING:
+    from sockudo.push.service import PushService
+
 bp = Blueprint("push", __name__, url_prefix="/apps/<app_id>/push")
 
 
-def _push(app_id: str) -> Any:
+def _push(app_id: str) -> PushService:
     app = require_signed_app(None)
     if app.id != app_id:
         raise ApiError(403, "forbidden", "the signing key belongs to another app")
     capability = request.headers.get("x-sockudo-push-capability", "push-admin")
     if capability != "push-admin":
         raise ApiError(403, "forbidden", f"capability {capability!r} is not allowed here (push-admin only)")
-    push = getattr(services(), "push", None)
+    push = services().push
     if push is None:
         raise ApiError(503, "service_unavailable", "push notifications are disabled ([push] enabled = false)")
     return push
 
 
-def _body() -> Any:
-    ctype = (request.mimetype or "").lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    return json_body()
+def _tap(app_id: str, accepted: dict[str, Any]) -> None:
+    """The console's event log shows each accepted publish (its id and status, no payload)."""
+    tap = services().tap
+    if tap.attached:
+        tap.record(app_id, "push", publish_id=accepted.get("publishId"), status=accepted.get("status"),
+                   expected_recipients=accepted.get("expectedRecipients"), fanout=accepted.get("fanoutRegime"),
+                   duplicate=accepted.get("duplicate"))
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -46,7 +51,7 @@ def _json(data: Any, status: int = 200) -> Response:
 @bp.post("/deviceRegistrations")
 def register_device(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    return _json(push.register_device(app_id, _body()), 201)
+    return _json(push.register_device(app_id, json_body()), 201)
 
 
 @bp.get("/deviceRegistrations")
@@ -73,7 +78,7 @@ def delete_device(app_id: str, device_id: str) -> ResponseReturnValue:
 @bp.post("/channelSubscriptions")
 def subscribe(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    return _json(push.subscribe(app_id, _body()), 201)
+    return _json(push.subscribe(app_id, json_body()), 201)
 
 
 @bp.get("/channelSubscriptions")
@@ -94,10 +99,11 @@ def list_channels(app_id: str) -> ResponseReturnValue:
 @bp.post("/publish")
 def publish(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    resp = _json(push.publish(app_id, _body()), 202)
-    if request.args.get("mode") == "sync" or (
-        isinstance(request.get_json(silent=True), dict) and request.get_json(silent=True).get("sync") is True
-    ):
+    body = json_body()
+    accepted = push.publish(app_id, body)
+    _tap(app_id, accepted)
+    resp = _json(accepted, 202)
+    if request.args.get("mode") == "sync" or (isinstance(body, dict) and body.get("sync") is True):
         resp.headers["X-Sockudo-Forced-Async"] = "publish-api-is-async"
     return resp
 
@@ -105,7 +111,10 @@ def publish(app_id: str) -> ResponseReturnValue:
 @bp.post("/batch/publish")
 def batch_publish(app_id: str) -> ResponseReturnValue:
     push = _push(app_id)
-    return _json(push.batch_publish(app_id, _body()), 202)
+    accepted = push.batch_publish(app_id, json_body())
+    for item in accepted.get("items", ()):
+        _tap(app_id, item)
+    return _json(accepted, 202)
 
 
 @bp.get("/publish/<publish_id>/status")
@@ -126,7 +135,7 @@ def replay_dead_letter(app_id: str, letter_id: str) -> ResponseReturnValue:
 @bp.post("/credentials/<provider>")
 def put_credentials(app_id: str, provider: str) -> ResponseReturnValue:
     push = _push(app_id)
-    return _json(push.put_credentials(app_id, provider, _body()), 201)
+    return _json(push.put_credentials(app_id, provider, json_body()), 201)
 
 
 @bp.get("/credentials")

@@ -1,4 +1,5 @@
-"""Unsigned operational endpoints: ``/live``, ``/up``, ``/up/{app_id}``, ``/usage`` (spec §5.3)."""
+"""Unsigned operational endpoints: ``/live``, ``/up``, ``/up/{app_id}``, ``/usage`` (Sockudo's), and
+``/``, ``/ready`` (soketi's), answered as those servers answer them (docs/compatibility.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def _health(status: str, code: int) -> Response:
 @bp.get("/live")
 def live() -> ResponseReturnValue:
     return _health(OK, 200)
+
+
+@bp.get("/")
+def root() -> ResponseReturnValue:
+    """soketi's health answer: 200 ``OK``, always (load balancers' default probe path)."""
+    return Response(OK, status=200, mimetype="text/plain")
+
+
+@bp.get("/ready")
+def ready() -> ResponseReturnValue:
+    """soketi's readiness answer: 200 ``OK``, or its 500 while the server is shutting down."""
+    if handler().draining:
+        return jsonify({"error": "The server is closing. Choose another server. :)", "code": 500}), 500
+    return Response(OK, status=200, mimetype="text/plain")
 
 
 def readiness() -> Readiness:
@@ -72,5 +87,5 @@ def usage() -> ResponseReturnValue:
         used = total - free
     except OSError:
         pass
-    percent = round(used * 100 / total, 2) if total else 0
+    percent = used * 100 / total if total else 0.0  # unrounded, as Sockudo and soketi answer it
     return jsonify({"memory": {"free": free, "used": used, "total": total, "percent": percent}})

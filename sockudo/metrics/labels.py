@@ -21,8 +21,6 @@ from prometheus_client.metrics_core import Metric
 
 from sockudo.config import Config
 
-CONSTANT_LABEL_NAMES = ("environment", "region", "node", "adapter")
-
 
 def constant_labels(config: Config, hostname: str | None = None) -> dict[str, str]:
     """The four constant labels for this process, from configuration."""

@@ -1,11 +1,13 @@
 """Push cryptography, on ``cryptography`` primitives (no I/O).
 
 - compact JWS/JWT with ES256 (APNs provider tokens, VAPID) and RS256 (the FCM service-account
-  assertion), encode and verify;
+  assertion);
 - the credential envelope: AES-256-GCM under SHA-256(configured key), spec §6.10's format
   ``envelope:v1:aes256gcm:`` + b64url(nonce‖ciphertext‖tag), the app and provider bound in as AAD;
-- RFC 8291 Web Push message encryption (``aes128gcm``, RFC 8188 framing, one record), and its
-  decryption, which the tests and the fake push service use.
+- RFC 8291 Web Push message encryption (``aes128gcm``, RFC 8188 framing, one record).
+
+The receiving side (verifying tokens, decrypting messages) is the providers' business; the tests'
+fake push services have it in ``tests/support/push_crypto.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import json
 import os
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
@@ -98,10 +100,6 @@ def p256_public_from_raw(raw: bytes) -> ec.EllipticCurvePublicKey:
         raise CryptoError("not a point on P-256") from None
 
 
-def p256_raw_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_numbers().private_value.to_bytes(32, "big")
-
-
 # -- JWT ------------------------------------------------------------------------------------
 
 
@@ -122,60 +120,12 @@ def jwt_rs256(header: dict[str, Any], claims: dict[str, Any], key: rsa.RSAPrivat
     return f"{signing_input}.{b64url(sig)}"
 
 
-def jwt_decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise CryptoError("not a compact JWS")
-    try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError):
-        raise CryptoError("JWT segments are not JSON") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise CryptoError("JWT segments are not objects")
-    return header, claims
-
-
-def jwt_verify(token: str, key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify the signature (ES256 for EC keys, RS256 for RSA keys); returns (header, claims)."""
-    header, claims = jwt_decode_unverified(token)
-    signing_input, _, sig_text = token.rpartition(".")
-    sig = b64url_decode(sig_text)
-    try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            if header.get("alg") != "ES256" or len(sig) != 64:
-                raise CryptoError("expected an ES256 signature")
-            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-            key.verify(der, signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        else:
-            if header.get("alg") != "RS256":
-                raise CryptoError("expected an RS256 signature")
-            key.verify(sig, signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
-    except InvalidSignature:
-        raise CryptoError("bad JWT signature") from None
-    return header, claims
-
-
 def vapid_authorization(
     audience: str, subject: str, key: ec.EllipticCurvePrivateKey, now: float, lifetime_s: int = 12 * 3600
 ) -> str:
     """``Authorization: vapid t=<JWT>, k=<public key>`` (RFC 8292)."""
     token = jwt_es256({"typ": "JWT"}, {"aud": audience, "exp": int(now) + lifetime_s, "sub": subject}, key)
     return f"vapid t={token}, k={b64url(p256_public_raw(key))}"
-
-
-def parse_vapid_authorization(value: str) -> tuple[str, str]:
-    """``vapid t=…, k=…`` → (token, public key b64url)."""
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() != "vapid":
-        raise CryptoError("not a vapid authorization")
-    params: dict[str, str] = {}
-    for part in rest.split(","):
-        name, _, val = part.strip().partition("=")
-        params[name.strip().lower()] = val.strip()
-    if "t" not in params or "k" not in params:
-        raise CryptoError("vapid authorization needs t= and k=")
-    return params["t"], params["k"]
 
 
 # -- credential envelope (spec §6.10) ---------------------------------------------------------
@@ -206,7 +156,6 @@ def unseal(secret: str, envelope: str, aad: str) -> bytes:
 # -- RFC 8291 / RFC 8188 ----------------------------------------------------------------------
 
 RECORD_SIZE = 4096
-_HEADER_LEN = 16 + 4 + 1 + 65
 
 
 def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
@@ -214,10 +163,11 @@ def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
     return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:length]
 
 
-def _derive(
+def content_key_and_nonce(
     auth_secret: bytes, ecdh_secret: bytes, ua_public: bytes, as_public: bytes, salt: bytes
 ) -> tuple[bytes, bytes]:
-    # RFC 8291 §3.4: IKM from the auth secret and the ECDH secret, then RFC 8188 key and nonce.
+    """RFC 8291 section 3.4: IKM from the auth secret and the ECDH secret, then RFC 8188's content
+    encryption key and nonce (the same derivation on the sending and the receiving side)."""
     ikm = _hkdf(auth_secret, ecdh_secret, b"WebPush: info\x00" + ua_public + as_public, 32)
     cek = _hkdf(salt, ikm, b"Content-Encoding: aes128gcm\x00", 16)
     nonce = _hkdf(salt, ikm, b"Content-Encoding: nonce\x00", 12)
@@ -242,30 +192,8 @@ def webpush_encrypt(
     salt = salt or os.urandom(16)
     as_public = p256_public_raw(sender)
     ecdh_secret = sender.exchange(ec.ECDH(), ua_key)
-    cek, nonce = _derive(auth_secret, ecdh_secret, ua_public, as_public, salt)
+    cek, nonce = content_key_and_nonce(auth_secret, ecdh_secret, ua_public, as_public, salt)
     record = plaintext + b"\x02"  # the last (only) record's delimiter, no padding
     ciphertext = AESGCM(cek).encrypt(nonce, record, None)
     rs = max(RECORD_SIZE, len(ciphertext))
     return salt + rs.to_bytes(4, "big") + bytes([len(as_public)]) + as_public + ciphertext
-
-
-def webpush_decrypt(body: bytes, ua_private: ec.EllipticCurvePrivateKey, auth_b64: str) -> bytes:
-    """What a user agent does with an ``aes128gcm`` body (single record)."""
-    if len(body) < _HEADER_LEN + 17:
-        raise CryptoError("body too short for aes128gcm")
-    salt, rs, idlen = body[:16], int.from_bytes(body[16:20], "big"), body[20]
-    keyid = body[21 : 21 + idlen]
-    ciphertext = body[21 + idlen :]
-    if len(ciphertext) > rs:
-        raise CryptoError("more than one record")
-    as_key = p256_public_from_raw(keyid)
-    ecdh_secret = ua_private.exchange(ec.ECDH(), as_key)
-    cek, nonce = _derive(b64url_decode(auth_b64), ecdh_secret, p256_public_raw(ua_private), keyid, salt)
-    try:
-        record = AESGCM(cek).decrypt(nonce, ciphertext, None)
-    except InvalidTag:
-        raise CryptoError("aes128gcm record does not decrypt") from None
-    stripped = record.rstrip(b"\x00")
-    if not stripped.endswith(b"\x02"):
-        raise CryptoError("missing last-record delimiter")
-    return stripped[:-1]

@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from sockudo.core import keys
 from sockudo.push import status as st
@@ -29,9 +32,10 @@ from sockudo.push.metrics import PushMetrics, RecordingMetrics
 from sockudo.push.providers import (
     CREDENTIAL_AUTH,
     DEVICE_TERMINAL,
+    EXPIRED,
     REJECTED,
     RETRYABLE,
-    ProviderClients,
+    UNKNOWN,
     ProviderResult,
     SendContext,
 )
@@ -44,6 +48,11 @@ logger = logging.getLogger("sockudo_push")
 Metrics = PushMetrics | RecordingMetrics
 # A scheduled job this overdue has no running RQ scheduler (its lock may belong to a dead worker).
 SCHEDULER_STALL_MS = 5000
+# Provider answers wait at most this long, or until this many have arrived, before their batch
+# settle (one Redis transaction). A worker killed in that window leaves them claimed: they are
+# sent again by the takeover and listed as possible duplicates.
+SETTLE_EVERY_S = 0.05
+SETTLE_GROUP = 50
 
 
 def now_ms() -> int:
@@ -75,13 +84,41 @@ def dead_letter_id(app_id: str, publish_id: str, device_id: str, attempt: int) -
     return sha256_hex(keys.join(app_id, publish_id, device_id, str(attempt)))[:32]
 
 
+@dataclass
+class _Delivery:
+    device_id: str
+    attempt: int
+    provider: str
+    replay: str | None
+    device: dict[str, Any] | None
+    key: str
+
+
+@dataclass
+class _Settles:
+    """Answers of one publish waiting for their batch settle: (op, replay id, message id, then)."""
+
+    app_id: str
+    publish_id: str
+    items: list[tuple[st.SettleOp, str | None, str | None, Callable[[st.Change], None] | None]] = field(
+        default_factory=list
+    )
+
+
+class Sender(Protocol):
+    """What the dispatcher sends with: ``ProviderClients`` (tests hand it a scripted one)."""
+
+    def submit(self, provider: str, device: Mapping[str, Any], rendered: Mapping[str, Any],
+               credentials: Mapping[str, Any], ctx: SendContext) -> Future[ProviderResult]: ...
+
+
 class Dispatcher:
     def __init__(
         self,
         settings: PushSettings,
         store: Any,
         queue: Any,
-        clients: Callable[[], ProviderClients],
+        clients: Callable[[], Sender],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -89,15 +126,18 @@ class Dispatcher:
         self.store = store
         self.queue = queue
         self._clients_factory = clients
-        self._clients: ProviderClients | None = None
+        self._clients: Sender | None = None
+        self._clients_pid = 0
         self.metrics = metrics
         self.clock = clock
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"  # each run claims as owner:pid:run
         self._leases: dict[str, tuple[int, int]] = {}  # job → (renewed at, lease deadline), ms
 
-    def clients(self) -> ProviderClients:
-        if self._clients is None:
+    def clients(self) -> Sender:
+        """The provider clients (made on first use; again in a forked child)."""
+        if self._clients is None or self._clients_pid != os.getpid():
             self._clients = self._clients_factory()
+            self._clients_pid = os.getpid()
         return self._clients
 
     def now_ms(self) -> int:
@@ -241,6 +281,9 @@ class Dispatcher:
     # -- dispatch --
 
     def run_batch(self, batch_id: str, batch: dict[str, Any]) -> None:
+        """Claim the batch's deliveries (one transaction), send them concurrently through the
+        provider clients' pools, and settle the answers in groups as they arrive (one
+        transaction per group), renewing the job's lease meanwhile."""
         app_id, publish_id = batch["app"], batch["pid"]
         record = self.store.get_status(app_id, publish_id)
         plan = self.store.get_plan(app_id, publish_id)
@@ -250,141 +293,191 @@ class Dispatcher:
         first_ms = max(int(record.get("createdAtMs") or 0), int(plan.get("notBeforeMs") or 0))
         items = batch["items"]
         devices = self.store.get_devices(app_id, [item[0] for item in items])
-        credentials: dict[str, dict[str, Any] | None] = {}
-        busy = False
+        deliveries = []
         for (device_id, attempt, provider, replay), device in zip(items, devices, strict=True):
             if device is not None:
                 provider = device["provider"]  # re-registered since planning: send where it is now
-            busy |= self._deliver(
-                batch_id,
-                app_id,
-                publish_id,
-                plan,
-                first_ms,
-                device_id,
-                int(attempt),
-                provider,
-                replay,
-                device,
-                credentials,
+            # The delivery's key: the device id as a key segment (no ':' or '#'), plus '#replay:…'
+            # for a dead letter's replay; no device id can pass for another device's replay.
+            key = keys.segment(device_id) if replay is None else f"{keys.segment(device_id)}#replay:{replay}"
+            deliveries.append(_Delivery(device_id, int(attempt), provider, replay, device, key))
+        now = self.now_ms()
+        # Each run claims as its own owner: a re-run of this job — even in the same process,
+        # which keeps its dispatcher across jobs — finds the deliveries a dead run left in
+        # flight held by another owner, and flags them as possible duplicates.
+        owner = f"{self.owner}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        # The deliveries' lease is the job's: when a takeover finds the job lapsed, its in-flight
+        # deliveries have lapsed too.
+        lease_until = self._renew(batch_id)
+        claims = self._status_many(
+            "retry",
+            app_id,
+            publish_id,
+            lambda: self.store.claim_many(
+                app_id, publish_id, [(d.key, d.attempt) for d in deliveries], owner, now, lease_until
+            ),
+        )
+        settles = _Settles(app_id, publish_id)
+        credentials: dict[str, dict[str, Any] | None] = {}
+        expires = plan.get("expiresAtMs")
+        in_flight: dict[Future[ProviderResult], tuple[_Delivery, float]] = {}
+        # Finished sends arrive here (a queue, not concurrent.futures.wait: that re-registers a
+        # waiter on every pending future at each call, quadratic in the batch).
+        answers: queue.SimpleQueue[Future[ProviderResult]] = queue.SimpleQueue()
+        busy = False
+        for delivery, claim in zip(deliveries, claims, strict=True):
+            if claim.claim is st.Claim.BUSY:
+                busy = True
+                continue
+            if claim.claim is st.Claim.SKIP:
+                continue
+            labels = {"provider": delivery.provider, "app": app_id}
+            if claim.increments.get("retryAttempted"):
+                self.metrics.inc("sockudo_push_retry_attempted", labels)
+            if claim.possible_duplicate:
+                logger.warning(
+                    "push delivery resent: its previous worker died mid-request (possible duplicate)",
+                    extra=self._log(app_id, publish_id, delivery),
+                )
+            if expires is not None and now >= int(expires):
+                self._settle(settles, delivery, st.Outcome.EXPIRED, reason="expired")
+                self.metrics.inc("sockudo_push_dispatched", {**labels, "status": "expired"})
+                continue
+            if delivery.device is None:
+                self._settle(settles, delivery, st.Outcome.REJECTED, reason="device_not_found")
+                continue
+            if delivery.provider not in credentials:
+                credentials[delivery.provider] = load_credentials(
+                    self.store, self.settings.credentials_key, app_id, delivery.provider
+                )
+            creds = credentials[delivery.provider]
+            if creds is None:
+                result = ProviderResult(REJECTED, CREDENTIAL_AUTH, "credentials_missing")
+                self._answered(settles, plan, first_ms, delivery, result, 0.0)
+                continue
+            ctx = SendContext(
+                app_id, publish_id, delivery.device_id, int(expires) if expires is not None else None, self.clock()
             )
+            future = self.clients().submit(
+                delivery.provider, delivery.device, plan["rendered"][delivery.provider], creds, ctx
+            )
+            in_flight[future] = (delivery, time.perf_counter())
+            future.add_done_callback(answers.put)
+        self._flush(settles)
+        tick = self.settings.lease_ms / 4000
+        oldest = 0.0  # when the oldest answer not yet settled arrived
+        while in_flight:
+            timeout = tick if not settles.items else max(0.0, oldest + SETTLE_EVERY_S - time.monotonic())
+            done = []
+            try:
+                done.append(answers.get(timeout=timeout))
+                while True:
+                    done.append(answers.get_nowait())
+            except queue.Empty:
+                pass
+            for future in done:
+                delivery, started = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:  # a bug in a sender must not strand the batch's other answers
+                    logger.exception("push sender failed", extra=self._log(app_id, publish_id, delivery))
+                    result = ProviderResult(RETRYABLE, UNKNOWN, f"sender_error: {type(exc).__name__}")
+                if not settles.items:
+                    oldest = time.monotonic()
+                self._answered(settles, plan, first_ms, delivery, result, time.perf_counter() - started)
+            # Answers are settled in groups: one transaction per SETTLE_EVERY_S or SETTLE_GROUP answers.
+            if not in_flight or len(settles.items) >= SETTLE_GROUP or time.monotonic() - oldest >= SETTLE_EVERY_S:
+                self._flush(settles)
+            self._renew(batch_id)
+        self._flush(settles)
         # A re-run after a worker died between a settle's counters and the state write finds
         # every claim settled: the publish is completed here, whoever counted last.
         self._reconcile(app_id, publish_id)
         if not busy:  # else another live run of this job still works on it and finishes it
             self.store.finish_batch(batch_id)
 
-    def _deliver(
-        self,
-        batch_id: str,
-        app_id: str,
-        publish_id: str,
-        plan: dict[str, Any],
-        first_ms: int,
-        device_id: str,
-        attempt: int,
-        provider: str,
-        replay: str | None,
-        device: dict[str, Any] | None,
-        credentials: dict[str, dict[str, Any] | None],
-    ) -> bool:
-        """Claim, send, settle one delivery. True when another live worker holds it."""
-        # The delivery's key: the device id as a key segment (no ':' or '#'), plus '#replay:…' for
-        # a dead letter's replay; no device id can pass for another device's replay.
-        key = keys.segment(device_id) if replay is None else f"{keys.segment(device_id)}#replay:{replay}"
-        now = self.now_ms()
-        # The delivery's lease is the job's: when a takeover finds the job lapsed, its in-flight
-        # delivery has lapsed too.
-        lease_until = self._renew(batch_id)
-        claim = self._status(
-            "retry",
-            app_id,
-            publish_id,
-            lambda: self.store.claim(app_id, publish_id, key, attempt, self.owner, now, lease_until),
-        )
-        if claim.claim is st.Claim.BUSY:
-            return True
-        if claim.claim is st.Claim.SKIP:
-            return False
-        labels = {"provider": provider, "app": app_id}
-        if claim.increments.get("retryAttempted"):
-            self.metrics.inc("sockudo_push_retry_attempted", labels)
+    @staticmethod
+    def _log(app_id: str, publish_id: str, delivery: _Delivery) -> dict[str, Any]:
         log = {
             "app_id": app_id,
             "publish_id": publish_id,
-            "provider": provider,
-            "device_id": device_id,
-            "attempt": attempt,
+            "provider": delivery.provider,
+            "device_id": delivery.device_id,
+            "attempt": delivery.attempt,
         }
-        if claim.possible_duplicate:
-            logger.warning("push delivery resent: its previous worker died mid-request (possible duplicate)", extra=log)
-        expires = plan.get("expiresAtMs")
-        if expires is not None and now >= int(expires):
-            self._settle(app_id, publish_id, key, st.Outcome.EXPIRED, provider, replay, reason="expired")
-            self.metrics.inc("sockudo_push_dispatched", {**labels, "status": "expired"})
-            return False
-        if device is None:
-            self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason="device_not_found")
-            return False
-        log["token_hash"] = device.get("tokenHash")
-        if provider not in credentials:
-            credentials[provider] = load_credentials(self.store, self.settings.credentials_key, app_id, provider)
-        creds = credentials[provider]
-        started = time.perf_counter()
-        if creds is None:
-            result = ProviderResult(REJECTED, CREDENTIAL_AUTH, "credentials_missing")
-        else:
-            ctx = SendContext(
-                app_id, publish_id, device_id, int(expires) if expires is not None else None, self.clock()
-            )
-            result = self.clients().send(provider, device, plan["rendered"][provider], creds, ctx)
-        elapsed = time.perf_counter() - started
+        if delivery.device is not None:
+            log["token_hash"] = delivery.device.get("tokenHash")
+        return log
+
+    def _answered(
+        self,
+        settles: _Settles,
+        plan: dict[str, Any],
+        first_ms: int,
+        delivery: _Delivery,
+        result: ProviderResult,
+        elapsed: float,
+    ) -> None:
+        """Count and log one provider answer and queue its settle (and retry or dead letter)."""
+        app_id, publish_id = settles.app_id, settles.publish_id
+        labels = {"provider": delivery.provider, "app": app_id}
         self.metrics.inc("sockudo_push_dispatched", {**labels, "status": result.outcome})
         self.metrics.observe("sockudo_push_dispatch_duration_seconds", {**labels, "status": result.outcome}, elapsed)
         if result.failure_class:
             self.metrics.inc("sockudo_push_provider_failures", {**labels, "failure_class": result.failure_class})
+        log = self._log(app_id, publish_id, delivery)
         log.update({"error": result.reason or None, "failure_class": result.failure_class, "status": result.status})
+        if result.outcome == EXPIRED:
+            logger.info("push expired before it was sent", extra=log)
+            self._settle(settles, delivery, st.Outcome.EXPIRED, reason="expired")
+            return
         if result.outcome == "accepted":
             logger.info("push delivered", extra=log)
-            self._settle(app_id, publish_id, key, st.Outcome.ACCEPTED, provider, replay, message_id=result.message_id)
-            return False
+            self._settle(settles, delivery, st.Outcome.ACCEPTED, message_id=result.message_id)
+            return
         if result.outcome == RETRYABLE:
-            self._retry(app_id, publish_id, key, device_id, attempt, provider, replay, plan, first_ms, result, log)
-            return False
+            self._retry(settles, delivery, plan, first_ms, result, log)
+            return
         # rejected
         if result.failure_class == DEVICE_TERMINAL:
             # (Not "token invalid": the log redaction takes "token <word>" for a credential.)
             logger.warning("push device invalidated by the provider; device and its subscriptions deleted", extra=log)
-            if self.store.delete_device(app_id, device_id):
+            if self.store.delete_device(app_id, delivery.device_id):
                 self.metrics.inc("sockudo_push_token_invalidations", labels)
-            self._settle(app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason)
-            return False
+            self._settle(settles, delivery, st.Outcome.REJECTED, reason=result.reason)
+            return
         logger.warning("push delivery rejected", extra=log)
         letter = None
-        if replay is None:
+        if delivery.replay is None:
             letter = self._dead_letter(
-                app_id, publish_id, device_id, provider, result, attempt, stage="delivery_result"
+                app_id,
+                publish_id,
+                delivery.device_id,
+                delivery.provider,
+                result,
+                delivery.attempt,
+                stage="delivery_result",
             )
-        change = self._settle(
-            app_id, publish_id, key, st.Outcome.REJECTED, provider, replay, reason=result.reason, dead_letter=letter
+        self._settle(
+            settles,
+            delivery,
+            st.Outcome.REJECTED,
+            reason=result.reason,
+            dead_letter=letter,
+            then=lambda change: self._dead_lettered(letter, change),
         )
-        self._dead_lettered(letter, change)
-        return False
 
     def _retry(
         self,
-        app_id: str,
-        publish_id: str,
-        key: str,
-        device_id: str,
-        attempt: int,
-        provider: str,
-        replay: str | None,
+        settles: _Settles,
+        delivery: _Delivery,
         plan: dict[str, Any],
         first_ms: int,
         result: ProviderResult,
         log: dict[str, Any],
     ) -> None:
+        app_id, publish_id, key = settles.app_id, settles.publish_id, delivery.key
+        attempt, provider = delivery.attempt, delivery.provider
         labels = {"provider": provider, "app": app_id}
         now = self.now_ms()
         decision = next_attempt(
@@ -405,117 +498,136 @@ class Dispatcher:
                 "app": app_id,
                 "pid": publish_id,
                 "dueMs": decision.due_ms,
-                "items": [[device_id, attempt + 1, provider, replay]],
+                "items": [[delivery.device_id, attempt + 1, provider, delivery.replay]],
             }
             created = self.store.put_batch(retry_id, batch, decision.due_ms + self.settings.lease_ms)
-            change = self._settle(
-                app_id,
-                publish_id,
-                key,
+
+            def scheduled(change: st.Change) -> None:
+                if change.duplicate:
+                    if created:
+                        self.store.finish_batch(retry_id)
+                    return
+                if created:
+                    self.enqueue(retry_id, batch)
+                self.metrics.inc("sockudo_push_retry_scheduled", labels)
+                self.metrics.inc("sockudo_push_scheduled_jobs", {"app": app_id, "status": "retry"})
+                logger.warning(
+                    "push delivery failed; retry scheduled",
+                    extra={**log, "retry_delay_ms": decision.due_ms - now, "retryable": True},
+                )
+
+            self._settle(
+                settles,
+                delivery,
                 st.Outcome.RETRY,
-                provider,
-                replay,
                 next_attempt=attempt + 1,
                 due_ms=decision.due_ms,
-            )
-            if change.duplicate:
-                if created:
-                    self.store.finish_batch(retry_id)
-                return
-            if created:
-                self.enqueue(retry_id, batch)
-            self.metrics.inc("sockudo_push_retry_scheduled", labels)
-            self.metrics.inc("sockudo_push_scheduled_jobs", {"app": app_id, "status": "retry"})
-            logger.warning(
-                "push delivery failed; retry scheduled",
-                extra={**log, "retry_delay_ms": decision.due_ms - now, "retryable": True},
+                then=scheduled,
             )
             return
         if decision.reason == "expired":
             self.metrics.inc("sockudo_push_retry_expired", labels)
             logger.warning("push delivery expired before its next retry", extra=log)
-            self._settle(app_id, publish_id, key, st.Outcome.EXPIRED, provider, replay, reason=result.reason)
+            self._settle(settles, delivery, st.Outcome.EXPIRED, reason=result.reason)
             return
         self.metrics.inc("sockudo_push_retry_dead_lettered", labels)
         logger.error("push delivery dead-lettered", extra={**log, "reason": decision.reason})
         letter = None
-        if replay is None:
+        if delivery.replay is None:
             letter = self._dead_letter(
                 app_id,
                 publish_id,
-                device_id,
+                delivery.device_id,
                 provider,
                 result,
                 attempt,
                 stage="retry",
                 reason=f"{decision.reason}: {result.reason}",
             )
-        change = self._settle(
-            app_id,
-            publish_id,
-            key,
+        self._settle(
+            settles,
+            delivery,
             st.Outcome.DEAD_LETTER,
-            provider,
-            replay,
             reason=f"{decision.reason}:{result.reason}",
             dead_letter=letter,
+            then=lambda change: self._dead_lettered(letter, change),
         )
-        self._dead_lettered(letter, change)
 
     def _settle(
         self,
-        app_id: str,
-        publish_id: str,
-        key: str,
+        settles: _Settles,
+        delivery: _Delivery,
         outcome: st.Outcome,
-        provider: str,
-        replay: str | None,
         *,
         reason: str = "",
         message_id: str | None = None,
         next_attempt: int | None = None,
         due_ms: int | None = None,
         dead_letter: dict[str, Any] | None = None,
-    ) -> st.Change:
-        """Settle one attempt. ``dead_letter`` is written by the store with the settle itself (one
-        transaction) when it ends the delivery, so a worker killed right after can't leave a
-        counted dead letter that does not exist."""
+        then: Callable[[st.Change], None] | None = None,
+    ) -> None:
+        """Queue one attempt's settle for the next :meth:`_flush`. ``dead_letter`` is written by
+        the store with the settle itself (one transaction) when it ends the delivery, so a
+        worker killed right after can't leave a counted dead letter that does not exist."""
         letter = (dead_letter, self.settings.dead_letter_ttl_days * 86_400) if dead_letter is not None else None
-        change = self._status(
+        op = st.SettleOp(
+            delivery.key,
+            outcome,
+            next_attempt=next_attempt,
+            due_ms=due_ms,
+            replay=delivery.replay is not None,
+            reason=reason,
+            dead_letter=letter,
+        )
+        settles.items.append((op, delivery.replay, message_id, then))
+
+    def _flush(self, settles: _Settles) -> None:
+        """Settle every queued answer in one store transaction, then run their follow-ups."""
+        if not settles.items:
+            return
+        items, settles.items = settles.items, []
+        app_id, publish_id = settles.app_id, settles.publish_id
+        changes = self._status_many(
             "feedback",
             app_id,
             publish_id,
-            lambda: self.store.settle(
-                app_id,
-                publish_id,
-                key,
-                outcome,
-                self.now_ms(),
-                next_attempt=next_attempt,
-                due_ms=due_ms,
-                replay=replay is not None,
-                reason=reason,
-                dead_letter=letter,
-            ),
+            lambda: self.store.settle_many(app_id, publish_id, [item[0] for item in items], self.now_ms()),
         )
-        if change.duplicate:
-            self.metrics.inc("sockudo_push_duplicate_suppressed", {"app": app_id})
-        if replay is not None and outcome is not st.Outcome.RETRY and not change.duplicate:
-            self.store.update_dead_letter(
-                app_id,
-                replay,
-                {
-                    "replayState": {"accepted": "succeeded", "dead_letter": "dead_lettered"}.get(
-                        outcome.value, outcome.value
-                    ),
-                    "replayReason": reason or None,
-                    "messageId": message_id,
-                    "replayable": outcome is not st.Outcome.ACCEPTED,
-                    "replayedAtMs": self.now_ms(),
-                },
-            )
-        self._completed(app_id, publish_id, change)
-        return change
+        for (op, replay, message_id, then), change in zip(items, changes, strict=True):
+            if change.duplicate:
+                self.metrics.inc("sockudo_push_duplicate_suppressed", {"app": app_id})
+            if replay is not None and op.outcome is not st.Outcome.RETRY and not change.duplicate:
+                self.store.update_dead_letter(
+                    app_id,
+                    replay,
+                    {
+                        "replayState": {"accepted": "succeeded", "dead_letter": "dead_lettered"}.get(
+                            op.outcome.value, op.outcome.value
+                        ),
+                        "replayReason": op.reason or None,
+                        "messageId": message_id,
+                        "replayable": op.outcome is not st.Outcome.ACCEPTED,
+                        "replayedAtMs": self.now_ms(),
+                    },
+                )
+            if then is not None:
+                then(change)
+            self._completed(app_id, publish_id, change)
+
+    def _status_many(
+        self, component: str, app_id: str, publish_id: str, write: Callable[[], list[st.Change]]
+    ) -> list[st.Change]:
+        """:meth:`_status` for a batch write."""
+        result: list[st.Change] = []
+
+        def one() -> st.Change:
+            result.extend(write())
+            merged = st.Change()
+            merged.violation = any(change.violation for change in result)
+            return merged
+
+        self._status(component, app_id, publish_id, one)
+        return result
 
     def _status(self, component: str, app_id: str, publish_id: str, write: Callable[[], st.Change]) -> st.Change:
         """One status write (planner state change, retry claim, feedback settle). A write that

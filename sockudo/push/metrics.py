@@ -11,13 +11,19 @@ them into its registry (the same approach as the webhook worker: no multiprocess
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from sockudo.metrics.instruments import Counter, Histogram
+from sockudo.push.model import PROVIDERS
+from sockudo.push.providers import ACCEPTED, FAILURE_CLASSES, REJECTED, RETRYABLE
+from sockudo.push.status import TERMINAL
 
 logger = logging.getLogger(__name__)
 
@@ -132,22 +138,65 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None
     "sockudo_push_credential_writes": ("counter", "Provider credentials stored", ("provider", "app"), None),
 }
 
+STATUS_COMPONENTS = ("planner", "retry", "feedback")
+
+# Every value of the counters' finite label sets (besides ``app``, one per configured app):
+# ``PushMetrics.prepare`` creates these series at 0, so rates and the alert rules have data
+# before the first failure.
+FINITE_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sockudo_push_publish_accepted": {"result": ("accepted",)},
+    "sockudo_push_publish_rejected": {"reason": ("invalid_input", "conflict", "service_unavailable")},
+    "sockudo_push_duplicate_suppressed": {},
+    "sockudo_push_scheduled_jobs": {"status": ("not_before", "retry")},
+    "sockudo_push_delivery_jobs_emitted": {"provider": PROVIDERS},
+    "sockudo_push_dispatched": {"provider": PROVIDERS, "status": (ACCEPTED, REJECTED, RETRYABLE, "expired")},
+    "sockudo_push_provider_failures": {"provider": PROVIDERS, "failure_class": FAILURE_CLASSES},
+    "sockudo_push_token_invalidations": {"provider": PROVIDERS},
+    "sockudo_push_delivery_status": {"status": TERMINAL},
+    "sockudo_push_retry_scheduled": {"provider": PROVIDERS},
+    "sockudo_push_retry_attempted": {"provider": PROVIDERS},
+    "sockudo_push_retry_expired": {"provider": PROVIDERS},
+    "sockudo_push_retry_dead_lettered": {"provider": PROVIDERS},
+    "sockudo_push_credential_writes": {"provider": PROVIDERS},
+    "sockudo_push_invariant_violations": {"invariant": ("status_transition",)},
+    "sockudo_push_status_update_failures": {"component": STATUS_COMPONENTS,
+                                            "reason": ("store_error", "cas_exhausted", "invariant_violation")},
+    "sockudo_push_status_cas_conflicts": {"component": STATUS_COMPONENTS},
+}
+
 
 class PushMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._metrics: dict[str, Any] = {}
+        self._counters: dict[str, Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         for name, (kind, doc, labels, buckets) in DEFINITIONS.items():
             if kind == "counter":
-                self._metrics[name] = Counter(name, doc, list(labels), registry=registry)
+                self._counters[name] = Counter(name, doc, labels, registry=registry)
             else:
-                self._metrics[name] = Histogram(name, doc, list(labels), buckets=buckets, registry=registry)
+                self._histograms[name] = Histogram(name, doc, labels, buckets=buckets or DURATION_BUCKETS,
+                                                   registry=registry)
+
+    def prepare(self, app_ids: list[str]) -> None:
+        """Create every series of ``FINITE_LABELS`` at 0, for each of ``app_ids`` where the metric has ``app``."""
+        for name, values in FINITE_LABELS.items():
+            labelnames = DEFINITIONS[name][2]
+            apps = app_ids if "app" in labelnames else [None]
+            for app in apps:
+                for combination in itertools.product(*values.values()):
+                    labels = dict(zip(values, combination, strict=True))
+                    if app is not None:
+                        labels["app"] = app
+                    self._family(name).labels(**labels)
+
+    def _family(self, name: str) -> Counter | Histogram:
+        return self._counters[name] if name in self._counters else self._histograms[name]
 
     def inc(self, name: str, labels: dict[str, str], amount: float = 1) -> None:
-        self._metrics[name].labels(**labels).inc(amount)
+        self._counters[name].labels(**labels).inc(amount)
 
     def observe(self, name: str, labels: dict[str, str], value: float) -> None:
-        self._metrics[name].labels(**labels).observe(value)
+        self._histograms[name].labels(**labels).observe(value)
 
     def replay(self, ops: list[list[Any]]) -> None:
         """Apply operations recorded by :class:`RecordingMetrics` (from a work-horse's job meta)."""
@@ -160,7 +209,7 @@ class PushMetrics:
                     self.inc(name, labels, value)
                 elif kind == "observe":
                     self.observe(name, labels, value)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, KeyError):  # KeyError: an "inc" of a histogram, or the reverse
                 logger.debug("ignoring a malformed push metric operation")
 
 

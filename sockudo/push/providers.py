@@ -1,10 +1,22 @@
 """APNs, FCM HTTP v1 and Web Push: credentials, wire requests, response classification (spec §6.8).
 
 The classifiers (``classify_*``) are pure functions of (status, headers, body). The senders
-speak the real protocols against configurable base URLs with ``httpx`` — HTTP/2 for APNs
-(prior knowledge on ``http://`` test endpoints, ALPN ``h2`` on https), HTTP/1.1 for FCM and Web
-Push. Plain http and local/private hosts (including names resolving to them) are refused unless
+speak the real protocols against configurable base URLs: HTTP/2 for APNs (ALPN ``h2`` on https,
+prior knowledge on ``http://`` test endpoints) and for FCM on https, with our small client on
+``h2`` (``h2client.py``); ``httpx`` over HTTP/1.1 for Web Push, the OAuth token endpoint and
+plain-http FCM endpoints. Plain http and
+local/private hosts (including names resolving to them) are refused unless
 ``push.allow_insecure_endpoints`` is set (tests/dev only).
+
+One :class:`ProviderClients` lives per worker process (rebuilt after a fork, see
+:meth:`ProviderClients.for_process`): its connections are reused by every job. ``submit`` runs
+a send on the provider's thread pool (``push.<provider>_concurrency`` requests in flight at
+most; HTTP/2 requests share one connection as streams, up to the server's stream limit). Each
+attempt has one total deadline (``push.request_timeout_ms``) enforced on every socket read and
+write (:class:`DeadlineBackend`), so a provider trickling bytes cannot hold a request longer. A
+provider's back-pressure (429, APNs ``TooManyRequests``) pauses that provider for its
+``Retry-After`` and halves its concurrency (:class:`ProviderGate`); concurrency grows back by
+one per accepted request.
 
 Access tokens are cached through a :class:`TokenCache` (in-process, backed by Redis when
 available so every worker shares one APNs JWT and one FCM OAuth token): APNs provider tokens
@@ -16,18 +28,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
+from sockudo.push.h2client import H2Client, H2Expired
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
@@ -42,6 +58,7 @@ WEBPUSH_DEFAULT_TTL_S = 2_419_200
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 RETRYABLE = "retryable"
+EXPIRED = "expired"  # not sent: the push's expiresAtMs passed before the request went out
 
 # failure classes (spec §1.2 I)
 DEVICE_TERMINAL = "device_terminal"
@@ -51,11 +68,13 @@ CREDENTIAL_AUTH = "credential_auth"
 CALLER_PAYLOAD = "caller_payload"
 NETWORK_TRANSPORT = "network_transport"
 UNKNOWN = "unknown"
+FAILURE_CLASSES = (DEVICE_TERMINAL, PROVIDER_TRANSIENT, PROVIDER_QUOTA, CREDENTIAL_AUTH, CALLER_PAYLOAD,
+                   NETWORK_TRANSPORT, UNKNOWN)
 
 
 @dataclass(frozen=True)
 class ProviderResult:
-    outcome: str  # accepted | rejected | retryable
+    outcome: str  # accepted | rejected | retryable | expired
     failure_class: str | None = None
     reason: str = ""
     retry_after: str | None = None  # the raw Retry-After header
@@ -115,10 +134,10 @@ def validate_credentials(provider: str, body: Any) -> dict[str, Any]:
         if not isinstance(private, str):
             raise bad("privateKey (the VAPID private key, raw 32-byte P-256 scalar base64url) is required")
         try:
-            key = crypto.p256_private_from_raw(private)
+            vapid_key = crypto.p256_private_from_raw(private)
         except CryptoError as exc:
             raise bad(f"privateKey: {exc}") from None
-        public = crypto.b64url(crypto.p256_public_raw(key))
+        public = crypto.b64url(crypto.p256_public_raw(vapid_key))
         given = body.get("publicKey")
         if given is not None and given.rstrip("=") != public:
             raise bad("publicKey does not match privateKey")
@@ -303,6 +322,129 @@ class RedisTokenCache:
         self.client.delete(self.prefix + name)
 
 
+# -- one deadline per attempt ------------------------------------------------------------------
+
+_deadline = threading.local()
+
+
+@contextmanager
+def attempt_deadline(seconds: float) -> Iterator[None]:
+    """Every socket operation of this thread's request inside the block shares one deadline."""
+    previous = getattr(_deadline, "at", None)
+    _deadline.at = time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _deadline.at = previous
+
+
+def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = float(at) - time.monotonic()
+    if left <= 0:
+        raise error("push attempt deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+def deadline_backend() -> Any:
+    """An httpcore network backend whose connects, reads and writes never outlast the calling
+    thread's :func:`attempt_deadline` (httpx's own timeouts restart at every byte received).
+    On a shared HTTP/2 connection the thread reading for everyone uses its own deadline: when it
+    passes, the connection is dropped and its other requests fail as transport errors (retried)."""
+    import httpcore
+
+    class DeadlineStream(httpcore.NetworkStream):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return bytes(self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout)))
+
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self.inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
+
+        def close(self) -> None:
+            self.inner.close()
+
+        def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+            return DeadlineStream(
+                self.inner.start_tls(ssl_context, server_hostname, _clamp(timeout, httpcore.ConnectTimeout))
+            )
+
+        def get_extra_info(self, info: str) -> Any:
+            return self.inner.get_extra_info(info)
+
+    class DeadlineBackend(httpcore.NetworkBackend):
+        def __init__(self) -> None:
+            self.inner = httpcore.SyncBackend()
+
+        def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> Any:
+            stream = self.inner.connect_tcp(
+                host, port, _clamp(timeout, httpcore.ConnectTimeout), local_address, socket_options
+            )
+            return DeadlineStream(stream)
+
+        def sleep(self, seconds: float) -> None:
+            self.inner.sleep(seconds)
+
+    return DeadlineBackend()
+
+
+class ProviderGate:
+    """Back-pressure of one provider in this process: a pause (``Retry-After``) and an adaptive
+    concurrency cap — halved by a throttled answer (at most once per :data:`THROTTLE_WINDOW_S`,
+    as the answers to one burst arrive together), +1 per accepted answer, up to ``limit``."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.current = limit
+        self.active = 0
+        self.paused_until = 0.0
+        self.cut_until = 0.0
+        self.clock = clock
+        self.cond = threading.Condition()
+
+    def acquire(self, give_up_at: float) -> bool:
+        """Wait for a slot and the end of a pause. False when the pause runs past ``give_up_at``
+        (waiting for a slot alone is never given up: the sender is only slower)."""
+        with self.cond:
+            while True:
+                now = self.clock()
+                if now >= self.paused_until and self.active < self.current:
+                    self.active += 1
+                    return True
+                if self.paused_until > max(now, give_up_at):
+                    return False
+                wait = self.paused_until - now if now < self.paused_until else 1.0
+                self.cond.wait(max(0.001, wait))
+
+    def release(self, throttled: bool = False, pause_s: float = 0.0, accepted: bool = False) -> None:
+        with self.cond:
+            self.active -= 1
+            now = self.clock()
+            if throttled:
+                if now >= self.cut_until:
+                    self.current = max(1, self.current // 2)
+                    self.cut_until = now + THROTTLE_WINDOW_S
+                self.paused_until = max(self.paused_until, now + pause_s)
+            elif accepted and self.current < self.limit:
+                self.current += 1
+            self.cond.notify_all()
+
+
+THROTTLE_WINDOW_S = 0.2
+THROTTLE_PAUSE_S = 0.5  # a 429 without Retry-After pauses the provider this long (doubled each time, ≤ the max wait)
+
+
 # -- sending -----------------------------------------------------------------------------------
 
 
@@ -322,6 +464,22 @@ class EndpointRefused(Exception):
 class ProviderClients:
     """The HTTP side of all three providers; one instance per process, connections reused."""
 
+    _process: dict[tuple[int, int], ProviderClients] = {}
+    _process_lock = threading.Lock()
+
+    @classmethod
+    def for_process(cls, settings: PushSettings, tokens: TokenCache) -> ProviderClients:
+        """This process's clients for these settings: made once, reused by every job; a forked
+        child (RQ's work-horse) makes its own (sockets are never shared across a fork)."""
+        key = (os.getpid(), id(settings))
+        with cls._process_lock:
+            clients = cls._process.get(key)
+            if clients is None:
+                for stale in [k for k in cls._process if k[0] != key[0]]:
+                    del cls._process[stale]  # inherited from the parent: not ours to close
+                clients = cls._process[key] = cls(settings, tokens)
+            return clients
+
     def __init__(
         self,
         settings: PushSettings,
@@ -335,25 +493,94 @@ class ProviderClients:
         self.tokens = tokens
         self.clock = clock
         self.resolver = resolver or _resolve
-        timeout = httpx.Timeout(settings.request_timeout_ms / 1000, connect=settings.connect_timeout_ms / 1000)
-        verify: Any = True
-        if settings.ca_file:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(settings.ca_file)
-            verify = ctx
+        total = settings.request_timeout_ms / 1000
+        timeout = httpx.Timeout(total, connect=min(total, settings.connect_timeout_ms / 1000))
+        verify = tls_context(settings.ca_file, "http/1.1")
         self._httpx = httpx
         # httpx logs every request URL at INFO: APNs paths and Web Push endpoints are device tokens.
         logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
-        self.apns = httpx.Client(
-            http1=False, http2=True, timeout=timeout, verify=verify, follow_redirects=False, trust_env=False
-        )
-        self.http = httpx.Client(timeout=timeout, verify=verify, follow_redirects=False, trust_env=False)
+
+        def client(http1: bool, http2: bool, concurrency: int) -> Any:
+            transport = httpx.HTTPTransport(
+                http1=http1,
+                http2=http2,
+                verify=verify,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            )
+            transport._pool._network_backend = deadline_backend()  # httpx has no parameter for it
+            return httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+
+        # APNs, and FCM on https: our own HTTP/2 client (see h2client.py), one connection per
+        # origin shared by every sending thread. Plain-http FCM endpoints (tests) use HTTP/1.1.
+        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), min(total, settings.connect_timeout_ms / 1000))
+        self.fcm = client(True, False, settings.fcm_concurrency)
+        self.http = client(True, False, settings.webpush_concurrency)  # Web Push and OAuth token endpoints
+        self.limits = {
+            "apns": settings.apns_concurrency,
+            "fcm": settings.fcm_concurrency,
+            "webpush": settings.webpush_concurrency,
+        }
+        self.gates = {name: ProviderGate(limit) for name, limit in self.limits.items()}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self._vapid: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        self._token_locks: dict[str, threading.Lock] = {}
 
     def close(self) -> None:
-        self.apns.close()
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.h2.close()
+        self.fcm.close()
         self.http.close()
+
+    def submit(
+        self,
+        provider: str,
+        device: Mapping[str, Any],
+        rendered: Mapping[str, Any],
+        credentials: Mapping[str, Any],
+        ctx: SendContext,
+    ) -> Future[ProviderResult]:
+        """Run :meth:`send_paced` on the provider's pool (its concurrency bounds the threads)."""
+        name = provider if provider in self.limits else "webpush"
+        with self._lock:
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = self._pools[name] = ThreadPoolExecutor(self.limits[name], thread_name_prefix=f"push-{name}")
+        return pool.submit(self.send_paced, provider, device, rendered, credentials, ctx)
+
+    def send_paced(
+        self,
+        provider: str,
+        device: Mapping[str, Any],
+        rendered: Mapping[str, Any],
+        credentials: Mapping[str, Any],
+        ctx: SendContext,
+    ) -> ProviderResult:
+        """:meth:`send` under the provider's gate. A throttled answer pauses the provider and is
+        sent again here while the wait fits in ``push.backpressure_max_wait_ms``; else it is
+        returned (the dispatcher schedules a retry honouring ``Retry-After``)."""
+        gate = self.gates.get(provider) or self.gates["webpush"]
+        give_up_at = time.monotonic() + self.settings.backpressure_max_wait_ms / 1000
+        pause = THROTTLE_PAUSE_S
+        while True:
+            if not gate.acquire(give_up_at):
+                return ProviderResult(RETRYABLE, PROVIDER_QUOTA, "backpressure", str(_retry_in(gate)))
+            result = ProviderResult(REJECTED, UNKNOWN, "not_sent")
+            throttled = False
+            try:
+                result = self.send(provider, device, rendered, credentials, ctx)
+                throttled = result.failure_class == PROVIDER_QUOTA
+                if throttled:
+                    asked = _retry_after_s(result.retry_after, self.clock())
+                    pause = asked if asked is not None else pause
+            finally:
+                gate.release(throttled, pause if throttled else 0.0, result.outcome == ACCEPTED)
+            if not throttled or time.monotonic() + pause > give_up_at:
+                return result
+            if _retry_after_s(result.retry_after, self.clock()) is None:
+                pause *= 2
 
     # -- safety --
 
@@ -386,13 +613,16 @@ class ProviderClients:
         ctx: SendContext,
     ) -> ProviderResult:
         try:
-            if provider == "apns":
-                return self._send_apns(device, rendered, credentials, ctx)
-            if provider == "fcm":
-                return self._send_fcm(device, rendered, credentials, ctx)
-            return self._send_webpush(device, rendered, credentials, ctx)
+            with attempt_deadline(self.settings.request_timeout_ms / 1000):
+                if provider == "apns":
+                    return self._send_apns(device, rendered, credentials, ctx)
+                if provider == "fcm":
+                    return self._send_fcm(device, rendered, credentials, ctx)
+                return self._send_webpush(device, rendered, credentials, ctx)
         except EndpointRefused as exc:
             return ProviderResult(REJECTED, UNKNOWN, f"endpoint_refused: {exc}")
+        except H2Expired:
+            return ProviderResult(EXPIRED, reason="expired")  # not sent: its expiresAtMs passed
         except self._httpx.HTTPError as exc:
             return transport_failure(exc)
         except (OSError, ssl.SSLError) as exc:
@@ -400,12 +630,24 @@ class ProviderClients:
 
     # APNs
 
+    def _token_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._token_locks.setdefault(name, threading.Lock())
+
     def apns_jwt(self, creds: Mapping[str, Any], cache_name: str, force: bool = False) -> str:
         now = self.clock()
         if not force:
             token = self.tokens.get(cache_name, now)
             if token is not None:
                 return token
+        with self._token_lock(cache_name):  # concurrent sends make one token, not one each
+            if not force:
+                token = self.tokens.get(cache_name, self.clock())
+                if token is not None:
+                    return token
+            return self._new_apns_jwt(creds, cache_name, now)
+
+    def _new_apns_jwt(self, creds: Mapping[str, Any], cache_name: str, now: float) -> str:
         key = crypto.load_ec_private_pem(creds["privateKey"])
         token = crypto.jwt_es256({"kid": creds["keyId"]}, {"iss": creds["teamId"], "iat": int(now)}, key)
         self.tokens.put(cache_name, token, now + APNS_JWT_REUSE_S)
@@ -434,22 +676,34 @@ class ProviderClients:
             }
         )
         result = ProviderResult(REJECTED, UNKNOWN, "not_sent")
-        for attempt in range(2):
-            headers["authorization"] = f"bearer {self.apns_jwt(creds, cache_name, force=attempt > 0)}"
-            resp = self.apns.post(url, content=body, headers=headers)
+        for _ in range(2):
+            token = self.apns_jwt(creds, cache_name)
+            headers["authorization"] = f"bearer {token}"
+            resp = self.h2.post(
+                url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+            )
             result = classify_apns(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token:
                 break
-            self.tokens.drop(cache_name)
+            with self._token_lock(cache_name):  # concurrent streams replace an expired token once
+                if self.tokens.get(cache_name, self.clock()) == token:
+                    self.tokens.drop(cache_name)
         return result
 
     # FCM
 
     def fcm_access_token(self, account: Mapping[str, Any], cache_name: str) -> str | ProviderResult:
-        now = self.clock()
-        token = self.tokens.get(cache_name, now)
+        token = self.tokens.get(cache_name, self.clock())
         if token is not None:
             return token
+        with self._token_lock(cache_name):  # concurrent sends fetch one token, not one each
+            token = self.tokens.get(cache_name, self.clock())
+            if token is not None:
+                return token
+            return self._fetch_fcm_token(account, cache_name)
+
+    def _fetch_fcm_token(self, account: Mapping[str, Any], cache_name: str) -> str | ProviderResult:
+        now = self.clock()
         token_uri = account.get("token_uri") or DEFAULT_TOKEN_URI
         self.check_target(token_uri)
         key = crypto.load_rsa_private_pem(account["private_key"])
@@ -507,9 +761,14 @@ class ProviderClients:
             token = self.fcm_access_token(account, cache_name)
             if isinstance(token, ProviderResult):
                 return token
-            resp = self.http.post(
-                url, content=body, headers={"authorization": f"Bearer {token}", "content-type": "application/json"}
-            )
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            if url.startswith("https:"):
+                resp = self.h2.post(
+                    url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+                )
+            else:
+                _check_expiry(ctx)
+                resp = self.fcm.post(url, content=body, headers=headers)
             result = classify_fcm(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token or attempt > 0:
                 break
@@ -559,8 +818,60 @@ class ProviderClients:
             headers["urgency"] = wp["urgency"]
         if wp.get("topic"):
             headers["topic"] = wp["topic"]
+        _check_expiry(ctx)
         resp = self.http.post(endpoint, content=body, headers=headers)
         return classify_webpush(resp.status_code, resp.headers, resp.content)
+
+
+_tls_contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
+_tls_lock = threading.Lock()
+
+
+def tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
+    """The TLS client context for provider connections (system CAs plus ``push.ca_file``),
+    made once per process — loading the CA store takes tens of milliseconds. A worker's main
+    process makes it before forking (``workers.push.preload``), so work-horses inherit it.
+    One per ALPN protocol: httpx sets its own ALPN list on the context it is given."""
+    key = (ca_file, alpn)
+    with _tls_lock:
+        ctx = _tls_contexts.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if ca_file:
+                ctx.load_verify_locations(ca_file)
+            ctx.set_alpn_protocols([alpn])
+            _tls_contexts[key] = ctx
+        return ctx
+
+
+def _not_after(ctx: SendContext) -> float | None:
+    return ctx.expires_at_ms / 1000 if ctx.expires_at_ms is not None else None
+
+
+def _check_expiry(ctx: SendContext) -> None:
+    """Right before a request goes out: a push is never sent after its ``expiresAtMs``."""
+    if ctx.expires_at_ms is not None and time.time() * 1000 >= ctx.expires_at_ms:
+        raise H2Expired("the push expired before it was sent")
+
+
+def _time_left(settings: PushSettings) -> float:
+    """Seconds left of this thread's attempt deadline (the whole timeout outside one)."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return settings.request_timeout_ms / 1000
+    return max(0.0, float(at) - time.monotonic())
+
+
+def _retry_after_s(header: str | None, now: float) -> float | None:
+    from sockudo.push.retry import parse_retry_after
+
+    delay_ms = parse_retry_after(header, int(now * 1000))
+    return None if delay_ms is None else delay_ms / 1000
+
+
+def _retry_in(gate: ProviderGate) -> int:
+    """Whole seconds until the gate's pause ends (a Retry-After for the scheduled retry)."""
+    return max(1, int(gate.paused_until - gate.clock() + 0.999))
 
 
 def _resolve(host: str) -> list[str]:

@@ -368,11 +368,6 @@ class RedisStore:
 
         return self._cas("planner", [key], body)  # type: ignore[no-any-return]
 
-    def set_fields(self, app_id: str, publish_id: str, fields: Mapping[str, Any]) -> None:
-        key = self.k("pub", app_id, publish_id)
-        if self.r.exists(key):
-            self.r.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
-
     def save_plan_devices(self, app_id: str, publish_id: str, ids: list[str]) -> list[str]:
         key = self.k("pdev", app_id, publish_id)
         if self.r.set(key, dumps(ids), nx=True, ex=self.status_ttl_s):
@@ -480,6 +475,118 @@ class RedisStore:
                 change.terminal = done
             change.violation = final.violation  # another terminal state won: counted by the caller
         return change
+
+    def claim_many(
+        self,
+        app_id: str,
+        publish_id: str,
+        entries: list[tuple[str, int]],
+        owner: str,
+        now_ms: int,
+        lease_until_ms: int,
+    ) -> list[st.Change]:
+        """:meth:`claim` for a batch in one optimistic transaction (WATCH every delivery key,
+        MGET, MULTI/EXEC): a few round trips for the whole batch instead of a few per device."""
+        if not entries:
+            return []
+        pub = self.k("pub", app_id, publish_id)
+        state_keys = [self._delivery_key(app_id, publish_id, key) for key, _ in entries]
+
+        def body(pipe: Any) -> list[st.Change]:
+            currents = pipe.mget(state_keys)
+            changes = [
+                st.claim(_s(cur) if cur is not None else None, attempt, owner, now_ms, lease_until_ms)
+                for (_, attempt), cur in zip(entries, currents, strict=True)
+            ]
+            pipe.multi()
+            increments: dict[str, int] = {}
+            duplicates = []
+            for (key, _), state_key, change in zip(entries, state_keys, changes, strict=True):
+                if change.delivery_state is not None:
+                    pipe.set(state_key, change.delivery_state, ex=self.delivery_ttl_s)
+                for counter, n in change.increments.items():
+                    increments[counter] = increments.get(counter, 0) + n
+                if change.possible_duplicate:
+                    duplicates.append(key)
+            for counter, n in increments.items():
+                pipe.hincrby(pub, counter, n)
+            if duplicates:
+                pipe.sadd(self.k("dup", app_id, publish_id), *duplicates)
+                pipe.expire(self.k("dup", app_id, publish_id), self.status_ttl_s)
+            return changes
+
+        claimed: list[st.Change] = self._cas("retry", state_keys, body)
+        return claimed
+
+    def settle_many(self, app_id: str, publish_id: str, ops: list[st.SettleOp], now_ms: int) -> list[st.Change]:
+        """:meth:`settle` for a batch in one optimistic transaction: the delivery transitions,
+        the summed counters, undelivered entries and dead letters in one MULTI that reads the
+        record back; completion is then decided on the exact counters, as for one settle."""
+        if not ops:
+            return []
+        pub = self.k("pub", app_id, publish_id)
+        state_keys = [self._delivery_key(app_id, publish_id, op.key) for op in ops]
+        for _ in range(MAX_CAS):
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(*state_keys)
+                    if not pipe.exists(pub):
+                        pipe.unwatch()
+                        return [st.Change(duplicate=True) for _ in ops]
+                    currents = pipe.mget(state_keys)
+                    changes = [
+                        st.settle(
+                            {},
+                            _s(cur) if cur is not None else None,
+                            op.outcome,
+                            now_ms,
+                            next_attempt=op.next_attempt,
+                            due_ms=op.due_ms,
+                            replay=op.replay,
+                        )
+                        for op, cur in zip(ops, currents, strict=True)
+                    ]
+                    if all(change.duplicate for change in changes):
+                        pipe.unwatch()
+                        return changes
+                    pipe.multi()
+                    increments: dict[str, int] = {}
+                    fields: dict[str, Any] = {}
+                    for op, state_key, change in zip(ops, state_keys, changes, strict=True):
+                        if change.duplicate:
+                            continue
+                        if change.delivery_state is not None:
+                            pipe.set(state_key, change.delivery_state, ex=self.delivery_ttl_s)
+                        for counter, n in change.increments.items():
+                            increments[counter] = increments.get(counter, 0) + n
+                        fields.update(change.fields)
+                        if not op.replay and op.outcome not in (st.Outcome.ACCEPTED, st.Outcome.RETRY):
+                            und = self.k("und", app_id, publish_id)
+                            pipe.hset(und, op.key, f"{op.outcome.value}:{op.reason}")
+                            pipe.expire(und, self.status_ttl_s)
+                            if op.dead_letter is not None:
+                                self._queue_dead_letter(pipe, app_id, *op.dead_letter)
+                    for counter, n in increments.items():
+                        pipe.hincrby(pub, counter, n)
+                    if fields:
+                        pipe.hset(pub, mapping=fields)
+                    pipe.expire(pub, self.status_ttl_s)
+                    pipe.hgetall(pub)
+                    after = _decode_hash(pipe.execute()[-1])
+                except WatchError:
+                    self.on_conflict("feedback")
+                    continue
+            break
+        else:
+            raise st.CasExhausted("push store: feedback transaction kept conflicting")
+        counted = [c for op, c in zip(ops, changes, strict=True) if not c.duplicate and not op.replay]
+        done = st.terminal_state(after) if counted else None
+        if done is not None and not st.is_terminal(str(after.get("state"))):
+            final = self.set_state(app_id, publish_id, done, now_ms)
+            if final.terminal == done:
+                counted[-1].terminal = done
+            counted[-1].violation = final.violation
+        return changes
 
     def complete(self, app_id: str, publish_id: str, now_ms: int) -> st.Change:
         """Give the publish its terminal state if its counters are complete and it has none yet

@@ -342,7 +342,7 @@ class PushService:
 
     def list_dead_letters(self, app_id: str, args: Mapping[str, str]) -> dict[str, Any]:
         limit = parse_limit(args.get("limit"))
-        bounds = []
+        bounds: list[int | None] = []
         for key in ("sinceMs", "untilMs"):
             value = args.get(key)
             if value in (None, ""):
@@ -414,6 +414,7 @@ def build_push(
         from prometheus_client import CollectorRegistry
 
         metrics = PushMetrics(registry if registry is not None else CollectorRegistry())
+        metrics.prepare([app.id for app in config.apps])
     from sockudo.push.providers import MemoryTokenCache, ProviderClients, RedisTokenCache
 
     redis_configured = bool(config.redis_url or config.redis_sentinels)
@@ -447,7 +448,7 @@ def build_push(
         store = MemoryStore()
         tokens = MemoryTokenCache()
         queue = None
-    dispatcher = Dispatcher(settings, store, queue, lambda: ProviderClients(settings, tokens), metrics)
+    dispatcher = Dispatcher(settings, store, queue, lambda: ProviderClients.for_process(settings, tokens), metrics)
     if queue is None:
         queue = InProcessQueue(dispatcher.run)
         dispatcher.queue = queue

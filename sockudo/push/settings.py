@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from sockudo.config.coerce import build_values, table
 from sockudo.core.errors import ConfigError
 
 
@@ -45,7 +46,16 @@ class PushSettings:
     fcm_endpoint: str = "https://fcm.googleapis.com"
     vapid_contact: str = "mailto:sockudo-webpush@example.com"
     connect_timeout_ms: int = 5000
+    # The whole attempt (connect + send + headers + body), however slowly the provider answers.
     request_timeout_ms: int = 10_000
+    # Requests in flight at once per worker process, per provider (HTTP/2 streams for APNs and
+    # FCM over TLS, pooled HTTP/1.1 connections for Web Push and plain-http endpoints).
+    apns_concurrency: int = 500
+    fcm_concurrency: int = 500
+    webpush_concurrency: int = 100
+    # A 429 / TooManyRequests pauses that provider in this process; a delivery waits this long at
+    # most inside its job (then it becomes a scheduled retry that honours Retry-After).
+    backpressure_max_wait_ms: int = 1000
     batch_size: int = 100  # deliveries per dispatch job (≤ 500)
     lease_ms: int = 30_000  # a started job not renewed for this long is taken over (worker crash)
     maintenance_interval_ms: int = 1000  # lease reaper / queue gauges tick
@@ -70,47 +80,6 @@ _ALIASES = {  # Sockudo's variable names (spec §6.10) → key
 }
 
 
-def _coerce(key: str, kind: Any, value: Any) -> Any:
-    kind = str(kind)
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-        try:
-            number = int(str(value).strip()) if isinstance(value, str) else int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}") from None
-        if isinstance(value, float) and value != number:
-            raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-        return number
-    if kind in ("str", "str | None"):
-        if value is None and kind == "str | None":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ConfigError(f"config: {key} must be a string, got {value!r}")
-        text = str(value)
-        return None if (kind == "str | None" and text == "") else text
-    raise ConfigError(f"config: {key} has an unsupported type")  # pragma: no cover
-
-
-def _build(cls: type, raw: Mapping[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    known = {f.name: f for f in fields(cls) if f.name not in skip}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"config: unknown key {where}.{key}")
-        out[key] = _coerce(f"{where}.{key}", known[key].type, value)
-    return out
-
-
 def _check_range(key: str, value: int, low: int, high: int | None = None) -> None:
     if value < low or (high is not None and value > high):
         limit = f"{low}–{high}" if high is not None else f"at least {low}"
@@ -127,13 +96,8 @@ def parse_settings(
     raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, *, redis_configured: bool = False
 ) -> PushSettings:
     """The ``[push]`` table, then ``PUSH_*`` environment overrides. Raises ConfigError naming the key."""
-    raw = dict(raw or {})
-    if not isinstance(raw, Mapping):
-        raise ConfigError("config: [push] must be a table")
-    retry_raw = raw.pop("retry", {})
-    if not isinstance(retry_raw, Mapping):
-        raise ConfigError("config: [push.retry] must be a table")
-    retry_raw = dict(retry_raw)
+    raw = dict(table("[push]", raw or {}))
+    retry_raw = dict(table("[push.retry]", raw.pop("retry", {})))
     env = env or {}
     top_keys = [f.name for f in fields(PushSettings) if f.name != "retry"]
     for key in top_keys:
@@ -149,8 +113,8 @@ def parse_settings(
         if env.get(var, "") != "":
             retry_raw[f.name] = env[var]
 
-    values = _build(PushSettings, raw, "push", skip=("retry",))
-    retry = PushRetryPolicy(**_build(PushRetryPolicy, retry_raw, "push.retry"))
+    values = build_values(PushSettings, raw, "push", skip=("retry",))
+    retry = PushRetryPolicy(**build_values(PushRetryPolicy, retry_raw, "push.retry"))
     settings = replace(PushSettings(), retry=retry, **values)
 
     if settings.queue_driver not in QUEUE_DRIVERS:
@@ -168,6 +132,9 @@ def parse_settings(
     _check_range("push.connect_timeout_ms", settings.connect_timeout_ms, 1)
     _check_range("push.request_timeout_ms", settings.request_timeout_ms, 1)
     _check_range("push.batch_size", settings.batch_size, 1, 500)
+    for name in ("apns_concurrency", "fcm_concurrency", "webpush_concurrency"):
+        _check_range(f"push.{name}", getattr(settings, name), 1, 1000)
+    _check_range("push.backpressure_max_wait_ms", settings.backpressure_max_wait_ms, 0, 60_000)
     _check_range("push.lease_ms", settings.lease_ms, 500)
     _check_range("push.maintenance_interval_ms", settings.maintenance_interval_ms, 50)
     _check_range("push.publish_status_ttl_days", settings.publish_status_ttl_days, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 QUEUED = "queued"
 PLANNING = "planning"
@@ -79,6 +80,19 @@ class Change:
     possible_duplicate: bool = False
 
 
+@dataclass
+class SettleOp:
+    """One delivery's settle, as a batch settle takes it (see the stores' ``settle_many``)."""
+
+    key: str
+    outcome: Outcome
+    next_attempt: int | None = None
+    due_ms: int | None = None
+    replay: bool = False
+    reason: str = ""
+    dead_letter: tuple[dict[str, Any], int] | None = None  # (letter, ttl s)
+
+
 def rank(state: str) -> int:
     return _RANK.get(state, -1)
 
@@ -118,9 +132,12 @@ def new_record(
 
 
 def _int(record: Mapping[str, object], key: str) -> int:
+    value = record.get(key) or 0
+    if not isinstance(value, (int, float, str, bytes)):
+        return 0
     try:
-        return int(record.get(key) or 0)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        return int(value)
+    except ValueError:
         return 0
 
 

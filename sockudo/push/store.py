@@ -219,12 +219,6 @@ class MemoryStore:
                     record.update(fields)
             return change
 
-    def set_fields(self, app_id: str, publish_id: str, fields: Mapping[str, Any]) -> None:
-        with self.lock:
-            record = self.statuses.get((app_id, publish_id))
-            if record is not None:
-                record.update(fields)
-
     def save_plan_devices(self, app_id: str, publish_id: str, ids: list[str]) -> list[str]:
         with self.lock:
             return self.plan_devices.setdefault((app_id, publish_id), list(ids))
@@ -276,6 +270,38 @@ class MemoryStore:
                 if dead_letter is not None:
                     self.add_dead_letter(app_id, *dead_letter)
             return change
+
+    def claim_many(
+        self,
+        app_id: str,
+        publish_id: str,
+        entries: list[tuple[str, int]],
+        owner: str,
+        now_ms: int,
+        lease_until_ms: int,
+    ) -> list[st.Change]:
+        """:meth:`claim` for several (key, attempt) of one publish."""
+        with self.lock:
+            return [self.claim(app_id, publish_id, k, a, owner, now_ms, lease_until_ms) for k, a in entries]
+
+    def settle_many(self, app_id: str, publish_id: str, ops: list[st.SettleOp], now_ms: int) -> list[st.Change]:
+        """:meth:`settle` for several deliveries of one publish."""
+        with self.lock:
+            return [
+                self.settle(
+                    app_id,
+                    publish_id,
+                    op.key,
+                    op.outcome,
+                    now_ms,
+                    next_attempt=op.next_attempt,
+                    due_ms=op.due_ms,
+                    replay=op.replay,
+                    reason=op.reason,
+                    dead_letter=op.dead_letter,
+                )
+                for op in ops
+            ]
 
     def complete(self, app_id: str, publish_id: str, now_ms: int) -> st.Change:
         """Give the publish its terminal state if its counters are complete and it has none yet

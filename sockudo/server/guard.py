@@ -12,21 +12,26 @@
 - **unambiguous framing** (RFC 9112 §6): differing ``Content-Length`` values, or one beside
   ``Transfer-Encoding``, are 400; a transfer coding other than ``chunked`` is 501; a chunked body
   is read here, up to ``request_limit_in_mb`` (413 beyond), and handed on with its length;
-- **quiet client errors**: a bad WebSocket handshake is a 400 (426 for an unknown version), and a
-  client that leaves before the end of its body is logged at DEBUG, never as an error.
+- **bounded headers**: the header block is read up to ``MAX_HEADER_BYTES`` (431 beyond); an
+  established WebSocket keeps its request's headers for its whole life;
+- **quiet client errors**: a bad WebSocket handshake is a 400 (426 for an unknown version), more
+  than 100 header lines a 400, and a client that leaves before the end of its body is logged at
+  DEBUG, never as an error.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import logging
 import math
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import gevent
@@ -34,7 +39,9 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from sockudo.config import Config
+from sockudo.http_api.common import error_body
 from sockudo.ratelimit.memory import ConnectionCounter, RateLimiter, client_ip
+from sockudo.server import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,11 @@ _BAD_REQUEST_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nCont
                          b"Content-Length: 11\r\n\r\nBad request")
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                      b"Content-Length: 15\r\n\r\nRequest timeout")
+
+
+#: The bytes of one request's header lines (the request line has gevent's own 8 KiB limit). Python's
+#: parser alone allows 100 lines of 64 KiB, and a WebSocket keeps its headers while it is open.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class HeaderTimeout(TimeoutError):
@@ -67,6 +79,24 @@ class FramingError(ValueError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _HeaderBudget:
+    """The request's reader while its header lines are parsed: at most ``budget`` bytes, then 431."""
+
+    __slots__ = ("fp", "left")
+
+    def __init__(self, fp: Any, budget: int) -> None:
+        self.fp = fp
+        self.left = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        cap = self.left + 1 if limit is None or limit < 0 else min(limit, self.left + 1)
+        line: bytes = self.fp.readline(cap)
+        self.left -= len(line)
+        if self.left < 0:
+            raise FramingError("431", "request header fields too large")
+        return line
 
 
 def check_framing(headers: Any) -> None:
@@ -145,20 +175,27 @@ class Guard:
         self.ws_hops = rl.websocket_trust_hops
         self.connections = ConnectionCounter(rl.max_connections_per_ip)
         self.on_limited = on_limited or (lambda _kind, _context: None)
+        #: Checked before a chunked body is read: ``(status line, JSON body)`` to refuse the request
+        #: without reading it (an unsigned REST call), None to read it. Set by the composition root.
+        self.body_gate: Callable[[dict[str, Any]], tuple[str, bytes] | None] = lambda _environ: None
 
 
 class _BodyReader:
     """The request body's reader: every read must finish by ``deadline`` (monotonic; ``inf``:
-    no deadline), and the end of the stream before the end of the body is ``ClientLeft``."""
+    no deadline), and the end of the stream before the end of the body is ``ClientLeft``. Reads
+    yield to the other greenlets now and then (``runtime.fair``)."""
 
-    __slots__ = ("rfile", "deadline")
+    __slots__ = ("rfile", "deadline", "whole", "_read", "_readline")
 
     def __init__(self, rfile: Any, deadline: float) -> None:
         self.rfile = rfile
         self.deadline = deadline
+        self.whole = False  # one timer covers the whole body (``whole_body``)
+        self._read = runtime.fair(rfile.read)
+        self._readline = runtime.fair(rfile.readline)
 
     def _call(self, fn: Callable[..., bytes], *args: Any) -> bytes:
-        if self.deadline == math.inf:
+        if self.whole or self.deadline == math.inf:
             return fn(*args)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
@@ -166,14 +203,31 @@ class _BodyReader:
         with gevent.Timeout(remaining, BodyTimeout()):
             return fn(*args)
 
+    @contextmanager
+    def whole_body(self) -> Iterator[None]:
+        """One deadline timer for a whole body read: gevent's chunked reader reads a byte at a
+        time, and a timer armed per read cost ~4 us a byte."""
+        if self.deadline == math.inf:
+            yield
+            return
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BodyTimeout()
+        self.whole = True
+        try:
+            with gevent.Timeout(remaining, BodyTimeout()):
+                yield
+        finally:
+            self.whole = False
+
     def read(self, *args: Any) -> bytes:
-        data = self._call(self.rfile.read, *args)
+        data = self._call(self._read, *args)
         if args and args[0] is not None and args[0] > 0 and len(data) < args[0]:
             raise ClientLeft()  # a buffered read returns less than asked only at the end of the stream
         return data
 
     def readline(self, *args: Any) -> bytes:
-        line = self._call(self.rfile.readline, *args)
+        line = self._call(self._readline, *args)
         limit = args[0] if args and args[0] is not None and args[0] > 0 else None
         if not line.endswith(b"\n") and (limit is None or len(line) < limit):
             raise ClientLeft()
@@ -181,13 +235,14 @@ class _BodyReader:
 
 
 def _is_upgrade(environ: dict[str, Any]) -> bool:
-    return environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+    return str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket"
 
 
 class GuardedHandler(WebSocketHandler):
     """gevent-websocket's handler with the timeouts and per-IP limits applied."""
 
     _header_timer: Any = None
+    _fair_slice: runtime.FairSlice | None = None
 
     @property
     def guard(self) -> Guard:
@@ -196,6 +251,12 @@ class GuardedHandler(WebSocketHandler):
     # -- slow-loris: the header deadline --
 
     def read_requestline(self) -> str:
+        # Let the others run between two requests of one connection: pipelined requests are
+        # already there to read, so answering them never switched greenlets (20,000 of them held
+        # the process for seconds).
+        if self._fair_slice is None:
+            self._fair_slice = runtime.FairSlice()
+        self._fair_slice.check()
         timeout = self.guard.header_timeout
         if timeout:
             self._header_timer = gevent.Timeout.start_new(timeout, HeaderTimeout("request header timeout"))
@@ -226,22 +287,24 @@ class GuardedHandler(WebSocketHandler):
             logger.debug("request headers too slow; connection dropped", extra={"client": self.client_address})
             return "408", _TIMEOUT_RESPONSE
         if isinstance(ex, FramingError):
-            logger.debug("ambiguous request framing refused: %s", ex.message, extra={"client": self.client_address})
-            reason = {"400": "Bad Request", "501": "Not Implemented"}[ex.status]
+            logger.debug("request refused: %s", ex.message, extra={"client": self.client_address})
+            reason = {"400": "Bad Request", "431": "Request Header Fields Too Large",
+                      "501": "Not Implemented"}[ex.status]
             body = ex.message.encode()
             return ex.status, (f"HTTP/1.1 {ex.status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        if isinstance(ex, (ValueError, OSError)):
-            # A malformed request line, header or chunk: the client's error, answered 400 and
-            # logged at DEBUG (gevent logs it at ERROR, so any client could fill the error log).
+        if isinstance(ex, (ValueError, OSError, http.client.HTTPException)):
+            # A malformed request line, header or chunk, or more than 100 header lines: the
+            # client's error, answered 400 and logged at DEBUG (gevent logs it at ERROR with a
+            # traceback, so any client could fill the error log).
             logger.debug("malformed request refused: %r", ex, extra={"client": self.client_address})
             return "400", _BAD_REQUEST_RESPONSE
         return super()._handle_client_error(ex)
 
     # -- framing --
 
-    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (gevent's name)
-        headers = super().MessageClass(*args)
+    def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 (gevent's name)
+        headers = super().MessageClass(_HeaderBudget(fp, MAX_HEADER_BYTES), *args)
         if not headers.status:  # a line too long is gevent's 400 already
             check_framing(headers)
         return headers
@@ -269,7 +332,8 @@ class GuardedHandler(WebSocketHandler):
             self.close_connection = True
             if not self.response_length and not self.headers_sent:
                 try:
-                    self.start_response("408 Request Timeout", [("Content-Type", "text/plain"), ("Connection", "close")])
+                    self.start_response("408 Request Timeout",
+                                        [("Content-Type", "text/plain"), ("Connection", "close")])
                     self.write(b"Request timeout")
                 except OSError:
                     pass
@@ -316,15 +380,20 @@ class GuardedHandler(WebSocketHandler):
         its length: what follows sees one kind of body, and the limit holds for both kinds."""
         environ = self.environ
         if getattr(self.wsgi_input, "chunked_input", False):
+            refusal = self.guard.body_gate(environ)
+            if refusal is not None:  # refused on its query alone: not a byte of the body is read
+                return self._respond(*refusal)
             limit = self.guard.body_limit
-            body = environ["wsgi.input"].read(limit + 1)
+            reader = self.wsgi_input.rfile
+            with reader.whole_body() if isinstance(reader, _BodyReader) else nullcontext():
+                body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
-                return self._respond("413 Payload Too Large", b'{"error":"Request body is too large",'
-                                     b'"code":"payload_too_large","status":413}\n')
+                return self._respond("413 Payload Too Large",
+                                     error_body(413, "payload_too_large", "Request body is too large"))
             environ["wsgi.input"] = io.BytesIO(body)
             environ["CONTENT_LENGTH"] = str(len(body))
             environ.pop("HTTP_TRANSFER_ENCODING", None)
-        return super().run_application()
+        super().run_application()
 
     def upgrade_websocket(self) -> Any:
         """gevent-websocket answers a bad handshake with a text body it cannot write (a 500 and
@@ -359,7 +428,7 @@ class GuardedHandler(WebSocketHandler):
         def too_many(_environ: dict[str, Any], start_response: Any) -> list[bytes]:
             headers = [("Retry-After", retry), ("Connection", "close")]
             if api:  # Sockudo's headers on the REST API (spec §5.1)
-                body = ('{"error":"%s","code":"rate_limited","status":429}' % message).encode()
+                body = error_body(429, "rate_limited", message)
                 headers += [("Content-Type", "application/json"), ("X-RateLimit-Limit", str(limit)),
                             ("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", str(int(time.time()) + int(retry)))]
             else:
@@ -377,8 +446,12 @@ class GuardedServer(WSGIServer):
     """The WSGI server of the main listener; with ``[ssl]`` enabled it terminates TLS, and a
     client that does not finish the TLS handshake within the header timeout is dropped."""
 
+    #: geventwebsocket's handler asks this before upgrading: True refuses the upgrade (plain HTTP).
+    pre_start_hook: Callable[[Any], bool] | None = None
+
     def __init__(self, listener: Any, application: Any, guard: Guard, **kwargs: Any) -> None:
         self.guard = guard
+        self.tls_context: ssl.SSLContext | None = kwargs.get("ssl_context")
         kwargs.setdefault("handler_class", GuardedHandler)
         super().__init__(listener, application, **kwargs)
 
@@ -386,7 +459,8 @@ class GuardedServer(WSGIServer):
         timeout = self.guard.header_timeout or None
         client_socket.settimeout(timeout)
         try:
-            tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+            assert self.tls_context is not None  # gevent calls this only on a TLS listener
+            tls_socket = self.tls_context.wrap_socket(client_socket, server_side=True)
         except (OSError, ValueError) as exc:  # handshake failed, timed out, or the peer left
             logger.debug("TLS handshake failed: %s", exc, extra={"client": address})
             client_socket.close()
@@ -409,7 +483,8 @@ def ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def main_server(config: Config, listener: socket.socket, application: Any, guard: Guard, **kwargs: Any) -> GuardedServer:
+def main_server(config: Config, listener: socket.socket, application: Any, guard: Guard,
+                **kwargs: Any) -> GuardedServer:
     """The main listener's server: plain, or TLS when ``[ssl] enabled``."""
     if config.ssl.enabled:
         kwargs["ssl_context"] = ssl_context(config)

@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent.pywsgi import WSGIServer
 
@@ -17,13 +17,18 @@ from sockudo.cache import MemoryCache
 from sockudo.config import Config
 from sockudo.handler import Handler
 from sockudo.http_api import create_app, fastpath
+from sockudo.http_api.common import chunked_body_gate
 from sockudo.metrics.registry import Metrics
+from sockudo.metrics.tcp.exporter import TcpExporter
 from sockudo.redis import RedisClients, redis_configured
-from sockudo.server import observability, runtime
+from sockudo.server import console, observability, runtime
 from sockudo.server.guard import Guard, GuardedHandler, main_server
 from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
 from sockudo.services import Services
 from sockudo.webhooks.sink import build_webhook_sink
+
+if TYPE_CHECKING:
+    from sockudo.push.service import PushService
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class _QuietHandler(GuardedHandler):
 
 def build_services(config: Config) -> Services:
     metrics = Metrics(port=config.metrics.port, prefix=config.metrics.prefix, process=True)
+    metrics.prepare([app.id for app in config.apps], config.adapter_driver)
     adapter: Any
     extras: dict[str, Any] = {}
     cache: Any = MemoryCache(time.time)
@@ -70,7 +76,9 @@ def build_services(config: Config) -> Services:
         cache = RedisCache(client, prefix="sockudo:")
     else:
         adapter = LocalAdapter()
-    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter, clients)
+    tap = console.build_tap(getattr(adapter, "node_id", None) or config.node_id or socket.gethostname())
+    extras["tap"] = tap
+    webhooks = build_webhook_sink(config, metrics.registry, runtime.GeventRuntime(), adapter, clients, tap=tap)
     if webhooks is not None:
         extras["events"] = webhooks
     from sockudo.push.service import build_push
@@ -89,8 +97,7 @@ def build_services(config: Config) -> Services:
         metrics=metrics,
         **extras,
     )
-    if hasattr(adapter, "on_remote_message"):
-        adapter.on_remote_message = services.publisher.record_remote
+    adapter.on_remote_message = services.publisher.record_remote
     return services
 
 
@@ -113,11 +120,11 @@ class Server:
         self.handler = Handler(self.services)
         self.registry = ConnectionRegistry()
         self.flask = create_app(self.services, self.handler)
-        set_listener = getattr(self.services.adapter, "set_listener", None)
-        if set_listener is not None:
-            set_listener(self.handler)
+        self.services.adapter.set_listener(self.handler)
         self.http: WSGIServer | None = None
         self.metrics_http: WSGIServer | None = None
+        self.console: console.ConsoleServer | None = None
+        self.tcp_exporter: TcpExporter | None = None
         self.stopped = runtime.Event()
 
     # -- WSGI entry: WebSocket upgrades to the handler, everything else to Flask --
@@ -125,7 +132,8 @@ class Server:
     def _pre_start_hook(self, wsgi_handler: Any) -> bool:
         """Returns True to refuse the upgrade and answer with plain HTTP instead."""
         env = wsgi_handler.environ
-        return not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining or protocol_version(env) is None
+        return (not env.get("PATH_INFO", "").startswith(APP_PATH_PREFIX) or self.handler.draining
+                or protocol_version(env) is None)
 
     def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("wsgi.websocket") is not None:
@@ -148,9 +156,8 @@ class Server:
 
     # -- background work --
 
-    def _push_maintenance_loop(self) -> None:
+    def _push_maintenance_loop(self, push: PushService) -> None:
         """Push jobs whose worker died are re-enqueued once their lease lapses (sockudo/push)."""
-        push = self.services.push
         interval = push.settings.maintenance_interval_ms / 1000
         while True:
             runtime.sleep(interval)
@@ -171,10 +178,9 @@ class Server:
                 s.metrics.replay_buffer_channels.labels(s.metrics.port).set(len(s.buffers.channels))
                 assert s.sequencer is not None
                 s.sequencer.sweep(apps)
-                purged = getattr(s.sequencer, "purged", 0)
+                purged = s.sequencer.take_purged()
                 if purged:
                     s.metrics.history_evictions.labels(s.metrics.port).inc(purged)
-                    s.sequencer.purged = 0  # type: ignore[union-attr]
             except Exception:
                 logger.exception("housekeeping failed")
 
@@ -195,13 +201,12 @@ class Server:
     def start(self) -> None:
         cfg = self.config
         adapter = self.services.adapter
-        if hasattr(adapter, "start"):
-            adapter.start()
-            # Give Redis a moment before taking sockets: decisions made before the adapter is
-            # connected are node-local (a second channel_occupied, a duplicate member_added).
-            # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
-            if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
-                logger.warning("starting without redis; cross-node delivery begins once it is reachable")
+        adapter.start()
+        # Give Redis a moment before taking sockets: decisions made before the adapter is
+        # connected are node-local (a second channel_occupied, a duplicate member_added).
+        # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
+        if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
+            logger.warning("starting without redis; cross-node delivery begins once it is reachable")
         reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"
         metrics = self.services.metrics
         limiter_redis = None
@@ -211,32 +216,38 @@ class Server:
             limiter_redis = (self.services.redis or RedisClients(cfg)).fast
         guard = Guard(cfg, on_limited=lambda kind, context: metrics.rate_limited("unknown", kind, context),
                       redis_client=limiter_redis)
+        guard.body_gate = chunked_body_gate(self.services)
         # Timeouts, per-IP limits and TLS of the main listener: sockudo/server/guard.py.
         self.http = main_server(cfg, listen_socket(cfg.host, cfg.port, reuse_port), self.wsgi, guard,
                                 handler_class=_QuietHandler, log=None, error_log=observability.WSGI_ERROR_LOG)
         self.http.pre_start_hook = self._pre_start_hook
         self.http.start()
+        # The operator console (docs/console.md): on the metrics listener unless it has its own.
+        self.console = console.start(cfg, self.services)
+        metrics_wsgi = observability.metrics_app(cfg, self.services.metrics.registry)
+        if self.console is not None and self.console.http is None:
+            self.console.mount(metrics_wsgi)
         if cfg.metrics.enabled:
             try:
                 self.metrics_http = WSGIServer(
-                    (cfg.metrics.host, cfg.metrics.port), observability.metrics_app(cfg, self.services.metrics.registry),
+                    (cfg.metrics.host, cfg.metrics.port), metrics_wsgi,
                     log=None, error_log=observability.WSGI_ERROR_LOG,
                 )
                 self.metrics_http.start()
             except OSError as exc:
                 logger.warning("metrics listener not started: %s", exc, extra={"port": cfg.metrics.port})
                 self.metrics_http = None
-        observability.attach(self)  # readiness, TCP metrics exporter, gevent errors into logging
+        # readiness, gevent errors into logging, TCP metrics exporter
+        self.tcp_exporter = observability.attach(cfg, self.services, self.flask)
         runtime.spawn(self._liveness_loop)
         runtime.spawn(self._housekeeping_loop)
         if self.services.push is not None:
-            runtime.spawn(self._push_maintenance_loop)
-        start_events = getattr(self.services.events, "start", None)
-        if start_events is not None:
-            start_events()
+            runtime.spawn(self._push_maintenance_loop, self.services.push)
+        self.services.events.start()
         logger.info(
             "sockudo listening",
-            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver, "metrics_port": cfg.metrics.port if self.metrics_http else None,
+            extra={"host": cfg.host, "port": self.http.server_port, "adapter": cfg.adapter_driver,
+                   "metrics_port": cfg.metrics.port if self.metrics_http else None,
                    "apps": [a.id for a in self.services.apps.all()]},
         )
 
@@ -259,17 +270,17 @@ class Server:
         def left(share: float = 1.0) -> float:
             return max(0.05, (end - time.monotonic()) * share)
 
-        stop_events = getattr(self.services.events, "stop", None)
-        if stop_events is not None:
-            stop_events(timeout=left(0.4))  # pending debounces, batches and the enqueue backlog (webhooks)
-        stop_adapter = getattr(self.services.adapter, "stop", None)
-        if stop_adapter is not None:
-            stop_adapter(timeout=left(0.6))
+        self.services.events.stop(timeout=left(0.4))  # pending debounces, batches and the enqueue backlog (webhooks)
+        self.services.adapter.stop(timeout=left(0.6))
         if self.http is not None:
             self.http.stop(timeout=min(1.0, left(0.5)))
+        if self.console is not None:
+            self.console.stop()  # ends open event streams, which would hold the metrics listener's stop
         if self.metrics_http is not None:
             self.metrics_http.stop(timeout=min(1.0, left()))
-        observability.detach(self)
+        if self.tcp_exporter is not None:
+            self.tcp_exporter.stop()
+            self.tcp_exporter = None
         self.stopped.set()
 
     def serve_forever(self) -> None:

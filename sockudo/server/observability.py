@@ -5,7 +5,7 @@ through logging (so JSON format and redaction apply to it too). docs/observabili
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from prometheus_client import make_wsgi_app
@@ -13,17 +13,23 @@ from prometheus_client import make_wsgi_app
 from sockudo.config import Config
 from sockudo.health import build_readiness
 from sockudo.metrics.labels import ConstantLabels, constant_labels
+from sockudo.metrics.listener import MetricsListener
 from sockudo.metrics.tcp.exporter import TcpExporter
 from sockudo.server.runtime import GeventRuntime
+from sockudo.services import Services
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 logger = logging.getLogger(__name__)
 
 WSGI_ERROR_LOG = logging.getLogger("gevent.pywsgi")  # pass as WSGIServer(error_log=...)
 
 
-def metrics_app(config: Config, registry: Any) -> Any:
-    """``GET /metrics``: the registry with ``environment, region, node, adapter`` on every series."""
-    return make_wsgi_app(ConstantLabels(registry, constant_labels(config)))
+def metrics_app(config: Config, registry: Any) -> MetricsListener:
+    """``GET /metrics``: the registry with ``environment, region, node, adapter`` on every series;
+    404 elsewhere."""
+    return MetricsListener({"/metrics": make_wsgi_app(ConstantLabels(registry, constant_labels(config)))})
 
 
 def start_tcp_exporter(config: Config, registry: Any) -> TcpExporter | None:
@@ -55,21 +61,14 @@ def log_greenlet_errors() -> None:
             where = repr(context)
         hub_logger.error("uncaught error in a greenlet: %s", where, exc_info=(t, v, tb) if v is not None else None)
 
-    hub.print_exception = print_exception
+    hub.print_exception = print_exception  # type: ignore[method-assign]  # gevent's hook for this
 
 
-def attach(server: Any) -> None:
-    """Called by ``Server.start``: readiness (metrics exist before the first probe), the TCP
-    exporter, gevent's errors into logging."""
-    ext = server.flask.extensions["sockudo"]
+def attach(config: Config, services: Services, flask: Flask) -> TcpExporter | None:
+    """Called by ``Server.start``: readiness (metrics exist before the first probe), gevent's
+    errors into logging, and the TCP exporter (returned, for ``Server.shutdown`` to stop)."""
+    ext = flask.extensions["sockudo"]
     if ext.get("readiness") is None:
-        ext["readiness"] = build_readiness(server.services)
-    server.tcp_exporter = start_tcp_exporter(server.config, server.services.metrics.registry)
+        ext["readiness"] = build_readiness(services)
     log_greenlet_errors()
-
-
-def detach(server: Any) -> None:
-    exporter = getattr(server, "tcp_exporter", None)
-    if exporter is not None:
-        exporter.stop()
-        server.tcp_exporter = None
+    return start_tcp_exporter(config, services.metrics.registry)

@@ -38,9 +38,25 @@ def _child_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _console_token(config: Config) -> dict[str, str]:
+    """One console token for every worker process (each has its own console on its metrics
+    port): made here when none is configured, and printed once."""
+    if not config.console.enabled or config.console.token:
+        return {}
+    from sockudo.console.sessions import generate_token
+
+    if config.log_format != "human" and not sys.stderr.isatty():
+        return {}  # not shown with JSON logs: each worker then says to set CONSOLE_TOKEN
+    token = generate_token()
+    print(f"sockudo console: access token for every worker, made for this run: {token}; "
+          "set CONSOLE_TOKEN to choose one", file=sys.stderr, flush=True)
+    return {"CONSOLE_TOKEN": token}
+
+
 def supervise(workers: int, argv: list[str], config: Config) -> int:
     args = [sys.executable, "-m", "sockudo", *_child_args(argv)]
     stopping = False
+    console_env = _console_token(config)
 
     def start(index: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -52,6 +68,7 @@ def supervise(workers: int, argv: list[str], config: Config) -> int:
             "METRICS_TCP_EXPORTER_PORT": str(config.metrics.tcp_exporter.port + index),  # one exporter each
             "PORT": str(config.port),
             "HOST": config.host,
+            **console_env,
         })
         return subprocess.Popen(args, env=env)
 

@@ -9,8 +9,12 @@ fan-out. ``send`` never blocks and never switches greenlets:
 - when the kernel takes only part (or nothing), the rest is queued and a writer greenlet is
   spawned to drain the queue with blocking ``sendall``; it exits once the queue is empty, so
   an idle connection costs no greenlet at all;
-- a client whose queue reaches ``max_messages`` is disconnected with 4100 (spec §1.5)
-  instead of growing memory.
+- a client whose queue reaches ``max_messages`` frames or ``max_bytes`` bytes is
+  disconnected with 4100 instead of growing memory: the count alone let a client that stops
+  reading hold ``max_messages`` frames of any size (history pages of megabytes each).
+  ``queued_bytes`` counts the encoded frames not yet handed to the kernel; a frame written
+  now is never queued, so a socket holds at most ``max_bytes`` plus the rest of one frame
+  the kernel took only part of.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ class WsTransport:
         "sock",
         "raw",
         "queue",
+        "queued_bytes",
         "max_messages",
+        "max_bytes",
         "closing",
         "close_code",
         "close_reason",
@@ -51,7 +57,7 @@ class WsTransport:
     )
 
     def __init__(self, sock: socket.socket, max_messages: int, on_slow_consumer: Callable[[], None] | None = None,
-                 v2: bool = False) -> None:
+                 v2: bool = False, max_bytes: int = 1 << 20) -> None:
         self.sock = sock
         # gevent's socket wraps a non-blocking OS socket; writing to that directly is a plain
         # syscall that fails with BlockingIOError instead of parking the greenlet.
@@ -60,7 +66,9 @@ class WsTransport:
         self.raw: Any = None if self.tls else getattr(sock, "_sock", None)
         self.v2 = v2  # protocol-2 socket: write each frame's protocol-2 form
         self.queue: deque[OutFrame | bytes] = deque()
+        self.queued_bytes = 0
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self.closing = False
         self.close_code = 1000
         self.close_reason = ""
@@ -76,10 +84,7 @@ class WsTransport:
             return
         queue = self.queue
         if queue or self.writer is not None:
-            if len(queue) >= self.max_messages:
-                self._slow_consumer()
-                return
-            queue.append(frame)
+            self._enqueue(frame, len(frame.wire_v2 if self.v2 else frame.wire))
             return
         self._write_now(frame.wire_v2 if self.v2 else frame.wire)
 
@@ -89,14 +94,15 @@ class WsTransport:
         way to grow the server's memory."""
         if self.closing:
             return
-        queue = self.queue
-        if queue or self.writer is not None:
-            if len(queue) >= self.max_messages:
-                self._slow_consumer()
-                return
-            queue.append(encode(OP_PONG, payload))
+        pong = encode(OP_PONG, payload)
+        if self.queue or self.writer is not None:
+            self._enqueue(pong, len(pong))
         else:
-            self._write_now(encode(OP_PONG, payload))
+            self._write_now(pong)
+
+    def pending_bytes(self) -> int:
+        """Bytes accepted for this socket but not yet handed to the kernel."""
+        return self.queued_bytes
 
     def close(self, code: int, reason: str) -> None:
         """Send the close frame after everything already queued, then half-close."""
@@ -114,7 +120,7 @@ class WsTransport:
     def abort(self) -> None:
         """Cut the TCP connection now; wakes a reader or writer blocked on it."""
         self.dead = True
-        self.queue.clear()
+        self._clear()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -124,9 +130,20 @@ class WsTransport:
         """The connection is over: release anything queued and let a writer finish."""
         self.closing = True
         self.dead = True
-        self.queue.clear()
+        self._clear()
 
     # -- internals --
+
+    def _enqueue(self, item: OutFrame | bytes, size: int) -> None:
+        if len(self.queue) >= self.max_messages or self.queued_bytes + size > self.max_bytes:
+            self._slow_consumer()
+            return
+        self.queue.append(item)
+        self.queued_bytes += size
+
+    def _clear(self) -> None:
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def _write_now(self, data: bytes) -> None:
         if self.dead:
@@ -134,6 +151,7 @@ class WsTransport:
         raw = self.raw
         if raw is None:  # not a gevent socket (tests): queue it for the writer
             self.queue.append(data)
+            self.queued_bytes += len(data)
             self._start_writer()
             return
         try:
@@ -143,10 +161,12 @@ class WsTransport:
         except OSError:
             # The peer went away: harmless; the reader sees EOF and cleans up.
             self.dead = True
-            self.queue.clear()
+            self._clear()
             return
         if sent < len(data):
-            self.queue.appendleft(data[sent:])
+            rest = data[sent:]
+            self.queue.appendleft(rest)
+            self.queued_bytes += len(rest)
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -156,7 +176,7 @@ class WsTransport:
     def _slow_consumer(self) -> None:
         if self.on_slow_consumer is not None:
             self.on_slow_consumer()
-        self.queue.clear()
+        self._clear()
         message = "Client send queue is full (too slow to keep up)"
         self.queue.append(OutFrame(protocol.error_frame(PusherCode.OVER_CAPACITY, message)))
         self.close(PusherCode.OVER_CAPACITY, message)
@@ -173,7 +193,9 @@ class WsTransport:
                     for _ in range(min(len(queue), BATCH)):
                         item = queue.popleft()
                         parts.append(item if isinstance(item, bytes) else item.wire_v2 if v2 else item.wire)
-                    sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
+                    sendall(data)
+                    self.queued_bytes = max(0, self.queued_bytes - len(data))
                     continue
                 if self.closing and not self.close_queued:
                     self.close_queued = True
@@ -186,7 +208,7 @@ class WsTransport:
                 return
         except OSError:
             self.dead = True
-            queue.clear()
+            self._clear()
             self.abort()
         finally:
             self.writer = None

@@ -27,6 +27,7 @@ from sockudo.core.wsframe import (
     reply_close_code,
 )
 from sockudo.handler import Handler
+from sockudo.server import runtime
 from sockudo.server.guard import is_tls
 from sockudo.server.transport import WsTransport
 
@@ -67,7 +68,7 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     ws = environ["wsgi.websocket"]
     wsgi_handler = ws.handler
     sock: socket.socket = wsgi_handler.socket
-    read = wsgi_handler.rfile.read
+    read = runtime.fair(wsgi_handler.rfile.read)  # a client streaming tiny frames must not hold the process
     config = handler.config
     app_key = environ.get("PATH_INFO", "")[len(APP_PATH_PREFIX):].strip("/")
     requested = protocol_version(environ)
@@ -84,7 +85,7 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
     transport = WsTransport(
         sock, config.websocket_max_messages,
         on_slow_consumer=lambda: metrics.slow_consumer_disconnects.labels(app.id, metrics.port).inc(),
-        v2=version == 2,
+        v2=version == 2, max_bytes=config.websocket_max_buffer_bytes,
     )
     conn = handler.open(app, transport, version)
     registry.connections[conn.socket_id] = conn
@@ -94,7 +95,8 @@ def serve_websocket(environ: dict[str, Any], handler: Handler, registry: Connect
         handler.touch(conn)
         transport.send_pong(payload)
 
-    reader = FrameReader(read, config.websocket_max_payload_kb * 1024, on_ping=on_ping, on_pong=lambda _: handler.touch(conn))
+    reader = FrameReader(read, config.websocket_max_payload_kb * 1024, on_ping=on_ping,
+                         on_pong=lambda _: handler.touch(conn), max_fragments=config.websocket_max_fragments)
     try:
         while not transport.dead:
             try:

@@ -41,6 +41,7 @@ from sockudo.webhooks.model import (
     endpoint_host,
     failure_reason,
     inflight_keys,
+    redact_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class _Connection(http.client.HTTPConnection):
                 raise
         sock = _DeadlineSocket(raw)
         sock.deadline = self.deadline
-        self.sock = sock  # type: ignore[assignment]
+        self.sock = sock
 
 
 class ConnectionPool:
@@ -306,6 +307,14 @@ def decide(delivery: Delivery, attempt: int, first_attempt_ms: float, now_ms: fl
         if elapsed_ms + asked <= delivery.retry.max_elapsed_time_ms:
             delay = asked
     return AttemptResult(RETRY, attempt, http.status, http.error, http.seconds, reason, retry_in_ms=delay)
+
+
+def console_event(delivery: Delivery, result: AttemptResult) -> dict[str, Any]:
+    """One attempt as the console's event log shows it: no body, no headers, the URL redacted."""
+    return {"app": delivery.app_id, "kind": "webhook", "status": result.outcome, "http_status": result.status,
+            "error": result.error, "attempt": result.attempt, "delivery_id": delivery.delivery_id,
+            "events": list(delivery.event_names), "endpoint": delivery.endpoint or None,
+            "url": redact_url(delivery.url)}
 
 
 def log_attempt(delivery: Delivery, result: AttemptResult) -> None:

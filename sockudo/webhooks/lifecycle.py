@@ -6,6 +6,7 @@ The handler reports them here. When an app has webhooks the composition root plu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sockudo.config import AppConfig
@@ -15,13 +16,31 @@ class LifecycleSink(Protocol):
     def emit(self, app: AppConfig, event: dict[str, Any]) -> None:
         """``event`` is one webhook event, e.g. ``{"name": "channel_occupied", "channel": "x"}``."""
 
+    def start(self) -> None:
+        """Start background work (the server calls it once it listens)."""
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Hand over what is pending, within ``timeout`` seconds (graceful shutdown)."""
+
+    def readiness_probe(self) -> Callable[[], object] | None:
+        """What ``/up`` checks (not critical: webhooks wait in their queue); None when nothing."""
+
 
 class NullSink:
     def emit(self, app: AppConfig, event: dict[str, Any]) -> None:
         return None
 
+    def start(self) -> None:
+        return None
 
-class RecordingSink:
+    def stop(self, timeout: float | None = None) -> None:
+        return None
+
+    def readiness_probe(self) -> None:
+        return None
+
+
+class RecordingSink(NullSink):
     """Keeps events in memory; for tests of the pure core."""
 
     def __init__(self) -> None:

@@ -7,24 +7,33 @@ still in flight; ``failed`` and ``retried`` once per event per failed attempt (a
 events that fails twice adds 6). So every outcome breaks down by app, endpoint, event type and
 reason. Labels stay bounded: ``app_id``, ``endpoint`` (the entry's ``endpoint_id``,
 ``<index>-<8 hex>``: as many as the config has entries; ``unknown`` for jobs queued by an older
-server), ``event_type`` (the 7 webhook event names), ``reason``
-(``timeout|connect|request|http_5xx|http_<4xx>``, or the dead-letter reasons) — never URLs,
-channels or delivery ids. The latency histograms stay per app.
+server; ``none`` for an app without webhooks, whose series exist at 0), ``event_type`` (the 7
+webhook event names), ``reason`` (``timeout|connect|request|http_5xx|http_<4xx>``, or the
+dead-letter reasons) — never URLs, channels or delivery ids. The latency histograms stay per app.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sockudo.webhooks.model import UNKNOWN_ENDPOINT
+from sockudo.metrics.instruments import Counter, CounterChild, Histogram
+from sockudo.webhooks.model import DEBOUNCED, EVENT_TYPES, UNKNOWN_ENDPOINT, distinct_endpoints
 
 logger = logging.getLogger(__name__)
+
+#: Failure and dead-letter reasons created at 0 by ``WebhookMetrics.prepare`` (an endpoint's
+#: ``http_<4xx>`` status appears at its first use).
+FAILURE_REASONS = ("timeout", "connect", "request", "http_5xx")
+DEAD_LETTER_REASONS = ("permanent_failure", "retries_exhausted", "worker_failure")
+#: The ``endpoint`` of an app without webhooks, whose series ``prepare`` creates at 0.
+NO_ENDPOINT = "none"
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -92,6 +101,26 @@ class WebhookMetrics:
             registry=r,
         )
 
+    def prepare(self, apps: Iterable[Any]) -> None:
+        """Create every outcome series of the configured ``apps`` at 0 (each endpoint, event type and
+        reason), so rates and alerts have data before the first webhook. An app without webhooks
+        gets its series under ``endpoint="none"``: sums by app have data before it has any."""
+        for app in apps:
+            endpoints = [eid for eid, _ in distinct_endpoints(app.webhooks)] or [NO_ENDPOINT]
+            for endpoint in endpoints:
+                for event_type in sorted(EVENT_TYPES):
+                    for counter in (self.queued, self.delivered, self.retried):
+                        counter.labels(app.id, endpoint, event_type)
+                    for reason in FAILURE_REASONS:
+                        self.failed.labels(app.id, endpoint, event_type, reason)
+                    for reason in DEAD_LETTER_REASONS:
+                        self.dead_lettered.labels(app.id, endpoint, event_type, reason)
+                self.deferred.labels(app.id, endpoint)
+                self.dropped.labels(app.id, endpoint)
+            for leave in sorted(DEBOUNCED):
+                self.debounce_cancelled.labels(app.id, leave)
+            self.attempt_seconds.labels(app.id)
+            self.delivery_delay_seconds.labels(app.id)
 
 UNKNOWN_EVENT_TYPE = "unknown"
 
@@ -107,7 +136,7 @@ class _DeadLettered:
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
 
-    def labels(self, *values: str, **named: str) -> Counter:
+    def labels(self, *values: str, **named: str) -> CounterChild:
         if len(values) == 2 and not named:
             app_id, reason = values
             return self.counter.labels(app_id, UNKNOWN_ENDPOINT, UNKNOWN_EVENT_TYPE, reason)

@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from sockudo.config.coerce import check_keys, table, to_bool, to_int, to_str
 from sockudo.core.auth import webhook_signature
 from sockudo.core.errors import ConfigError
 
@@ -70,52 +71,6 @@ INFLIGHT_KEY = "{prefix}inflight:{endpoint}:{slot}"
 # The endpoint of a delivery queued by a server from before endpoints had ids (metrics label).
 UNKNOWN_ENDPOINT = "unknown"
 PAYLOAD_VERSION = 1
-
-
-# -- small coercers (config values may be strings, as in Sockudo) ----------------
-
-
-def _int(key: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-    try:
-        number = int(value.strip()) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config: {key} must be a whole number, got {value!r}") from None
-    if isinstance(value, float) and value != number:
-        raise ConfigError(f"config: {key} must be a whole number, got {value!r}")
-    if number < minimum:
-        raise ConfigError(f"config: {key} must be at least {minimum}, got {value!r}")
-    return number
-
-
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"config: {key} must be true or false, got {value!r}")
-
-
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"config: {key} must be a string, got {value!r}")
-    return value
-
-
-def _table(key: str, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"config: {key} must be a table")
-    return value
-
-
-def _check_keys(where: str, table: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    allowed = set(allowed)
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(f"config: unknown key {where}.{key}")
 
 
 # -- global settings ([webhooks]) ------------------------------------------------
@@ -214,16 +169,16 @@ SETTINGS_ENV = {
 
 
 def parse_retry(where: str, raw: Mapping[str, Any], base: RetryPolicy) -> RetryPolicy:
-    _check_keys(where, raw, _RETRY_KEYS)
+    check_keys(where, raw, _RETRY_KEYS)
     values: dict[str, Any] = {}
     if "enabled" in raw:
-        values["enabled"] = _bool(f"{where}.enabled", raw["enabled"])
+        values["enabled"] = to_bool(f"{where}.enabled", raw["enabled"])
     if "max_attempts" in raw:
         value = raw["max_attempts"]
-        values["max_attempts"] = None if value in (None, "", 0, "0") else _int(f"{where}.max_attempts", value, 1)
+        values["max_attempts"] = None if value in (None, "", 0, "0") else to_int(f"{where}.max_attempts", value, 1)
     for key in ("max_elapsed_time_ms", "initial_backoff_ms", "max_backoff_ms"):
         if key in raw:
-            values[key] = _int(f"{where}.{key}", raw[key], 0 if key == "max_elapsed_time_ms" else 1)
+            values[key] = to_int(f"{where}.{key}", raw[key], 0 if key == "max_elapsed_time_ms" else 1)
     policy = replace(base, **values)
     if policy.max_backoff_ms < policy.initial_backoff_ms:
         raise ConfigError(f"config: {where}.max_backoff_ms must be at least initial_backoff_ms")
@@ -232,41 +187,41 @@ def parse_retry(where: str, raw: Mapping[str, Any], base: RetryPolicy) -> RetryP
 
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> WebhookSettings:
     """The ``[webhooks]`` table, then ``WEBHOOK_*`` environment overrides. Raises ConfigError naming the key."""
-    raw = _table("[webhooks]", raw)
+    raw = table("[webhooks]", raw)
     merged: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("batching", "retry")}
-    batching = dict(_table("webhooks.batching", raw.get("batching", {})))
-    retry = dict(_table("webhooks.retry", raw.get("retry", {})))
+    batching = dict(table("webhooks.batching", raw.get("batching", {})))
+    retry = dict(table("webhooks.retry", raw.get("retry", {})))
     for var, (section, key) in SETTINGS_ENV.items():
         if env is not None and env.get(var, "") != "":
             {"": merged, "batching": batching, "retry": retry}[section][key] = env[var]
-    _check_keys("webhooks", merged, ("request_timeout_ms", "debounce_ms", "queue_driver", "dead_letter_limit",
+    check_keys("webhooks", merged, ("request_timeout_ms", "debounce_ms", "queue_driver", "dead_letter_limit",
                                      "max_concurrent_per_endpoint"))
-    _check_keys("webhooks.batching", batching, ("enabled", "duration", "size"))
+    check_keys("webhooks.batching", batching, ("enabled", "duration", "size"))
     settings = WebhookSettings()
     values: dict[str, Any] = {}
     if "request_timeout_ms" in merged:
-        values["request_timeout_ms"] = _int("webhooks.request_timeout_ms", merged["request_timeout_ms"], 1)
+        values["request_timeout_ms"] = to_int("webhooks.request_timeout_ms", merged["request_timeout_ms"], 1)
     if "debounce_ms" in merged:
-        values["debounce_ms"] = _int("webhooks.debounce_ms", merged["debounce_ms"], 0)
+        values["debounce_ms"] = to_int("webhooks.debounce_ms", merged["debounce_ms"], 0)
     if "dead_letter_limit" in merged:
-        values["dead_letter_limit"] = _int("webhooks.dead_letter_limit", merged["dead_letter_limit"], 1)
+        values["dead_letter_limit"] = to_int("webhooks.dead_letter_limit", merged["dead_letter_limit"], 1)
     if "max_concurrent_per_endpoint" in merged:
         value = merged["max_concurrent_per_endpoint"]
         if isinstance(value, str) and value.strip().lower() == "auto":
             value = 0
-        values["max_concurrent_per_endpoint"] = _int("webhooks.max_concurrent_per_endpoint", value, 0)
+        values["max_concurrent_per_endpoint"] = to_int("webhooks.max_concurrent_per_endpoint", value, 0)
     if "queue_driver" in merged:
-        driver = _str("webhooks.queue_driver", merged["queue_driver"]).strip().lower()
+        driver = to_str("webhooks.queue_driver", merged["queue_driver"]).strip().lower()
         if driver not in QUEUE_DRIVERS:
             choices = ", ".join(QUEUE_DRIVERS)
             raise ConfigError(f"config: webhooks.queue_driver must be one of {choices}, got {driver!r}")
         values["queue_driver"] = driver
     if "enabled" in batching:
-        values["batching_enabled"] = _bool("webhooks.batching.enabled", batching["enabled"])
+        values["batching_enabled"] = to_bool("webhooks.batching.enabled", batching["enabled"])
     if "duration" in batching:
-        values["batching_duration_ms"] = _int("webhooks.batching.duration", batching["duration"], 1)
+        values["batching_duration_ms"] = to_int("webhooks.batching.duration", batching["duration"], 1)
     if "size" in batching:
-        values["batching_size"] = _int("webhooks.batching.size", batching["size"], 1)
+        values["batching_size"] = to_int("webhooks.batching.size", batching["size"], 1)
     values["retry"] = parse_retry("webhooks.retry", retry, settings.retry)
     return replace(settings, **values)
 
@@ -336,17 +291,17 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
-    table = _table(where, raw)
-    if "lambda" in table or "lambda_function" in table:
+    entry = table(where, raw)
+    if "lambda" in entry or "lambda_function" in entry:
         raise ConfigError(f"config: {where}: AWS Lambda webhooks are not supported (use url)")
-    _check_keys(where, table, _ENDPOINT_KEYS)
-    if "url" not in table:
+    check_keys(where, entry, _ENDPOINT_KEYS)
+    if "url" not in entry:
         raise ConfigError(f"config: {where}.url is required")
-    url = _str(f"{where}.url", table["url"]).strip()
+    url = to_str(f"{where}.url", entry["url"]).strip()
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"config: {where}.url must be an http:// or https:// URL")
-    types = table.get("event_types")
+    types = entry.get("event_types")
     if isinstance(types, str):
         types = [t.strip() for t in types.split(",") if t.strip()]
     if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
@@ -356,11 +311,11 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
             raise ConfigError(
                 f"config: {where}.event_types: unknown event type {name!r} (known: {', '.join(sorted(EVENT_TYPES))})"
             )
-    flt = _table(f"{where}.filter", table.get("filter", {}))
-    _check_keys(f"{where}.filter", flt, _FILTER_KEYS)
+    flt = table(f"{where}.filter", entry.get("filter", {}))
+    check_keys(f"{where}.filter", flt, _FILTER_KEYS)
     pattern = None
     if flt.get("channel_pattern") is not None:
-        source = _str(f"{where}.filter.channel_pattern", flt["channel_pattern"])
+        source = to_str(f"{where}.filter.channel_pattern", flt["channel_pattern"])
         try:
             pattern = re.compile(source)
         except re.error as exc:
@@ -369,14 +324,14 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
             ) from None
     namespaces: list[str] = []
     if flt.get("channel_namespace") is not None:
-        namespaces.append(_str(f"{where}.filter.channel_namespace", flt["channel_namespace"]))
+        namespaces.append(to_str(f"{where}.filter.channel_namespace", flt["channel_namespace"]))
     if flt.get("channel_namespaces") is not None:
         value = flt["channel_namespaces"]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config: {where}.filter.channel_namespaces must be a list of strings")
         namespaces.extend(value)
     def optional(key: str) -> str | None:
-        return _str(f"{where}.filter.{key}", flt[key]) if flt.get(key) is not None else None
+        return to_str(f"{where}.filter.{key}", flt[key]) if flt.get(key) is not None else None
 
     channel_filter = ChannelFilter(
         prefix=optional("channel_prefix"),
@@ -384,7 +339,7 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
         pattern=pattern,
         namespaces=tuple(namespaces),
     )
-    headers_raw = _table(f"{where}.headers", table.get("headers", {}))
+    headers_raw = table(f"{where}.headers", entry.get("headers", {}))
     headers: list[tuple[str, str]] = []
     for name, value in headers_raw.items():
         if not _HEADER_NAME.match(name):
@@ -398,11 +353,11 @@ def parse_endpoint(where: str, raw: Any) -> WebhookEndpoint:
             raise ConfigError(f"config: {where}.headers.{name} must not contain line breaks")
         headers.append((name, text))
     timeout = None
-    if table.get("request_timeout_ms") is not None:
-        timeout = _int(f"{where}.request_timeout_ms", table["request_timeout_ms"], 1)
+    if entry.get("request_timeout_ms") is not None:
+        timeout = to_int(f"{where}.request_timeout_ms", entry["request_timeout_ms"], 1)
     retry = None
-    if table.get("retry") is not None:
-        retry_table = dict(_table(f"{where}.retry", table["retry"]))
+    if entry.get("retry") is not None:
+        retry_table = dict(table(f"{where}.retry", entry["retry"]))
         parse_retry(f"{where}.retry", retry_table, RetryPolicy())  # validate now, merge with the global later
         retry = tuple(sorted(retry_table.items()))
     return WebhookEndpoint(url=url, event_types=frozenset(types), filter=channel_filter, headers=tuple(headers),

@@ -27,6 +27,7 @@ from sockudo.webhooks.delivery import (
     DeadLetters,
     RedisDeadLetters,
     Sender,
+    console_event,
     dead_letter_record,
     decide,
     log_attempt,
@@ -39,6 +40,8 @@ from sockudo.webhooks.model import (
     RQ_QUEUE,
     Delivery,
     RetryPolicy,
+    WebhookSettings,
+    resign,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,8 +162,9 @@ class EmbeddedQueue:
 
     def __init__(self, runtime: Runtime, metrics: WebhookMetrics | None, dead_letters: DeadLetters,
                  sender: Sender = post, clock: Callable[[], float] = time.time, concurrency: int = EMBEDDED_CONCURRENCY,
-                 capacity: int = OUTBOX_LIMIT) -> None:
+                 capacity: int = OUTBOX_LIMIT, tap: Any = None) -> None:
         self.runtime = runtime
+        self.tap = tap  # the console's event tap (sockudo/console/tap.py), when there is one
         self.metrics = metrics
         self.dead_letters = dead_letters
         self.sender = sender
@@ -281,6 +285,9 @@ class EmbeddedQueue:
         result = decide(delivery, job.attempt, first, now_ms, http)
         log_attempt(delivery, result)
         record_metrics(self.metrics, delivery, result, now_ms)
+        if self.tap is not None and self.tap.attached:
+            fields = console_event(delivery, result)
+            self.tap.record(fields.pop("app"), fields.pop("kind"), **fields)
         if result.outcome == RETRY:
             self._delayed += 1
             self.runtime.spawn(self._later, (result.retry_in_ms or 0) / 1000.0,
@@ -295,3 +302,17 @@ class EmbeddedQueue:
         job.ready_since = self.clock()
         self._push(job)
         self._wake.set()
+
+
+
+# -- replaying a dead letter (the CLI and the console) -------------------------------------------
+
+
+def replay_dead_letter(queue: Any, record: dict[str, Any], app_key: str, app_secret: str,
+                       settings: WebhookSettings, prefix: str, now_ms: int) -> Delivery:
+    """Enqueue a dead letter again (``model.resign``: today's secret, a fresh ``time_ms`` and
+    retry budget, the same delivery id), then remove it; a new failure writes a new one."""
+    delivery = resign(record, app_key, app_secret, now_ms, settings, prefix)
+    queue.enqueue([delivery])
+    queue.dead_letters.remove(record["id"])
+    return delivery

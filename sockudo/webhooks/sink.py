@@ -51,6 +51,7 @@ from sockudo.webhooks.model import (
     build_deliveries,
     duplicate_endpoints,
     normalize_event,
+    redact_url,
     wanted_event_types,
 )
 from sockudo.webhooks.queue import OUTBOX_LIMIT, DeliveryQueue, EmbeddedQueue
@@ -87,8 +88,9 @@ class _Inbound:
 class WebhookSink:
     def __init__(self, settings: WebhookSettings, queue: DeliveryQueue, metrics: WebhookMetrics, runtime: Runtime,
                  adapter: Any, markers: Markers, key_prefix: str, clock: Callable[[], float] = time.time,
-                 failures: tuple[type[BaseException], ...] = (OSError,)) -> None:
+                 failures: tuple[type[BaseException], ...] = (OSError,), tap: Any = None) -> None:
         self.settings = settings
+        self.tap = tap  # the console's event tap (sockudo/console/tap.py), when there is one
         self.queue = queue
         self.metrics = metrics
         self.runtime = runtime
@@ -127,14 +129,7 @@ class WebhookSink:
         item = _Inbound(app, event, int(self.clock() * 1000))
         debounce = self.settings.debounce_ms
         if debounce > 0 and name in DEBOUNCED:
-            key = marker_key(app.id, event)
-            token: str | None = uuid.uuid4().hex
-            try:
-                self.markers.mark(key, token, debounce * 2 + 5000)
-            except self.failures as exc:
-                self._marker_trouble("not stored; deciding on this node alone", exc)
-                token = None  # the timer must not look for a marker that was never written
-            item.marker = (key, token)
+            item.marker = self._mark(app.id, event)
         elif debounce > 0 and name in CANCELS:
             try:
                 item.cancelled = self.markers.cancel(marker_key(app.id, {**event, "name": CANCELS[name]}))
@@ -170,6 +165,9 @@ class WebhookSink:
         stop_queue = getattr(self.queue, "stop", None)
         if stop_queue is not None:
             stop_queue()
+
+    def readiness_probe(self) -> Callable[[], object]:
+        return self.queue.stats
 
     # -- the pump -----------------------------------------------------------------------
 
@@ -212,22 +210,25 @@ class WebhookSink:
         if self._outbox and (force or now >= self._outbox_retry_at):
             self._drain_outbox()
 
+    def _mark(self, app_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
+        """Leave this leave's pending marker for the debounce window; ``(key, token)``, the token
+        None when the marker could not be stored (the timer must not look for it then)."""
+        key = marker_key(app_id, event)
+        token = uuid.uuid4().hex
+        try:
+            self.markers.mark(key, token, self.settings.debounce_ms * 2 + 5000)
+        except self.failures as exc:
+            self._marker_trouble("not stored; deciding on this node alone", exc)
+            return key, None
+        return key, token
+
     def _route(self, item: _Inbound) -> None:
         app, event = item.app, item.event
         name = event.get("name")
         debounce = self.settings.debounce_ms
         if not item.debounced and debounce > 0:
             if name in DEBOUNCED:
-                if item.marker is not None:
-                    key, token = item.marker
-                else:
-                    key = marker_key(app.id, event)
-                    token = uuid.uuid4().hex
-                    try:
-                        self.markers.mark(key, token, debounce * 2 + 5000)
-                    except self.failures as exc:
-                        self._marker_trouble("not stored; deciding on this node alone", exc)
-                        token = None  # the timer must not look for a marker that was never written
+                key, token = item.marker if item.marker is not None else self._mark(app.id, event)
                 due = self.clock() + debounce / 1000.0
                 heapq.heappush(self._timers, (due, next(self._seq), lambda: self._fire(item, key, token)))
                 return
@@ -324,9 +325,14 @@ class WebhookSink:
             self._keep(deliveries)
             self._outbox_retry_at = now + OUTBOX_RETRY_S
             return False
+        tap = self.tap
         for delivery in deliveries:
             for name in delivery.event_names:
                 self.metrics.queued.labels(delivery.app_id, delivery.endpoint_label, name).inc()
+            if tap is not None and tap.attached:
+                tap.record(delivery.app_id, "webhook", status="queued", delivery_id=delivery.delivery_id,
+                           events=list(delivery.event_names), endpoint=delivery.endpoint or None,
+                           url=redact_url(delivery.url))
         return True
 
     def _keep(self, deliveries: list[Delivery]) -> None:
@@ -377,14 +383,17 @@ def warn_duplicate_endpoints(config: Config) -> None:
 
 
 def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter: Any,
-                       clients: RedisClients | None = None) -> WebhookSink | None:
-    """The sink for the composition root; None when no app has a webhook (the null sink stays)."""
-    if not any(app.webhooks for app in config.apps):
-        return None
+                       clients: RedisClients | None = None, tap: Any = None) -> WebhookSink | None:
+    """The sink for the composition root; None when no app has a webhook (the null sink stays).
+
+    The webhook metrics exist either way, at 0 for every app, and with a Redis queue its depth
+    is reported too: dashboards and alerts have data before the first app gets a webhook."""
     settings = config.webhooks
     prefix = config.metrics.prefix
     metrics = WebhookMetrics(registry, prefix)
+    metrics.prepare(config.apps)
     key_prefix = f"{config.redis_prefix}webhooks:"
+    enabled = any(app.webhooks for app in config.apps)
     queue: Any
     markers: Markers
     failures: tuple[type[BaseException], ...] = (OSError,)
@@ -396,13 +405,18 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
 
         client = (clients or RedisClients(config)).shared
         queue = RqQueue(client, key_prefix, dead_letter_limit=settings.dead_letter_limit)
+        registry.register(QueueCollector(queue.stats, prefix))
+        if not enabled:
+            return None
         markers = RedisMarkers(client, key_prefix)
         failures = (RedisError, OSError)
+    elif not enabled:
+        return None
     else:
-        queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit))
+        queue = EmbeddedQueue(runtime, metrics, MemoryDeadLetters(settings.dead_letter_limit), tap=tap)
         markers = MemoryMarkers()
-    registry.register(QueueCollector(queue.stats, prefix))
+        registry.register(QueueCollector(queue.stats, prefix))
     warn_duplicate_endpoints(config)
     logger.info("webhooks enabled", extra={"queue": queue.backend,
                                            "apps": [a.id for a in config.apps if a.webhooks]})
-    return WebhookSink(settings, queue, metrics, runtime, adapter, markers, key_prefix, failures=failures)
+    return WebhookSink(settings, queue, metrics, runtime, adapter, markers, key_prefix, failures=failures, tap=tap)

@@ -45,12 +45,12 @@ from tests.support.cluster import (
 )
 from tests.support.fakes import FakeRuntime, RecordingTransport
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until
+from tests.support.procs import RedisServer, ServerProcess, free_port, free_port_pair, wait_until
 from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.sdk import APP, sdk_for
 from tests.support.wsraw import RawClient
 
-APP_ONE = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
+APP_ONE: dict[str, Any] = {"id": "300", "key": "cluster-one-key", "secret": "cluster-one-secret", "max_connections": 1}
 
 #: The bounded window in which a duplicate would have to show up to be caught.
 DUPLICATE_WINDOW = 0.75
@@ -169,19 +169,6 @@ def delivered_across(sdk: pusher.Pusher, client: PusherJsClient, channel: str, t
     except AssertionError:
         return False
     return True
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def honest_count(nodes: list[ServerProcess], channel: str, expected: int, wrong: list[str]) -> bool:
@@ -448,8 +435,25 @@ def test_cache_channel_payload_is_shared_by_every_node(cluster, pusherjs) -> Non
     assert "cache" in sdk_for(b).channel_info(channel, ["cache"])
 
 
-APP_USERS = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
-             "enable_watchlist_events": True}
+def test_cache_channel_payload_lives_in_redis_not_in_a_process(cluster, pusherjs, redis_server) -> None:
+    """Shared through Redis, not process memory: once the publishing node has stopped, a node
+    started after the publish (it never saw the event) serves it to a new subscriber, and the
+    payload is a key in Redis with the cache TTL."""
+    (a,) = cluster(1)
+    channel = "cache-cluster-late-node"
+    sdk_for(a).trigger(channel, "price", {"eur": 8})  # nobody subscribed anywhere: only the cache keeps it
+    client = redis.Redis.from_url(redis_server.url)
+    keys = [k for k in client.scan_iter(match="*" + channel + "*") if client.type(k) == b"string"]
+    assert len(keys) == 1 and 0 < client.pttl(keys[0]), keys
+    a.stop()
+    (c,) = cluster(1)  # a process that did not exist when the event was published
+    late = connect(pusherjs, "cache-late-node", c, APP, None, channel)
+    assert late.wait_event(channel, "price")["data"] == {"eur": 8}
+    assert not received(late, channel, "pusher:cache_miss")
+
+
+APP_USERS: dict[str, Any] = {"id": "301", "key": "cluster-users-key", "secret": "cluster-users-secret",
+                             "enable_watchlist_events": True}
 
 
 def test_users_across_nodes_send_to_user_watchlist_and_terminate(cluster, pusherjs) -> None:
@@ -676,6 +680,7 @@ def test_redis_restart_mid_run_resumes_delivery_and_presence(cluster, pusherjs, 
         assert len(warnings) <= 12, "\n".join(warnings)  # a few lines per outage, not a storm
 
 
+@pytest.mark.slow
 def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster, pusherjs,
                                                                          own_redis: RedisServer) -> None:
     """Redis frozen (SIGSTOP: it keeps its data, unlike a restart) while a presence member on
@@ -721,6 +726,7 @@ def test_leave_during_an_outage_that_keeps_redis_data_is_announced_once(cluster,
     assert tracebacks(a, b) == 0
 
 
+@pytest.mark.slow
 def test_redis_away_longer_than_the_node_timeout_is_not_mistaken_for_dead_nodes(
         cluster, pusherjs, own_redis: RedisServer) -> None:
     """Redis frozen (keeping its data) for longer than ``node_timeout``: when it answers again
@@ -853,6 +859,7 @@ def test_presence_read_from_a_restarted_redis_is_partial_until_every_node_regist
     direct.close()
 
 
+@pytest.mark.slow
 def test_startup_with_redis_down_becomes_ready_once_redis_starts(cluster, pusherjs, own_redis: RedisServer) -> None:
     a, b = cluster(2, env=node_env(own_redis.url), formed=False)  # nothing listens on the port yet
     assert up_status(a) == 503 and up_status(b) == 503
@@ -926,6 +933,7 @@ def test_workers_without_redis_refuse_to_start(server_factory, how: str) -> None
 # -- Redis Sentinel -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sentinel_failover_during_traffic(cluster, pusherjs) -> None:
     master = RedisServer().start()
     replica = RedisServer(["--replicaof", "127.0.0.1", str(master.port)]).start()

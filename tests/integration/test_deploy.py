@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 import websocket
 
@@ -30,8 +31,8 @@ from tests.support.cluster import node_env, start_all, tracebacks, wait_formed
 from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.sdk import sdk_for
 
-APP = {"id": "100", "key": "deploy-key", "secret": "deploy-secret", "connection_recovery": {"enabled": True},
-       "history": {"enabled": True}}
+APP: dict[str, Any] = {"id": "100", "key": "deploy-key", "secret": "deploy-secret",
+                       "connection_recovery": {"enabled": True}, "history": {"enabled": True}}
 FEED, ROOM = "deploy-feed", "presence-deploy"
 GRACE = 3
 
@@ -146,6 +147,7 @@ class ResumingClient(threading.Thread):
             self.ready.set()
 
 
+@pytest.mark.slow
 def test_rolling_restart_loses_nothing_for_resuming_clients(
         server_factory: Callable[..., ServerProcess], own_redis: RedisServer) -> None:
     own_redis.start()

@@ -48,8 +48,12 @@ from tests.support.wsraw import RawClient
 
 OUTAGE_SECONDS = float(os.environ.get("FAULT_REDIS_OUTAGE_SECONDS", "30"))  # the issue: 30 s
 KEY, SECRET, APP_ID = "fault-key", "fault-secret", "100"
-FAST_WEBHOOKS = {"debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
-                 "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000}}
+FAST_WEBHOOKS: dict[str, Any] = {
+    "debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},
+    "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 1000, "max_elapsed_time_ms": 60000},
+}
+
+pytestmark = pytest.mark.slow  # outages, restarts and soaks: tens of seconds each
 
 
 def signed_post(node: ServerProcess, path: str, body: dict[str, Any]) -> requests.Response:
@@ -168,7 +172,8 @@ def test_redis_outage_keeps_local_delivery_and_loses_no_webhook(
             wait_until(lambda: held <= held_delivered(), timeout=90, interval=0.2)
         except AssertionError:
             raise AssertionError(f"retries queued in Redis before the outage were lost: "
-                                 f"{sorted(held - held_delivered())[:5]}; worker log:\n{worker.log()[-2000:]}") from None
+                                 f"{sorted(held - held_delivered())[:5]}; "
+                                 f"worker log:\n{worker.log()[-2000:]}") from None
         for node in nodes:
             assert up_status(node) == 200
         assert worker.proc is not None and worker.proc.poll() is None, "the worker quit during the outage"
@@ -247,7 +252,8 @@ def test_pushes_queued_when_redis_stops_are_delivered_after_it_restarts(tmp_path
     try:
         in_flight = {f"outage-now-{i}": harness.apns_device(f"outage-now-{i}") for i in range(30)}
         scheduled = {f"outage-later-{i}": harness.apns_device(f"outage-later-{i}") for i in range(30)}
-        now_channel, later_channel = f"push-outage-now-{time.monotonic_ns()}", f"push-outage-later-{time.monotonic_ns()}"
+        now_channel = f"push-outage-now-{time.monotonic_ns()}"
+        later_channel = f"push-outage-later-{time.monotonic_ns()}"
         for device in in_flight:
             harness.subscribe(now_channel, device)
         for device in scheduled:

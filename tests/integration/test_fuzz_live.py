@@ -13,6 +13,14 @@ forged, missing), against every route family. Only documented statuses may come 
 a 500, and error bodies keep the ``{"error", "code", "status"}`` shape.
 
 At the end the server's log must hold no traceback and no "Internal server error".
+
+Throughout, the server's RSS (sampled every 10 ms by a thread) must stay within its baseline
+plus, per socket open at once, the per-socket bound docs/security.md states (queued bytes, one
+inbound message, bookkeeping), plus a fixed allowance for the interpreter's own warm-up (code
+paths, caches and metric children the fuzzer reaches for the first time). The WebSocket fuzzer
+includes the memory attacks: a message in thousands of tiny or empty fragments, and a burst of
+``channel_history`` requests (limit 1,000, on a channel with 1,000 messages of 1 KB) from a
+socket that reads nothing until it has sent them all.
 """
 
 from __future__ import annotations
@@ -36,25 +44,36 @@ from hypothesis import strategies as st
 
 from tests.support.fakes import make_app
 from tests.support.metrics import metric
-from tests.support.procs import RedisServer, ServerProcess, wait_until
-from tests.support.sdk import assert_still_delivering
+from tests.support.procs import RedisServer, RssPeak, ServerProcess, wait_until
+from tests.support.sdk import assert_still_delivering, sdk_for
 from tests.support.wsraw import TcpWebSocket, close_code
 from tests.unit.test_fuzz_handler import DOCUMENTED_CODES, build, json_values, recipes
 
-APP = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,
-       "enable_user_authentication": True, "enable_watchlist_events": True, "enable_subscription_count": True,
-       "connection_recovery": {"enabled": True}, "history": {"enabled": True}}
+APP: dict[str, Any] = {"id": "100", "key": "fuzz-key", "secret": "fuzz-secret", "enable_client_messages": True,
+                       "enable_user_authentication": True, "enable_watchlist_events": True,
+                       "enable_subscription_count": True, "connection_recovery": {"enabled": True},
+                       "history": {"enabled": True}}
 OTHER = {"id": "200", "key": "fuzz-key-2", "secret": "fuzz-secret-2"}
 SIGNER = make_app(id=APP["id"], key=APP["key"], secret=APP["secret"])  # valid signatures for the fuzzer
 EXAMPLES = int(os.environ.get("FUZZ_LIVE_EXAMPLES", "150"))  # per test
 LIVE = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
-#: Close codes a server may send besides the Pusher ones: normal, protocol error, invalid data.
-RFC_CLOSE_CODES = {1000, 1002, 1007}
+#: Close codes a server may send besides the Pusher ones: normal, protocol error, invalid data,
+#: too many fragments.
+RFC_CLOSE_CODES = {1000, 1002, 1007, 1009}
 #: Statuses the REST API documents (spec §5.9; 201/202/204 are the push API's).
 DOCUMENTED_STATUSES = {200, 201, 202, 204, 400, 401, 403, 404, 405, 413, 415, 422, 429, 503}
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+MAX_PAYLOAD_KB = 16
+MAX_BUFFER_BYTES = 256 * 1024
+#: What one socket may make the server hold (docs/security.md, "Bounds per socket"): unsent
+#: frames, one inbound message being read, and the connection's own bookkeeping.
+PER_SOCKET_KB = MAX_BUFFER_BYTES // 1024 + MAX_PAYLOAD_KB + 64
+SOCKETS_AT_ONCE = 2  # the watcher and the example's socket
+WARM_UP_ALLOWANCE_KB = 8 * 1024
+HISTORY_CHANNEL = "fuzz-history"
+_rss: list[RssPeak] = []
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +82,28 @@ def server(redis_server: RedisServer) -> Iterator[ServerProcess]:
     idempotency and the adapter see the hostile input too."""
     url = f"redis://127.0.0.1:{redis_server.port}/5"
     redis.Redis.from_url(url).flushdb()
-    proc = ServerProcess([APP, OTHER], env={"REDIS_URL": url}, websocket_max_payload_kb=16,
-                         shutdown_grace_period=2).start()
-    yield proc
+    proc = ServerProcess([APP, OTHER], env={"REDIS_URL": url}, websocket_max_payload_kb=MAX_PAYLOAD_KB,
+                         websocket={"max_buffer_bytes": MAX_BUFFER_BYTES}, shutdown_grace_period=2).start()
+    assert proc.proc is not None
+    sdk = sdk_for(proc, APP)
+    for first in range(0, 1000, 10):  # history for the channel_history flood
+        sdk.trigger_batch([{"channel": HISTORY_CHANNEL, "name": "h", "data": f"{i}:" + "h" * 1000}
+                           for i in range(first, first + 10)])
+    with RssPeak(proc.proc.pid) as rss:
+        _rss.append(rss)
+        yield proc
+    _rss.clear()
     proc.stop()
+
+
+def assert_rss_bounded() -> None:
+    """The server's RSS now is within the stated bound (module docstring)."""
+    (rss,) = _rss
+    grown = rss.grown()
+    bound = SOCKETS_AT_ONCE * PER_SOCKET_KB + WARM_UP_ALLOWANCE_KB
+    assert grown <= bound, (
+        f"server RSS peaked {grown} KiB over its baseline, more than {bound} KiB "
+        f"({SOCKETS_AT_ONCE} sockets x {PER_SOCKET_KB} KiB + {WARM_UP_ALLOWANCE_KB} KiB warm-up)")
 
 
 def assert_clean_log(server: ServerProcess) -> None:
@@ -104,7 +141,12 @@ def raw_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = T
 @st.composite
 def ws_actions(draw: st.DrawFn) -> tuple[str, Any]:
     kind = draw(st.sampled_from(["json", "json", "json", "binary", "fragmented", "control", "bad_control",
-                                 "invalid_utf8", "violation", "close_then_more", "random_bytes", "huge"]))
+                                 "invalid_utf8", "violation", "close_then_more", "random_bytes", "huge",
+                                 "many_fragments", "history_flood"]))
+    if kind == "many_fragments":
+        return kind, (draw(st.integers(min_value=2, max_value=5000)), draw(st.sampled_from([b"", b" "])))
+    if kind == "history_flood":
+        return kind, draw(st.integers(min_value=1, max_value=40))
     if kind in ("json", "fragmented"):
         return kind, (draw(recipes()), draw(st.integers(min_value=2, max_value=4)), draw(st.booleans()))
     if kind == "binary":
@@ -146,6 +188,16 @@ def encode_action(action: tuple[str, Any], socket_id: str) -> tuple[bytes, int |
         return out, None
     if kind == "binary":
         return raw_frame(BINARY, arg), None
+    if kind == "many_fragments":
+        count, piece = arg
+        return (raw_frame(TEXT, b'{"event":"pusher:ping","data":{"x":"', fin=False)
+                + b"".join(raw_frame(CONT, piece, fin=False) for _ in range(count - 2))
+                + raw_frame(CONT, b'"}}')), None
+    if kind == "history_flood":
+        request = raw_frame(TEXT, json.dumps({"event": "sockudo:channel_history",
+                                              "data": {"channel": HISTORY_CHANNEL, "limit": 1000}}).encode())
+        return raw_frame(TEXT, json.dumps({"event": "pusher:subscribe",
+                                           "data": {"channel": HISTORY_CHANNEL}}).encode()) + request * arg, None
     if kind == "control":
         return raw_frame(*arg), None
     if kind == "bad_control":
@@ -205,6 +257,7 @@ def check_server_frames(frames: list[tuple[int, bytes]], client_close: int | Non
 @LIVE
 @given(st.lists(ws_actions(), min_size=1, max_size=6), st.sampled_from(["7", "2"]))
 def test_random_frames_on_one_socket_never_disturb_another(server, sdk, watcher, actions, protocol):
+    _rss[0].reset()  # this example's peak (an earlier one's growth still counts: the baseline stays)
     raw = TcpWebSocket(server, f"/app/{APP['key']}?protocol={protocol}")
     try:
         assert raw.status_line.startswith("HTTP/1.1 101"), raw.status_line
@@ -226,6 +279,7 @@ def test_random_frames_on_one_socket_never_disturb_another(server, sdk, watcher,
             pass
         frames = read_until_eof(raw, timeout=10)
         check_server_frames(frames, client_close)
+        assert_rss_bounded()
     finally:
         raw.close()
     assert_still_delivering(sdk, watcher)
@@ -236,6 +290,7 @@ def test_websocket_fuzzing_left_nothing_behind(server, sdk, watcher):
     assert_still_delivering(sdk, watcher)
     wait_until(lambda: metric(server.metrics_text(), "sockudo_connected") == 1, timeout=10,
                message="every fuzzed socket to be cleaned up")
+    assert_rss_bounded()
     assert_clean_log(server)
 
 
@@ -261,8 +316,8 @@ params = st.dictionaries(
 
 
 HOLE = "__hostile__"
-hostile_tokens = st.sampled_from(['"\\ud800"', '"x\\udfff"', "NaN", "Infinity", "1e400", "-1e999", "[" * 5000 + "]" * 5000,
-                                  '"' + "x" * 11_000 + '"'])
+hostile_tokens = st.sampled_from(['"\\ud800"', '"x\\udfff"', "NaN", "Infinity", "1e400", "-1e999",
+                                  "[" * 5000 + "]" * 5000, '"' + "x" * 11_000 + '"'])
 hostile_values = st.one_of(json_values, st.just(HOLE), st.just(HOLE))
 
 
@@ -336,6 +391,7 @@ def send(server: ServerProcess, method: str, path: str, query: dict[str, str], b
 def test_signed_publishes_with_hostile_bodies_get_documented_statuses(server, sdk, watcher, path, body, query,
                                                                       content_type):
     send(server, "POST", path, query, body, content_type=content_type)
+    assert_rss_bounded()
 
 
 @LIVE
@@ -344,6 +400,7 @@ def test_signed_reads_and_operator_calls_with_hostile_paths_and_queries(server, 
                                                                         query, body):
     method, template = route
     send(server, method, template.format(id="{own}", c=channel, u=user), query, body)
+    assert_rss_bounded()
 
 
 @LIVE
@@ -355,11 +412,14 @@ def test_random_requests_and_signatures_never_get_a_500(server, sdk, watcher, ro
                                                         query, body, signing, content_type):
     path = route[1].format(id=app_id, c=channel, u=user)
     send(server, method or route[0], path, query, body, signing, content_type)
+    assert_rss_bounded()
 
 
 def test_rest_fuzzing_left_the_server_healthy(server, sdk, watcher):
     assert_still_delivering(sdk, watcher)
     assert requests.get(server.url + "/up", timeout=5).status_code == 200
+    assert_rss_bounded()
+    print(f"fuzzing: server RSS baseline {_rss[0].baseline} KiB, peak {_rss[0].peak} KiB")
     assert_clean_log(server)
 
 

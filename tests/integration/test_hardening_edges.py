@@ -34,10 +34,10 @@ from tests.support.procs import RedisServer, ServerProcess, wait_until
 from tests.support.sdk import signed_url
 from tests.support.wsraw import RawClient
 
-APP = {"id": "100", "key": "edge-key", "secret": "edge-secret", "enable_client_messages": True,
-       "history": {"enabled": True}}
-ORIGINS = {"id": "200", "key": "edge-origin", "secret": "edge-origin-secret",
-           "allowed_origins": ["https://*.example.com"]}
+APP: dict[str, Any] = {"id": "100", "key": "edge-key", "secret": "edge-secret", "enable_client_messages": True,
+                       "history": {"enabled": True}}
+ORIGINS: dict[str, Any] = {"id": "200", "key": "edge-origin", "secret": "edge-origin-secret",
+                           "allowed_origins": ["https://*.example.com"]}
 
 
 # -- raw HTTP ---------------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ from tests.support.prometheus import ALERTS, DASHBOARD, PrometheusServer, binary
 from tests.support.wsraw import RawClient
 
 SECRET = "obs-secret-Zq81-kept-private"
-APP = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
-       "max_event_payload_in_kb": 1,
-       "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
+APP: dict[str, Any] = {"id": "700", "key": "obs-key", "secret": SECRET, "enable_client_messages": True,
+                       "max_event_payload_in_kb": 1,
+                       "history": {"max_messages_per_channel": 3}}  # the scenario's 4 publishes to one channel purge 1
 signed = functools.partial(sdk.signed, app=APP)
 LABELS = {"environment": "itest", "region": "loopback", "node": "node-a"}
 
@@ -173,8 +173,8 @@ class PushProviders:
         self.dir = tempfile.mkdtemp(prefix="sockudo-obs-push-")
         self.apns_key = ec.generate_private_key(ec.SECP256R1())
         self.apns = FakeAPNs(team_id=TEAM_ID, key_id=KEY_ID, public_key=self.apns_key.public_key(), topic=TOPIC,
-                             cert_dir=self.dir)
-        self.fcm = FakeFCM()
+                             cert_dir=self.dir, delay=0.0)
+        self.fcm = FakeFCM(delay=0.0)
         self.env = {"PUSH_CREDENTIALS_KEY": "obs-credentials-key-" + uuid.uuid4().hex,
                     "PUSH_ALLOW_INSECURE_ENDPOINTS": "true", "PUSH_CA_FILE": self.apns.cert_path,
                     "APNS_ENDPOINT": self.apns.url, "FCM_ENDPOINT": self.fcm.url}
@@ -249,6 +249,7 @@ def deployment() -> Iterator[Deployment]:
 
 # -- the scripted scenario ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     a, b = deployment.a, deployment.b
     before_a, before_b, before_w = a.metrics_text(), b.metrics_text(), deployment.worker.metrics_text()
@@ -259,6 +260,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
 
     # connect, bad auth, presence join and leave (node A)
     client = RawClient.connect(a, APP["key"])
+    assert client.socket_id is not None
     client.send_json({"event": "pusher:subscribe",
                       "data": {"channel": "private-orders-zz1",
                                "auth": channel_auth(client.socket_id, "private-orders-zz1", secret="bad")}})
@@ -455,6 +457,7 @@ def test_every_series_has_the_constant_labels_and_no_unbounded_value(deployment:
     sockets: list[RawClient] = []
     for i in range(3):
         c = RawClient.connect(a, APP["key"])
+        assert c.socket_id is not None
         sockets.append(c)
         channel, user, token = f"private-card-ZQX{i}9", f"user-ZQX{i}7", f"tok-ZQX{i}5"
         markers += [channel, user, token, c.socket_id]
@@ -569,6 +572,7 @@ def test_prometheus_scrapes_every_metric_the_dashboard_and_alerts_use(deployment
         prometheus.stop()
 
 
+@pytest.mark.slow
 def test_readiness_alert_fires_when_redis_stops(tmp_path: Path) -> None:
     """Redis goes away: /up turns 503 and SockudoReadinessFailing (and the adapter alert) fire
     within their ``for:`` windows (shortened to 3 s in a test copy of the rules)."""
@@ -645,6 +649,7 @@ def publish_rate(server: ServerProcess, count: int) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_a_tcp_client_that_never_reads_does_not_slow_publishing(deployment: Deployment) -> None:
     a = deployment.a
     publish_rate(a, 20)  # warm up

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from sockudo.push import crypto
+from tests.support import push_crypto
 from tests.support.fake_push import FakeFCM, web_subscription
 from tests.support.metrics import metric
 from tests.support.procs import RedisServer, wait_until
@@ -106,7 +107,7 @@ def test_channel_publish_reaches_apns_fcm_and_web_push(push: Push) -> None:
     # Web Push: only the subscription's private key opens the message.
     body, headers = push.webpush.bodies[sub][0]
     assert headers["content-encoding"] == "aes128gcm"
-    assert json.loads(crypto.webpush_decrypt(body, ua_key, auth)) == {
+    assert json.loads(push_crypto.webpush_decrypt(body, ua_key, auth)) == {
         "notification": {"title": "Order updated", "body": "Packed"},
         "data": {"orderId": 42},
     }
@@ -200,7 +201,7 @@ def test_dead_tokens_delete_the_device_and_its_subscriptions(push: Push) -> None
 
     def invalidations() -> dict[str, dict[str, Any]] | None:
         found = {
-            r.get("provider"): r
+            str(r.get("provider")): r
             for r in push.worker_log_records()
             if r.get("publish_id") == publish_id and r.get("failure_class") == "device_terminal"
         }
@@ -382,7 +383,7 @@ def test_bad_publish_input_is_refused_with_the_documented_status(push: Push) -> 
 
 def test_publish_id_makes_publishing_idempotent_and_a_different_body_conflicts(push: Push) -> None:
     token = push.fcm_device("idem-android")
-    body = {
+    body: dict[str, Any] = {
         "publishId": "idem-" + uuid.uuid4().hex[:6],
         "recipients": [{"type": "device", "device_id": "idem-android"}],
         "payload": {"title": "once"},
@@ -533,11 +534,12 @@ def test_credentials_are_write_only_and_never_logged(push: Push) -> None:
     bad = push.call("POST", "/credentials/apns", {"teamId": "T", "keyId": "K", "privateKey": "not a key"})
     assert bad.status_code == 400
     raw_keys = [k.decode() for k in push.redis.scan_iter(match=f"{push.prefix}cred:*")]
-    assert raw_keys and all(push.redis.hget(k, "sealed").startswith(b"envelope:v1:aes256gcm:") for k in raw_keys)
-    secrets = [crypto.b64url(crypto.p256_raw_private(push.vapid_key)), "BEGIN PRIVATE KEY", CREDENTIALS_KEY]
+    sealed = [push.redis.hget(k, "sealed") for k in raw_keys]
+    assert raw_keys and all(isinstance(s, bytes) and s.startswith(b"envelope:v1:aes256gcm:") for s in sealed)
+    secrets = [crypto.b64url(push_crypto.p256_raw_private(push.vapid_key)), "BEGIN PRIVATE KEY", CREDENTIALS_KEY]
     logs = push.logs()
     assert not any(s in logs for s in secrets)
-    stored = b"".join(push.redis.hget(k, "sealed") or b"" for k in raw_keys)
+    stored = b"".join(s for s in sealed if isinstance(s, bytes))
     assert b"PRIVATE KEY" not in stored
 
 

@@ -28,8 +28,10 @@ from tests.support.pusherjs import PusherJsClient, PusherJsDriver
 from tests.support.sdk import APP, sdk_for
 
 APP_NO_CLIENT_EVENTS = {"id": "101", "key": "pjs-noclient-key", "secret": "pjs-noclient-secret"}
-APP_WATCHLIST = {"id": "102", "key": "pjs-watch-key", "secret": "pjs-watch-secret", "enable_watchlist_events": True}
-APP_ONE_CONNECTION = {"id": "103", "key": "pjs-one-key", "secret": "pjs-one-secret", "max_connections": 1}
+APP_WATCHLIST: dict[str, Any] = {"id": "102", "key": "pjs-watch-key", "secret": "pjs-watch-secret",
+                                 "enable_watchlist_events": True}
+APP_ONE_CONNECTION: dict[str, Any] = {"id": "103", "key": "pjs-one-key", "secret": "pjs-one-secret",
+                                      "max_connections": 1}
 APP_QUERIES = {"id": "104", "key": "pjs-query-key", "secret": "pjs-query-secret"}
 
 MASTER_KEY_B64 = base64.b64encode(bytes(range(32))).decode()

@@ -76,7 +76,7 @@ def make_run() -> Iterator[Callable[..., MakeRun]]:
         run.stop()
 
 
-def readme_client(js: PusherJsDriver, port: int, name: str):  # type: ignore[no-untyped-def]
+def readme_client(js: PusherJsDriver, port: int, name: str):
     # The README's options: cluster (required by pusher-js), wsHost/wsPort, ws only, no stats.
     client = js.connect(name, key="app-key", port=port)
     client.wait_connected()

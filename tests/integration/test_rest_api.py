@@ -19,12 +19,13 @@ import pusher
 import pytest
 import requests
 
+from tests.support.metrics import metric
 from tests.support.procs import ServerProcess, wait_until
 from tests.support.sdk import APP, WATCH, sdk_for
 from tests.support.wsraw import RawClient
 
 APP_B = {"id": "200", "key": "app-key-2", "secret": "app-secret-2"}
-APP_OFF = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
+APP_OFF: dict[str, Any] = {"id": "300", "key": "app-key-3", "secret": "app-secret-3", "enabled": False}
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
 
 _unset: Any = object()
@@ -515,6 +516,56 @@ def test_disabled_app_rest_call_is_refused(server, sdk, watcher):
                         pusher.errors.PusherBadAuth, pusher.errors.PusherBadStatus)):
         off_sdk.channels_info()
     assert_still_publishing(sdk, watcher)
+
+
+# -- the publish routes share every route's plumbing -------------------------------------
+
+
+@pytest.mark.parametrize("route", ["events", "batch_events"])
+def test_publish_routes_answer_a_cors_preflight_and_405_to_other_methods(server, route):
+    url = f"{server.url}/apps/{APP['id']}/{route}"
+    preflight = requests.options(url, headers={"Origin": "https://example.com",
+                                               "Access-Control-Request-Method": "POST"}, timeout=5)
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["Allow"]
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "X-Idempotency-Key" in preflight.headers["Access-Control-Allow-Headers"]
+    for method in ("GET", "PUT", "DELETE"):
+        resp = requests.request(method, url, timeout=5)
+        assert_api_error(resp, 405)
+        assert resp.json()["code"] == "method_not_allowed"
+
+
+def test_publishes_and_other_calls_share_cors_headers_and_http_counters(server, sdk):
+    before = metric(server.metrics_text(), "sockudo_http_calls_received_total")
+    published = call(server, "POST", f"/apps/{APP['id']}/events", event_body("rest-counted"))
+    listed = call(server, "GET", f"/apps/{APP['id']}/channels")
+    refused = call(server, "POST", f"/apps/{APP['id']}/events", b"{not json")
+    assert published.status_code == 200 and listed.status_code == 200
+    assert_api_error(refused, 400)
+    for resp in (published, listed, refused):
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    wait_until(lambda: metric(server.metrics_text(), "sockudo_http_calls_received_total") == before + 3,
+               timeout=5, message="the three signed calls to be counted")
+
+
+def test_chunked_publish_is_delivered_and_an_oversized_one_is_413(server_factory):
+    small = server_factory([APP], http_api={"request_limit_in_mb": 0.001})  # 1,048 bytes
+    watcher = RawClient.connect(small, APP["key"])
+    try:
+        watcher.subscribe("rest-chunked")
+        path = f"/apps/{APP['id']}/events"
+        for data, status in (("x" * 100, 200), ("y" * 2000, 413)):
+            raw = json.dumps({"name": "e", "channels": ["rest-chunked"], "data": data}).encode()
+            query = signed_query(APP, "POST", path, body=raw)
+            resp = requests.post(f"{small.url}{path}?{query}", data=iter([raw[:50], raw[50:]]),  # chunked
+                                 headers={"Content-Type": "application/json"}, timeout=10)
+            assert resp.request.headers.get("Transfer-Encoding") == "chunked"
+            assert resp.status_code == status, resp.text
+        assert json.loads(watcher.recv_text())["data"] == "x" * 100
+    finally:
+        watcher.close()
 
 
 def test_body_over_request_limit_is_413(server_factory):

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests import soak
 
 SECONDS = float(os.environ.get("SOAK_CI_SECONDS", "180"))
+
+pytestmark = pytest.mark.slow  # outages, restarts and soaks: tens of seconds each
 
 
 def test_churn_soak_returns_every_bookkeeping_to_empty_and_rss_to_baseline() -> None:

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from tests.support.metrics import metric
@@ -117,7 +118,8 @@ def test_500_three_times_then_200_is_delivered_once_with_retries_counted(
     assert worker.metric("sockudo_webhooks_retried_total", labels) == 3
     assert worker.metric("sockudo_webhooks_failed_total", {**labels, "reason": "http_5xx"}) == 3
     assert worker.metric("sockudo_webhooks_dead_lettered_total", labels) == 0
-    assert metric(server.metrics_text(), "sockudo_webhooks_queued_total", **{**labels, "event_type": "channel_occupied"}) == 1
+    assert metric(server.metrics_text(), "sockudo_webhooks_queued_total",
+                  **labels, event_type="channel_occupied") == 1
 
     log = worker.log()
     failures = [line for line in log.splitlines() if "webhook delivery failed" in line]
@@ -147,8 +149,8 @@ def test_404_is_not_retried_and_becomes_one_dead_letter(
                                      {"app_id": APP_ID, "reason": "permanent_failure"}) == 1, timeout=5)
     assert worker.metric("sockudo_webhooks_retried_total") == 0
     # The job finished with its final answer; nothing is scheduled, so nothing can come again.
-    client = redis.Redis.from_url(redis_url)
-    assert client.zcard("rq:scheduled:webhooks") == 0 and client.llen("rq:queue:webhooks") == 0
+    rclient = redis.Redis.from_url(redis_url)
+    assert rclient.zcard("rq:scheduled:webhooks") == 0 and rclient.llen("rq:queue:webhooks") == 0
     assert len(receiver.at("/gone")) == 1
     client.close()
 
@@ -287,6 +289,7 @@ def test_a_hanging_endpoint_with_a_backlog_does_not_hold_up_another(
 # -- two nodes: cluster-wide occupancy and a cross-node debounce --------------------------------------
 
 
+@pytest.mark.slow
 def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
         server_factory: Callable[..., ServerProcess], receiver: Receiver, redis_url: str,
         worker_factory: Callable[[], WorkerProcess]) -> None:
@@ -318,7 +321,8 @@ def test_two_nodes_vacated_only_when_the_last_subscriber_anywhere_leaves(
     wait_until(lambda: not sdk2.channel_info("room").get("occupied"), timeout=5)
     c = RawClient.connect(node1, KEY)
     c.subscribe("room")  # … and node 1's rejoin, inside the window, cancels it (and its own occupied)
-    wait_until(lambda: metric(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total", **{"event_type": "channel_vacated"}) == 1, timeout=5)
+    wait_until(lambda: metric(node1.metrics_text(), "sockudo_webhooks_debounce_cancelled_total",
+                              event_type="channel_vacated") == 1, timeout=5)
     c.close()
     wait_until(vacated, timeout=15, message="the final channel_vacated")
     # Every node's window has closed by now or closes within it: still exactly one vacated.
@@ -343,9 +347,9 @@ def test_embedded_mode_delivers_retries_and_keeps_dead_letters_in_memory(
     assert [r.status for r in receiver.at("/emb")] == [503, 200]
     assert_signed(receiver.at("/emb")[-1])
     text = lambda: server.metrics_text()  # noqa: E731
-    wait_until(lambda: metric(text(), "sockudo_queue_depth", **{"backend": "memory", "state": "dead_letter"}) == 1, timeout=5)
-    assert metric(text(), "sockudo_webhooks_retried_total", **{"app_id": APP_ID}) == 1
-    assert metric(text(), "sockudo_webhooks_dead_lettered_total", **{"app_id": APP_ID, "reason": "permanent_failure"}) == 1
-    assert metric(text(), "sockudo_webhooks_delivered_total", **{"app_id": APP_ID, "event_type": "channel_occupied"}) == 1
+    wait_until(lambda: metric(text(), "sockudo_queue_depth", backend="memory", state="dead_letter") == 1, timeout=5)
+    assert metric(text(), "sockudo_webhooks_retried_total", app_id=APP_ID) == 1
+    assert metric(text(), "sockudo_webhooks_dead_lettered_total", app_id=APP_ID, reason="permanent_failure") == 1
+    assert metric(text(), "sockudo_webhooks_delivered_total", app_id=APP_ID, event_type="channel_occupied") == 1
     assert len(receiver.at("/nope")) == 1
     client.close()

@@ -23,12 +23,14 @@ from tests.support.procs import ServerProcess, wait_until
 from tests.support.sdk import APP, WATCH, sdk_for
 from tests.support.wsraw import Closed, RawClient, TcpWebSocket
 
-OFF = {"id": "200", "key": "ws-off", "secret": "ws-off-secret", "enabled": False}
-ONE = {"id": "300", "key": "ws-one", "secret": "ws-one-secret", "max_connections": 1}
-ORIGIN = {"id": "400", "key": "ws-origin", "secret": "ws-origin-secret", "allowed_origins": ["https://good.example"]}
-NO_CLIENT = {"id": "500", "key": "ws-noclient", "secret": "ws-noclient-secret", "enable_client_messages": False}
-LIMITS = {"id": "600", "key": "ws-limits", "secret": "ws-limits-secret", "enable_client_messages": True,
-          "max_client_events_per_second": 2, "max_presence_members_per_channel": 2}
+OFF: dict[str, Any] = {"id": "200", "key": "ws-off", "secret": "ws-off-secret", "enabled": False}
+ONE: dict[str, Any] = {"id": "300", "key": "ws-one", "secret": "ws-one-secret", "max_connections": 1}
+ORIGIN: dict[str, Any] = {"id": "400", "key": "ws-origin", "secret": "ws-origin-secret",
+                          "allowed_origins": ["https://good.example"]}
+NO_CLIENT: dict[str, Any] = {"id": "500", "key": "ws-noclient", "secret": "ws-noclient-secret",
+                             "enable_client_messages": False}
+LIMITS: dict[str, Any] = {"id": "600", "key": "ws-limits", "secret": "ws-limits-secret", "enable_client_messages": True,
+                          "max_client_events_per_second": 2, "max_presence_members_per_channel": 2}
 
 _counter = itertools.count()
 

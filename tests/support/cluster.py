@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 import requests
@@ -115,8 +116,8 @@ class SentinelServer:
     def master_port(self) -> int:
         client = self.client()
         try:
-            _, port = client.sentinel_get_master_addr_by_name(self.name)
-            return int(port)
+            address: Any = client.sentinel_get_master_addr_by_name(self.name)  # (host, port)
+            return int(address[1])
         finally:
             client.close()
 

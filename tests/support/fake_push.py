@@ -12,16 +12,23 @@
   ``aes128gcm`` headers, and keeps the encrypted bodies for the test to decrypt.
 
 Every fake can be scripted per token (``script``) or taken down (``down``), and counts accepted
-deliveries per token.
+deliveries per token. Like the real services across the internet, every answer takes ``delay``
+seconds (default :data:`LATENCY_S`, 100 ms; requests wait concurrently, never behind each other),
+and at most ``max_concurrency`` requests are served at once: beyond it the fake answers 429
+(``TooManyRequests``, ``Retry-After: busy_retry_after``). The fake APNs also advertises
+``max_concurrency`` as its HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS``, as Apple does.
 """
 
 from __future__ import annotations
 
 import datetime
+import heapq
 import ipaddress
+import itertools
 import json
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -37,20 +44,26 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sockudo.push import crypto
+from tests.support import push_crypto
 
 Reply = tuple[int, Any, dict[str, str]]  # status, JSON body (or None), headers
+
+LATENCY_S = 0.1  # a provider's answer time across the internet (50–300 ms in practice)
+MAX_CONCURRENCY = 1000
 
 
 def self_signed_cert(directory: str) -> tuple[str, str]:
     """A certificate for localhost / 127.0.0.1; returns (cert path, key path)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    label = f"fake-{uuid.uuid4().hex[:8]}"  # several fakes may share a directory and a CA bundle
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"localhost ({label})")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -67,7 +80,7 @@ def self_signed_cert(directory: str) -> tuple[str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = os.path.join(directory, "fake-apns.crt"), os.path.join(directory, "fake-apns.key")
+    cert_path, key_path = os.path.join(directory, f"{label}.crt"), os.path.join(directory, f"{label}.key")
     with open(cert_path, "wb") as fh:
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_path, "wb") as fh:
@@ -82,15 +95,133 @@ def self_signed_cert(directory: str) -> tuple[str, str]:
 class _Scripted:
     """Per-token scripted replies, an outage switch, a response delay, delivery bookkeeping."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, delay: float = LATENCY_S, max_concurrency: int = MAX_CONCURRENCY) -> None:
         self.lock = threading.Lock()
         self.scripts: dict[str, list[Reply]] = defaultdict(list)
         self.down = False
-        self.delay = 0.0
+        self.delay = delay
+        self.max_concurrency = max_concurrency
+        self.busy_retry_after = "1"
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.throttled = 0  # requests answered 429 for being over max_concurrency
         self.accepted: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.requests: dict[str, list[float]] = defaultdict(list)  # token → request times
         self.auth_failures = 0
         self.bad_requests: list[str] = []
+
+    def enter(self) -> bool:
+        """Count a request in; False (answer 429) when ``max_concurrency`` are already in."""
+        with self.lock:
+            if self.in_flight >= self.max_concurrency:
+                self.throttled += 1
+                return False
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def busy_reply(self) -> Reply:
+        return (429, {"reason": "TooManyRequests"}, {"retry-after": self.busy_retry_after})
+
+    # -- HTTP/2 over TLS (APNs; FCM when given a certificate directory) --
+
+    def listen_h2(self, cert_dir: str) -> None:
+        """Serve HTTP/2 over TLS (ALPN ``h2``, a self-signed certificate at ``cert_path``);
+        every request goes to ``self._handle(headers, body)``."""
+        self.cert_path, key_path = self_signed_cert(cert_dir)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(self.cert_path, key_path)
+        self.tls.set_alpn_protocols(["h2"])
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            sock = self.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        if sock.selected_alpn_protocol() != "h2":  # APNs speaks HTTP/2 only
+            sock.close()
+            return
+        with self.lock:
+            self.connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrency}
+        )
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        streams: dict[int, dict[str, Any]] = {}
+        due: list[tuple[float, int, int, Reply, bool]] = []  # answers waiting out the delay (a heap)
+        order = itertools.count()
+        try:
+            while True:
+                wait = max(0.0, due[0][0] - time.monotonic()) if due else None
+                if sock.pending() or select.select([sock], [], [], wait)[0]:
+                    data = sock.recv(65535)
+                    if not data:
+                        return
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
+                        elif isinstance(event, h2.events.DataReceived):
+                            streams[event.stream_id]["body"] += event.data
+                            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        elif isinstance(event, h2.events.StreamEnded):
+                            stream = streams.pop(event.stream_id)
+                            counted = self.enter()
+                            if counted:
+                                reply = self._handle(stream["headers"], stream["body"])
+                            else:
+                                status, rbody, rheaders = self.busy_reply()
+                                reply = (status, rbody, {**rheaders, "apns-id": str(uuid.uuid4())})
+                            entry = (time.monotonic() + self.delay, next(order), event.stream_id, reply, counted)
+                            heapq.heappush(due, entry)
+                while due and due[0][0] <= time.monotonic():
+                    _, _, stream_id, (status, body, headers), counted = heapq.heappop(due)
+                    if counted:
+                        self.leave()
+                    payload = json.dumps(body).encode() if body is not None else b""
+                    response_headers = [(":status", str(status)), *headers.items()]
+                    if payload:
+                        response_headers.append(("content-type", "application/json"))
+                    conn.send_headers(stream_id, response_headers, end_stream=not payload)
+                    if payload:
+                        conn.send_data(stream_id, payload, end_stream=True)
+                sock.sendall(conn.data_to_send())
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            for entry in due:
+                if entry[4]:
+                    self.leave()
+            sock.close()
 
     def script(self, token: str, replies: Iterable[Reply]) -> None:
         with self.lock:
@@ -137,83 +268,25 @@ APNS_PUSH_TYPES = {
 
 class FakeAPNs(_Scripted):
     def __init__(
-        self, *, team_id: str, key_id: str, public_key: ec.EllipticCurvePublicKey, topic: str, cert_dir: str
+        self,
+        *,
+        team_id: str,
+        key_id: str,
+        public_key: ec.EllipticCurvePublicKey,
+        topic: str,
+        cert_dir: str,
+        delay: float = LATENCY_S,
+        max_concurrency: int = MAX_CONCURRENCY,
     ) -> None:
-        super().__init__()
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.team_id, self.key_id, self.public_key, self.topic = team_id, key_id, public_key, topic
-        self.cert_path, key_path = self_signed_cert(cert_dir)
-        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.tls.load_cert_chain(self.cert_path, key_path)
-        self.tls.set_alpn_protocols(["h2"])
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
         self.jwts_seen: set[str] = set()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.verified: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.listen_h2(cert_dir)
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
-        try:
-            sock = self.tls.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
-            raw.close()
-            return
-        if sock.selected_alpn_protocol() != "h2":  # APNs speaks HTTP/2 only
-            sock.close()
-            return
-        with self.lock:
-            self.connections += 1
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        streams: dict[int, dict[str, Any]] = {}
-        try:
-            while True:
-                data = sock.recv(65535)
-                if not data:
-                    return
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
-                    elif isinstance(event, h2.events.DataReceived):
-                        streams[event.stream_id]["body"] += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        stream = streams.pop(event.stream_id)
-                        status, body, headers = self._handle(stream["headers"], stream["body"])
-                        if self.delay:
-                            time.sleep(self.delay)
-                        payload = json.dumps(body).encode() if body is not None else b""
-                        response_headers = [(":status", str(status)), *headers.items()]
-                        if payload:
-                            response_headers.append(("content-type", "application/json"))
-                        conn.send_headers(event.stream_id, response_headers, end_stream=not payload)
-                        if payload:
-                            conn.send_data(event.stream_id, payload, end_stream=True)
-                sock.sendall(conn.data_to_send())
-        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
-            return
-        finally:
-            sock.close()
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
@@ -229,11 +302,15 @@ class FakeAPNs(_Scripted):
             self.auth_failures += 1
             return (403, {"reason": "MissingProviderToken"}, out)
         jwt = auth[7:]
-        try:
-            header, claims = crypto.jwt_verify(jwt, self.public_key)
-        except crypto.CryptoError:
-            self.auth_failures += 1
-            return (403, {"reason": "InvalidProviderToken"}, out)
+        verified = self.verified.get(jwt)  # like APNs, a token is verified once, not per request
+        if verified is None:
+            try:
+                verified = push_crypto.jwt_verify(jwt, self.public_key)
+            except crypto.CryptoError:
+                self.auth_failures += 1
+                return (403, {"reason": "InvalidProviderToken"}, out)
+            self.verified[jwt] = verified
+        header, claims = verified
         if header.get("kid") != self.key_id or claims.get("iss") != self.team_id:
             self.auth_failures += 1
             return (403, {"reason": "InvalidProviderToken"}, out)
@@ -282,6 +359,7 @@ class FakeAPNs(_Scripted):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # a worker opening its pool's connections at once must not see SYNs dropped
 
 
 def _serve(handler_cls: type[BaseHTTPRequestHandler]) -> _Server:
@@ -304,6 +382,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("content-length") or 0))
 
+    def _answer(self, handle: Any) -> None:
+        """``handle()`` → the reply, sent after the fake's delay; 429 beyond its concurrency."""
+        fake = self.fake
+        if not fake.enter():
+            time.sleep(fake.delay)
+            return self._reply(*fake.busy_reply())
+        try:
+            reply = handle()
+            time.sleep(fake.delay)
+        finally:
+            fake.leave()
+        return self._reply(*reply)
+
     def _reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
@@ -320,9 +411,18 @@ class FakeFCM(_Scripted):
     SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
     def __init__(
-        self, *, project_id: str = "demo-project", client_email: str = "push@demo-project.iam.example"
+        self,
+        *,
+        project_id: str = "demo-project",
+        client_email: str = "push@demo-project.iam.example",
+        delay: float = LATENCY_S,
+        max_concurrency: int = MAX_CONCURRENCY,
+        cert_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        """With ``cert_dir``, ``messages:send`` is served over HTTP/2 with TLS (as Google serves
+        it; ``url`` is then https and ``cert_path`` the certificate to trust); the OAuth token
+        endpoint stays HTTP/1.1."""
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.project_id, self.client_email = project_id, client_email
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.key_id = uuid.uuid4().hex
@@ -333,26 +433,39 @@ class FakeFCM(_Scripted):
         class Handler(_Handler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self._body()
+                self._answer(lambda: self.route(body))
+
+            def route(self, body: bytes) -> Reply:
                 if self.path == "/token":
-                    return self._reply(*fake.token(body))
+                    return fake.token(body)
                 match = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", self.path)
                 if match is None:
-                    return self._reply(404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}})
-                status, rbody, headers = fake.send(match.group(1), self.headers.get("authorization", ""), body)
-                if fake.delay:
-                    time.sleep(fake.delay)
-                return self._reply(status, rbody, headers)
+                    return (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}}, {})
+                return fake.send(match.group(1), self.headers.get("authorization", ""), body)
+
+        Handler.fake = fake
 
         self.server = _serve(Handler)
-        self.port = self.server.server_address[1]
+        self.http_port = self.port = self.server.server_address[1]
+        self.h2 = cert_dir is not None
+        if cert_dir is not None:
+            self.listen_h2(cert_dir)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}" if self.h2 else f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self.h2:
+            super().close()
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        match = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", headers.get(":path", ""))
+        if match is None:
+            return (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "no route"}}, {})
+        return self.send(match.group(1), headers.get("authorization", ""), body)
 
     def service_account(self) -> dict[str, Any]:
         pem = self.key.private_bytes(
@@ -364,7 +477,7 @@ class FakeFCM(_Scripted):
             "private_key_id": self.key_id,
             "private_key": pem,
             "client_email": self.client_email,
-            "token_uri": f"{self.url}/token",
+            "token_uri": f"http://127.0.0.1:{self.http_port}/token",
         }
 
     def token(self, body: bytes) -> Reply:
@@ -374,14 +487,14 @@ class FakeFCM(_Scripted):
         if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or not form.get("assertion"):
             return (400, {"error": "unsupported_grant_type"}, {})
         try:
-            header, claims = crypto.jwt_verify(form["assertion"][0], self.key.public_key())
+            header, claims = push_crypto.jwt_verify(form["assertion"][0], self.key.public_key())
         except crypto.CryptoError:
             self.auth_failures += 1
             return (400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {})
         now = time.time()
         if (
             claims.get("iss") != self.client_email
-            or claims.get("aud") != f"{self.url}/token"
+            or claims.get("aud") != f"http://127.0.0.1:{self.http_port}/token"
             or self.SCOPE not in str(claims.get("scope", "")).split()
             or header.get("kid") != self.key_id
             or not isinstance(claims.get("exp"), int)
@@ -453,8 +566,10 @@ class FakeFCM(_Scripted):
 
 
 class FakeWebPush(_Scripted):
-    def __init__(self, *, vapid_public_key: str) -> None:
-        super().__init__()
+    def __init__(
+        self, *, vapid_public_key: str, delay: float = LATENCY_S, max_concurrency: int = MAX_CONCURRENCY
+    ) -> None:
+        super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.vapid_public_key = vapid_public_key.rstrip("=")
         self.bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = defaultdict(list)
         fake = self
@@ -462,15 +577,15 @@ class FakeWebPush(_Scripted):
         class Handler(_Handler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self._body()
+                self._answer(lambda: self.route(body))
+
+            def route(self, body: bytes) -> Reply:
                 match = re.fullmatch(r"/push/([A-Za-z0-9_\-]+)", self.path)
                 if match is None:
-                    return self._reply(404)
-                status, rbody, headers = fake.receive(
-                    match.group(1), {k.lower(): v for k, v in self.headers.items()}, body
-                )
-                if fake.delay:
-                    time.sleep(fake.delay)
-                return self._reply(status, rbody, headers)
+                    return (404, None, {})
+                return fake.receive(match.group(1), {k.lower(): v for k, v in self.headers.items()}, body)
+
+        Handler.fake = fake
 
         self.server = _serve(Handler)
         self.port = self.server.server_address[1]
@@ -488,9 +603,9 @@ class FakeWebPush(_Scripted):
 
     def receive(self, sub: str, headers: dict[str, str], body: bytes) -> Reply:
         try:
-            token, key = crypto.parse_vapid_authorization(headers.get("authorization", ""))
+            token, key = push_crypto.parse_vapid_authorization(headers.get("authorization", ""))
             public = crypto.p256_public_from_raw(crypto.b64url_decode(key))
-            _, claims = crypto.jwt_verify(token, public)
+            _, claims = push_crypto.jwt_verify(token, public)
         except crypto.CryptoError:
             self.auth_failures += 1
             return (401, None, {})

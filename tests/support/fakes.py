@@ -102,12 +102,16 @@ class RecordingTransport:
         self.v2 = v2
         self.sent: list[str] = []
         self.closes: list[tuple[int, str]] = []
+        self.backlog = 0  # what pending_bytes() reports: set it to play a client that is behind
 
     def send(self, frame: Any) -> None:
         self.sent.append(frame.text_v2 if self.v2 else frame.text)
 
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
+
+    def pending_bytes(self) -> int:
+        return self.backlog
 
 
 def data_of(frame: dict[str, Any]) -> Any:

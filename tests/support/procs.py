@@ -12,12 +12,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +32,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+def free_port_pair() -> int:
+    """A free port whose successor is free too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def unreachable_redis() -> redis.Redis:
+    """A real client of a port nobody listens on: every command fails at once with a connection
+    error (no retries), as when Redis is down."""
+    return redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+
+
+def wait_until(condition: Callable[..., Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``condition`` is called without arguments (typed ``...`` so that a lambda may bind a loop
+    variable as a default: ``lambda node=node: ...``)."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -43,6 +69,50 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {message or condition}{detail}")
         time.sleep(interval)
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set size in KiB (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+class RssPeak:
+    """The highest RSS (KiB) of a process, sampled every 10 ms by a thread: transient growth
+    that is freed again before a test could look counts too. ``reset()`` starts over from now."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.baseline = self.peak = rss_kb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, rss_kb(self.pid))
+            except (OSError, AssertionError):
+                return  # the process is gone
+
+    def reset(self) -> None:
+        self.peak = rss_kb(self.pid)
+
+    def grown(self) -> int:
+        """KiB the peak is above the baseline (taken when this was created)."""
+        self.peak = max(self.peak, rss_kb(self.pid))
+        return self.peak - self.baseline
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
 
 
 def _toml_value(value: Any) -> str:
@@ -76,12 +146,13 @@ class ServerProcess:
     """``python -m sockudo`` on free ports, with its log kept for assertions."""
 
     def __init__(self, apps: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
-                 config_text: str | None = None, extra_args: list[str] | None = None, **top: Any) -> None:
+                 config_text: str | None = None, extra_args: list[str] | None = None,
+                 config_name: str = "sockudo.toml", **top: Any) -> None:
         self.extra_args = list(extra_args or [])  # e.g. ["--workers", "2"]
         self.port = free_port()
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-test-")
-        self.config_path = os.path.join(self.dir, "sockudo.toml")
+        self.config_path = os.path.join(self.dir, config_name)  # a ".json" name: the file is JSON
         if config_text is None:
             metrics = dict(top.pop("metrics", {}))
             metrics.setdefault("port", self.metrics_port)

@@ -97,7 +97,7 @@ class PrometheusServer:
         return body["data"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        return self.api("query", query=expr)["result"]  # type: ignore[no-any-return]
+        return self.api("query", query=expr)["result"]
 
     def series_names(self) -> set[str]:
         return set(self.api("label/__name__/values"))

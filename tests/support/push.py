@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sockudo.push import crypto
-from tests.support import sdk
-from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription
+from tests.support import push_crypto, sdk
+from tests.support.fake_push import MAX_CONCURRENCY, FakeAPNs, FakeFCM, FakeWebPush, web_subscription
 from tests.support.procs import ROOT, RedisServer, ServerProcess, free_port, wait_until
 
 APP = {"id": "100", "key": "push-key", "secret": "push-secret"}
@@ -106,16 +106,22 @@ class Worker:
 class Push:
     """The module's server, workers, fakes and keys."""
 
-    def __init__(self, redis_server: RedisServer) -> None:
+    def __init__(self, redis_server: RedisServer, env: dict[str, str] | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="sockudo-push-")
         self.apns_key = ec.generate_private_key(ec.SECP256R1())
         self.vapid_key = ec.generate_private_key(ec.SECP256R1())
         self.vapid_public = crypto.b64url(crypto.p256_public_raw(self.vapid_key))
+        # Functional tests run the fakes without their default latency (tests that need it set it).
         self.apns = FakeAPNs(
-            team_id=TEAM_ID, key_id=KEY_ID, public_key=self.apns_key.public_key(), topic=TOPIC, cert_dir=self.dir
+            team_id=TEAM_ID,
+            key_id=KEY_ID,
+            public_key=self.apns_key.public_key(),
+            topic=TOPIC,
+            cert_dir=self.dir,
+            delay=0.0,
         )
-        self.fcm = FakeFCM()
-        self.webpush = FakeWebPush(vapid_public_key=self.vapid_public)
+        self.fcm = FakeFCM(delay=0.0)
+        self.webpush = FakeWebPush(vapid_public_key=self.vapid_public, delay=0.0)
         run = uuid.uuid4().hex[:8]
         self.queue = f"push-{run}"
         self.prefix = f"sockudo:push:{run}:"
@@ -139,6 +145,7 @@ class Push:
             "WEBHOOK_REAP_INTERVAL_MS": "500",
             # One JSON object per line (server and workers): log fields can be checked exactly.
             "LOG_OUTPUT_FORMAT": "json",
+            **(env or {}),
         }
         self.server = ServerProcess([APP, OTHER], env=self.env).start()
         self.worker_env = {**self.server.env, "SOCKUDO_CONFIG": self.server.config_path}
@@ -195,6 +202,7 @@ class Push:
                 fake.scripts.clear()
                 fake.down = False
                 fake.delay = 0.0
+                fake.max_concurrency = MAX_CONCURRENCY
 
     # -- API --
 
@@ -210,7 +218,8 @@ class Push:
             ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
             (
                 "webpush",
-                {"publicKey": self.vapid_public, "privateKey": crypto.b64url(crypto.p256_raw_private(self.vapid_key))},
+                {"publicKey": self.vapid_public,
+                 "privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))},
             ),
         ):
             resp = self.call("POST", f"/credentials/{provider}", body)

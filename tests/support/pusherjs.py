@@ -30,8 +30,9 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JS_DIR = REPO_ROOT / "tests" / "js"
@@ -195,7 +196,8 @@ class PusherJsDriver:
             timeout=timeout,
         )
         if ev["type"] == "cmd_error":
-            raise PusherJsError(f"driver rejected {cmd.get('cmd')!r} for client {cmd.get('client')!r}: {ev.get('message')}")
+            raise PusherJsError(f"driver rejected {cmd.get('cmd')!r} for client {cmd.get('client')!r}: "
+                                f"{ev.get('message')}")
         return ev
 
     def events(self, client: str | None = None, type: str | None = None, since: int = 0) -> list[dict]:
@@ -335,7 +337,7 @@ class PusherJsDriver:
         user_data: Mapping[str, Any] | None = None,
         forge_auth: bool | list[str] = False,
         **opts: Any,
-    ) -> "PusherJsClient":
+    ) -> PusherJsClient:
         """Create pusher-js client ``name`` (``new Pusher(key, {...})``). Does not wait for the connection.
 
         ``user_data``: ``{"user_id", "user_info"}`` for presence channels and/or
@@ -372,7 +374,7 @@ class PusherJsDriver:
         self.send(cmd)
         return client
 
-    def client(self, name: str) -> "PusherJsClient":
+    def client(self, name: str) -> PusherJsClient:
         return self._clients[name]
 
     # -- lifecycle ----------------------------------------------------------
@@ -404,7 +406,7 @@ class PusherJsDriver:
         self._reader.join(timeout=timeout)
         self._err_reader.join(timeout=timeout)
 
-    def __enter__(self) -> "PusherJsDriver":
+    def __enter__(self) -> PusherJsDriver:
         return self
 
     def __exit__(self, *exc: object) -> None:

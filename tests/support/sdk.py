@@ -18,7 +18,7 @@ from tests.support.procs import ServerProcess
 from tests.support.wsraw import RawClient
 
 # Numeric ids: the Python SDK only accepts ^[0-9]+$ app ids.
-APP = {"id": "100", "key": "app-key-1", "secret": "app-secret-1", "enable_client_messages": True}
+APP: dict[str, Any] = {"id": "100", "key": "app-key-1", "secret": "app-secret-1", "enable_client_messages": True}
 
 
 def sdk_for(server: ServerProcess, app: dict[str, Any] = APP) -> pusher.Pusher:

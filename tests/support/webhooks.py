@@ -25,7 +25,7 @@ from tests.support.procs import ROOT, ServerProcess, free_port, wait_until
 KEY, SECRET, APP_ID = "app-key-1", "app-secret-1", "100"
 ALL_TYPES = ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss",
              "subscription_count"]
-FAST = {  # short windows so the module stays fast
+FAST: dict[str, Any] = {  # short windows so the module stays fast
     "debounce_ms": 300,
     "batching": {"enabled": True, "duration": 50, "size": 100},
     "retry": {"initial_backoff_ms": 100, "max_backoff_ms": 400, "max_elapsed_time_ms": 20000},
@@ -152,9 +152,12 @@ class Receiver:
 class WorkerProcess:
     """``python -m workers`` in its own process group (``kill -9`` takes the whole worker)."""
 
-    def __init__(self, redis_url: str, concurrency: int | None = None) -> None:
+    def __init__(self, redis_url: str, concurrency: int | None = None, queues: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # job slots (--concurrency); default: the worker's
+        self.queues = queues  # default: the worker's (webhooks)
+        self.extra_env = dict(env or {})  # e.g. SOCKUDO_CONFIG, for the apps of a server's config
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-worker-")
         self.log_path = os.path.join(self.dir, "worker.log")
@@ -162,11 +165,11 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
-        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300"})
+        env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300", **self.extra_env})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--url", self.redis_url, "--metrics-port", str(self.metrics_port),
-             *(["--concurrency", str(self.concurrency)] if self.concurrency else [])],
+            [sys.executable, "-m", "workers", *self.queues, "--url", self.redis_url, "--metrics-port",
+             str(self.metrics_port), *(["--concurrency", str(self.concurrency)] if self.concurrency else [])],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(self._ready, timeout=20, message="worker metrics endpoint")
@@ -178,8 +181,11 @@ class WorkerProcess:
             raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1).status_code == 200
 
+    def metrics_text(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return metric(requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name, **(labels or {}))
+        return metric(self.metrics_text(), name, **(labels or {}))
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:

@@ -32,7 +32,8 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     key = os.urandom(4)
     if not payload:
         return header + key
-    body = (int.from_bytes(payload, "little") ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "little")
+    body = (int.from_bytes(payload, "little") ^ mask).to_bytes(n, "little")
     return header + key + body
 
 
@@ -207,12 +208,6 @@ class Fleet:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {message or condition}")
             self.pump(0.05)
-
-    def _send_quietly(self, data: bytes) -> None:
-        try:
-            self.sock.send(data)  # a few bytes: fits even a non-blocking socket's buffer
-        except OSError:
-            pass
 
     def close(self) -> None:
         for client in list(self.clients):

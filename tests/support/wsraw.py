@@ -114,7 +114,7 @@ class RawClient:
         assert opcode == ABNF.OPCODE_TEXT, f"expected a text frame, got opcode {opcode}"
         return payload.decode("utf-8")
 
-    def expect(self, event: str | Callable[[dict[str, Any]], bool], timeout: float = 5.0,
+    def expect(self, event: str | Callable[..., bool], timeout: float = 5.0,
                channel: str | None = None) -> dict[str, Any]:
         """Read frames until one matches; frames before it are discarded."""
         match = event if callable(event) else (lambda f: f.get("event") == event)

@@ -1,9 +1,12 @@
-"""The in-memory TTL cache behind cache channels (spec §2.6), on a fake clock."""
+"""The TTL cache behind cache channels (spec §2.6): in memory on a fake clock, and Redis away."""
 
 from __future__ import annotations
 
-from sockudo.cache import MemoryCache, cache_channel_key
+import pytest
+
+from sockudo.cache import MemoryCache, RedisCache, cache_channel_key
 from tests.support.fakes import FakeClock
+from tests.support.procs import unreachable_redis
 
 
 def test_get_returns_value_and_seconds_left() -> None:
@@ -60,3 +63,24 @@ def test_many_expired_entries_do_not_accumulate() -> None:
 def test_cache_keys_separate_apps_and_channels() -> None:
     keys = {cache_channel_key(a, c) for a in ("1", "2") for c in ("cache-a", "cache-b")}
     assert len(keys) == 4
+
+
+def test_redis_cache_with_redis_away_is_a_miss_and_a_skipped_write() -> None:
+    cache = RedisCache(unreachable_redis())
+    cache.set("k", "v", 10)
+    assert cache.get("k") is None
+
+
+def test_a_bug_behind_the_redis_cache_is_not_taken_for_redis_being_away() -> None:
+    class Buggy:
+        def pipeline(self, transaction: bool = True) -> None:
+            raise TypeError("a bug, not an outage")
+
+        def set(self, *args: object, **kwargs: object) -> None:
+            raise TypeError("a bug, not an outage")
+
+    cache = RedisCache(Buggy())
+    with pytest.raises(TypeError):
+        cache.get("k")
+    with pytest.raises(TypeError):
+        cache.set("k", "v", 10)

@@ -20,6 +20,7 @@ import copy
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -132,8 +133,8 @@ def recipes(draw: st.DrawFn) -> dict[str, Any]:
         # Invalid UTF-8 as a lenient caller would hand it over (surrogateescape), and as latin-1.
         recipe["text"] = draw(st.one_of(
             st.text(max_size=60), st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
-            st.binary(max_size=40).map(lambda b: '{"event":"pusher:ping","data":"' + b.decode("utf-8", "surrogateescape")
-                                        + '"}')))
+            st.binary(max_size=40).map(
+                lambda b: '{"event":"pusher:ping","data":"' + b.decode("utf-8", "surrogateescape") + '"}')))
     if "channel_history" in uses:
         recipe["history"] = draw(st.dictionaries(st.sampled_from(FIELDS["channel_history"]), json_values, max_size=4))
     if "resume" in uses:
@@ -200,7 +201,8 @@ def build(recipe: dict[str, Any], socket_id: str, home: str = "private-room", ap
         frame = json.loads(build(base, socket_id, home, app))
         if recipe["override"] is not None:
             key, value = recipe["override"]
-            target = frame.get("data") if isinstance(frame.get("data"), dict) else frame
+            inner = frame.get("data")
+            target: dict[str, Any] = inner if isinstance(inner, dict) else frame
             target[key] = value
         if recipe["drop"] is not None:
             frame.pop(recipe["drop"], None)
@@ -341,6 +343,7 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
                                                                              HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(recipes(), min_size=1, max_size=8), st.sampled_from([7, 2]), HOMES)
 def test_random_and_mutated_frames_never_raise_and_touch_nobody_else(recipes_list, protocol, home):
@@ -393,8 +396,9 @@ def test_handcrafted_hostile_frames() -> None:
     presence_data = '{"user_id":"u1","user_info":{"n":"\\ud800"}}'
     frames = [
         '{"event":"pusher:subscribe","data":{"channel":"\\ud800"}}',
-        '{"event":"pusher:subscribe","data":{"channel":"presence-room","auth":"%s","channel_data":%s}}'
-        % (channel_auth(APP, sid, "presence-room", presence_data), json.dumps(presence_data)),
+        '{"event":"pusher:subscribe","data":{"channel":"presence-room","auth":"'
+        + channel_auth(APP, sid, "presence-room", presence_data)
+        + '","channel_data":' + json.dumps(presence_data) + "}}",
         '{"event":"pusher:signin","data":{"auth":"x\\udfff","user_data":"{\\"id\\":\\"u\\\\ud800\\"}"}}',
         '{"event":"client-x","channel":"private-room","data":{"v":NaN}}',
         '{"event":"pusher:channel_history","data":{"channel":"room","limit":Infinity}}',
@@ -434,8 +438,8 @@ def test_deep_copy_of_recipes_is_not_needed() -> None:
     """``build`` never mutates its recipe (hypothesis may replay it while shrinking)."""
     recipe = {"kind": "mutated", "prefix": "pusher:", "channel": "room", "user_id": "u1", "user_info": {},
               "sign": "valid", "data_as_string": False, "value": {"a": [1]}, "override": ("channel", {"x": 1}),
-              "drop": None, "base": "subscribe", "event": "pusher:subscribe", "text": "", "escape": None, "nesting": 0, "big": 0,
-              "history": {}, "positions": {}}
+              "drop": None, "base": "subscribe", "event": "pusher:subscribe", "text": "", "escape": None, "nesting": 0,
+              "big": 0, "history": {}, "positions": {}}
     snapshot = copy.deepcopy(recipe)
     build(recipe, "1.1")
     assert recipe == snapshot

@@ -46,6 +46,7 @@ def subscribed(c: Client, channel: str, **kw: Any) -> list[dict[str, Any]]:
 def test_connection_established_frame(world: World) -> None:
     c = world.connect()
     frame = c.established
+    assert frame is not None
     assert frame["event"] == "pusher:connection_established"
     assert set(frame) == {"event", "data"}
     assert isinstance(frame["data"], str)  # a JSON string, as pusher-js expects
@@ -57,7 +58,8 @@ def test_connection_established_frame(world: World) -> None:
 
 def test_activity_timeout_comes_from_config() -> None:
     w = World(make_app(), activity_timeout=42)
-    assert data_of(w.connect().established)["activity_timeout"] == 42
+    established = w.connect().established
+    assert established is not None and data_of(established)["activity_timeout"] == 42
 
 
 def test_socket_ids_are_unique(world: World) -> None:

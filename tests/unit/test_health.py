@@ -8,9 +8,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from sockudo.adapter.redis import RedisAdapter
+from sockudo.cache import RedisCache
 from sockudo.health import Check, Readiness, build_readiness, run_checks
 from sockudo.http_api import create_app
-from tests.support.fakes import World, make_app
+from sockudo.webhooks.markers import MemoryMarkers
+from sockudo.webhooks.metrics import WebhookMetrics
+from sockudo.webhooks.model import WebhookSettings
+from sockudo.webhooks.sink import WebhookSink
+from tests.support.fakes import FakeRuntime, World, make_app
 
 
 def slow(seconds: float) -> Any:
@@ -67,9 +73,14 @@ def test_verdicts_and_metrics() -> None:
 
 
 class FakeRedis:
+    """A Redis client whose PING can fail or hang (what the probes call)."""
+
     def __init__(self) -> None:
         self.up = True
         self.delay = 0.0
+
+    def register_script(self, script: str) -> Any:
+        return None  # the adapter registers its scripts; these tests never run them
 
     def ping(self) -> bool:
         time.sleep(self.delay)
@@ -79,10 +90,15 @@ class FakeRedis:
 
 
 class FakeQueue:
+    backend = "fake"
+
     def __init__(self) -> None:
         self.up = True
 
-    def stats(self) -> dict[str, int]:
+    def enqueue(self, deliveries: list[Any]) -> None:
+        return None
+
+    def stats(self) -> Any:
         if not self.up:
             raise ConnectionError("queue backend down")
         return {}
@@ -91,11 +107,13 @@ class FakeQueue:
 def test_up_endpoints_with_the_checks_of_the_services() -> None:
     world = World(make_app(), make_app(id="app-off", key="key-off", enabled=False), health_check_timeout_ms=200)
     redis = FakeRedis()
-    world.adapter.client = redis  # type: ignore[attr-defined]
-    world.adapter.healthy = True  # type: ignore[attr-defined]
-    world.cache.client = redis  # type: ignore[attr-defined]
+    adapter = RedisAdapter(world.config, world.metrics, FakeRuntime(), client=redis)  # type: ignore[arg-type]
+    adapter.healthy = True
+    world.services.adapter = adapter
+    world.services.cache = RedisCache(redis)
     queue = FakeQueue()
-    world.sink.queue = queue  # type: ignore[attr-defined]
+    world.services.events = WebhookSink(WebhookSettings(), queue, WebhookMetrics(CollectorRegistry()), FakeRuntime(),
+                                        adapter, MemoryMarkers(), "sockudo:")
     readiness = build_readiness(world.services)
     assert [(c.name, c.critical) for c in readiness.checks] == [
         ("adapter", True), ("cache", True), ("webhook_queue", False)]
@@ -119,10 +137,10 @@ def test_up_endpoints_with_the_checks_of_the_services() -> None:
     assert time.monotonic() - started < 0.9
     redis.delay, redis.up = 0.0, False
     assert up() == (503, "ERROR", "ERROR")
-    world.adapter.healthy = False  # type: ignore[attr-defined]
+    adapter.healthy = False
     redis.up, queue.up = True, True
     assert up() == (503, "ERROR", "ERROR")  # PING answers but the pub/sub listener is down
-    world.adapter.healthy = True  # type: ignore[attr-defined]
+    adapter.healthy = True
     assert up() == (200, "OK", "OK")
     world.handler.draining = True
     assert up() == (503, "DRAINING", "DRAINING")

@@ -13,7 +13,7 @@ import pytest
 
 from sockudo import rest
 from sockudo.config import AppConfig, HistoryConfig, RecoveryConfig
-from sockudo.history.store import MemorySequencer
+from sockudo.history.store import MemorySequencer, empty_stream_id
 from tests.support.fakes import Client, World, data_of, make_app
 
 CH = "orders"
@@ -134,13 +134,44 @@ def test_subscribe_ack_carries_the_position_and_the_attach_serial() -> None:
     w = World(recovery_app(history=True))
     c = v2_client(w, CH)
     ack = ack_of(c.take())
-    assert ack["serial"] == 0 and len(ack["stream_id"]) == UUID_LEN
+    # No message yet: the channel's empty position, and no state kept for it.
+    assert ack["serial"] == 0 and ack["stream_id"] == empty_stream_id(c.app.id, CH)
     assert data_of(ack) == {"attach_serial": 0}
+    assert w.services.sequencer.position(c.app.id, CH) is None  # type: ignore[union-attr]
     publish(w, "a", "b", "c")
+    stream_id = c.take()[-1]["stream_id"]
+    assert len(stream_id) == UUID_LEN and stream_id != ack["stream_id"]
     late = v2_client(w, CH)
     ack2 = ack_of(late.take())
-    assert (ack2["stream_id"], ack2["serial"]) == (ack["stream_id"], 3)
+    assert (ack2["stream_id"], ack2["serial"]) == (stream_id, 3)
     assert data_of(ack2) == {"attach_serial": 3}
+
+
+def test_subscribing_to_channels_nobody_publishes_to_leaves_no_state() -> None:
+    """Unique names subscribed and left: nothing per name in the store or on the socket."""
+    w = World(recovery_app(history=True))
+    c = v2_client(w, CH)
+    for i in range(50):
+        c.send({"event": "sockudo:subscribe", "data": {"channel": f"idle-{i}"}})
+        c.send({"event": "sockudo:unsubscribe", "data": {"channel": f"idle-{i}"}})
+    assert len(events(c.take())) == 51  # the first ack, then one per name
+    assert w.services.sequencer.channels == {}  # type: ignore[union-attr]
+    assert list(c.conn.attach_serials or {}) == [CH]
+
+
+def test_a_position_from_before_the_first_message_resumes_the_whole_stream() -> None:
+    w = World(recovery_app())
+    c = v2_client(w, CH)
+    ack = ack_of(c.take())
+    publish(w, "1", "2")
+    c.take()
+    c.send(resume_request({CH: {"stream_id": ack["stream_id"], "serial": 0}}))
+    frames = c.take()
+    assert [(f["serial"], f["data"]) for f in frames if f["event"] == "update"] == [(1, "1"), (2, "2")]
+    assert data_of(frames[-1])["failed"] == []
+    # The empty position with a serial was never given out: it cannot be verified.
+    c.send(resume_request({CH: {"stream_id": ack["stream_id"], "serial": 1}}))
+    assert data_of(c.take()[0])["code"] == "continuity_unverifiable"
 
 
 def test_recovery_without_history_has_no_attach_serial_in_the_ack() -> None:
@@ -241,6 +272,26 @@ def test_resume_without_positions_is_error_4302(data: dict[str, Any]) -> None:
     assert error["event"] == "sockudo:error" and error["data"]["code"] == 4302
 
 
+def test_a_resume_replays_no_more_than_the_socket_may_hold() -> None:
+    """Up to 100 channels x 1,000 messages could be replayed by one request: past the socket's
+    ``websocket.max_buffer_bytes`` a channel fails as position_expired (read history instead)."""
+    w = World(recovery_app(history=True), websocket_max_buffer_bytes=8000)
+    c = v2_client(w, "a", "b")
+    c.take()
+    publish(w, *("x" * 1000 for _ in range(5)), channel="a")
+    publish(w, *("y" * 1000 for _ in range(5)), channel="b")
+    frames = c.take()
+    positions = {ch: {"stream_id": f["stream_id"], "serial": 0}
+                 for ch in ("a", "b") for f in frames if f["channel"] == ch}
+    c.send(resume_request(positions))
+    frames = c.take()
+    assert [f["event"] for f in frames] == ["sockudo:resume_failed"] + ["update"] * 5 + ["sockudo:resume_success"]
+    failure = data_of(frames[0])
+    assert (frames[0]["channel"], failure["code"]) == ("b", "position_expired")
+    assert "history" in failure["reason"] and failure["newest_available_serial"] == 5
+    assert {f["channel"] for f in frames[1:6]} == {"a"}
+
+
 def test_legacy_channel_serials_resume_from_the_buffer() -> None:
     w = World(recovery_app())
     c = v2_client(w, CH)
@@ -282,11 +333,11 @@ def test_live_frames_during_a_resume_are_held_until_after_it_and_not_duplicated(
     store = PublishingDuringResume(w, before)
     w.services.sequencer = w.services.publisher.sequencer = w.services.recovery.sequencer = store
     c = v2_client(w, CH)
-    ack = ack_of(c.take())
-    publish(w, "1", "2", "3")
     c.take()
+    publish(w, "1", "2", "3")
+    stream_id = c.take()[0]["stream_id"]
     store.armed = True
-    c.send(resume_request({CH: {"stream_id": ack["stream_id"], "serial": 1}}))
+    c.send(resume_request({CH: {"stream_id": stream_id, "serial": 1}}))
     frames = c.take()
     assert "sockudo:resume_failed" not in events(frames)
     done = events(frames).index("sockudo:resume_success")
@@ -353,6 +404,26 @@ def test_channel_history_default_and_maximum_limit() -> None:
     c.send({"event": "sockudo:channel_history", "data": {"channel": CH, "limit": 5000}})
     page = data_of(c.take()[0])
     assert page["limit"] == 1000 and len(page["items"]) == 150
+
+
+def test_channel_history_for_a_socket_that_is_behind_is_429() -> None:
+    """A socket with unsent bytes queued gets no further page: it would only wait in memory."""
+    w = World(recovery_app(history=True))
+    publish(w, "1")
+    c = v2_client(w, CH)
+    c.take()
+    c.transport.backlog = 4096
+    c.send({"event": "sockudo:channel_history", "data": {"channel": CH}})
+    (reply,) = c.take()
+    assert reply["event"] == "sockudo:channel_history"
+    assert data_of(reply)["status"] == 429 and "items" not in data_of(reply)
+    assert w.services.metrics.registry.get_sample_value(
+        "sockudo_rate_limit_triggered_total", {"app_id": c.app.id, "port": str(w.services.metrics.port),
+                                               "limiter_type": "channel_history",
+                                               "request_context": "websocket"}) == 1
+    c.transport.backlog = 0
+    c.send({"event": "sockudo:channel_history", "data": {"channel": CH}})
+    assert [i["serial"] for i in data_of(c.take()[0])["items"]] == [1]
 
 
 def test_channel_history_errors_are_answered_in_the_same_event() -> None:

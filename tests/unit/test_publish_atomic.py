@@ -67,8 +67,8 @@ def test_redis_out_of_memory_writes_no_channel() -> None:
             client.set("ballast", "x")
         with pytest.raises(SequencerUnavailable):
             seq.next_many(app, [("a", "m1", "ev", "x", None), ("b", "m1", "ev", "x", None)])
-        assert client.hget("atomic-oom:app:%s:stream:a" % app.id, "serial") == b"1"  # "a" untouched
-        assert not client.exists("atomic-oom:app:%s:stream:b" % app.id)
-        assert client.xlen("atomic-oom:app:%s:history:a" % app.id) == 1
+        assert client.hget(f"atomic-oom:app:{app.id}:stream:a", "serial") == b"1"  # "a" untouched
+        assert not client.exists(f"atomic-oom:app:{app.id}:stream:b")
+        assert client.xlen(f"atomic-oom:app:{app.id}:history:a") == 1
     finally:
         full.stop()

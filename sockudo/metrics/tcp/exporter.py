@@ -6,12 +6,13 @@ gets one ``Metadata`` per metric, then a ``Metric`` for every operation (counter
 gauge increment/decrement/set, histogram or summary observation) made while it is connected.
 Client input is ignored.
 
-How operations are captured: prometheus-client's ``Counter.inc``, ``Gauge.inc/dec/set`` and
-``Histogram/Summary.observe`` are wrapped **at class level, only while at least one client is
-connected** (``MetricTap``). With no client the methods are the library's own: zero cost. The
-wrapper calls the original first, then appends a small tuple to a bounded ingest queue; it never
-encodes, locks or does I/O. Metric names are those Prometheus shows (counters with ``_total``),
-labels are the metric's own plus the constant ones (``environment, region, node, adapter``).
+How operations are captured: every metric is one of the project's instruments
+(``sockudo.metrics.instruments``), and the exporter listens on its registry's tap **only while at
+least one client is connected**; with no client an operation pays one attribute check. For each
+operation the exporter appends a small tuple to a bounded ingest queue; it never encodes, locks or
+does I/O on the recording path. Metric names are those Prometheus shows (counters with
+``_total``), labels are the metric's own plus the constant ones (``environment, region, node,
+adapter``).
 
 Backpressure never reaches the server (spec §1.3): the ingest queue holds ``buffer_size``
 operations — when full, new ones are dropped; each client's queue holds ``buffer_size``
@@ -31,14 +32,14 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, Summary
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
 
+from sockudo.metrics.instruments import Child, Kind, Operation, families, tap_of
 from sockudo.metrics.tcp.wire import (
     COUNTER,
     DECREMENT_GAUGE,
@@ -56,108 +57,14 @@ from sockudo.services import Runtime
 
 logger = logging.getLogger(__name__)
 
-
-class _Listener(Protocol):
-    def record(self, metric: Any, operation: int, value: float) -> None: ...
-
-
-_listeners: list[_Listener] = []
-_originals: dict[tuple[type, str], Callable[..., Any]] = {}
-
-
-def _emit(metric: Any, operation: int, value: float) -> None:
-    for listener in _listeners:
-        listener.record(metric, operation, value)
-
-
-def _wrappers() -> dict[tuple[type, str], Callable[..., Any]]:
-    counter_inc = Counter.inc
-    gauge_inc, gauge_dec, gauge_set = Gauge.inc, Gauge.dec, Gauge.set
-    histogram_observe, summary_observe = Histogram.observe, Summary.observe
-
-    def c_inc(self: Any, amount: float = 1, exemplar: Any = None) -> None:
-        counter_inc(self, amount, exemplar)
-        _emit(self, INCREMENT_COUNTER, amount)
-
-    def g_inc(self: Any, amount: float = 1) -> None:
-        gauge_inc(self, amount)
-        _emit(self, INCREMENT_GAUGE, amount)
-
-    def g_dec(self: Any, amount: float = 1) -> None:
-        gauge_dec(self, amount)
-        _emit(self, DECREMENT_GAUGE, amount)
-
-    def g_set(self: Any, value: float) -> None:
-        gauge_set(self, value)
-        _emit(self, SET_GAUGE, value)
-
-    def h_observe(self: Any, amount: float, exemplar: Any = None) -> None:
-        histogram_observe(self, amount, exemplar)
-        _emit(self, RECORD_HISTOGRAM, amount)
-
-    def s_observe(self: Any, amount: float) -> None:
-        summary_observe(self, amount)
-        _emit(self, RECORD_HISTOGRAM, amount)
-
-    return {
-        (Counter, "inc"): c_inc,
-        (Gauge, "inc"): g_inc,
-        (Gauge, "dec"): g_dec,
-        (Gauge, "set"): g_set,
-        (Histogram, "observe"): h_observe,
-        (Summary, "observe"): s_observe,
-    }
-
-
-def tap_installed() -> bool:
-    return bool(_originals)
-
-
-def _add_listener(listener: _Listener) -> None:
-    if listener in _listeners:
-        return
-    _listeners.append(listener)
-    if not _originals:
-        for (cls, attr), wrapper in _wrappers().items():
-            _originals[(cls, attr)] = cls.__dict__[attr]
-            setattr(cls, attr, wrapper)
-
-
-def _remove_listener(listener: _Listener) -> None:
-    if listener in _listeners:
-        _listeners.remove(listener)
-    if not _listeners and _originals:
-        for (cls, attr), original in _originals.items():
-            setattr(cls, attr, original)
-        _originals.clear()
-
-
-def metric_type_of(metric: Any) -> int:
-    kind = getattr(metric, "_type", "")
-    return COUNTER if kind == "counter" else GAUGE if kind == "gauge" else HISTOGRAM
-
-
-def exposed_name(metric: Any) -> str:
-    """The name Prometheus shows: prometheus-client renders counters as ``<name>_total``."""
-    return metric._name + "_total" if metric._type == "counter" else metric._name
-
-
-def registry_metrics(registry: Any) -> list[MetricWrapperBase]:
-    """The Counter/Gauge/Histogram/Summary objects registered in ``registry``."""
-    lock = getattr(registry, "_lock", None)
-    mapping = getattr(registry, "_collector_to_names", {})
-    if lock is not None:
-        with lock:
-            collectors = list(mapping)
-    else:
-        collectors = list(mapping)
-    found = [c for c in collectors if isinstance(c, (Counter, Gauge, Histogram, Summary))]
-    return sorted(found, key=lambda m: m._name)
-
-
-# -- the exporter -------------------------------------------------------------------------------
-
-
+_METRIC_TYPE = {Kind.COUNTER: COUNTER, Kind.GAUGE: GAUGE, Kind.HISTOGRAM: HISTOGRAM, Kind.SUMMARY: HISTOGRAM}
+_WIRE_OPERATION = {
+    Operation.INCREMENT_COUNTER: INCREMENT_COUNTER,
+    Operation.INCREMENT_GAUGE: INCREMENT_GAUGE,
+    Operation.DECREMENT_GAUGE: DECREMENT_GAUGE,
+    Operation.SET_GAUGE: SET_GAUGE,
+    Operation.OBSERVE: RECORD_HISTOGRAM,  # a summary's observation too: the wire has no summary
+}
 
 
 @dataclass(eq=False)
@@ -175,9 +82,10 @@ class TcpExporter:
 
     SEND_BATCH = 256
 
-    def __init__(self, registry: Any, runtime: Runtime, host: str = "127.0.0.1", port: int = 5000,
+    def __init__(self, registry: CollectorRegistry, runtime: Runtime, host: str = "127.0.0.1", port: int = 5000,
                  buffer_size: int = 1024, labels: Mapping[str, str] | None = None, prefix: str = "sockudo_") -> None:
         self.registry = registry
+        self.tap = tap_of(registry)
         self.runtime = runtime
         self.host = host
         self.port = port
@@ -187,12 +95,11 @@ class TcpExporter:
         self.clients: list[_Client] = []
         self.dropped = {"ingest": 0, "client": 0}
         self.sent_events = 0
-        self._ingest: deque[tuple[float, Any, int, float]] = deque()
-        self._names: set[str] = set()
+        self._ingest: deque[tuple[float, Child, Operation, float]] = deque()
         self._wake = runtime.event()
         self._listener: socket.socket | None = None
         self._running = False
-        self._label_cache: dict[int, tuple[Any, dict[str, str]]] = {}
+        self._label_cache: dict[Child, dict[str, str]] = {}
         self._collector = _ExporterCollector(self)
 
     # -- lifecycle
@@ -212,7 +119,7 @@ class TcpExporter:
 
     def stop(self) -> None:
         self._running = False
-        _remove_listener(self)
+        self.tap.remove(self)
         if self._listener is not None:
             try:
                 self._listener.close()
@@ -226,15 +133,18 @@ class TcpExporter:
         except KeyError:
             pass
 
-    # -- the hot path: called from the wrapped metric methods
+    @property
+    def listening(self) -> bool:
+        """True while the exporter hears its registry's operations (a client is connected)."""
+        return self in self.tap.listeners
 
-    def record(self, metric: Any, operation: int, value: float) -> None:
-        if metric._name not in self._names:
-            return  # another registry's metric (tests run several servers' metrics in one process)
+    # -- the hot path: the tap calls this after each operation while a client is connected
+
+    def record(self, child: Child, operation: Operation, value: float) -> None:
         if len(self._ingest) >= self.buffer_size:
             self.dropped["ingest"] += 1
             return
-        self._ingest.append((time.time(), metric, operation, value))
+        self._ingest.append((time.time(), child, operation, value))
         self._wake.set()
 
     # -- background work
@@ -249,27 +159,23 @@ class TcpExporter:
                     return
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            metrics = registry_metrics(self.registry)
-            self._names = {m._name for m in metrics}
             metadata = b"".join(
-                delimited(encode_metadata(exposed_name(m), metric_type_of(m), m._unit or None, m._documentation))
-                for m in metrics
+                delimited(encode_metadata(f.exposed_name, _METRIC_TYPE[f.kind], f.unit or None, f.documentation))
+                for f in families(self.registry)
             )
             client = _Client(sock, f"{addr[0]}:{addr[1]}", metadata, wake=self.runtime.event())
+            self.tap.add(self)  # first: an operation made once the client is listed reaches it
             self.clients.append(client)
-            _add_listener(self)
             logger.info("metrics tail client connected", extra={"client": client.address, "clients": len(self.clients)})
             self.runtime.spawn(self._writer, client)
             self.runtime.spawn(self._reader, client)
 
-    def _labels_of(self, metric: Any) -> dict[str, str]:
-        cached = self._label_cache.get(id(metric))
-        if cached is not None and cached[0] is metric:
-            return cached[1]
-        labels = {**self.labels, **dict(zip(metric._labelnames, metric._labelvalues, strict=False))}
-        if len(self._label_cache) > 100_000:
-            self._label_cache.clear()
-        self._label_cache[id(metric)] = (metric, labels)
+    def _labels_of(self, child: Child) -> dict[str, str]:
+        labels = self._label_cache.get(child)
+        if labels is None:
+            if len(self._label_cache) > 100_000:
+                self._label_cache.clear()
+            labels = self._label_cache[child] = {**self.labels, **child.labels}
         return labels
 
     def _pump(self) -> None:
@@ -279,13 +185,13 @@ class TcpExporter:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            frames = []
+            frames: list[bytes] = []
             while self._ingest and len(frames) < self.SEND_BATCH:
-                ts, metric, operation, value = self._ingest.popleft()
+                ts, child, operation, value = self._ingest.popleft()
                 try:
-                    frames.append(delimited(encode_metric(exposed_name(metric), ts, self._labels_of(metric),
-                                                          operation, value)))
-                except Exception:  # one odd value must not end the stream
+                    frames.append(delimited(encode_metric(child.family.exposed_name, ts, self._labels_of(child),
+                                                          _WIRE_OPERATION[operation], value)))
+                except (ValueError, OverflowError):  # one odd value (NaN, inf as a count) must not end the stream
                     logger.debug("could not encode a metric event", exc_info=True)
             for client in list(self.clients):
                 q = client.queue
@@ -336,7 +242,7 @@ class TcpExporter:
             logger.info("metrics tail client disconnected",
                         extra={"client": client.address, "clients": len(self.clients)})
         if not self.clients:
-            _remove_listener(self)
+            self.tap.remove(self)
             self._ingest.clear()
 
 

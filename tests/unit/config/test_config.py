@@ -130,7 +130,7 @@ def test_missing_file_fails(tmp_path: Path) -> None:
         ('debug = "maybe"\n', "debug"),
         ("port = true\n", "port"),
         ('[metrics]\nport = "x"\n', "metrics.port"),
-        ('[websocket]\nmax_messages = "lots"\n', "websocket_max_messages"),
+        ('[websocket]\nmax_messages = "lots"\n', "websocket.max_messages"),
         (
             '[[app_manager.array.apps]]\nid = "1"\nkey = "k"\nsecret = "s"\nmax_connections = "x"\n',
             "app_manager.array.apps[0].max_connections",
@@ -268,8 +268,12 @@ def test_duplicate_app_ids_or_keys_fail(toml: Callable[[str], str], field: str) 
     assert first[field] in message and "twice" in message
 
 
-def test_unsupported_app_manager_driver_fails(toml: Callable[[str], str]) -> None:
-    assert "app_manager.driver" in _error(toml('[app_manager]\ndriver = "mysql"\n'))
+def test_a_database_app_manager_warns_and_serves_the_file_apps(
+    toml: Callable[[str], str],
+) -> None:
+    config = load_config(toml('[app_manager]\ndriver = "mysql"\n' + TwoApps.replace("port = 7000\n", "")), env={})
+    assert [a.id for a in config.apps] == ["100", "200"]
+    assert "app_manager.driver = 'mysql' has no effect here" in " ".join(config.warnings)
 
 
 # -- environment ------------------------------------------------------------------
@@ -422,7 +426,6 @@ def test_feature_switches_from_the_environment_alone() -> None:
 
 @pytest.mark.parametrize(("text", "key"), [
     ("[history]\nmax_page_size = \"many\"\n", "history.max_page_size"),
-    ("[history]\nbackend = \"postgres\"\n", "history.backend"),
     ("[[app_manager.array.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nhistory = 3\n", "history"),
 ])
 def test_bad_feature_values_fail_naming_the_key(toml: Callable[[str], str], text: str, key: str) -> None:
@@ -444,3 +447,11 @@ def test_feature_values_out_of_range_fail(toml: Callable[[str], str], text: str,
     """A zero TTL or page size would silently break the feature (Redis refuses EX 0: every keyed
     publish would answer 503), so start-up refuses it."""
     assert key in _error(toml(text))
+
+
+def test_debug_turns_on_debug_logs_unless_a_level_is_given(toml: Callable[[str], str]) -> None:
+    assert load_config(toml("debug = true\n"), env={}).log_level == "DEBUG"
+    assert load_config(None, env={"DEBUG": "1"}).log_level == "DEBUG"
+    assert load_config(toml('debug = true\n[logging]\nlevel = "WARNING"\n'), env={}).log_level == "WARNING"
+    assert load_config(toml("debug = true\n"), env={"LOG_LEVEL": "ERROR"}).log_level == "ERROR"
+    assert load_config(toml("debug = false\n"), env={}).log_level == "INFO"

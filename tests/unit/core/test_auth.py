@@ -213,7 +213,6 @@ def test_empty_post_needs_the_md5_of_the_empty_body() -> None:
     path = "/apps/1/users/u1/terminate_connections"
     _verify("POST", path, _signed_query("POST", path, _params(b"")), b"")
     _rejected("POST", path, _signed_query("POST", path, _params()), b"")
-    assert auth.EMPTY_BODY_MD5 == "d41d8cd98f00b204e9800998ecf8427e"
 
 
 def test_get_accepts_body_md5_of_the_empty_body() -> None:

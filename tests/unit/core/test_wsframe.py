@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ class Stream:
         return self._buf.read(min(n, self.chunk) if self.chunk else n)
 
 
-def reader(data: bytes, max_payload: int = 65536, chunk: int | None = None, **kw) -> tuple[FrameReader, Stream]:  # type: ignore[no-untyped-def]
+def reader(data: bytes, max_payload: int = 65536, chunk: int | None = None, **kw: Any) -> tuple[FrameReader, Stream]:
     stream = Stream(data, chunk)
     return FrameReader(stream.read, max_payload, **kw), stream
 
@@ -170,6 +171,21 @@ def test_fragmented_message_over_the_limit_in_total_is_rejected() -> None:
         r.read_message()
     assert pings == [b"p"]  # control frames inside the skipped message still count
     assert r.read_message() == (TEXT, b"ok")
+
+
+
+@pytest.mark.parametrize("payload", [b"", b"x"], ids=["empty", "one-byte"])
+def test_a_message_in_more_fragments_than_max_fragments_is_1009(payload: bytes) -> None:
+    """Empty continuation frames add nothing to the payload: only the fragment count stops them."""
+    def message(fragments: int) -> bytes:
+        return client_frame(TEXT, b"{", fin=False) + client_frame(CONT, payload, fin=False) * (fragments - 2) \
+            + client_frame(CONT, b"}")
+
+    r, _ = reader(message(8) + message(9), max_fragments=8)
+    assert r.read_message() == (TEXT, b"{" + payload * 6 + b"}")
+    with pytest.raises(FrameProtocolError) as info:
+        r.read_message()
+    assert info.value.close_code == 1009
 
 
 # -- writing -------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from sockudo import rest
 from sockudo.config import IdempotencyConfig, RecoveryConfig
 from sockudo.core.errors import ApiError
 from sockudo.history import idempotency
-from sockudo.history.idempotency import PROCESSING, MemoryIdempotency
+from sockudo.history.idempotency import PROCESSING, IdempotencyUnavailable, MemoryIdempotency, RedisIdempotency
 from sockudo.history.store import MemorySequencer, SequencerUnavailable
 from tests.support.fakes import Client, FakeClock, World, make_app
+from tests.support.procs import unreachable_redis
 
 CH = "payments"
 
@@ -122,7 +123,11 @@ def test_begin_polls_six_times_then_answers_503_with_retry_after() -> None:
 def test_begin_returns_the_response_stored_while_it_polled() -> None:
     store = MemoryIdempotency(FakeClock())
     store.claim("k", 60)
-    sleeps = Sleeps(action=lambda n: n == 2 and store.store("k", '{"first":true}', 60))
+    def answer_on_the_second_poll(n: int) -> None:
+        if n == 2:
+            store.store("k", '{"first":true}', 60)
+
+    sleeps = Sleeps(action=answer_on_the_second_poll)
     assert idempotency.begin(store, "k", 60, sleeps) == '{"first":true}'
     assert len(sleeps.calls) == 2
 
@@ -130,21 +135,32 @@ def test_begin_returns_the_response_stored_while_it_polled() -> None:
 def test_begin_claims_a_key_released_while_it_polled() -> None:
     store = MemoryIdempotency(FakeClock())
     store.claim("k", 60)
-    sleeps = Sleeps(action=lambda n: n == 3 and store.release("k"))
+    def release_on_the_third_poll(n: int) -> None:
+        if n == 3:
+            store.release("k")
+
+    sleeps = Sleeps(action=release_on_the_third_poll)
     assert idempotency.begin(store, "k", 60, sleeps) is None
     assert store.get("k") == PROCESSING  # claimed for this request now
 
 
-class DownStore(MemoryIdempotency):
-    def claim(self, key: str, ttl_seconds: int) -> str | None:
-        raise ConnectionError("redis is down")
-
-
 def test_store_failure_is_503_and_never_publishes(world: World) -> None:
     c = listener(world)
-    world.services.idempotency = DownStore()
+    world.services.idempotency = RedisIdempotency(unreachable_redis())
     error = api_error(rest.trigger, world.services, world.app, event("k1"))
     assert error.status == 503
+    assert delivered(c) == []
+
+
+def test_a_bug_in_the_store_is_not_reported_as_the_store_being_down(world: World) -> None:
+    class Buggy(MemoryIdempotency):
+        def claim(self, key: str, ttl_seconds: int) -> str | None:
+            raise TypeError("a bug, not an outage")
+
+    c = listener(world)
+    world.services.idempotency = Buggy(world.clock)
+    with pytest.raises(TypeError):
+        rest.trigger(world.services, world.app, event("k1"))
     assert delivered(c) == []
 
 
@@ -259,7 +275,7 @@ def test_a_failed_publish_releases_the_key_so_a_retry_publishes() -> None:
 def test_a_lost_response_record_does_not_fail_the_publish(world: World) -> None:
     class NoStore(MemoryIdempotency):
         def store(self, key: str, response: str, ttl_seconds: int) -> None:
-            raise ConnectionError("redis went away")
+            raise IdempotencyUnavailable("redis went away")
 
     c = listener(world)
     world.services.idempotency = NoStore(world.clock)

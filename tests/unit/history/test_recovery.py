@@ -289,8 +289,10 @@ def test_a_buffer_left_from_a_lost_stream_reports_no_range() -> None:
     w = World(recovery_app(buffer=5))
     publish(w, 12)
     old_stream, _ = position(w)
-    w.services.sequencer.reset(w.app, CH)  # type: ignore[union-attr]  (the buffer is kept)
-    new_stream, _ = w.services.sequencer.ensure(w.app, CH)  # type: ignore[union-attr]
+    sequencer = w.services.sequencer
+    assert sequencer is not None
+    sequencer.reset(w.app, CH)  # the buffer is kept
+    new_stream, _ = sequencer.ensure(w.app, CH)
     outcome = resume(w, old_stream, 3)
     assert outcome.failure is not None and outcome.failure["code"] == STREAM_RESET
     assert outcome.failure["current_stream_id"] == new_stream

@@ -16,9 +16,16 @@ from prometheus_client import CollectorRegistry
 from sockudo.config import AppConfig, HistoryConfig, RecoveryConfig
 from sockudo.core.errors import ApiError
 from sockudo.history.api import read_history
-from sockudo.history.store import MemorySequencer, SequencerUnavailable, decode_cursor, encode_cursor
+from sockudo.history.store import (
+    MemorySequencer,
+    RedisSequencer,
+    SequencerUnavailable,
+    decode_cursor,
+    encode_cursor,
+)
 from sockudo.metrics.registry import Metrics
 from tests.support.fakes import FakeClock, make_app
+from tests.support.procs import unreachable_redis
 
 REST = object()  # Store.read's default: a REST read (no socket)
 CH = "news"
@@ -299,21 +306,23 @@ def test_limit_is_capped_at_the_page_size() -> None:
     assert len(s.read()["items"]) == 25  # no limit: the page size
 
 
-def test_websocket_limit_defaults_to_100_and_may_be_up_to_1000() -> None:
-    """Spec §7.6: ``sockudo:channel_history`` takes ``limit`` (default 100, max 1000), while
-    REST stays capped at ``max_page_size`` (here 25)."""
+def test_websocket_pages_are_capped_at_the_page_size_like_rest() -> None:
+    """``sockudo:channel_history`` takes ``limit`` (default 100), capped at ``max_page_size`` as
+    on REST: a ~100-byte request must not turn into a frame of 1,000 messages."""
     s = Store(history_app(page=25, keep=5000))
     s.add(2500)
     assert s.read(limit=1000)["limit"] == 25
     page = s.read(attach_serial=None)
-    assert page["limit"] == 100 and page_serials(page) == list(range(2500, 2400, -1))
+    assert page["limit"] == 25 and page_serials(page) == list(range(2500, 2475, -1))
     page = s.read(attach_serial=2500, limit=1000, direction="oldest_first")
-    assert page["limit"] == 1000 and page_serials(page) == list(range(1, 1001)) and page["has_more"]
+    assert page["limit"] == 25 and page_serials(page) == list(range(1, 26)) and page["has_more"]
     following = s.read(attach_serial=2500, limit=1000, direction="oldest_first", cursor=page["next_cursor"])
-    assert page_serials(following) == list(range(1001, 2001))
-    page = s.read(attach_serial=2500, limit=5000)
-    assert page["limit"] == 1000 and len(page["items"]) == 1000  # larger values are capped at 1,000
+    assert page_serials(following) == list(range(26, 51))
     assert s.status(attach_serial=None, limit=0) == 400
+    wide = Store(history_app(page=500, keep=5000))
+    wide.add(600)
+    assert wide.read(attach_serial=None)["limit"] == 100  # the WebSocket default, under a larger page size
+    assert wide.read(attach_serial=None, limit=1000)["limit"] == 500
 
 
 @pytest.mark.parametrize("params", [
@@ -367,3 +376,12 @@ def test_until_attach_without_a_subscription_is_400(store: Store) -> None:
     store.add(3)
     assert store.status(until_attach=True) == 400  # REST
     assert store.status(attach_serial=None, until_attach=True) == 400  # a socket with no attach serial
+
+
+def test_redis_away_is_sequencer_unavailable() -> None:
+    store = RedisSequencer(unreachable_redis())
+    app = make_app(history=HistoryConfig(enabled=True))
+    with pytest.raises(SequencerUnavailable):
+        store.position(app.id, "ch")
+    with pytest.raises(SequencerUnavailable):
+        store.next(app, "ch", "m1", "ev", "x", None)

@@ -35,7 +35,7 @@ def test_every_sample_gets_the_labels_and_a_metric_s_own_label_wins() -> None:
 
     Gauge("odd", "has its own node label", ["node"], registry=registry).labels("mine").set(1)
     view = ConstantLabels(registry, {"environment": "test", "region": "r1", "node": "n1", "adapter": "local"})
-    text = generate_latest(view).decode()  # type: ignore[arg-type]
+    text = generate_latest(view).decode()
     found = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert len(found) > 20
     for s in found:

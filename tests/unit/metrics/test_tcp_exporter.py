@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import prometheus_client
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client import CollectorRegistry
 
+from sockudo.metrics.instruments import Counter, Gauge, Summary, families, tap_of
 from sockudo.metrics.registry import Metrics
 from sockudo.metrics.tcp import exporter as tcp
 from sockudo.metrics.tcp import wire
@@ -95,7 +97,7 @@ def exporter_factory() -> Iterator[Any]:
     yield make
     for exporter in made:
         exporter.stop()
-    assert not tcp.tap_installed()
+        assert not exporter.tap.listeners
 
 
 def connect(exporter: tcp.TcpExporter, rcvbuf: int | None = None) -> socket.socket:
@@ -107,17 +109,22 @@ def connect(exporter: tcp.TcpExporter, rcvbuf: int | None = None) -> socket.sock
     return sock
 
 
-def test_no_client_means_the_library_methods_are_untouched(exporter_factory: Any) -> None:
-    originals = (Counter.inc, Gauge.inc, Gauge.dec, Gauge.set, Histogram.observe, Summary.observe)
-    exporter = exporter_factory(CollectorRegistry())
-    assert not tcp.tap_installed()
-    assert (Counter.inc, Gauge.inc, Gauge.dec, Gauge.set, Histogram.observe, Summary.observe) == originals
+def library_methods() -> tuple[Any, ...]:
+    p = prometheus_client
+    return p.Counter.inc, p.Gauge.inc, p.Gauge.dec, p.Gauge.set, p.Histogram.observe, p.Summary.observe
+
+
+def test_the_exporter_listens_only_while_a_client_is_connected(exporter_factory: Any) -> None:
+    originals = library_methods()
+    registry = CollectorRegistry()
+    exporter = exporter_factory(registry)
+    assert not exporter.listening and not tap_of(registry).listeners
     sock = connect(exporter)
-    assert tcp.tap_installed() and Counter.inc is not originals[0]
+    assert exporter.listening and tap_of(registry).listeners == (exporter,)
     sock.close()
     wait_until(lambda: not exporter.clients, timeout=5, message="the client to be dropped")
-    assert not tcp.tap_installed()
-    assert (Counter.inc, Gauge.inc, Gauge.dec, Gauge.set, Histogram.observe, Summary.observe) == originals
+    assert not tap_of(registry).listeners
+    assert library_methods() == originals  # prometheus-client itself is never patched
 
 
 def test_metadata_first_then_every_operation(exporter_factory: Any) -> None:
@@ -148,7 +155,7 @@ def test_metadata_first_then_every_operation(exporter_factory: Any) -> None:
     assert described["sockudo_new_connections_total"].metric_type == event_pb2().COUNTER
     assert described["sockudo_broadcast_latency_ms"].metric_type == event_pb2().HISTOGRAM
     assert described["sockudo_connected"].description_value == "WebSocket connections open now"
-    assert len(described) == len(tcp.registry_metrics(registry))
+    assert len(described) == len(families(registry))
 
     ops = [live]
     while len(ops) < 8:

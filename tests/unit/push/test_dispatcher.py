@@ -5,7 +5,8 @@ job whose worker died."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from sockudo.push.providers import (
     REJECTED,
     RETRYABLE,
     ProviderResult,
+    SendContext,
 )
 from sockudo.push.service import PushService
 from sockudo.push.settings import parse_settings
@@ -53,10 +55,17 @@ class Clients:
         self.script: dict[str, list[ProviderResult]] = {}
         self.sent: list[str] = []
 
-    def send(self, provider: str, device: dict[str, Any], rendered: Any, creds: Any, ctx: Any) -> ProviderResult:
+    def send(self, provider: str, device: Mapping[str, Any], rendered: Mapping[str, Any],
+             credentials: Mapping[str, Any], ctx: SendContext) -> ProviderResult:
         self.sent.append(ctx.device_id)
         queue = self.script.get(ctx.device_id)
         return queue.pop(0) if queue else ProviderResult(ACCEPTED, message_id="m")
+
+    def submit(self, provider: str, device: Mapping[str, Any], rendered: Mapping[str, Any],
+               credentials: Mapping[str, Any], ctx: SendContext) -> Future[ProviderResult]:
+        future: Future[ProviderResult] = Future()
+        future.set_result(self.send(provider, device, rendered, credentials, ctx))
+        return future
 
 
 def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clients, FakeClock, CollectorRegistry]:
@@ -72,7 +81,7 @@ def build(store: Any = None, **settings: Any) -> tuple[PushService, Queue, Clien
     )
     store = store if store is not None else MemoryStore()
     metrics = PushMetrics(registry)
-    dispatcher = Dispatcher(config, store, queue, lambda: clients, metrics, clock=clock)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(config, store, queue, lambda: clients, metrics, clock=clock)
     service = PushService(config, store, queue, dispatcher, metrics, clock=clock)
     for i in range(3):
         service.register_device(
@@ -166,7 +175,7 @@ def test_a_job_whose_worker_died_is_taken_over_without_double_counting() -> None
         service.store,
         queue,
         lambda: clients,
-        service.metrics,  # type: ignore[arg-type]
+        service.metrics,
         clock=clock,
     )
     dead.store.claim("app", pid, "d0", 1, dead.owner, int(clock.now * 1000), int(clock.now * 1000) + 1000)
@@ -180,8 +189,8 @@ def test_a_job_whose_worker_died_is_taken_over_without_double_counting() -> None
         registry.get_sample_value(
             "sockudo_push_queue_local_requeued_total", {"stage": "dispatch", "reason": "lease_expired"}
         )
-        >= 1
-    )
+        or 0
+    ) >= 1
 
 
 def test_expired_pushes_are_never_sent() -> None:
@@ -209,7 +218,7 @@ def test_a_second_run_leaves_deliveries_held_by_a_live_worker_and_the_job_to_it(
         service.store,
         queue,
         lambda: clients,
-        service.metrics,  # type: ignore[arg-type]
+        service.metrics,
         clock=clock,
     )
     now = int(clock.now * 1000)
@@ -240,10 +249,10 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
     pid = publish(service)
     service.dispatcher.run(queue.take()[0][1])  # planned
 
-    def gives_up(*args: Any, **kwargs: Any) -> st.Change:
+    def gives_up(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise st.CasExhausted("push store: feedback transaction kept conflicting")
 
-    service.store.settle = gives_up  # type: ignore[method-assign]
+    service.store.settle_many = gives_up
     batch_id = queue.take()[0][1]
     try:
         service.dispatcher.run(batch_id)
@@ -253,10 +262,10 @@ def test_status_update_failures_are_counted_by_component_and_reason() -> None:
         raise AssertionError("a status update that was given up must fail the job (it is re-run)")
     assert registry.get_sample_value(failures, {"component": "feedback", "reason": "cas_exhausted"}) == 1
 
-    def breaks(*args: Any, **kwargs: Any) -> st.Change:
+    def breaks(*args: Any, **kwargs: Any) -> list[st.Change]:
         raise ConnectionError("redis went away")
 
-    service.store.claim = breaks  # type: ignore[method-assign]
+    service.store.claim_many = breaks
     try:
         service.dispatcher.run(batch_id)
     except ConnectionError:
@@ -408,8 +417,8 @@ def test_killed_right_after_a_dead_letter_settle_the_rerun_leaves_exactly_one_de
     pid = publish_to(service, "d0")
     crashed = crash_once(
         store,
-        "settle",
-        lambda *a, **kw: a[3] in (st.Outcome.REJECTED, st.Outcome.DEAD_LETTER),
+        "settle_many",
+        lambda *a, **kw: any(op.outcome in (st.Outcome.REJECTED, st.Outcome.DEAD_LETTER) for op in a[2]),
         after=True,
     )
     run_killed(service, queue, clock)
@@ -453,3 +462,18 @@ def test_a_duplicate_settle_writes_no_second_dead_letter(store: Any) -> None:
     assert [d["deadLetterId"] for d in items] == [letter["deadLetterId"]] and not more
     assert items[0]["occurredAtMs"] == 5
     assert store.get_status("a", "p")["state"] == st.FAILED
+
+
+def test_a_rerun_in_the_same_process_flags_what_the_dead_run_left_in_flight(store: Any) -> None:
+    """A worker keeps its dispatcher across jobs. A run that died after its provider accepted a
+    delivery but before the settle is re-run by the same dispatcher: the delivery is sent again
+    and listed as a possible duplicate (the re-run is a different claim owner)."""
+    service, queue, clients, clock, registry = build(store)
+    pid = publish_to(service, "d0")
+    crashed = crash_once(store, "settle_many", lambda *a, **kw: True)  # the answer is never settled
+    run_killed(service, queue, clock)
+    assert crashed == [1]
+    status = service.status("app", pid)
+    assert status["state"] == st.SUCCEEDED, status
+    assert clients.sent == ["d0", "d0"]
+    assert status["possibleDuplicates"] == ["d0"]

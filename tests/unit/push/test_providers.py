@@ -8,6 +8,7 @@ import pytest
 
 from sockudo.push import providers as p
 from sockudo.push.settings import parse_settings
+from tests.support import push_crypto
 
 
 def body(obj: object) -> bytes:
@@ -169,7 +170,6 @@ def test_apns_provider_token_is_reused_for_50_minutes_then_refreshed() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from sockudo.push import crypto
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
@@ -184,7 +184,7 @@ def test_apns_provider_token_is_reused_for_50_minutes_then_refreshed() -> None:
     now[0] += 2 * 60
     second = c.apns_jwt(creds, "apns:x")
     assert second != first
-    header, claims = crypto.jwt_verify(second, key.public_key())
+    header, claims = push_crypto.jwt_verify(second, key.public_key())
     assert header == {"alg": "ES256", "kid": "KID"} and claims == {"iss": "TEAM", "iat": int(now[0])}
     c.close()
 
@@ -208,3 +208,87 @@ def test_fcm_access_token_is_cached_until_five_minutes_before_expiry() -> None:
         c.close()
     finally:
         fake.close()
+
+
+# -- one deadline per attempt, back-pressure -------------------------------------------------------
+
+
+def test_a_provider_trickling_its_answer_is_cut_at_the_attempt_deadline() -> None:
+    """A push service that sends its answer one byte every 50 ms never trips a per-read timeout;
+    the attempt's total deadline (push.request_timeout_ms) still ends it on time, as retryable."""
+    import socket
+    import threading
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sockudo.push import crypto
+    from tests.support.fake_push import web_subscription
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nX-Slow: " + b"y" * 10_000:
+            if stop.wait(0.05):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    vapid = ec.generate_private_key(ec.SECP256R1())
+    raw = vapid.private_numbers().private_value.to_bytes(32, "big")
+    creds = {"privateKey": crypto.b64url(raw), "publicKey": crypto.b64url(crypto.p256_public_raw(vapid))}
+    _, p256dh, auth = web_subscription()
+    device = {"recipient": {"endpoint": f"http://127.0.0.1:{port}/push/slow", "p256dh": p256dh, "auth": auth}}
+    settings = parse_settings({"allow_insecure_endpoints": True, "request_timeout_ms": 400})
+    clients = p.ProviderClients(settings, p.MemoryTokenCache())
+    try:
+        started = time.monotonic()
+        result = clients.send(
+            "webpush", device, {"body": {"title": "x"}, "headers": {}}, creds, p.SendContext("a", "p", "d", None, 0)
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        clients.close()
+        listener.close()
+    assert (result.outcome, result.failure_class, result.reason) == (p.RETRYABLE, p.NETWORK_TRANSPORT, "timeout")
+    assert 0.35 <= elapsed < 1.0, elapsed
+
+
+def test_the_gate_pauses_on_throttling_halves_concurrency_and_grows_back() -> None:
+    now = [100.0]
+    gate = p.ProviderGate(8, clock=lambda: now[0])
+    assert all(gate.acquire(now[0] + 1) for _ in range(8))
+    gate.release(throttled=True, pause_s=2.0)
+    gate.release(throttled=True, pause_s=2.0)  # the same burst's answers: halved once
+    assert gate.current == 4 and gate.paused_until == 102.0
+    assert gate.acquire(now[0] + 1) is False  # the pause outlasts what this delivery may wait
+    now[0] = 102.5
+    for _ in range(6):
+        gate.release(accepted=True)
+    assert gate.active == 0 and gate.current == 8  # +1 per accepted answer, up to the limit
+
+
+def test_process_clients_are_reused_across_jobs_and_rebuilt_after_a_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    settings = parse_settings({})
+    tokens = p.MemoryTokenCache()
+    first = p.ProviderClients.for_process(settings, tokens)
+    assert p.ProviderClients.for_process(settings, tokens) is first
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # as in a forked work-horse
+    child = p.ProviderClients.for_process(settings, tokens)
+    assert child is not first
+    child.close()
+    first.close()

@@ -94,3 +94,35 @@ def test_publish_and_device_ids_with_colons_keep_their_deliveries_apart(redis_se
     assert store.claim("app", "a:x", "b", 1, "w1", 100, 200).claim is st.Claim.SEND
     store.settle("app", "a:x", "b", st.Outcome.ACCEPTED, 150)
     assert store.claim("app", "a", "x:b", 1, "w1", 160, 260).claim is st.Claim.SEND
+
+
+def test_batch_claim_and_settle_match_one_by_one(redis_server: RedisServer) -> None:
+    """claim_many / settle_many: one transaction for a batch, the same transitions and counters
+    as one delivery at a time; a re-run's claims skip settled deliveries and duplicates count once."""
+    store = RedisStore(redis.Redis.from_url(redis_server.url), f"t:{uuid.uuid4().hex[:6]}:")
+    record = st.new_record("a", "p", intent_hash="h", expected=4, now_ms=0, not_before_ms=None, expires_at_ms=None)
+    store.create_status("a", "p", record, {}, 3600)
+    store.set_state("a", "p", st.DISPATCHING, 1, {"planned": 4})
+    claims = store.claim_many("a", "p", [(f"d{i}", 1) for i in range(4)], "w1", 10, 1000)
+    assert [c.claim for c in claims] == [st.Claim.SEND] * 4
+    assert [c.claim for c in store.claim_many("a", "p", [("d0", 1)], "w2", 20, 2000)] == [st.Claim.BUSY]
+    letter = {"deadLetterId": "L1", "occurredAtMs": 5, "key": "d3"}
+    ops = [
+        st.SettleOp("d0", st.Outcome.ACCEPTED),
+        st.SettleOp("d1", st.Outcome.ACCEPTED),
+        st.SettleOp("d2", st.Outcome.RETRY, next_attempt=2, due_ms=500),
+        st.SettleOp("d3", st.Outcome.REJECTED, reason="BadDeviceToken", dead_letter=(letter, 3600)),
+    ]
+    changes = store.settle_many("a", "p", ops, 30)
+    assert not any(c.duplicate for c in changes) and not any(c.terminal for c in changes)
+    again = store.settle_many("a", "p", ops[:2], 31)  # a re-run reporting the same answers
+    assert all(c.duplicate for c in again)
+    status = store.get_status("a", "p")
+    assert status is not None
+    assert (int(status["succeeded"]), int(status["failed"]), int(status["retryScheduled"])) == (2, 1, 1)
+    assert store.get_dead_letter("a", "L1") is not None
+    rerun = store.claim_many("a", "p", [("d0", 1), ("d2", 2)], "w3", 600, 2000)
+    assert [c.claim for c in rerun] == [st.Claim.SKIP, st.Claim.SEND]
+    last = store.settle_many("a", "p", [st.SettleOp("d2", st.Outcome.ACCEPTED)], 700)
+    assert last[0].terminal == st.PARTIALLY_SUCCEEDED
+    assert store.get_status("a", "p")["state"] == st.PARTIALLY_SUCCEEDED  # type: ignore[index]

@@ -97,8 +97,10 @@ def test_replays_are_counted_apart_and_leave_the_state() -> None:
 
 def test_public_view_shape() -> None:
     view = st.public_view(record(), undelivered=[{"deviceId": "d", "outcome": "rejected", "reason": "x"}])
-    assert set(view["counters"]) == set(st.COUNTERS)
-    assert view["state"] == st.DISPATCHING and view["undelivered"][0]["deviceId"] == "d"
+    counters, undelivered = view["counters"], view["undelivered"]
+    assert isinstance(counters, dict) and set(counters) == set(st.COUNTERS)
+    assert isinstance(undelivered, list) and undelivered[0]["deviceId"] == "d"
+    assert view["state"] == st.DISPATCHING
     assert "replays" not in view and "possibleDuplicates" not in view
 
 

@@ -26,7 +26,6 @@ from sockudo.webhooks.model import (
     resign,
 )
 from sockudo.webhooks.sink import warn_duplicate_endpoints
-from tests.unit.webhooks.test_webhooks import rclient  # noqa: F401  (a fixture)
 
 KEY, SECRET = "app-key", "app-secret"
 URL = "http://hooks.example.com/pusher/webhook?token=s3cret"
@@ -139,7 +138,7 @@ def test_in_flight_slots_are_per_entry_and_old_jobs_keep_the_urls_slots() -> Non
     assert inflight_keys(replace(private, endpoint=""), 1) == [f"p:inflight:{sha}:0"]
 
 
-def test_endpoint_slots_of_two_entries_on_one_url_are_independent(rclient: redis.Redis) -> None:  # noqa: F811
+def test_endpoint_slots_of_two_entries_on_one_url_are_independent(rclient: redis.Redis) -> None:
     slots = EndpointSlots(rclient)
     private, presence, _ = deliver(entries())
     assert slots.acquire(private, 1, "a", 5000) is not None
