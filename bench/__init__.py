@@ -1,1 +1,1 @@
-"""The benchmark suite (issue 8): ``python -m bench`` or ``make bench``. Not tests."""
+"""The benchmark suite: ``python -m bench`` or ``make bench``. Not tests."""

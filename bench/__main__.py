@@ -2,7 +2,7 @@
 
 Runs each scenario against Sockudo and the two baselines (a bare gevent-websocket
 broadcaster, Flask-SocketIO under gevent), one fresh server at a time, on 127.0.0.1 only.
-Prints a table per scenario with ratios to the baselines, checks the targets of issue 8,
+Prints a table per scenario with ratios to the baselines, checks the targets (docs/performance.md),
 and writes everything as JSON to ``bench/results/``. See docs/performance.md.
 """
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
                         help="comma-separated subset of sockudo,bare,flask-socketio")
     parser.add_argument("--py-spy", metavar="PATH",
-                        help="issues 3-5 scenarios: sample every server node with this py-spy binary (collapsed "
+                        help="side-by-side scenarios: sample every server node with this py-spy binary (collapsed "
                              "stacks in --profile-dir); the sampling costs the servers some CPU")
     parser.add_argument("--profile-dir", metavar="DIR", help="where --py-spy writes (default bench/results/profiles)")
     args = parser.parse_args(argv)
@@ -117,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             if shutil.which("redis-server") is None:
                 results[name] = {"error": "redis-server is not installed"}
                 continue
-            log(f"{name}: sockudo (issues 3-5, configurations side by side)")
+            log(f"{name}: sockudo (configurations side by side)")
             results[name] = features.run(name, sizes, log)
         elif name == "fanout":
-            # The issue's baseline shape (a fresh HTTP connection per publish) and keep-alive.
-            # Three shapes: the issue's (a fresh HTTP connection per publish), keep-alive, and
+            # Three shapes: a fresh HTTP connection per publish, keep-alive, and
             # keep-alive with publishes pipelined. bare-encode (ws.send per socket) runs only in
-            # the issue's shape, where the issue's figure for it came from.
+            # the first shape, as a reference for the per-socket framing cost.
             for key, fresh, window in (("fanout_fresh", True, 1), ("fanout_keepalive", False, 1),
                                        ("fanout_pipelined", False, sizes.fanout_window)):
                 results[key] = {}

@@ -1,21 +1,21 @@
-"""Scenarios for the performance targets of issues 3, 4 and 5 (Redis adapter, webhooks, recovery).
+"""Scenarios for the Redis adapter, webhook and recovery targets (docs/performance.md).
 
-Unlike the issue 8 scenarios (one server kind at a time), each of these starts every compared
+Unlike the scenarios of bench/scenarios.py (one server kind at a time), each of these starts every compared
 configuration at once — its own server(s) and its own throwaway redis-server — connects all
 clients, then measures the configurations in interleaved rounds (the order rotates each round).
 Other load on the shared machine therefore hits every configuration alike; figures are the
 medians over rounds, and comparisons are ratios of medians. Server cost is the server processes'
 own CPU (plus redis-server's where Redis is part of the configuration), from /proc.
 
-| scenario | issue | what |
+| scenario | group | what |
 |---|---|---|
-| ``cross-fanout`` | 3 | 1,000 subscribers split over 2 nodes vs the same on one node → deliveries/s ratio |
-| ``cross-latency`` | 3 | publish on node A (signed REST, keep-alive publishers, 1,000/s), receive on B → p99 |
-| ``cross-churn`` | 3 | 200 clients switching among 1,000 channels every second, 2 nodes → exact /channels |
-| ``webhooks`` | 4 | 2,000 client events/s → webhooks via RQ; publish latency vs off; drain by 2 workers |
-| ``recovery-fanout`` | 5 | fan-out with [connection_recovery] + [history] on vs off, memory and Redis mode |
-| ``publish-cost`` | 5 | per publish: round trip, server and Redis CPU, recovery+history on vs off |
-| ``resume`` | 5 | 1,000 protocol-2 clients each missing 20 messages resume → time, exactness |
+| ``cross-fanout`` | cluster | 1,000 subscribers split over 2 nodes vs the same on one node → deliveries/s ratio |
+| ``cross-latency`` | cluster | publish on node A (signed REST, keep-alive publishers, 1,000/s), receive on B → p99 |
+| ``cross-churn`` | cluster | 200 clients switching among 1,000 channels every second, 2 nodes → exact /channels |
+| ``webhooks`` | — | 2,000 client events/s → webhooks via RQ; publish latency vs off; drain by 2 workers |
+| ``recovery-fanout`` | recovery | fan-out with [connection_recovery] + [history] on vs off, memory and Redis mode |
+| ``publish-cost`` | recovery | per publish: round trip, server and Redis CPU, recovery+history on vs off |
+| ``resume`` | recovery | 1,000 protocol-2 clients each missing 20 messages resume → time, exactness |
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from .scenarios import PAYLOAD, Sizes
 PROFILE: dict[str, Any] = {"py_spy": None, "dir": str(ROOT / "bench" / "results" / "profiles"), "scenario": ""}
 
 SCENARIOS = ("cross-fanout", "cross-latency", "cross-churn", "webhooks", "recovery-fanout", "publish-cost", "resume")
-GROUPS = {"issue3": ("cross-fanout", "cross-latency", "cross-churn"), "issue4": ("webhooks",),
-          "issue5": ("recovery-fanout", "publish-cost", "resume")}
+GROUPS = {"cluster": ("cross-fanout", "cross-latency", "cross-churn"),
+          "recovery": ("recovery-fanout", "publish-cost", "resume")}
 
 
 def _app(**extra: Any) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def _interleaved_fanout(configs: dict[str, dict[str, Any]], sizes: Sizes, rounds
             for name in configs}
 
 
-# -- issue 3 (a): cross-node fan-out ---------------------------------------------------------
+# -- cross-fanout: cross-node fan-out ---------------------------------------------------------
 
 
 def cross_fanout(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
@@ -322,7 +322,7 @@ def cross_fanout(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-# -- issue 3 (b): cross-node latency at 1,000 publishes/s --------------------------------------
+# -- cross-latency: cross-node latency at 1,000 publishes/s --------------------------------------
 
 
 def _paced_publisher(target: Target, channels: list[str], rate: float, seconds: float, start_at: float,
@@ -455,7 +455,7 @@ def cross_latency(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-# -- issue 3 (c): subscription churn over two nodes ---------------------------------------------
+# -- cross-churn: subscription churn over two nodes ---------------------------------------------
 
 
 def _channel_counts(node: Node, prefix: str) -> tuple[dict[str, int], bool, float]:
@@ -587,7 +587,7 @@ def cross_churn(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-# -- issue 4: webhooks ------------------------------------------------------------------------
+# -- webhooks ------------------------------------------------------------------------
 
 
 def _webhook_receiver(stack: ExitStack) -> tuple[int, subprocess.Popen[bytes]]:
@@ -834,7 +834,7 @@ def webhooks(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-# -- issue 5 (a): fan-out with recovery and history ----------------------------------------------
+# -- recovery-fanout: fan-out with recovery and history ----------------------------------------------
 
 
 def _recovery_fanout_width(n: int, publishes: int, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
@@ -880,7 +880,7 @@ def _recovery_fanout_width(n: int, publishes: int, sizes: Sizes, log: Callable[[
 
 
 def recovery_fanout(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
-    """The issue's load (1,000 subscribers), then a narrower fan-out (``rec_narrow_subscribers``),
+    """The full load (1,000 subscribers), then a narrower fan-out (``rec_narrow_subscribers``),
     where the per-publish cost of numbering and storing a message weighs more."""
     out = _recovery_fanout_width(sizes.rec_subscribers, sizes.rec_publishes, sizes, log)
     if sizes.rec_narrow_subscribers:
@@ -937,7 +937,7 @@ def publish_cost(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-# -- issue 5 (b): resume of 1,000 clients --------------------------------------------------------
+# -- resume: resume of 1,000 clients --------------------------------------------------------
 
 
 def _resume_once(label: str, connect: Node, resume_on: Node, sizes: Sizes, pids: list[int],
@@ -1194,32 +1194,32 @@ def feature_targets(results: dict[str, Any], full: bool) -> list[dict[str, Any]]
         for shape in ("strict", "pipelined"):
             v = r["ratios"][shape]["two_nodes_vs_one_node"]
             if v is not None:
-                add(f"issue 3: 2-node fan-out deliveries/s ≥ 70% of one node ({shape})", f"{v * 100:.0f}%", v >= 0.7)
+                add(f"cluster: 2-node fan-out deliveries/s ≥ 70% of one node ({shape})", f"{v * 100:.0f}%", v >= 0.7)
     r = results.get("cross-latency")
     if r and "results" in r:
         s = r["results"]["cross_node"]
         p99 = s["latency_ms_pooled"]["p99"]
-        add(f"issue 3: cross-node p99 < 50 ms at {_f(r['rate_per_s'])} publishes/s",
+        add(f"cluster: cross-node p99 < 50 ms at {_f(r['rate_per_s'])} publishes/s",
             f"{p99} ms pooled (median of rounds {s['p99_ms_median_of_rounds']} ms, "
             f"{s['publishes_per_s_median']}/s achieved)", p99 is not None and p99 < 50)
     r = results.get("cross-churn")
     if r and "exact_on_both_nodes" in r:
-        add(f"issue 3: churn ({r['seconds']} s) ends with exact /channels counts on both nodes",
+        add(f"cluster: churn ({r['seconds']} s) ends with exact /channels counts on both nodes",
             f"exact={r['exact_on_both_nodes']}, /channels/{{c}} wrong {r['single_channel_wrong_count']}",
             r["exact_on_both_nodes"] and r["single_channel_wrong_count"] == 0)
-        add("issue 3: churn causes no cross-node request timeouts",
+        add("cluster: churn causes no cross-node request timeouts",
             f"uncomplete_promises Δ {r['uncomplete_promises_delta']}, incomplete polls {r['poll_incomplete']}",
             r["no_request_timeouts"])
     r = results.get("webhooks")
     if r and "results" in r:
         rate = r["webhook_events_per_s_enqueued"]
-        add("issue 4: 2,000 webhook events/s enqueued", f"{rate:,}/s", rate >= 1900)
+        add("webhooks: 2,000 webhook events/s enqueued", f"{rate:,}/s", rate >= 1900)
         for q in ("p50", "p95", "p99"):
             v = r["latency_ratio_on_vs_off"][q]
             if v is not None:
-                add(f"issue 4: publish latency {q} with webhooks ≤ 1.10× without", f"{v}×", v <= 1.10)
+                add(f"webhooks: publish latency {q} with webhooks ≤ 1.10× without", f"{v}×", v <= 1.10)
         d = r["drain"]
-        add(f"issue 4: drained by {r['workers']} workers (batching on)",
+        add(f"webhooks: drained by {r['workers']} workers (batching on)",
             f"{d['events_per_s']} events/s, empty after {d['time_to_empty_s']} s", d["all_delivered"])
     r = results.get("recovery-fanout")
     for part in (r, (r or {}).get("narrow")):
@@ -1229,16 +1229,16 @@ def feature_targets(results: dict[str, Any], full: bool) -> list[dict[str, Any]]
             for shape in ("strict", "pipelined"):
                 v = part["ratios"][mode][shape]["deliveries_per_s_on_vs_off"]
                 if v is not None:
-                    add(f"issue 5: fan-out with recovery+history ≥ 80% of off ({mode}, {shape}, "
+                    add(f"recovery: fan-out with recovery+history ≥ 80% of off ({mode}, {shape}, "
                         f"{part['subscribers']:,} subscribers)", f"{v * 100:.0f}%", v >= 0.8)
     r = results.get("resume")
     if r and "results" in r:
         for name, s in r["results"].items():
             if "error" in s:
-                add(f"issue 5: resume of {r['clients']:,} clients < 5 s ({name})", s["error"][:60], False)
+                add(f"recovery: resume of {r['clients']:,} clients < 5 s ({name})", s["error"][:60], False)
                 continue
             exact = s["exactly_the_missed_messages"] == s["clients"]
-            add(f"issue 5: resume of {s['clients']:,} clients × {s['missed_per_client']} missed < 5 s ({name})",
+            add(f"recovery: resume of {s['clients']:,} clients × {s['missed_per_client']} missed < 5 s ({name})",
                 f"{s['wall_s']} s, {s['exactly_the_missed_messages']}/{s['clients']} exact",
                 s["wall_s"] < 5 and exact if (full or s["clients"] >= 1000) else None)
     return out

@@ -446,7 +446,7 @@ class Pools:
 class Publisher:
     """Publishes to one server: Pusher-signed ``POST /apps/{id}/events`` for Sockudo, a plain
     ``POST /publish`` for the baselines. ``fresh=True`` opens a new HTTP connection per
-    publish (the issue's baseline shape); otherwise one keep-alive connection."""
+    publish (the baseline broadcaster's shape); otherwise one keep-alive connection."""
 
     def __init__(self, target: Target, fresh: bool = False, quickack: bool = True) -> None:
         self.target = target

@@ -28,7 +28,7 @@
  *   {"cmd":"resume", ...}              reconnect, resubscribe, sockudo:resume; see resumeAll()
  *   {"cmd":"close"}                    close every client and exit
  *
- * Config extras (issues 3-5): "protocol" (7 or 2), channel kinds "private" (signed with
+ * Config extras (bench/features.py): "protocol" (7 or 2), channel kinds "private" (signed with
  * "app_secret") and "mod" (prefix + i % m).
  */
 

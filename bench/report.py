@@ -1,4 +1,4 @@
-"""The printed tables, the ratios to the baselines, and the targets of issue 8."""
+"""The printed tables, the ratios to the baselines, and the targets (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ RATIO_ON: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 }
 
 TITLES = {
-    "fanout_fresh": "1. Fan-out, fresh HTTP connection per publish (the issue's baseline shape)",
+    "fanout_fresh": "1. Fan-out, fresh HTTP connection per publish (the baseline broadcaster's shape)",
     "fanout_keepalive": "1. Fan-out, keep-alive HTTP publisher",
     "fanout_pipelined": "1. Fan-out, keep-alive HTTP publisher, publishes pipelined",
     "latency": "2. Latency (publish request sent -> frame parsed by the subscriber)",

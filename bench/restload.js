@@ -1,4 +1,4 @@
-// The REST scenario's load generator (issue 8): closed-loop publishers on keep-alive HTTP
+// The REST scenario's load generator: closed-loop publishers on keep-alive HTTP
 // connections, the way SDK users publish, from one Node process (so it is not the bottleneck).
 //
 //   node restload.js '{"port": 7000, "path": "/apps/1/events", "signed": true, "app_key": "k",

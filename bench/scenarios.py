@@ -1,4 +1,4 @@
-"""The scenarios of issue 8. Each runs against one server at a time, is bounded in count and
+"""Sockudo against the baselines. Each scenario runs against one server at a time, is bounded in count and
 time, and returns a plain dict of figures (plus ``error`` when something went wrong)."""
 
 from __future__ import annotations
@@ -47,24 +47,24 @@ class Sizes:
     client_procs: int = 2
     # Before each run, wait up to this long for the machine to go nearly idle (a shared box).
     quiet_wait_s: float = 15.0
-    # -- issues 3-5 (bench/features.py): each compares configurations in interleaved rounds --
-    # issue 3 (a): fan-out over 2 nodes vs 1 node
+    # -- bench/features.py: each compares configurations in interleaved rounds --
+    # cross-fanout: fan-out over 2 nodes vs 1 node
     cross_subscribers: int = 1000
     cross_publishes: int = 200  # per round and shape
     cross_rounds: int = 5
-    # issue 3 (b): publish on node A at xlat_rate/s, receive on node B
+    # cross-latency: publish on node A at xlat_rate/s, receive on node B
     xlat_rate: float = 1000.0
     xlat_seconds: float = 10.0  # per round
     xlat_rounds: int = 3
     xlat_receivers: int = 100
     xlat_channels: int = 10  # publishes cycle over these; receivers are spread evenly on them
     xlat_publishers: int = 4  # processes, one keep-alive connection each
-    # issue 3 (c): subscription churn over 2 nodes
+    # cross-churn: subscription churn over 2 nodes
     xchurn_clients: int = 200
     xchurn_channels: int = 1000
     xchurn_interval_ms: int = 1000
     xchurn_seconds: float = 120.0
-    # issue 4: client events -> webhook events, publish latency beside, then the drain
+    # webhooks: client events -> webhook events, publish latency beside, then the drain
     wh_senders: int = 100
     # 100 x 20.5: Node's timers run a little slow, and the target is 2,000 client events/s achieved
     wh_rate_per_sender: float = 20.5
@@ -75,17 +75,17 @@ class Sizes:
     wh_workers: int = 2
     wh_drain_timeout: float = 600.0
     wh_steady_rounds: int = 2  # then the same with the workers running
-    # issue 5 (a): fan-out with recovery/history on vs off (protocol-2 subscribers)
+    # recovery-fanout: fan-out with recovery/history on vs off (protocol-2 subscribers)
     rec_subscribers: int = 1000
     rec_publishes: int = 200
     rec_rounds: int = 5
     # ... and a narrower fan-out, where the per-publish cost weighs more (0: skip)
     rec_narrow_subscribers: int = 200
     rec_narrow_publishes: int = 500
-    # issue 5: the cost of one publish, recovery+history off vs on
+    # publish-cost: the cost of one publish, recovery+history off vs on
     cost_publishes: int = 1000
     cost_rounds: int = 5
-    # issue 5 (b): resume
+    # resume
     resume_clients: int = 1000
     resume_channels: int = 10
     resume_missed: int = 20
@@ -368,9 +368,9 @@ def workers_fanout(sizes: Sizes, single: dict[str, Any] | None) -> dict[str, Any
     try:
         with RunningServer("sockudo-2w") as server:
             redis_cpu0 = cpu_seconds([server.redis_pid])
-            # Fewer handshakes in flight than elsewhere: a burst of concurrent subscribes can
-            # exhaust redis-py's pool ("Too many connections"), after which the adapter
-            # holds cross-node broadcasts (see docs/performance.md).
+            # Fewer handshakes in flight than elsewhere, as when a burst of concurrent subscribes
+            # could exhaust redis-py's pool; the Redis client now waits for a pooled connection
+            # instead (sockudo/redis.py), so this only keeps the figures comparable.
             two = fanout(server.target, sizes, False, 1, inflight=20)
             two["redis_cpu_s"] = round(cpu_seconds([server.redis_pid]) - redis_cpu0, 3)
             two["redis_unreachable_warnings"] = server.log().count("redis unreachable")

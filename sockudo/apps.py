@@ -1,4 +1,4 @@
-"""The app store: looks apps up by id and by key (spec §8.1)."""
+"""The app store: looks apps up by id and by key."""
 
 from __future__ import annotations
 

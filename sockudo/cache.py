@@ -1,4 +1,4 @@
-"""Key-value cache with TTL, for cache-channel payloads (spec §2.6). In memory on one node."""
+"""Key-value cache with TTL, for cache-channel payloads. In memory on one node."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Cache-channel payloads shared by every node (spec §8.4)."""
+    """Cache-channel payloads shared by every node."""
 
     def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
         self.client = client

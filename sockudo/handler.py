@@ -1,4 +1,5 @@
-"""The Pusher protocol for one WebSocket connection (spec §1-§4).
+"""The Pusher protocol for one WebSocket connection
+(https://pusher.com/docs/channels/library_auth_reference/pusher-websockets-protocol/).
 
 Pure logic: it reads frames as text, talks to sockets only through ``Connection.transport``
 and to other sockets only through the adapter. No gevent, no Flask; tests drive it with a
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def new_socket_id() -> str:
-    """``a.b`` with numeric parts: SDKs validate ``^\\d+\\.\\d+$`` (spec §1.4)."""
+    """``a.b`` with numeric parts: SDKs validate ``^\\d+\\.\\d+$``."""
     return f"{random.randint(0, 10**10)}.{random.randint(0, 10**10)}"
 
 
@@ -63,7 +64,7 @@ def _origin_parts(value: str, scheme_required: bool) -> tuple[str | None, str, i
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Origin allow-list (spec §1.2): empty list allows all; ``*``/``any`` allow all;
+    """Origin allow-list: empty list allows all; ``*``/``any`` allow all;
     exact or ``https://*.example.com`` wildcard match; an entry without scheme matches the
     origin without its scheme. Case-insensitive. The origin is parsed and its host compared
     (a wildcard matches within the host only, never a path or userinfo)."""
@@ -108,7 +109,7 @@ class Handler:
     # -- connection lifecycle --------------------------------------------------
 
     def admit(self, app_key: str, origin: str | None, protocol_version: int = 7) -> AppConfig:
-        """Decide whether a new socket for ``app_key`` may connect (spec §1.2).
+        """Decide whether a new socket for ``app_key`` may connect.
 
         Raises a fatal ``PusherError`` for the server edge to send before closing.
         """
@@ -172,7 +173,7 @@ class Handler:
             tap.record(app.id, "disconnection", socket_id=conn.socket_id, reason=reason, code=close_code(reason))
 
     def check_liveness(self, conn: Connection, now: float) -> None:
-        """Called by the server's shared timer: ping idle sockets, close silent ones (§1.5)."""
+        """Called by the server's shared timer: ping idle sockets, close silent ones."""
         if conn.closed:
             return
         if conn.auth_deadline is not None and now >= conn.auth_deadline:
@@ -212,7 +213,7 @@ class Handler:
                 self._system(conn, name, msg)
             elif event.startswith(p.CLIENT_EVENT_PREFIX):
                 self._client_event(conn, msg)
-            # Anything else is ignored, as Pusher and Sockudo do (§1.3).
+            # Anything else is ignored, as Pusher and Sockudo do.
         except p.FrameError as exc:
             self.metrics.connection_error(conn.app.id, "invalid_message_format")
             self._send(conn, p.error_frame(PusherCode.GENERIC, str(exc)))
@@ -241,7 +242,7 @@ class Handler:
             self._resume(conn, p.data_object(msg))
         elif name == "channel_history":
             self._channel_history(conn, p.data_object(msg))
-        # Other pusher:/sockudo: events are ignored (§1.3).
+        # Other pusher:/sockudo: events are ignored.
 
     # -- subscribe / unsubscribe ----------------------------------------------
 
@@ -268,7 +269,7 @@ class Handler:
         finally:
             conn.release()
 
-    # -- protocol 2: resume and history (spec §7.3, §7.6) ------------------------------
+    # -- protocol 2: resume and history ------------------------------
 
     def _resume(self, conn: Connection, data: dict[str, Any]) -> None:
         app = conn.app
@@ -286,7 +287,7 @@ class Handler:
         if not requests:
             raise PusherError(PusherCode.WATCHLIST_LIMIT, "No resume positions given")
 
-        conn.hold()  # live messages wait until the replay is written (spec §7.3)
+        conn.hold()  # live messages wait until the replay is written
         delivered: dict[str, int] = {}
         try:
             recovered: list[dict[str, Any]] = []
@@ -344,7 +345,7 @@ class Handler:
 
     def _subscription_failed(self, conn: Connection, channel: str | None, exc: SubscriptionError) -> None:
         """``pusher:subscription_error`` on the channel, which pusher-js apps bind, and a
-        non-fatal ``pusher:error`` carrying the Pusher code (spec §2.3)."""
+        non-fatal ``pusher:error`` carrying the Pusher code."""
         if channel is not None:
             data = {"type": exc.error_type, "error": exc.message, "status": exc.status}
             self._send(conn, p.frame(p.SUBSCRIPTION_ERROR, data, channel=channel))
@@ -380,7 +381,7 @@ class Handler:
                 )
 
         if channel in conn.channels:
-            # Re-subscribing is idempotent; re-send the ack (spec §2.3).
+            # Re-subscribing is idempotent; re-send the ack.
             self._ack(conn, channel, kind)
             return
         limit = app.max_channels_per_connection
@@ -443,7 +444,7 @@ class Handler:
         if not isinstance(parsed, dict):
             raise SubscriptionError(PusherCode.GENERIC, "channel_data must be a JSON object", 400, "InvalidChannelData")
         raw_id = parsed.get("user_id")
-        # Some SDKs send numeric ids; accept and stringify them (spec §2.5).
+        # Some SDKs send numeric ids; accept and stringify them.
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == "":
             raise SubscriptionError(PusherCode.GENERIC, "channel_data.user_id is missing", 400, "InvalidChannelData")
         user_info = parsed.get("user_info", {})
@@ -462,7 +463,7 @@ class Handler:
         app = conn.app
         if conn.protocol == 2 and (app.connection_recovery.enabled or app.history.enabled) \
                 and p.server_to_user_id(channel) is None:
-            # Protocol 2 (spec §7.3-§7.4): the ack carries the channel's position, so even an
+            # Protocol 2: the ack carries the channel's position, so even an
             # idle channel gives the client a starting point for a later resume. A channel
             # nobody has published to has no stream yet and gets none here: its position is
             # (empty_stream_id, 0), which resumes into its first stream. (Creating the stream
@@ -513,13 +514,13 @@ class Handler:
             self._subscription_count(app, channel)
 
     def _subscription_count(self, app: AppConfig, channel: str) -> None:
-        """Pusher's opt-in ``pusher_internal:subscription_count`` (spec §2.6), cluster-wide."""
+        """Pusher's opt-in ``pusher_internal:subscription_count``, cluster-wide."""
         count = self.adapter.subscriber_count(app.id, channel)
         text = p.frame(p.SUBSCRIPTION_COUNT, p.dumps({"subscription_count": count}), channel=channel)
         self._broadcast(app, channel, OutFrame(text))
         self.events.emit(app, {"name": "subscription_count", "channel": channel, "subscription_count": count})
 
-    # -- client events (§3) ------------------------------------------------------
+    # -- client events ------------------------------------------------------
 
     def _client_event(self, conn: Connection, msg: dict[str, Any]) -> None:
         app = conn.app
@@ -583,7 +584,7 @@ class Handler:
             tap.record(app.id, "client_event", channel=channel, event=event, socket_id=conn.socket_id,
                        user_id=user_id, data=hook["data"])
 
-    # -- sign-in, users and watchlist (§4) ----------------------------------------
+    # -- sign-in, users and watchlist ----------------------------------------
 
     def _signin(self, conn: Connection, data: dict[str, Any]) -> None:
         app = conn.app

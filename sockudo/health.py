@@ -1,4 +1,4 @@
-"""Readiness for ``/up`` and ``/up/{app_id}`` (spec §3): time-boxed checks, one verdict.
+"""Readiness for ``/up`` and ``/up/{app_id}``: time-boxed checks, one verdict.
 
 Each check runs concurrently and is bounded by ``health_check_timeout_ms``
 (``HEALTH_CHECK_TIMEOUT_MS``, default 2000): a check that has not answered in time has failed.

@@ -1,5 +1,5 @@
 """Publishing one application event to a channel: the single path REST publishes and client
-events share (spec §5.4, §3, §7.2-§7.3).
+events share.
 
 It builds the frame once (and its protocol-2 form once, with ``message_id`` and, on channels
 with recovery or history, ``stream_id``/``serial``), records it in the replay buffer, stores

@@ -1,4 +1,4 @@
-"""Log redaction: no secret reaches a log line, whoever logs it (spec §2, "never logged").
+"""Log redaction: no secret reaches a log line, whoever logs it.
 
 ``RedactionFilter`` sits on the root handler (``sockudo.logs.setup_logging``), so every record
 that propagates there — ours, Flask's, werkzeug's, gevent's, RQ's — passes through it before
@@ -138,7 +138,7 @@ class Redactor:
             return REDACTED
         if isinstance(value, str):
             if key is not None and _words(key)[-1:] == ["hash"] and _HEX.fullmatch(value):
-                return value  # token_hash: a SHA-256 is how push logs name a token (spec §2)
+                return value  # token_hash: a SHA-256 is how push logs name a token
             return self.text(value)
         if value is None or isinstance(value, (bool, int, float)):
             return value

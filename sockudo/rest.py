@@ -1,4 +1,4 @@
-"""The REST API's Pusher logic (spec §5.4-§5.8), free of Flask.
+"""The REST API's Pusher logic (https://pusher.com/docs/channels/library_auth_reference/rest-api/), free of Flask.
 
 Each function takes the parsed JSON body or query values and returns the response body,
 or raises ``ApiError`` with the documented status.

@@ -1,4 +1,4 @@
-"""A bounded soak (issue 9; docs/reliability.md): two nodes joined through Redis under churn.
+"""A bounded soak (docs/reliability.md): two nodes joined through Redis under churn.
 
     make soak                      # 30 minutes (SOAK_SECONDS=1800)
     SOAK_SECONDS=300 make soak     # any length

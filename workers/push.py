@@ -1,5 +1,5 @@
 """Push jobs, enqueued by the server as ``workers.push.plan`` / ``workers.push.dispatch`` with a job
-record id (spec §6.1). Run them with ``python -m workers push`` (or plain
+record id. Run them with ``python -m workers push`` (or plain
 ``rq worker --with-scheduler push``); the worker reads the same configuration as the server
 (``SOCKUDO_CONFIG`` / ``--config`` and the environment: Redis, ``[push]``, the credentials key).
 

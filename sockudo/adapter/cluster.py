@@ -1,4 +1,4 @@
-"""Wire formats and pure helpers of the Redis adapter (spec §8.4). No I/O.
+"""Wire formats and pure helpers of the Redis adapter. No I/O.
 
 Broadcasts use Sockudo's envelope: ``{node_id, app_id, channel, message, except_socket_id,
 timestamp_ms}`` where ``message`` is the frame's JSON text. Queries use ``{request_id, node_id,

@@ -1,4 +1,4 @@
-"""The Redis adapter: several server processes and machines behave as one (spec §8.4).
+"""The Redis adapter: several server processes and machines behave as one.
 
 Three layers, as in python-socketio: the ``LocalAdapter`` keeps this node's bookkeeping and
 delivers to its sockets; this class handles everything here first, then tells the other nodes

@@ -1,4 +1,4 @@
-"""``python -m sockudo metrics tail``: a live view of the TCP metrics exporter (spec §1.3).
+"""``python -m sockudo metrics tail``: a live view of the TCP metrics exporter.
 
 Connects to ``[metrics.tcp_exporter]`` (``--host``/``--port``, else the config's, else
 127.0.0.1:5000) and prints every event as it arrives: the metadata lines (``# type name

@@ -1,4 +1,4 @@
-"""HMAC signing and verification (spec §2.4, §5.2, §6). Pure; all comparisons constant-time."""
+"""HMAC signing and verification. Pure; all comparisons constant-time."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def webhook_signature(secret: str, body: bytes) -> str:
     return sign(secret, body)
 
 
-# -- REST request signing (§5.2) -------------------------------------------------
+# -- REST request signing -------------------------------------------------
 
 
 def query_pairs(query_string: str) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """Pusher error codes and the domain errors raised by the pure core.
 
-Codes follow the Pusher protocol's ranges (spec §1.6): 4000-4099 the client must
+Codes follow the ranges of the Pusher protocol
+(https://pusher.com/docs/channels/library_auth_reference/pusher-websockets-protocol/): 4000-4099 the client must
 not reconnect, 4100-4199 back off then reconnect, 4200-4299 reconnect now,
 4300+ other (non-fatal channel or client-event errors).
 """
@@ -51,7 +52,7 @@ class SubscriptionError(Exception):
 
 
 class ApiError(Exception):
-    """An error answered by the REST API: ``{"error", "code", "status"}`` (spec §5.1)."""
+    """An error answered by the REST API: ``{"error", "code", "status"}``."""
 
     def __init__(self, status: int, slug: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

@@ -1,7 +1,7 @@
 """Per-app bookkeeping on this node: sockets, channel subscribers, presence, users.
 
 Pure data structures, no I/O. Presence is counted per *user*: a user with three tabs is
-one member, added on the first socket and removed after the last (spec §2.5).
+one member, added on the first socket and removed after the last.
 """
 
 from __future__ import annotations

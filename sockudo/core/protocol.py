@@ -1,6 +1,6 @@
 """Wire-level names, frame encoding/decoding and channel rules of the Pusher protocol.
 
-Pure: no I/O. Every wire string the server speaks lives here (spec §1.3-§2.2).
+Pure: no I/O. Every wire string the server speaks lives here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def dumps(value: Any) -> str:
 
 
 def frame(event: str, data: Any = None, channel: str | None = None, user_id: str | None = None) -> str:
-    """Encode one server frame; absent fields are omitted, never sent as null (§1.3)."""
+    """Encode one server frame; absent fields are omitted, never sent as null."""
     out: dict[str, Any] = {"event": event}
     if channel is not None:
         out["channel"] = channel
@@ -53,7 +53,7 @@ def frame(event: str, data: Any = None, channel: str | None = None, user_id: str
 
 
 def to_v2(text: str, message_id: str) -> str:
-    """The protocol-2 form of a frame (spec §7.1-§7.2): ``pusher:``/``pusher_internal:`` become
+    """The protocol-2 form of a frame: ``pusher:``/``pusher_internal:`` become
     ``sockudo:``/``sockudo_internal:``, and every non-ping frame carries a ``message_id``."""
     try:
         msg = json.loads(text)
@@ -114,7 +114,7 @@ def loads(text: str) -> Any:
 
 
 def decode_frame(text: str) -> dict[str, Any]:
-    """Parse an inbound frame. Client ``data`` may be an object or a JSON string (§1.3)."""
+    """Parse an inbound frame. Client ``data`` may be an object or a JSON string."""
     try:
         msg = loads(text)
     except (ValueError, RecursionError) as exc:
@@ -148,7 +148,7 @@ def data_object(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def system_event_name(event: str) -> str | None:
-    """``pusher:subscribe`` and ``sockudo:subscribe`` route alike (§1.3); returns ``subscribe``."""
+    """``pusher:subscribe`` and ``sockudo:subscribe`` route alike; returns ``subscribe``."""
     for prefix in SYSTEM_PREFIXES:
         if event.startswith(prefix):
             return event[len(prefix):]
@@ -171,7 +171,7 @@ class ChannelKind(Enum):
 
 
 def channel_kind(name: str) -> ChannelKind:
-    """Prefixes are checked most specific first (§2.1); cache variants keep their base kind."""
+    """Prefixes are checked most specific first; cache variants keep their base kind."""
     if name.startswith("private-encrypted-"):
         return ChannelKind.ENCRYPTED
     if name.startswith("private-"):
@@ -200,7 +200,7 @@ _CHANNEL_CHARS = re.compile(r"\A[A-Za-z0-9\-_=@,.;:#]+\Z")
 
 
 def channel_name_error(name: Any, max_length: int) -> str | None:
-    """Why ``name`` is not a valid channel name, or None (§2.2)."""
+    """Why ``name`` is not a valid channel name, or None."""
     if not isinstance(name, str) or not name:
         return "Channel name is required"
     if len(name) > max_length:

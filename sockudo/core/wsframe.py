@@ -256,9 +256,9 @@ def _valid_close_code(code: int) -> bool:
 
 
 def reply_close_code(payload: bytes) -> int:
-    """The code to answer a client's close frame with: its own code echoed when valid (§5.5.1),
+    """The code to answer a client's close frame with: its own code echoed when valid (RFC 6455 §5.5.1),
     1000 for an empty close, 1002 for an invalid code or a 1-byte payload, 1007 for a reason
-    that is not UTF-8 (§7.1.6). Echoing whatever arrived put invalid codes on the wire."""
+    that is not UTF-8 (RFC 6455 §7.1.6). Echoing whatever arrived put invalid codes on the wire."""
     if not payload:
         return CLOSE_NORMAL
     code = close_code_of(payload)

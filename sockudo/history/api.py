@@ -1,5 +1,5 @@
 """Reading channel history, shared by REST ``GET …/channels/{c}/history`` and the WebSocket
-``sockudo:channel_history`` request (spec §7.6). Pure: raises ``ApiError`` for bad input."""
+``sockudo:channel_history`` request. Pure: raises ``ApiError`` for bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Idempotent HTTP publish (spec §7.5): a repeat inside the TTL gets the first response and
+"""Idempotent HTTP publish: a repeat inside the TTL gets the first response and
 delivers nothing; a concurrent repeat waits briefly, then gets 503 with ``Retry-After``.
 
 Keys live in Redis when it is configured (so a repeat sent to another node is suppressed too),

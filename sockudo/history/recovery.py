@@ -1,4 +1,4 @@
-"""Connection recovery: the per-channel replay buffer (hot tier) and resume decisions (spec §7.3).
+"""Connection recovery: the per-channel replay buffer (hot tier) and resume decisions.
 
 Pure: no I/O, an injected clock. Every node keeps a buffer for every recovery-enabled channel
 it sees messages for (its own publishes and those received from other nodes), so a client may
@@ -14,7 +14,7 @@ from typing import Any
 
 from sockudo.config import RecoveryConfig
 
-# resume failure codes (spec §7.3)
+# resume failure codes
 STREAM_RESET = "stream_reset"
 POSITION_EXPIRED = "position_expired"
 CONTINUITY_UNVERIFIABLE = "continuity_unverifiable"
@@ -309,7 +309,7 @@ class RecoveryService:
                 result.oldest_serial = retained
         if legacy and not result.ok:
             # A serial without a stream id can only be trusted against this node's buffer;
-            # anything else cannot be verified (spec §7.3), whatever the hot tier said.
+            # anything else cannot be verified, whatever the hot tier said.
             result.code = CONTINUITY_UNVERIFIABLE
             stream_id = None
         if not result.ok:

@@ -1,4 +1,4 @@
-"""Message serials and channel history (spec §7.2, §7.6).
+"""Message serials and channel history.
 
 A *sequencer* gives each message on a recovery- or history-enabled channel its
 ``(stream_id, serial)``; with history on it also stores the message, atomically with the
@@ -47,7 +47,7 @@ class StoredMessage:
     user_id: str | None = None
 
     def frame_v2(self, channel: str, stream_id: str) -> str:
-        """The protocol-2 frame as delivered live (spec §7.2)."""
+        """The protocol-2 frame as delivered live."""
         out: dict[str, Any] = {"event": self.event, "channel": channel}
         if self.data is not None:
             out["data"] = self.data

@@ -1,4 +1,4 @@
-"""Flask app factory: one blueprint per API area, one JSON error handler (spec §5)."""
+"""Flask app factory: one blueprint per API area, one JSON error handler."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``/apps/{app_id}/push/...``: the push API (spec §6.2), Pusher-signed like every ``/apps`` route.
+"""``/apps/{app_id}/push/...``: the push API, Pusher-signed like every ``/apps`` route.
 
 Only the ``push-admin`` capability is supported: a request without ``x-sockudo-push-capability``
 is admin; any other capability is refused with 403. A key of another app gets 403.

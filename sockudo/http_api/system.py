@@ -47,7 +47,7 @@ def readiness() -> Readiness:
 
 
 def _readiness() -> tuple[str, int] | None:
-    """A failed readiness check, or None when ready (spec §3)."""
+    """A failed readiness check, or None when ready."""
     r = readiness()
     if handler().draining:
         return DRAINING, 503

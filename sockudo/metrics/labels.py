@@ -1,6 +1,6 @@
 """Constant labels on every exported series: ``environment``, ``region``, ``node``, ``adapter``.
 
-The seed asks for them on every metric. Rather than threading four more labels through every
+Operators filter and group by them on every metric. Rather than threading four more labels through every
 metric definition (and every engineer's new ones), the registry is exported through
 ``ConstantLabels``, a read-only view that adds them to each sample at collect time. Metric
 definitions and hot paths stay as they are; a scrape pays one dict merge per sample.
@@ -45,7 +45,7 @@ class ConstantLabels:
             yield relabel(family, self.labels)
 
     def restricted_registry(self, names: Iterable[str]) -> ConstantLabels:
-        """``?name[]=`` filters are ignored: the endpoint always answers everything (spec §1.1)."""
+        """``?name[]=`` filters are ignored: the endpoint always answers everything."""
         return self
 
 

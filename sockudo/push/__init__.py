@@ -1,4 +1,4 @@
-"""Push notifications (spec §6): device registry, channel/client/device recipients, asynchronous
+"""Push notifications: device registry, channel/client/device recipients, asynchronous
 publish with a status record, dispatch to APNs, FCM and Web Push by RQ workers.
 
 Modules: ``settings`` (config), ``model`` (validation, rendering), ``status`` (state machine),

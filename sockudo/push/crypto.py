@@ -2,7 +2,7 @@
 
 - compact JWS/JWT with ES256 (APNs provider tokens, VAPID) and RS256 (the FCM service-account
   assertion);
-- the credential envelope: AES-256-GCM under SHA-256(configured key), spec §6.10's format
+- the credential envelope: AES-256-GCM under SHA-256(configured key), in the format
   ``envelope:v1:aes256gcm:`` + b64url(nonce‖ciphertext‖tag), the app and provider bound in as AAD;
 - RFC 8291 Web Push message encryption (``aes128gcm``, RFC 8188 framing, one record).
 
@@ -75,7 +75,7 @@ def load_rsa_private_pem(pem: str) -> rsa.RSAPrivateKey:
 
 
 def p256_private_from_raw(raw_b64url: str) -> ec.EllipticCurvePrivateKey:
-    """VAPID private keys are the raw 32-byte scalar, base64url (spec §6.8)."""
+    """VAPID private keys are the raw 32-byte scalar, base64url."""
     raw = b64url_decode(raw_b64url)
     if len(raw) != 32:
         raise CryptoError("VAPID privateKey must be a 32-byte P-256 scalar (base64url)")
@@ -128,7 +128,7 @@ def vapid_authorization(
     return f"vapid t={token}, k={b64url(p256_public_raw(key))}"
 
 
-# -- credential envelope (spec §6.10) ---------------------------------------------------------
+# -- credential envelope ---------------------------------------------------------
 
 ENVELOPE_PREFIX = "envelope:v1:aes256gcm:"
 

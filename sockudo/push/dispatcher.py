@@ -1,4 +1,4 @@
-"""The push pipeline's work: planning a publish and dispatching delivery batches (spec §6.1, §6.7–6.9).
+"""The push pipeline's work: planning a publish and dispatching delivery batches.
 
 Runs inside RQ work-horses (``workers/push.py``) or the embedded in-process queue. Every job is a
 *job record* in the store (``plan`` or ``dispatch``) with a **lease**: the worker renews it after

@@ -1,8 +1,8 @@
-"""Push metrics (spec §1.2 I: Sockudo's ``sockudo_push_*`` names, never prefixed), created against
+"""Push metrics (Sockudo's ``sockudo_push_*`` names, never prefixed), created against
 an injected registry. prometheus-client renders counters with ``_total`` (docs/metrics.md).
 
 Labels are bounded: ``app`` (app id), ``provider`` (apns|fcm|webpush), ``status``/``outcome``,
-``failure_class`` (spec's 8 classes), ``stage``/``state`` — never publish ids, devices or tokens.
+``failure_class`` (8 classes), ``stage``/``state`` — never publish ids, devices or tokens.
 
 Code that runs inside forked RQ work-horses records into a :class:`RecordingMetrics`; the job
 leaves the recorded operations in ``job.meta`` and the worker's long-lived main process replays

@@ -1,11 +1,13 @@
-"""Request validation and payload rendering for the push API (spec §6.3–6.5). Pure: no I/O.
+"""Request validation and payload rendering for the push API. Pure: no I/O.
 
-Casing: request bodies use the spec's camelCase (``publishId``, ``notBeforeMs`` …); the seed's
+Casing: request bodies use the camelCase of Sockudo's push API
+(https://sockudo.io/docs/server/push-notifications/: ``publishId``,
+``notBeforeMs`` …); snake_case
 ``publish_id`` is accepted as an alias and ``sync`` is accepted and ignored (publishing is always
-asynchronous). Recipient objects use the spec's snake_case inner fields (``device_id``,
+asynchronous). Recipient objects use Sockudo's snake_case inner fields (``device_id``,
 ``client_id``) and camelCase is accepted too. Responses are camelCase, except list envelopes
-(``items``, ``next_cursor``, ``has_more``, as in the spec) and the publish response, which carries
-``publish_id`` beside ``publishId`` for the seed's SDK example.
+(``items``, ``next_cursor``, ``has_more``, as Sockudo's) and the publish response, which carries
+``publish_id`` beside ``publishId`` for clients that read the snake_case name.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def bad(message: str) -> ApiError:
 
 
 def provider_name(value: Any) -> str:
-    """``webPush`` (spec serde name) and ``webpush`` both mean Web Push."""
+    """``webPush`` (Sockudo's spelling) and ``webpush`` both mean Web Push."""
     if not isinstance(value, str):
         raise bad("provider must be a string")
     name = {"webPush": "webpush", "gcm": "fcm"}.get(value, value).lower()
@@ -181,7 +183,7 @@ def token_hash(recipient: Mapping[str, str]) -> str:
 
 
 def parse_device(app_id: str, body: Any, *, now_ms: int, allow_insecure: bool) -> dict[str, Any]:
-    """A device registration body → the stored device record (spec §6.3)."""
+    """A device registration body → the stored device record."""
     body = _object(body, "body")
     device_id = _str(body, "id", required=True, max_bytes=256)
     assert device_id is not None
@@ -230,7 +232,7 @@ def device_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def device_view(device: Mapping[str, Any]) -> dict[str, Any]:
-    """What the API shows of a device: never the token itself (spec §6.3)."""
+    """What the API shows of a device: never the token itself."""
     return {
         "appId": device["appId"],
         "id": device["id"],
@@ -372,7 +374,7 @@ def _parse_payload(raw: Any) -> dict[str, Any]:
 def render(
     payload: Mapping[str, Any], overrides: Mapping[str, dict[str, Any]], expires_at_ms: int | None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bool]]:
-    """The provider payloads (spec §6.8 mappings); an override replaces a provider's mapping."""
+    """The provider payloads; an override replaces a provider's mapping."""
     data = payload.get("templateData") or {}
     alert = {k: payload[k] for k in ("title", "body") if k in payload}
     # APNs

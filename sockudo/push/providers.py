@@ -1,4 +1,4 @@
-"""APNs, FCM HTTP v1 and Web Push: credentials, wire requests, response classification (spec §6.8).
+"""APNs, FCM HTTP v1 and Web Push: credentials, wire requests, response classification.
 
 The classifiers (``classify_*``) are pure functions of (status, headers, body). The senders
 speak the real protocols against configurable base URLs: HTTP/2 for APNs (ALPN ``h2`` on https,
@@ -60,7 +60,7 @@ REJECTED = "rejected"
 RETRYABLE = "retryable"
 EXPIRED = "expired"  # not sent: the push's expiresAtMs passed before the request went out
 
-# failure classes (spec §1.2 I)
+# failure classes
 DEVICE_TERMINAL = "device_terminal"
 PROVIDER_TRANSIENT = "provider_transient"
 PROVIDER_QUOTA = "provider_quota"

@@ -1,4 +1,4 @@
-"""Retry timing (spec §6.9). Pure.
+"""Retry timing. Pure.
 
 Delay for attempt n (the attempt that just failed) = ``initial · 2^(n−1)`` capped at
 ``max_backoff``, ± ``jitter_ratio`` drawn deterministically from SHA-256 of the retry key (so a

@@ -1,4 +1,4 @@
-"""The push API's logic (spec §6.2–6.6), without Flask: devices, subscriptions, credentials,
+"""The push API's logic, without Flask: devices, subscriptions, credentials,
 admission of publishes, status, dead letters; plus the maintenance tick (lease reaper).
 
 ``build_push`` is the composition used by the server (and, with ``for_worker=True``, by RQ jobs):
@@ -456,7 +456,7 @@ def build_push(
 
 
 def _subscription_view(app_id: str, channel: str, device_id: str, device: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A channel subscription as the API shows it (spec §6.4 body): the device's client id,
+    """A channel subscription as the API shows it: the device's client id,
     provider and token hash beside the channel — never the token."""
     device = device or {}
     return {

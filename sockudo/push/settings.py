@@ -1,4 +1,4 @@
-"""``[push]`` configuration (spec §6.10), then environment overrides. Pure: no I/O.
+"""``[push]`` configuration, then environment overrides. Pure: no I/O.
 
 Every key can be set in the TOML ``[push]`` table (``[push.retry]`` for the retry policy) or by
 ``PUSH_<KEY>`` / ``PUSH_RETRY_<KEY>``; Sockudo's provider variables (``APNS_ENDPOINT``,
@@ -19,7 +19,7 @@ from sockudo.core.errors import ConfigError
 
 @dataclass(frozen=True)
 class PushRetryPolicy:
-    """``[push.retry]``: exponential backoff with jitter, bounded by attempts and age (spec §6.9)."""
+    """``[push.retry]``: exponential backoff with jitter, bounded by attempts and age."""
 
     max_attempts: int = 5  # deliveries tried at most this many times (1–100)
     initial_backoff_ms: int = 1000
@@ -70,7 +70,7 @@ class PushSettings:
 
 QUEUE_DRIVERS = ("auto", "redis", "memory")
 
-_ALIASES = {  # Sockudo's variable names (spec §6.10) → key
+_ALIASES = {  # Sockudo's variable names → key
     "PUSH_CREDENTIAL_ENCRYPTION_KEY": "credentials_key",
     "APNS_ENDPOINT": "apns_endpoint",
     "APNS_TOPIC": "apns_topic",

@@ -1,4 +1,4 @@
-"""The publish status record and its monotonic state machine (spec §6.6). Pure: no I/O.
+"""The publish status record and its monotonic state machine. Pure: no I/O.
 
 A status record is a flat mapping (a Redis hash in production) of counters and fields. Each
 planned delivery — one per (publishId, deviceId) — also has a small *delivery state* string:
@@ -142,7 +142,7 @@ def _int(record: Mapping[str, object], key: str) -> int:
 
 
 def terminal_state(record: Mapping[str, object]) -> str | None:
-    """Spec §6.6: once every planned delivery has an end, the publish has one."""
+    """Once every planned delivery has an end, the publish has one."""
     planned = _int(record, "planned")
     ok, failed = _int(record, "succeeded"), _int(record, "failed")
     expired, dead = _int(record, "expired"), _int(record, "deadLettered")
@@ -233,7 +233,7 @@ def settle(
     due_ms: int | None = None,
     replay: bool = False,
 ) -> Change:
-    """Record the end of one attempt (spec §6.6 feedback rules)."""
+    """Record the end of one attempt."""
     kind, _ = parse_delivery(state)
     change = Change()
     if kind in FINAL_CODES:
@@ -289,7 +289,7 @@ def public_view(
     undelivered: list[dict[str, str]] | None = None,
     possible_duplicates: list[str] | None = None,
 ) -> dict[str, object]:
-    """``GET …/status``: spec §6.6's shape, camelCase, plus support detail (capped lists)."""
+    """``GET …/status``: Sockudo's status shape, camelCase, plus support detail (capped lists)."""
     view: dict[str, object] = {
         "appId": record.get("appId"),
         "publishId": record.get("publishId"),

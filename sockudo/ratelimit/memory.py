@@ -1,5 +1,5 @@
 """The main listener's protections, pure: ``[rate_limiter]`` and ``[ssl]`` settings, the per-IP
-rate limiter and connection counter (spec §1.1, §1.2, §5.1; docs/security.md).
+rate limiter and connection counter (docs/security.md).
 
 No I/O and no gevent: ``sockudo/server/guard.py`` applies these to the WSGI server. Counters
 live in this process (``driver = "memory"``): with several nodes behind a balancer, one IP may

@@ -427,7 +427,7 @@ class GuardedHandler(WebSocketHandler):
 
         def too_many(_environ: dict[str, Any], start_response: Any) -> list[bytes]:
             headers = [("Retry-After", retry), ("Connection", "close")]
-            if api:  # Sockudo's headers on the REST API (spec §5.1)
+            if api:  # Sockudo's headers on the REST API
                 body = error_body(429, "rate_limited", message)
                 headers += [("Content-Type", "application/json"), ("X-RateLimit-Limit", str(limit)),
                             ("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", str(int(time.time()) + int(retry)))]

@@ -69,7 +69,7 @@ def build_services(config: Config) -> Services:
 
         client = clients.shared
         adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id, client=client)
-        # Shared state must be cluster-wide (spec §8.4): serials/history, idempotency keys and
+        # Shared state must be cluster-wide: serials/history, idempotency keys and
         # cache-channel payloads live in Redis, under their own prefix.
         extras["sequencer"] = RedisSequencer(client, prefix="sockudo:")
         extras["idempotency"] = RedisIdempotency(client, prefix="sockudo:")
@@ -204,7 +204,7 @@ class Server:
         adapter.start()
         # Give Redis a moment before taking sockets: decisions made before the adapter is
         # connected are node-local (a second channel_occupied, a duplicate member_added).
-        # If Redis is down we go on after this, degraded, and /up says so (spec §8.4).
+        # If Redis is down we go on after this, degraded, and /up says so.
         if not adapter.wait_connected(STARTUP_ADAPTER_WAIT_SECONDS):
             logger.warning("starting without redis; cross-node delivery begins once it is reachable")
         reuse_port = os.environ.get("SOCKUDO_REUSE_PORT") == "1"

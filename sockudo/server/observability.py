@@ -33,7 +33,7 @@ def metrics_app(config: Config, registry: Any) -> MetricsListener:
 
 
 def start_tcp_exporter(config: Config, registry: Any) -> TcpExporter | None:
-    """``[metrics.tcp_exporter]``; a bind failure is a warning and Prometheus carries on (spec §1.3)."""
+    """``[metrics.tcp_exporter]``; a bind failure is a warning and Prometheus carries on."""
     tcp = config.metrics.tcp_exporter
     if not tcp.enabled:
         return None

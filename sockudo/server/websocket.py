@@ -37,7 +37,7 @@ APP_PATH_PREFIX = "/app/"
 
 
 def protocol_version(environ: dict[str, Any]) -> int | None:
-    """``?protocol=`` as an int (missing → 7); None when not numeric (HTTP 400, spec §1.2)."""
+    """``?protocol=`` as an int (missing → 7); None when not numeric (HTTP 400)."""
     values = parse_qs(environ.get("QUERY_STRING", "")).get("protocol")
     if not values:
         return 7
@@ -55,7 +55,7 @@ class ConnectionRegistry:
 
 
 def _refuse(sock: socket.socket, exc: PusherError) -> None:
-    """Handshake refusal: ``pusher:error`` then close with the same code (spec §1.2)."""
+    """Handshake refusal: ``pusher:error`` then close with the same code."""
     try:
         sock.sendall(encode_text(protocol.error_frame(exc.code, exc.message)) + encode_close(exc.code, exc.message))
         if not is_tls(sock):  # a TLS socket loses its TLS layer on shutdown (guard.is_tls)

@@ -1,7 +1,7 @@
 """Sending one delivery attempt, deciding what happens next, and keeping dead letters.
 
 Shared by the RQ job (``workers.webhooks``) and the server's in-process queue, so both
-follow the same policy (spec §5.3): 2xx done; retryable failures wait ``1, 2, 4 … 60`` s
+follow the same policy: 2xx done; retryable failures wait ``1, 2, 4 … 60`` s
 until the next wait would pass the budget (≈5 min); permanent failures stop at once; a
 delivery that stops without success becomes a **dead letter** with what is needed to
 replay it (never the signature: a replay is signed again).

@@ -1,4 +1,4 @@
-"""Channel and member lifecycle events, in Pusher's webhook event shape (spec §6).
+"""Channel and member lifecycle events, in Pusher's webhook event shape.
 
 The handler reports them here. When an app has webhooks the composition root plugs in
 ``webhook_sink.WebhookSink``; otherwise the null sink drops nothing anyone asked for.

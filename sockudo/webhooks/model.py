@@ -1,4 +1,5 @@
-"""Webhooks in Pusher's format: configuration, filters, batching, signing, retry policy (spec §5, protocol §6).
+"""Webhooks in Pusher's format: configuration, filters, batching, signing, retry policy
+(https://pusher.com/docs/channels/server_api/webhooks/).
 
 Pure: no gevent, no Flask, no RQ, no sockets. The services that queue and send deliveries
 (``webhook_sink``, ``webhook_delivery``, ``workers.webhooks``) are built on these pieces.
@@ -33,7 +34,7 @@ from sockudo.config.coerce import check_keys, table, to_bool, to_int, to_str
 from sockudo.core.auth import webhook_signature
 from sockudo.core.errors import ConfigError
 
-# -- wire names (spec §5.2) ------------------------------------------------------
+# -- wire names ------------------------------------------------------
 
 CHANNEL_OCCUPIED = "channel_occupied"
 CHANNEL_VACATED = "channel_vacated"
@@ -79,7 +80,7 @@ PAYLOAD_VERSION = 1
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff from ``initial_backoff_ms``, doubling, capped at ``max_backoff_ms``,
-    until the next wait would pass ``max_elapsed_time_ms`` since the first attempt (spec §5.3.6)."""
+    until the next wait would pass ``max_elapsed_time_ms`` since the first attempt."""
 
     enabled: bool = True
     max_attempts: int | None = None  # None: limited by time only
@@ -138,7 +139,7 @@ class WebhookSettings:
     batching_size: int = 100
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # channel_vacated / member_removed wait this long and are dropped if the channel or
-    # member is back by then (spec §5.2: 3 s). 0 sends them at once.
+    # member is back by then (Sockudo's default: 3 s). 0 sends them at once.
     debounce_ms: int = 3000
     # "auto": RQ on Redis when Redis is configured, else the in-process queue.
     queue_driver: str = "auto"
@@ -231,7 +232,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str] | None = None)
 
 @dataclass(frozen=True)
 class ChannelFilter:
-    """Every given constraint must hold (spec §5.1). Events without a channel test as ``""``."""
+    """Every given constraint must hold. Events without a channel test as ``""``."""
 
     prefix: str | None = None
     suffix: str | None = None
@@ -430,14 +431,14 @@ def wanted_event_types(endpoints: Iterable[WebhookEndpoint]) -> frozenset[str]:
 
 
 def normalize_event(event: Mapping[str, Any]) -> dict[str, Any]:
-    """Complete an event to Pusher's shape: ``cache_miss`` carries ``data: "{}"`` (protocol §6)."""
+    """Complete an event to Pusher's shape: ``cache_miss`` carries ``data: "{}"``."""
     out = dict(event)
     if out.get("name") == CACHE_MISS:
         out.setdefault("data", "{}")
     return out
 
 
-# -- batching (spec §5.3.2) -------------------------------------------------------------
+# -- batching -------------------------------------------------------------
 
 
 @dataclass
@@ -666,7 +667,7 @@ def resign(record: Mapping[str, Any], app_key: str, secret: str, time_ms: int, s
     )
 
 
-# -- outcomes (spec §5.3.5) ----------------------------------------------------------------
+# -- outcomes ----------------------------------------------------------------
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 

@@ -1,4 +1,4 @@
-"""The server's webhook pipeline: lifecycle events in, signed deliveries out (spec §5.2-5.3).
+"""The server's webhook pipeline: lifecycle events in, signed deliveries out.
 
 ``WebhookSink`` is the ``LifecycleSink`` the handler emits into. ``emit`` only appends to an
 in-memory inbox (the handler never waits on Redis or HTTP); one pump greenlet (from the
@@ -287,7 +287,7 @@ class WebhookSink:
 
     def _still_gone(self, app: AppConfig, event: dict[str, Any]) -> bool:
         """``channel_vacated`` only at a cluster-wide count of 0; ``member_removed`` only if the
-        user is in no node's member list. When the check itself fails, send (spec §5.2)."""
+        user is in no node's member list. When the check itself fails, send."""
         channel = str(event.get("channel", ""))
         try:
             if event.get("name") == CHANNEL_VACATED:

@@ -1,4 +1,4 @@
-"""Several server processes joined through Redis behave as one server (issue 3, spec §8.4).
+"""Several server processes joined through Redis behave as one server.
 
 Real redis-server (plus a replica and a Sentinel for the failover test), real ``python -m
 sockudo`` processes on their own ports, real pusher-js clients (``tests/js/driver.js``) and the

@@ -1,12 +1,12 @@
-"""Graceful deploys (issue 9; docs/reliability.md): a rolling restart of two nodes under traffic.
+"""Graceful deploys (docs/reliability.md): a rolling restart of two nodes under traffic.
 
 Two nodes joined through Redis, an app with connection recovery and history. Six protocol-2
 clients (three per node) are subscribed to a feed and members of a presence channel; a
 publisher sends numbered messages without pause, through whichever node answers. Node A gets
 SIGTERM, is started again, then node B the same. Each client reconnects to the other node when
 told 4200, re-subscribes and resumes from the last serial it saw, holding live messages until
-``resume_success`` and dropping any serial it already has (the client's half of the protocol,
-spec §7.3).
+``resume_success`` and dropping any serial it already has (the client's half of connection
+recovery, docs/recovery-and-history.md).
 
 Proven: every acknowledged publish reaches every client, each exactly once and in serial order;
 no resume fails; presence lists all six users on both nodes at the end and nobody once they leave.

@@ -1,4 +1,4 @@
-"""Faults as automated tests with real processes (issue 9; docs/reliability.md).
+"""Faults as automated tests with real processes (docs/reliability.md).
 
 Already proven elsewhere, and not repeated here: ``kill -9`` of a node under traffic
 (``test_cluster.py::test_kill_9_removes_the_dead_nodes_members_within_the_bound``), a Redis
@@ -10,7 +10,7 @@ test_redis_restart_mid_run_resumes_delivery_and_presence``), start-up with Redis
 
 Here:
 
-- **Redis stopped for a while** (``FAULT_REDIS_OUTAGE_SECONDS``, default 30, as the issue asks) under traffic, with
+- **Redis stopped for a while** (``FAULT_REDIS_OUTAGE_SECONDS``, default 30) under traffic, with
   webhooks and an RQ worker: local delivery never stops, cross-node delivery resumes, and every
   webhook event raised during the outage is delivered afterwards;
 - **Redis out of memory** (``maxmemory`` + ``noeviction``) with history on: publishes fail with
@@ -46,7 +46,7 @@ from tests.support.webhooks import Receiver, WorkerProcess
 from tests.support.wsmany import Fleet, connect_many
 from tests.support.wsraw import RawClient
 
-OUTAGE_SECONDS = float(os.environ.get("FAULT_REDIS_OUTAGE_SECONDS", "30"))  # the issue: 30 s
+OUTAGE_SECONDS = float(os.environ.get("FAULT_REDIS_OUTAGE_SECONDS", "30"))
 KEY, SECRET, APP_ID = "fault-key", "fault-secret", "100"
 FAST_WEBHOOKS: dict[str, Any] = {
     "debounce_ms": 300, "batching": {"enabled": True, "duration": 50, "size": 100},

@@ -1,4 +1,4 @@
-"""Hostile input against a REAL server (issue 9): a bounded number of hypothesis examples.
+"""Hostile input against a REAL server: a bounded number of hypothesis examples.
 
 WebSocket: each example opens a raw TCP WebSocket and sends a random sequence of frames —
 JSON frames from the handler fuzzer's generator (``tests/unit/test_fuzz_handler.py``), binary
@@ -62,7 +62,7 @@ LIVE = settings(max_examples=EXAMPLES, deadline=None,
 #: Close codes a server may send besides the Pusher ones: normal, protocol error, invalid data,
 #: too many fragments.
 RFC_CLOSE_CODES = {1000, 1002, 1007, 1009}
-#: Statuses the REST API documents (spec §5.9; 201/202/204 are the push API's).
+#: Statuses the REST API documents (docs/rest-api.md; 201/202/204 are the push API's).
 DOCUMENTED_STATUSES = {200, 201, 202, 204, 400, 401, 403, 404, 405, 413, 415, 422, 429, 503}
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 MAX_PAYLOAD_KB = 16

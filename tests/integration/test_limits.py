@@ -1,4 +1,4 @@
-"""Resource limits, each tried to exhaustion against a real server (issue 9; docs/security.md).
+"""Resource limits, each tried to exhaustion against a real server (docs/security.md).
 
 - the inbound message limit is enforced from the frame header: a gigabyte declared and 48 MiB
   streamed never grows the server's memory by more than a few MiB, and an 8 MiB message gets

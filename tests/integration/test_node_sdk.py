@@ -1,7 +1,7 @@
 """The node ``pusher`` server SDK (what Laravel/Node backends publish with) against a real
 server, with pusher-js subscribers receiving (the driver's ``rest`` command, tests/js/README.md).
 
-Spec §5 (HTTP API) and §4.2 (server-to-user, terminate). The node SDK differs from the
+Covers the HTTP API, server-to-user and terminate. The node SDK differs from the
 Python one in ways the server must absorb: compact JSON bodies, no ``body_md5`` on GETs,
 and ``terminateUserConnections`` posting to the ``/apps/{id}/users/...`` route.
 """

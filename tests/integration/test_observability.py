@@ -1,4 +1,4 @@
-"""Observability end to end (issue 7): real servers on Redis, a real worker (webhooks and push)
+"""Observability end to end: real servers on Redis, a real worker (webhooks and push)
 with local fake APNs and FCM (tests/support/fake_push.py), a real Prometheus (Debian's package)
 scraping them, the TCP exporter decoded with the protobuf schema, JSON logs read back from the
 server's and the worker's output.
@@ -312,7 +312,7 @@ def test_scenario_moves_every_signal(deployment: Deployment) -> None:
     assert signed(a, "GET", path, params={"cursor": "not-a-cursor"}).status_code == 400
 
     # push with one bad token: a good FCM device and an APNs device the provider calls dead, on one
-    # channel, published as the seed's status workflow has it (sync: false -> publish_id -> status)
+    # channel, published the way SDK users do (sync: false -> publish_id -> status)
     push = deployment.push
     good = push.device(a, "obs-android-zz1", "fcm", "orders-zz1")
     dead = push.device(a, "obs-ios-zz1", "apns", "orders-zz1")

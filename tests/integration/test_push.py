@@ -113,11 +113,11 @@ def test_channel_publish_reaches_apns_fcm_and_web_push(push: Push) -> None:
     }
 
 
-def test_seed_workflow_sync_false_returns_publish_id_and_status_answers(push: Push) -> None:
+def test_sync_false_returns_publish_id_and_status_answers(push: Push) -> None:
     channel = channel_name()
-    token = push.fcm_device("seed-android")
-    push.subscribe(channel, "seed-android")
-    # The seed's SDK example: snake_case publish_id in the answer, `sync: false` in the request.
+    token = push.fcm_device("snake-android")
+    push.subscribe(channel, "snake-android")
+    # As SDK users publish: snake_case publish_id in the answer, `sync: false` in the request.
     resp = push.publish(
         {
             "recipients": [{"type": "channel", "channel": channel}],
@@ -133,7 +133,7 @@ def test_seed_workflow_sync_false_returns_publish_id_and_status_answers(push: Pu
     assert push.fcm.accepted_count(token) == 1
     # `sync: true` (or ?mode=sync) is tolerated and answered asynchronously, and says so.
     resp = push.publish(
-        {"recipients": [{"type": "device", "device_id": "seed-android"}], "payload": {"body": "again"}, "sync": True}
+        {"recipients": [{"type": "device", "device_id": "snake-android"}], "payload": {"body": "again"}, "sync": True}
     )
     assert resp.status_code == 202 and resp.headers["X-Sockudo-Forced-Async"] == "publish-api-is-async"
     assert push.call("GET", "/publish/no-such-publish/status").status_code == 404
@@ -395,7 +395,7 @@ def test_publish_id_makes_publishing_idempotent_and_a_different_body_conflicts(p
     assert again.status_code == 202 and again.json()["duplicate"] is True
     assert again.json()["status"] == "succeeded" and again.json()["publishId"] == body["publishId"]
     snake = push.publish({**{k: v for k, v in body.items() if k != "publishId"}, "publish_id": body["publishId"]})
-    assert snake.status_code == 202 and snake.json()["duplicate"] is True  # the seed's spelling, same publish
+    assert snake.status_code == 202 and snake.json()["duplicate"] is True  # the snake_case spelling, same publish
     conflict = push.publish({**body, "payload": {"title": "twice"}})
     assert conflict.status_code == 409 and conflict.json()["code"] == "conflict"
     assert push.fcm.accepted_count(token) == 1
@@ -502,7 +502,7 @@ def test_device_registry_and_subscriptions_api(push: Push) -> None:
         push.subscribe(channel, f"{user}-{i}")
     subs = push.call("GET", "/channelSubscriptions", params={"channel": channel}).json()
     assert [s["deviceId"] for s in subs["items"]] == [f"{user}-{i}" for i in range(3)]
-    for item in subs["items"]:  # the spec's subscription body: client, provider and token hash, never the token
+    for item in subs["items"]:  # the subscription body: client, provider and token hash, never the token
         assert item["clientId"] == user and item["provider"] in ("apns", "fcm", "webPush"), item
         assert len(item["tokenHash"]) == 64 and set(item) == {
             "appId", "channel", "deviceId", "clientId", "provider", "tokenHash"}, item

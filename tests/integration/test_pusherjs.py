@@ -4,7 +4,7 @@ node ``pusher`` SDK) subscribing, and the official Python ``pusher`` SDK publish
 What a user of a Pusher-compatible server relies on: delivery with the exact data, socket
 exclusion, private/presence/encrypted/cache channels, client events, sign-in with
 server-to-user events and watchlists, terminating users, the connection-level error codes
-pusher-js acts on (spec §1.2, §1.6), and the channel queries of the REST API (§5).
+pusher-js acts on, and the channel queries of the REST API.
 
 One server per module, with one app per feature that needs its own settings or an exact
 channel list; every test uses its own channel and user names. "Did not happen" is shown by

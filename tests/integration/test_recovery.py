@@ -1,5 +1,5 @@
-"""Connection recovery, channel history and idempotent publish with real servers (issue 5,
-spec §7.1-§7.3, §7.5, §7.6).
+"""Connection recovery, channel history and idempotent publish with real servers
+(docs/recovery-and-history.md).
 
 Real ``python -m sockudo`` processes on free ports, a real redis-server (flushed before each
 test) for the cluster-wide store, raw ``?protocol=2`` sockets (websocket-client), the real

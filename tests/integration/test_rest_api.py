@@ -1,7 +1,7 @@
 """The REST API of a real server, driven by the official ``pusher`` Python SDK and by
 hand-signed HTTP requests, with raw WebSocket subscribers checking what is delivered.
 
-Spec §5 (HTTP API), §2.4 (channel signatures), §4 (users). The servers are shared per
+Covers the HTTP API, channel signatures and users. The servers are shared per
 module; every test uses its own channel names and users.
 """
 
@@ -76,7 +76,7 @@ def presence_auth(sdk: pusher.Pusher, channel: str, client: RawClient, user_id: 
     return auth
 
 
-# -- hand-signed requests (§5.2) ------------------------------------------------------
+# -- hand-signed requests ------------------------------------------------------
 
 
 def signed_query(app: dict[str, Any], method: str, path: str, params: dict[str, str] | None = None,
@@ -311,7 +311,7 @@ def test_send_to_user_reaches_signed_in_socket_only(server, sdk, clients):
     assert anonymous.recv()["event"] == "after"
 
 
-# -- signing and bad input (§5.2, §5.4-§5.9) ------------------------------------------------
+# -- signing and bad input ------------------------------------------------
 
 
 def test_forged_signature_is_401(server, sdk, watcher):
@@ -584,7 +584,7 @@ def test_body_over_request_limit_is_413(server_factory):
         watcher.close()
 
 
-# -- unsigned operational endpoints (§5.3) ---------------------------------------------
+# -- unsigned operational endpoints ---------------------------------------------
 
 
 def test_health_endpoints(server):

@@ -1,4 +1,4 @@
-"""Security properties of a real server (issue 9; docs/security.md):
+"""Security properties of a real server (docs/security.md):
 
 - TLS on the listener (``[ssl]``): ``wss://`` with websocket-client and an ``https`` REST call,
   against a self-signed certificate made here with ``cryptography``; a client that never starts
@@ -342,7 +342,7 @@ def test_apps_sharing_channel_and_user_names_never_see_each_other(two_nodes):
 
 # -- operator endpoints require signatures -----------------------------------------------------------
 
-#: The routes that answer without a signature, on purpose (spec §5.3): health and usage (soketi's
+#: The routes that answer without a signature, on purpose: health and usage (soketi's
 #: ``/`` and ``/ready`` included), plus the WebSocket path (authenticated per channel). Anything
 #: else unsigned is a finding.
 UNSIGNED_ROUTES = {"/", "/ready", "/live", "/up", "/up/<app_id>", "/usage"}

@@ -1,4 +1,4 @@
-"""The soak's CI variant (issue 9): ``tests/soak.py`` for ``SOAK_CI_SECONDS`` (default 180 s, the issue's length).
+"""The soak's CI variant: ``tests/soak.py`` for ``SOAK_CI_SECONDS`` (default 180 s).
 
 ``make soak`` runs the full 30 minutes (``SOAK_SECONDS``).
 """

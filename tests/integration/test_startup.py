@@ -1,6 +1,5 @@
 """Starting ``python -m sockudo`` for real: bad configuration fails fast and loudly, no
-configuration serves the built-in app, and the port variables and flags are honoured
-(spec §8.2, §1.1).
+configuration serves the built-in app, and the port variables and flags are honoured.
 """
 
 from __future__ import annotations

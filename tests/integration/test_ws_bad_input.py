@@ -1,6 +1,6 @@
 """Bad input on the WebSocket side of a real server, sent as raw frames.
 
-Each test asserts the exact Pusher code (spec §1.2, §1.5, §1.6, §2.3, §3) and that another
+Each test asserts the exact Pusher code and that another
 client, connected before the bad input, still receives a publish afterwards. One
 multi-app server is shared by most tests; limits that would disturb other tests
 (payload size, activity timeout) get a server of their own.
@@ -78,7 +78,7 @@ def assert_error(client: RawClient, code: int) -> dict[str, Any]:
     return frame
 
 
-# -- refused at connect (§1.2) ----------------------------------------------------------
+# -- refused at connect ----------------------------------------------------------
 
 
 def test_unknown_app_key_gets_4001_then_close(server, sdk, watcher, clients):
@@ -163,7 +163,7 @@ def test_protocols_5_to_7_and_newer_are_served_as_pusher_7(server, sdk, version)
         client.close()
 
 
-# -- malformed frames on an open socket (§1.3, §1.5) --------------------------------------
+# -- malformed frames on an open socket --------------------------------------
 
 
 @pytest.mark.parametrize("text", [
@@ -264,7 +264,7 @@ def test_rfc6455_violations_close_1002(server, sdk, watcher, opcode, payload, kw
     assert_others_unaffected(sdk, watcher)
 
 
-# -- subscriptions and client events over the limits (§2.3, §3) ------------------------------
+# -- subscriptions and client events over the limits ------------------------------
 
 
 def test_presence_channel_over_max_members_gets_subscription_error_and_4100(server, sdk, watcher, clients):
@@ -365,7 +365,7 @@ def test_client_events_over_rate_limit_get_4301(server, sdk, watcher, clients):
     assert_others_unaffected(sdk, watcher)
 
 
-# -- a server with a 1 KB inbound message limit (§1.5 sizes) -----------------------------------
+# -- a server with a 1 KB inbound message limit -----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +404,7 @@ def test_message_over_max_payload_gets_4000_and_socket_survives(small_server, cl
     assert_others_unaffected(sdk, other)
 
 
-# -- activity timeout (§1.5), on a server with 1 s timeouts ---------------------------------
+# -- activity timeout, on a server with 1 s timeouts ---------------------------------
 
 
 def test_activity_timeout_pings_then_closes_silent_client_only(server_factory, clients):

@@ -1,4 +1,4 @@
-"""Local fake push providers that check what the real ones check (spec §6.11).
+"""Local fake push providers that check what the real ones check.
 
 - :class:`FakeAPNs`: HTTP/2 over TLS (ALPN ``h2``, a self-signed certificate made here with
   ``cryptography``; the server under test trusts it through ``push.ca_file``), served with the

@@ -1,4 +1,4 @@
-"""The TTL cache behind cache channels (spec §2.6): in memory on a fake clock, and Redis away."""
+"""The TTL cache behind cache channels: in memory on a fake clock, and Redis away."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile input fed to the pure ``Handler`` (issue 9), property-based with hypothesis.
+"""Hostile input fed to the pure ``Handler``, property-based with hypothesis.
 
 Random and mutated JSON frames, wrong types in every field of every event, huge and deeply
 nested payloads, JSON escapes that decode to invalid Unicode (lone surrogates), ``NaN`` and
@@ -8,7 +8,7 @@ nested payloads, JSON escapes that decode to invalid Unicode (lone surrogates), 
   "Internal server error", which is a bug, not an answer);
 - every frame the server writes is JSON that encodes to valid UTF-8 (the writer greenlet
   encodes it; an invalid frame would kill the writer or break the client's ``JSON.parse``),
-  and every ``pusher:error`` and close code is one the protocol documents (spec §1.6);
+  and every ``pusher:error`` and close code is one the protocol documents;
 - other connections — one of the same app, one of another app subscribed to the *same*
   channel names — receive nothing and keep their state;
 - once the hostile socket closes, the node's bookkeeping holds the bystanders and nothing else.
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from sockudo.config import HistoryConfig, RecoveryConfig
 from tests.support.fakes import World, channel_auth, make_app, user_auth
 
-#: Every code the server may put in ``pusher:error`` or a close frame (spec §1.6).
+#: Every code the server may put in ``pusher:error`` or a close frame.
 DOCUMENTED_CODES = {4000, 4001, 4003, 4004, 4009, 4100, 4200, 4201, 4300, 4301, 4302, 4303}
 SERVER_EVENTS_PREFIXES = ("pusher:", "pusher_internal:", "sockudo:", "sockudo_internal:", "client-")
 

@@ -1,4 +1,4 @@
-"""The Pusher protocol for one connection (spec §1-§4), driven with recording transports."""
+"""The Pusher protocol for one connection, driven with recording transports."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def subscribed(c: Client, channel: str, **kw: Any) -> list[dict[str, Any]]:
     return frames
 
 
-# -- connection_established and admission (§1.2, §1.4) -------------------------------------
+# -- connection_established and admission -------------------------------------
 
 
 def test_connection_established_frame(world: World) -> None:
@@ -144,7 +144,7 @@ def test_origin_allow_list(allowed: tuple[str, ...], origin: str | None, ok: boo
         assert _admit_code(w, origin=origin) == 4009
 
 
-# -- subscribe: public, private, presence (§2.3-§2.5) -----------------------------------
+# -- subscribe: public, private, presence -----------------------------------
 
 
 def test_public_subscribe_is_acked(world: World) -> None:
@@ -408,7 +408,7 @@ def test_unsubscribe_from_a_channel_not_joined_is_ignored(world: World) -> None:
     assert world.lifecycle("channel_vacated") == []
 
 
-# -- client events (§3) ---------------------------------------------------------------------
+# -- client events ---------------------------------------------------------------------
 
 
 def _pair(w: World, channel: str = "private-chat", **kw: Any) -> tuple[Client, Client]:
@@ -551,7 +551,7 @@ def test_non_client_unknown_events_are_ignored(world: World) -> None:
     assert a.take() == [] and b.take() == []
 
 
-# -- cache channels (§2.6) ---------------------------------------------------------------------
+# -- cache channels ---------------------------------------------------------------------
 
 
 def test_cache_miss_when_empty(world: World) -> None:
@@ -590,7 +590,7 @@ def test_not_a_cache_channel_gets_no_cache_frames(world: World) -> None:
     assert [f["event"] for f in subscribed(c, "x-cache-y")] == ["pusher_internal:subscription_succeeded"]
 
 
-# -- sign-in, server-to-user, watchlist (§4) -----------------------------------------------
+# -- sign-in, server-to-user, watchlist -----------------------------------------------
 
 
 def test_signin_success_echoes_user_data(world: World) -> None:
@@ -734,7 +734,7 @@ def test_user_authentication_timeout_closes_4009() -> None:
         assert c.transport.closes == []
 
 
-# -- liveness (§1.5) ---------------------------------------------------------------------------
+# -- liveness ---------------------------------------------------------------------------
 
 
 def test_idle_socket_is_pinged_then_closed_4201(world: World) -> None:

@@ -1,4 +1,4 @@
-"""Per-connection limits in the handler (issue 9): ``max_channels_per_connection``."""
+"""Per-connection limits in the handler: ``max_channels_per_connection``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Readiness (spec §3): concurrent, time-boxed checks; critical vs non-critical; the verdicts
+"""Readiness: concurrent, time-boxed checks; critical vs non-critical; the verdicts
 ``OK``/``DEGRADED``/``ERROR``/``DRAINING`` with ``X-Health-Check``; failures as metrics."""
 
 from __future__ import annotations

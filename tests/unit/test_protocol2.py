@@ -1,4 +1,4 @@
-"""Protocol 2 through the handler (spec §7.1-§7.3, §7.6): ``sockudo:`` prefixes and message
+"""Protocol 2 through the handler: ``sockudo:`` prefixes and message
 metadata for ``?protocol=2`` sockets only, ``sockudo:resume`` and ``sockudo:channel_history``.
 
 A protocol-2 fake socket records each frame's protocol-2 form, as the server's transport does.

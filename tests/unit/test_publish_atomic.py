@@ -1,5 +1,5 @@
-"""One event to several channels is published to all of them or to none (spec §7.3's "nothing
-half-written", across channels): every channel is numbered and stored in one store call before
+"""One event to several channels is published to all of them or to none (nothing
+half-written, across channels): every channel is numbered and stored in one store call before
 anything is delivered — with the in-memory store and with a real Redis that refuses writes."""
 
 from __future__ import annotations

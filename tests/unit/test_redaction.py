@@ -1,4 +1,4 @@
-"""Log redaction (spec §2): secrets, signatures, tokens and encrypted payloads never reach a log
+"""Log redaction: secrets, signatures, tokens and encrypted payloads never reach a log
 line, whichever logger logs them and through whichever path (message, args, extra fields,
 exception text, stack, third-party and gevent loggers), in both output formats."""
 

@@ -1,4 +1,4 @@
-"""The REST API's Pusher logic (spec §5.4-§5.8), called directly with parsed bodies."""
+"""The REST API's Pusher logic, called directly with parsed bodies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The TCP metrics exporter (spec §1.3): every metric operation, streamed as protobuf.
+"""The TCP metrics exporter: every metric operation, streamed as protobuf.
 
 Wire format, as Sockudo's ``metrics-exporter-tcp`` (proto3, ``docs/event.proto``): a stream of
 length-delimited ``Event`` messages (a varint byte length, then the message). A client first
@@ -14,7 +14,7 @@ does I/O on the recording path. Metric names are those Prometheus shows (counter
 ``_total``), labels are the metric's own plus the constant ones (``environment, region, node,
 adapter``).
 
-Backpressure never reaches the server (spec §1.3): the ingest queue holds ``buffer_size``
+Backpressure never reaches the server: the ingest queue holds ``buffer_size``
 operations — when full, new ones are dropped; each client's queue holds ``buffer_size``
 encoded events — when full, its oldest are discarded. Both are counted in
 ``sockudo_tcp_exporter_dropped_samples_total{stage="ingest"|"client"}``. A client that never
@@ -197,7 +197,7 @@ class TcpExporter:
                 q = client.queue
                 for frame in frames:
                     if len(q) >= self.buffer_size:
-                        q.popleft()  # the client is behind: its oldest events go first (spec §1.3)
+                        q.popleft()  # the client is behind: its oldest events go first
                         self.dropped["client"] += 1
                     q.append(frame)
                 client.wake.set()

@@ -1,4 +1,4 @@
-"""Configuration loading: defaults, TOML, ${VAR} interpolation, environment (spec §8.1, §8.2)."""
+"""Configuration loading: defaults, TOML, ${VAR} interpolation, environment."""
 
 from __future__ import annotations
 
@@ -372,7 +372,7 @@ def test_config_is_frozen() -> None:
         config.port = 1  # type: ignore[misc]
 
 
-# -- [connection_recovery], [history], [idempotency] (spec §7.3, §7.5, §7.6) -------------------
+# -- [connection_recovery], [history], [idempotency] -------------------
 
 
 FeatureApps = """

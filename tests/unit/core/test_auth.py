@@ -1,4 +1,4 @@
-"""HMAC signing: channel auth, user sign-in, REST request verification (spec §2.4, §4.1, §5.2)."""
+"""HMAC signing: channel auth, user sign-in, REST request verification."""
 
 from __future__ import annotations
 
@@ -89,13 +89,13 @@ def test_webhook_signature_is_hmac_of_the_raw_body() -> None:
     assert auth.webhook_signature(SECRET, body) == hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
-# -- REST request verification (§5.2) ------------------------------------------------
+# -- REST request verification ------------------------------------------------
 
 NOW = 1_353_088_179
 
 
 def _signed_query(method: str, path: str, params: dict[str, str], secret: str = SECRET) -> str:
-    """Sign as the spec describes: lower-cased keys, sorted, joined raw."""
+    """Sign as Pusher's REST API describes: lower-cased keys, sorted, joined raw."""
     ordered = sorted((k.lower(), v) for k, v in params.items())
     string_to_sign = f"{method}\n{path}\n" + "&".join(f"{k}={v}" for k, v in ordered)
     return urlencode({**params, "auth_signature": _hex(secret, string_to_sign)})

@@ -1,4 +1,4 @@
-"""Hostile bytes fed to ``wsframe.FrameReader`` (issue 9), property-based with hypothesis.
+"""Hostile bytes fed to ``wsframe.FrameReader``, property-based with hypothesis.
 
 The reader is the first thing an attacker's bytes reach. Whatever arrives — random bytes,
 valid streams with bytes flipped or cut, fragments with control frames in between, frames

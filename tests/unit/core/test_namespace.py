@@ -1,4 +1,4 @@
-"""Per-app bookkeeping: subscribers, presence counted per user, the user index, watchers (spec §2.5, §4.2)."""
+"""Per-app bookkeeping: subscribers, presence counted per user, the user index, watchers."""
 
 from __future__ import annotations
 

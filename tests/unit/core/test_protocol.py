@@ -1,4 +1,4 @@
-"""Wire names, frame encoding/decoding and channel rules (spec §1.3, §2.1, §2.2)."""
+"""Wire names, frame encoding/decoding and channel rules."""
 
 from __future__ import annotations
 

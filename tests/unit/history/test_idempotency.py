@@ -1,4 +1,4 @@
-"""Idempotent HTTP publish (spec §7.5): the store, the claim/poll algorithm, and the REST
+"""Idempotent HTTP publish: the store, the claim/poll algorithm, and the REST
 functions ``trigger``/``trigger_batch`` with keys in the body, the header, and per batch item.
 
 The concurrent case is shown without threads: the first request's claim is left in the store

@@ -1,4 +1,4 @@
-"""The replay buffer (hot tier) and resume decisions, cold tier included (spec §7.3).
+"""The replay buffer (hot tier) and resume decisions, cold tier included.
 
 Messages go through the real single publish path (``Publisher``) of a ``World``; resumes are
 decided by its ``RecoveryService``. A fake clock drives TTLs; no sockets, no greenlets.
@@ -316,7 +316,7 @@ def test_legacy_serial_for_an_unknown_channel_is_continuity_unverifiable() -> No
 
 
 def test_legacy_serial_outside_the_buffer_is_continuity_unverifiable_even_with_history() -> None:
-    """A position without a stream id cannot be verified against history (spec §7.3)."""
+    """A position without a stream id cannot be verified against history."""
     w = World(recovery_app(buffer=3, history=True))
     publish(w, 10)
     outcome = resume(w, None, 2, legacy=True)

@@ -1,4 +1,4 @@
-"""Serials, the in-memory history store, signed cursors and history reads (spec §7.2, §7.6).
+"""Serials, the in-memory history store, signed cursors and history reads.
 
 ``read_history`` is what both REST ``GET …/history`` and WebSocket ``sockudo:channel_history``
 call; here it is called directly. A fake clock drives retention by age.

@@ -1,4 +1,4 @@
-"""The TCP metrics exporter (spec §1.3): wire format checked against the protobuf schema,
+"""The TCP metrics exporter: wire format checked against the protobuf schema,
 metadata before live operations, zero cost without clients, bounded buffering that drops."""
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def test_operations_before_a_client_and_of_other_registries_are_not_sent(exporte
     mine = Counter("mine", "mine", registry=registry)
     theirs = Counter("theirs", "theirs", registry=other)
     exporter = exporter_factory(registry)
-    mine.inc(5)  # nobody connected: not captured (no state snapshot, spec §1.3)
+    mine.inc(5)  # nobody connected: not captured (no state snapshot)
     sock = connect(exporter)
     reader = EventReader(sock)
     theirs.inc()

@@ -1,4 +1,4 @@
-"""Push request validation and payload rendering (spec §6.3–6.5, §6.8 mappings and limits)."""
+"""Push request validation and payload rendering."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Provider response classification (spec §6.8) and the endpoint guard."""
+"""Provider response classification and the endpoint guard."""
 
 from __future__ import annotations
 

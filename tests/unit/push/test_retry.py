@@ -1,4 +1,4 @@
-"""Retry timing (spec §6.9): exponential backoff with deterministic jitter, Retry-After, bounds."""
+"""Retry timing: exponential backoff with deterministic jitter, Retry-After, bounds."""
 
 from __future__ import annotations
 

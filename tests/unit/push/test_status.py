@@ -1,4 +1,4 @@
-"""The publish status state machine (spec §6.6) and the per-delivery claim/settle rules, pure."""
+"""The publish status state machine and the per-delivery claim/settle rules, pure."""
 
 from __future__ import annotations
 
