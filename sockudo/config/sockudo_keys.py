@@ -115,7 +115,8 @@ renamed("adapter.redis.redis_sub_options", "database.redis.url", "as redis_pub_o
         apply="redis_client_options")
 ignored("adapter.redis.cluster_mode", "Redis Cluster is not supported here; use one Redis or Sentinel",
         inert=(False,))
-for _name, _keys in {
+#: Sockudo's message brokers (as adapters and as queues) and their keys.
+_BROKERS = {
     "nats": "servers prefix request_timeout_ms username password token connection_timeout_ms nodes_number "
             "discovery_max_wait_ms discovery_idle_wait_ms subscription_capacity client_capacity max_reconnects "
             "presence_sync_chunk_size no_echo",
@@ -127,7 +128,8 @@ for _name, _keys in {
     "iggy": "connection_string username password consumer_name stream topic_prefix queue_topic_prefix "
             "consumer_group_prefix request_timeout_ms poll_interval_ms poll_batch_size partitions_count "
             "partition_id auto_create start_from_latest nodes_number",
-}.items():
+}
+for _name, _keys in _BROKERS.items():
     _driver = {"google_pubsub": "google-pubsub"}.get(_name, _name)
     ignored(f"adapter.{_name}", f"the {_name} adapter is not available: {ONE_TRANSPORT}", keys=_keys,
             when=_driver_is("adapter.driver", _driver))
@@ -213,17 +215,7 @@ ignored("queue.redis", "webhook jobs use RQ's own keys; concurrency is the numbe
         when=_driver_is("queue.driver", "redis"))
 for _name, _keys in {
     "redis_cluster": "concurrency prefix nodes request_timeout_ms",
-    "nats": "servers prefix request_timeout_ms username password token connection_timeout_ms nodes_number "
-            "discovery_max_wait_ms discovery_idle_wait_ms subscription_capacity client_capacity max_reconnects "
-            "presence_sync_chunk_size no_echo",
-    "pulsar": "url prefix request_timeout_ms token nodes_number",
-    "rabbitmq": "url prefix request_timeout_ms connection_timeout_ms nodes_number",
-    "google_pubsub": "project_id prefix request_timeout_ms emulator_host nodes_number",
-    "kafka": "brokers prefix request_timeout_ms security_protocol sasl_mechanism sasl_username sasl_password "
-             "nodes_number",
-    "iggy": "connection_string username password consumer_name stream topic_prefix queue_topic_prefix "
-            "consumer_group_prefix request_timeout_ms poll_interval_ms poll_batch_size partitions_count "
-            "partition_id auto_create start_from_latest nodes_number",
+    **_BROKERS,
     "sqs": "region queue_url_prefix visibility_timeout endpoint_url max_messages wait_time_seconds concurrency fifo "
            "message_group_id",
     "sns": "region topic_arn endpoint_url",
