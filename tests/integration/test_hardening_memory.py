@@ -23,7 +23,6 @@ Waits have deadlines; an absence is observed for a bounded window only.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -67,28 +66,10 @@ def v2_socket(server: ServerProcess, rcvbuf: int | None = None) -> MiniWs:
     return client
 
 
-def read_until(client: MiniWs, condition: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    client.sock.setblocking(True)
-    while not condition():
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"condition not met within {timeout}s; last frames {client.messages[-3:]}"
-        client.sock.settimeout(remaining)
-        try:
-            client.feed(client.sock.recv(262144))
-        except TimeoutError:
-            continue
-        except OSError:
-            client.eof = True
-        if client.eof:
-            assert condition(), f"connection closed first; last frames {client.messages[-3:]}"
-            return
-
-
 def subscribe_v2(client: MiniWs, channel: str) -> dict[str, Any]:
     client.send_json({"event": "sockudo:subscribe", "data": {"channel": channel}})
     acks = lambda: client.events("sockudo_internal:subscription_succeeded", channel)  # noqa: E731
-    read_until(client, acks)
+    client.read_until(acks)
     return acks()[-1]
 
 
@@ -131,7 +112,7 @@ def test_a_client_that_stops_reading_big_messages_is_cut_off_by_bytes_not_count(
         grown = rss_kb(node.proc.pid) - before
         assert grown < 24 * 1024, f"RSS grew by {grown} KiB for one slow socket"
         fleet.pump_until(lambda: len(fast.events("update")) == sent, 20, "the fast client's messages")
-        read_until(slow, lambda: slow.close_code is not None or slow.eof)
+        slow.read_until(lambda: slow.close_code is not None or slow.eof)
         errors = slow.events("pusher:error") + slow.events("sockudo:error")
         assert errors and data_of(errors[-1])["code"] == 4100, errors[-1:]
         assert slow.close_code in (4100, None)  # None: the close raced the client's unread data (RST)
@@ -169,7 +150,7 @@ def test_history_requests_from_a_socket_that_stops_reading_cannot_queue_megabyte
         assert grown < (MAX_BUFFER_BYTES >> 10) + 16 * 1024, f"RSS grew by {grown} KiB for one socket's requests"
 
         # Reading now, the client finds capped pages and, for the rest, 429 (or it was cut off: 4100).
-        read_until(attacker, lambda: len(attacker.events("sockudo:channel_history")) == requests_sent
+        attacker.read_until(lambda: len(attacker.events("sockudo:channel_history")) == requests_sent
                    or attacker.close_code is not None or attacker.eof, timeout=30)
         replies = [data_of(f) for f in attacker.events("sockudo:channel_history")]
         pages = [r for r in replies if "items" in r]
@@ -198,7 +179,7 @@ def test_websocket_history_pages_are_capped_like_rest(node: ServerProcess) -> No
                 data["cursor"] = cursor
             client.send_json({"event": "sockudo:channel_history", "data": data})
             count = len(client.events("sockudo:channel_history"))
-            read_until(client, lambda: len(client.events("sockudo:channel_history")) > count)  # noqa: B023
+            client.read_until(lambda: len(client.events("sockudo:channel_history")) > count)  # noqa: B023
             page = data_of(client.events("sockudo:channel_history")[-1])
             assert page["limit"] == MAX_PAGE_SIZE == rest["limit"], page.get("error", page["limit"])
             serials += [item["serial"] for item in page["items"]]
@@ -233,7 +214,7 @@ def test_one_resume_replays_no_more_than_the_socket_may_hold(node: ServerProcess
             grown = rss.grown()
         assert grown < 16 * 1024, f"RSS peaked {grown} KiB over its baseline for one resume request"
 
-        read_until(attacker, lambda: attacker.events("sockudo:resume_success") or attacker.close_code is not None
+        attacker.read_until(lambda: attacker.events("sockudo:resume_success") or attacker.close_code is not None
                    or attacker.eof, timeout=30)
         (done,) = attacker.events("sockudo:resume_success")
         failed = data_of(done)["failed"]
@@ -243,7 +224,7 @@ def test_one_resume_replays_no_more_than_the_socket_may_hold(node: ServerProcess
         # The socket is still served, and history gives the messages page by page.
         attacker.send_json({"event": "sockudo:channel_history", "data": {"channel": channels[-1],
                                                                        "direction": "oldest_first"}})
-        read_until(attacker, lambda: attacker.events("sockudo:channel_history"))
+        attacker.read_until(lambda: attacker.events("sockudo:channel_history"))
         page = data_of(attacker.events("sockudo:channel_history")[0])
         assert [item["serial"] for item in page["items"]] == list(range(1, MAX_PAGE_SIZE + 1))
     finally:
@@ -326,7 +307,7 @@ def churn(client: MiniWs, names: list[str], chunk: int = 200) -> None:
         client.sock.setblocking(True)
         client.sock.sendall(frames)
         want = start + len(part)
-        read_until(client, lambda: client.counts["sockudo_internal:subscription_succeeded"] >= want)  # noqa: B023
+        client.read_until(lambda: client.counts["sockudo_internal:subscription_succeeded"] >= want)  # noqa: B023
     assert client.counts["sockudo:error"] == 0 and client.counts["pusher:error"] == 0, client.counts
 
 
@@ -358,7 +339,7 @@ def test_unique_channel_names_leave_nothing_in_memory(node: ServerProcess) -> No
         grown = rss_kb(node.proc.pid) - before
         assert grown < 6 * 1024, f"RSS grew by {grown} KiB after 20,000 channels were left"
         client.send_json({"event": "pusher:ping", "data": {}})
-        read_until(client, lambda: client.counts["sockudo:pong"] + client.counts["pusher:pong"] > 0)
+        client.read_until(lambda: client.counts["sockudo:pong"] + client.counts["pusher:pong"] > 0)
     finally:
         client.close()
 
@@ -383,7 +364,7 @@ def test_an_idle_channel_position_still_recovers_what_was_missed(
     try:
         subscribe_v2(back, channel)
         back.send_json({"event": "sockudo:resume", "data": {"channel_positions": {channel: position}}})
-        read_until(back, lambda: back.events("sockudo:resume_success"))
+        back.read_until(lambda: back.events("sockudo:resume_success"))
         replayed = back.events("update", channel)
         assert [json.loads(f["data"])["i"] for f in replayed] == [1, 2, 3]
         assert [f["serial"] for f in replayed] == [1, 2, 3]

@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import requests
 
@@ -321,28 +320,16 @@ def test_one_resume_replays_no_more_bytes_than_the_socket_may_hold(
         positions = {}
         for channel in channels:
             client.send_json({"event": "sockudo:subscribe", "data": {"channel": channel}})
-            read_frames(client, lambda: client.events("sockudo_internal:subscription_succeeded", channel))  # noqa: B023
+            client.read_until(lambda: client.events("sockudo_internal:subscription_succeeded", channel),  # noqa: B023
+                              timeout=20)
             ack = client.events("sockudo_internal:subscription_succeeded", channel)[0]
             positions[channel] = {"stream_id": ack["stream_id"], "serial": 0}
         client.send_json({"event": "sockudo:resume", "data": {"channel_positions": positions}})
-        read_frames(client, lambda: client.events("sockudo:resume_success") or client.close_code is not None)
+        client.read_until(lambda: client.events("sockudo:resume_success") or client.close_code is not None,
+                          timeout=20)
         replayed = [m for m in client.messages if m.get("event") == "update"]
         size = sum(len(json.dumps(m, ensure_ascii=False, separators=(",", ":")).encode()) for m in replayed)
         assert size <= MAX_BUFFER_BYTES, (f"one resume replayed {len(replayed)} messages, {size} bytes "
                                           f"(budget {MAX_BUFFER_BYTES})")
     finally:
         client.close()
-
-
-def read_frames(client: MiniWs, condition: Callable[[], Any], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    client.sock.setblocking(True)
-    while not condition():
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"condition not met within {timeout}s; last frames {client.messages[-3:]}"
-        client.sock.settimeout(remaining)
-        try:
-            client.feed(client.sock.recv(262144))
-        except TimeoutError:
-            continue
-        assert not client.eof, f"connection closed first; last frames {client.messages[-3:]}"

@@ -162,6 +162,25 @@ class MiniWs:
         except OSError:
             self.eof = True
 
+    def read_until(self, condition: Callable[[], Any], timeout: float = 10.0) -> None:
+        """Read (blocking, with a deadline) until ``condition()`` holds; a connection that closes
+        first must have met it."""
+        deadline = time.monotonic() + timeout
+        self.sock.setblocking(True)
+        while not condition():
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"condition not met within {timeout}s; last frames {self.messages[-3:]}"
+            self.sock.settimeout(remaining)
+            try:
+                self.feed(self.sock.recv(262144))
+            except TimeoutError:
+                continue
+            except OSError:
+                self.eof = True
+            if self.eof:
+                assert condition(), f"connection closed first; last frames {self.messages[-3:]}"
+                return
+
     def events(self, name: str, channel: str | None = None) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("event") == name and (channel is None or m.get("channel") == channel)]
 
