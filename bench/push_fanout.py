@@ -44,14 +44,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from sockudo.push import crypto  # noqa: E402
-from tests.support import push_crypto  # noqa: E402
 from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription  # noqa: E402
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until  # noqa: E402
-from tests.support.push import APP, KEY_ID, TEAM_ID, TOPIC, signed  # noqa: E402
+from tests.support.push import APP, KEY_ID, TEAM_ID, TOPIC, credential_bodies, signed  # noqa: E402
 
 FINAL = ("succeeded", "partially_succeeded", "failed", "dead_lettered")
 TARGETS = {"apns": 2000.0, "fcm": 2000.0, "webpush": 1000.0}
@@ -134,14 +132,7 @@ class Bench:
     # -- set-up --
 
     def upload_credentials(self) -> None:
-        pem = self.apns_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-        for provider, body in (
-            ("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
-            ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
-            ("webpush", {"privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))}),
-        ):
+        for provider, body in credential_bodies(self.apns_key, self.fcm, self.vapid_key).items():
             resp = signed(self.server, "POST", f"/apps/{APP['id']}/push/credentials/{provider}", body)
             assert resp.status_code == 201, resp.text
 

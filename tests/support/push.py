@@ -54,6 +54,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def credential_bodies(apns_key: ec.EllipticCurvePrivateKey, fcm: FakeFCM,
+                      vapid_key: ec.EllipticCurvePrivateKey) -> dict[str, dict[str, Any]]:
+    """The ``POST /push/credentials/{provider}`` bodies for the fake providers' keys."""
+    pem = apns_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return {
+        "apns": {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC},
+        "fcm": {"serviceAccountJson": json.dumps(fcm.service_account())},
+        "webpush": {"publicKey": crypto.b64url(crypto.p256_public_raw(vapid_key)),
+                    "privateKey": crypto.b64url(push_crypto.p256_raw_private(vapid_key))},
+    }
+
+
 class Worker:
     """``python -m workers <queue>`` in its own process group (so kill -9 takes its work-horse too)."""
 
@@ -210,18 +224,7 @@ class Push:
         return signed(self.server, method, f"/apps/{APP['id']}/push{path}", body, **kwargs)
 
     def upload_credentials(self) -> None:
-        pem = self.apns_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-        for provider, body in (
-            ("apns", {"teamId": TEAM_ID, "keyId": KEY_ID, "privateKey": pem, "topic": TOPIC}),
-            ("fcm", {"serviceAccountJson": json.dumps(self.fcm.service_account())}),
-            (
-                "webpush",
-                {"publicKey": self.vapid_public,
-                 "privateKey": crypto.b64url(push_crypto.p256_raw_private(self.vapid_key))},
-            ),
-        ):
+        for provider, body in credential_bodies(self.apns_key, self.fcm, self.vapid_key).items():
             resp = self.call("POST", f"/credentials/{provider}", body)
             assert resp.status_code == 201, resp.text
 
