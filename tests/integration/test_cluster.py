@@ -820,8 +820,7 @@ def test_leaves_announced_during_an_outage_are_not_announced_again_by_the_resync
     assert adapter.presence_members_checked(app.id, "presence-x") == ({}, False)
     # a holding this node has in Redis but never announced (say, left over from before)
     stale = Holding(HOLD_PRESENCE, app.id, "presence-y", "u9")
-    keys, fld = stale.redis_keys(adapter.keys, adapter.node_id)
-    adapter._acquire_script(keys=keys, args=[stale.member(), fld, "{}"])
+    adapter._do_acquire(stale, adapter.node_id, "{}")
 
     adapter._recovered()  # Redis answers again
     assert transitions.calls == [("member_removed", "presence-y", "u9")]
