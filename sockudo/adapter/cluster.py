@@ -228,6 +228,42 @@ def sum_counts(fields: dict[Any, Any], live: set[str], skip: str) -> int:
     return total
 
 
+# what a received envelope asks of this node (see :func:`route`)
+TO_CHANNEL = "to_channel"  # deliver to the local subscribers of ``channel``
+TO_USER = "to_user"  # deliver to the local sockets of ``user_id``
+TERMINATE = "terminate"  # close the local sockets of ``user_id``
+WATCHLIST = "watchlist"  # tell the local watchers of ``user_id``
+FORGET_NODE = "forget_node"  # ``dead_node_id`` is gone
+
+
+def route(kind: str, msg: dict[str, Any], own_node_id: str) -> str | None:
+    """What to do with envelope ``msg`` received on a pub/sub channel of ``kind``: one of the
+    ``TO_*``/``TERMINATE``/``WATCHLIST``/``FORGET_NODE`` actions, or None for this node's own
+    echo or an envelope that does not belong on that channel (ignored)."""
+    if msg.get("node_id") == own_node_id:
+        return None
+    if kind == KIND_CONTROL:
+        return FORGET_NODE if msg.get("request_type") == NODE_DEAD and isinstance(msg.get("dead_node_id"), str) \
+            else None
+    if not isinstance(msg.get("app_id"), str):
+        return None
+    if kind == KIND_USER:
+        if not isinstance(msg.get("user_id"), str):
+            return None
+        command = msg.get("request_type")
+        if command is None:
+            return TO_USER if isinstance(msg.get("message"), str) else None
+        if command == TERMINATE_USER:
+            return TERMINATE
+        if command == WATCHLIST_NOTIFY and isinstance(msg.get("message"), str):
+            return WATCHLIST
+        return None
+    if kind == KIND_CHANNEL and isinstance(msg.get("channel"), str) and isinstance(msg.get("message"), str) \
+            and "user_id" not in msg and "request_type" not in msg:
+        return TO_CHANNEL
+    return None
+
+
 def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 

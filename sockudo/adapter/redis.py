@@ -325,19 +325,21 @@ class RedisAdapter:
             if msg.get("node_id") == self.node_id:
                 self.metrics.adapter_duplicates_suppressed.labels(self.metrics.port).inc()
                 return
-            if kind == c.KIND_CONTROL:
-                self._on_control(msg)
-            elif kind == c.KIND_USER and "request_type" in msg:
-                self._on_user_command(msg)
-            else:
+            action = c.route(kind, msg, self.node_id)
+            if action == c.TO_CHANNEL or action == c.TO_USER:
                 self._on_broadcast(msg)
+            elif action == c.TERMINATE:
+                self.local.terminate_user(msg["app_id"], msg["user_id"], int(msg.get("code", 4009)),
+                                          str(msg.get("message", "")))
+            elif action == c.WATCHLIST:
+                self.local.notify_watchers(msg["app_id"], msg["user_id"], OutFrame(msg["message"]))
+            elif action == c.FORGET_NODE:
+                self._forget_peer(msg["dead_node_id"])
         except Exception:  # a bug in dispatch must not end cross-node delivery
             logger.exception("error handling a cross-node message")
 
     def _on_broadcast(self, msg: dict[str, Any]) -> None:
-        app_id, text = msg.get("app_id"), msg.get("message")
-        if not isinstance(app_id, str) or not isinstance(text, str):
-            return
+        app_id, text = msg["app_id"], msg["message"]
         v2_text = msg.get("message_v2")
         serial = msg.get("serial")
         frame = OutFrame(text, v2_text if isinstance(v2_text, str) else None, msg.get("channel"),
@@ -354,30 +356,15 @@ class RedisAdapter:
         if isinstance(user_id, str):
             self.local.send_to_user(app_id, user_id, frame, except_id)
         else:
-            channel = msg.get("channel")
-            if isinstance(channel, str):
-                sent = self.local.broadcast(app_id, channel, frame, except_id)
-                if sent:
-                    bound = self.metrics.app(app_id)
-                    bound.ws_sent.inc(sent)
-                    bound.bytes_sent.inc(sent * len(text))
+            sent = self.local.broadcast(app_id, msg["channel"], frame, except_id)
+            if sent:
+                bound = self.metrics.app(app_id)
+                bound.ws_sent.inc(sent)
+                bound.bytes_sent.inc(sent * len(text))
         sent_ms = msg.get("timestamp_ms")
         if isinstance(sent_ms, (int, float)):
             latency_ms = max(0.0, time.time() * 1000 - sent_ms)
             self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(latency_ms)
-
-    def _on_user_command(self, msg: dict[str, Any]) -> None:
-        kind, app_id, user_id = msg.get("request_type"), msg.get("app_id"), msg.get("user_id")
-        if not isinstance(app_id, str) or not isinstance(user_id, str):
-            return
-        if kind == c.TERMINATE_USER:
-            self.local.terminate_user(app_id, user_id, int(msg.get("code", 4009)), str(msg.get("message", "")))
-        elif kind == c.WATCHLIST_NOTIFY and isinstance(msg.get("message"), str):
-            self.local.notify_watchers(app_id, user_id, OutFrame(msg["message"]))
-
-    def _on_control(self, msg: dict[str, Any]) -> None:
-        if msg.get("request_type") == c.NODE_DEAD and isinstance(msg.get("dead_node_id"), str):
-            self._forget_peer(msg["dead_node_id"])
 
     def _partial(self, app_id: str, what: str, missing: set[str] | None = None) -> None:
         """A partial answer (the caller marks it): counted, and logged as a warning at most once
