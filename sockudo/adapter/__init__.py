@@ -1,7 +1,7 @@
 """Adapters route frames to sockets: locally, and (later) across nodes through Redis.
 
 Every method is synchronous. A cross-node adapter may block its caller's greenlet while it
-asks the other nodes; the handler neither knows nor cares.
+reads or writes Redis; the handler neither knows nor cares.
 """
 
 from sockudo.adapter.base import Adapter

@@ -72,6 +72,23 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _run_id(info: Any) -> str | None:
+    """Redis's run id from ``INFO server``: one server's, or every primary's of a Redis Cluster
+    (a dict per node), so a restart of any of them is noticed."""
+    if not isinstance(info, dict):
+        return None
+    if "run_id" in info:
+        return str(info["run_id"])
+    ids = sorted(str(v.get("run_id")) for v in info.values() if isinstance(v, dict) and "run_id" in v)
+    return ",".join(ids) or None
+
+
+def _queue_eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
+    """EVAL on a pipeline, as a plain command: a Redis Cluster pipeline has no ``eval`` method
+    and refuses EVALSHA, but routes EVAL by its keys (all in one slot here)."""
+    pipe.execute_command("EVAL", script, len(keys), *keys, *args)
+
+
 class RedisAdapter:
     def __init__(self, config: Config, metrics: Metrics, runtime: Runtime, node_id: str | None = None,
                  client: redis.Redis | None = None, bus: Bus | None = None) -> None:
@@ -158,11 +175,9 @@ class RedisAdapter:
     def _leave(self, finished: Any) -> None:
         try:
             self._flush_outbox()
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(self.keys.nodes, self.node_id)
+            self.client.zrem(self.keys.nodes, self.node_id)
             # Tell the others now: until their next heartbeat they would count this node.
-            pipe.publish(self.keys.control, self._node_dead_message(self.node_id))
-            pipe.execute()
+            self.bus.publish([(self.keys.control, self._node_dead_message(self.node_id))])
             self._release_all_holdings(self.node_id, notify=False)
         except FAILURES as exc:
             logger.warning("could not leave the cluster cleanly: %s", exc)
@@ -300,12 +315,14 @@ class RedisAdapter:
     def _connected(self, first: bool) -> None:
         if not first:
             self._coming_back = True
+        # Subscribed from here on: if the resync below fails, the heartbeat loop retries it
+        # (``_recovered``) without waiting for the bus to reconnect.
+        self._listening = True
         try:
             self._heartbeat(resync=True)
         except FAILURES as exc:
             self._failed("resync", exc)
             return
-        self._listening = True
         if not first:
             self.metrics.transport_reconnections.labels("redis").inc()
             logger.info("redis reachable again; cross-node delivery resumed")
@@ -422,8 +439,8 @@ class RedisAdapter:
         pipe = self.client.pipeline(transaction=False)
         pipe.zrangebyscore(self.keys.nodes, cutoff, "+inf")
         pipe.zrangebyscore(self.keys.nodes, "-inf", f"({cutoff}")
-        pipe.info("server")
-        live, dead, info = pipe.execute()
+        live, dead = pipe.execute()
+        info = self.client.info("server")  # not on the pipeline: a Redis Cluster pipeline refuses INFO
         now = time.monotonic()
         if self._coming_back:  # Redis answers again from now on (a frozen Redis held the call)
             self._coming_back = False
@@ -434,7 +451,7 @@ class RedisAdapter:
         self._peer_seen = {n: t for n, t in self._peer_seen.items() if now - t < self.config.node_timeout}
         self._peers = set(self._peer_seen)
         self.metrics.cluster_nodes.set(len(self._peers) + 1)
-        run_id = info.get("run_id") if isinstance(info, dict) else None
+        run_id = _run_id(info)
         if self._redis_run_id is not None and run_id != self._redis_run_id:
             logger.warning("redis restarted or failed over; re-registering this node's state")
             self._dirty = True
@@ -652,15 +669,15 @@ class RedisAdapter:
         """A resync's (re)acquire on a pipeline: same writes as :meth:`_do_acquire`, no answer."""
         app_id, node = holding.app_id, self.node_id
         if holding.kind == c.HOLD_CHANNEL:
-            pipe.eval(c.NODE_ACQUIRE_LUA, 1, self.keys.subs(app_id, holding.channel), node, count)
+            _queue_eval(pipe, c.NODE_ACQUIRE_LUA, [self.keys.subs(app_id, holding.channel)], [node, count])
             pipe.sadd(self.keys.channels(app_id), holding.channel)
         elif holding.kind == c.HOLD_PRESENCE:
-            pipe.eval(c.PRESENCE_ACQUIRE_LUA, 3, self.keys.presence(app_id, holding.channel),
-                      self.keys.presence_info(app_id, holding.channel),
-                      self.keys.presence_held(app_id, holding.channel),
-                      holding.user_id, c.presence_field(node, holding.user_id), info)
+            _queue_eval(pipe, c.PRESENCE_ACQUIRE_LUA,
+                        [self.keys.presence(app_id, holding.channel), self.keys.presence_info(app_id, holding.channel),
+                         self.keys.presence_held(app_id, holding.channel)],
+                        [holding.user_id, c.presence_field(node, holding.user_id), info])
         elif holding.kind == c.HOLD_USER:
-            pipe.eval(c.NODE_ACQUIRE_LUA, 1, self.keys.online(app_id, holding.user_id), node, 1)
+            _queue_eval(pipe, c.NODE_ACQUIRE_LUA, [self.keys.online(app_id, holding.user_id)], [node, 1])
         elif holding.kind == c.HOLD_CONNECTIONS:
             pipe.hset(self.keys.connections(app_id), node, count)
 
@@ -696,10 +713,11 @@ class RedisAdapter:
                 pipe.hset(self.keys.connections(app_id), node, n)
             else:
                 pipe.hdel(self.keys.connections(app_id), node)
+                pipe.srem(holdings, c.Holding(c.HOLD_CONNECTIONS, app_id).member())
         for app_id, channel in counts:
             n = self.local.subscriber_count(app_id, channel)
             if n:
-                pipe.eval(c.NODE_UPDATE_LUA, 1, self.keys.subs(app_id, channel), node, n)
+                _queue_eval(pipe, c.NODE_UPDATE_LUA, [self.keys.subs(app_id, channel)], [node, n])
         try:
             pipe.execute()
         except FAILURES as exc:

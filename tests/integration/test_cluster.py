@@ -1221,3 +1221,45 @@ def test_churn_leaves_the_node_subscribed_exactly_where_it_has_subscribers(clust
     finally:
         s1.close()
         s2.close()
+
+
+def test_transitions_happen_once_across_nodes_and_leave_no_keys(redis_server) -> None:
+    """Two adapters in this process over one Redis: the first subscriber cluster-wide makes the
+    channel occupied, the last one vacates it, counts are the sum of both nodes, and once
+    everyone left (or a dead node was cleaned up) no adapter key but the node set is left."""
+    app = AppConfig(id="1", key="k", secret="s")
+    one, transitions = _hand_adapter(redis_server, "node-one")
+    two, _ = _hand_adapter(redis_server, "node-two")
+    one._heartbeat()
+    two._heartbeat()
+    conns = {sid: Connection(sid, app, RecordingTransport(), 7, 0.0) for sid in ("1.1", "1.2", "2.1")}
+    for sid, node in (("1.1", one), ("1.2", one), ("2.1", two)):
+        node.add_socket(app.id, conns[sid])
+    assert one.subscribe(app.id, "news", conns["1.1"]) == (1, True)
+    assert one.subscribe(app.id, "news", conns["1.2"]) == (2, False)
+    assert two.subscribe(app.id, "news", conns["2.1"]) == (1, False)
+    one._flush_counts()  # the per-tick count batch (its greenlet is not running here)
+    for node in (one, two):
+        assert node.subscriber_count_checked(app.id, "news") == (3, True)
+        assert node.channels_checked(app.id) == ({"news": 3}, True)
+    assert two.unsubscribe(app.id, "news", "2.1") == (0, False)
+    assert one.unsubscribe(app.id, "news", "1.1") == (1, False)
+    assert one.unsubscribe(app.id, "news", "1.2") == (0, True)
+    assert two.channels_checked(app.id) == ({}, True)
+
+    # node two dies holding a channel and a presence member: node one releases them, once
+    two.subscribe(app.id, "presence-x", conns["2.1"])
+    two.add_user_socket(app.id, "u2", conns["2.1"])
+    two.presence_join(app.id, "presence-x", "2.1", "u2", {"name": "u2"})
+    assert one.presence_members_checked(app.id, "presence-x") == ({"u2": {"name": "u2"}}, True)
+    one._release_all_holdings("node-two", notify=True)
+    assert sorted(transitions.calls) == sorted([
+        ("member_removed", "presence-x", "u2"), ("channel_vacated", "presence-x"), ("user_offline", "u2")])
+    for sid, node in (("1.1", one), ("1.2", one)):
+        node.remove_socket(app.id, sid)
+    one._flush_counts()
+    direct = redis.Redis(port=redis_server.port)
+    left = sorted(k.decode() for k in direct.scan_iter(match="sockudo_adapter:*"))
+    assert left == ["sockudo_adapter:nodes"], left
+    assert direct.hgetall(one.keys.connections(app.id)) == {}
+    direct.close()
