@@ -85,6 +85,9 @@ class RedisBus:
         os.set_blocking(self._wake_w, False)
         self._closed = False
         self._running = False
+        #: True while subscribed (beyond the Bus interface: the adapter skips waiting for
+        #: confirmations that cannot come while the bus reconnects).
+        self.connected = False
 
     # -- Bus --
 
@@ -130,6 +133,7 @@ class RedisBus:
                     subscribed: set[str] = set()
                     token = self._apply(conn, subscribed)
                     self._read_until_applied(conn, token, on_message, stopping)
+                    self.connected = True
                     on_connected(first)
                     first = False
                     backoff = 0.1
@@ -139,6 +143,7 @@ class RedisBus:
                     self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                 finally:
+                    self.connected = False
                     if conn is not None:
                         self._release(conn)
         finally:

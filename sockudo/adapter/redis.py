@@ -296,7 +296,7 @@ class RedisAdapter:
         """Flush the interest now and wait (bounded) until Redis confirmed it: what is published
         after this returns reaches this node."""
         self._flush_interest()
-        if not self.healthy or not self._listening:
+        if not self.healthy or not self._listening or not getattr(self.bus, "connected", True):
             return  # nothing to wait for during an outage; the bus resubscribes when back
         if self.bus.wait_applied(self._timeout):
             return
@@ -815,6 +815,7 @@ class RedisAdapter:
         occupied = False
         if first_here:
             self._interest_changed(c.KIND_CHANNEL, app_id, channel)
+            self._flush_interest()  # the bus subscribes while the acquire below is on its way
             result = self._acquire(c.Holding(c.HOLD_CHANNEL, app_id, channel), count=count)
             occupied = first_here if result is None else result
             if self.local.subscriber_count(app_id, channel) != count:
