@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import RedisServer, ServerProcess
+from tests.support.rediscluster import RedisClusterServer
 from tests.support.sdk import APP
 
 try:  # the pusher-js harness (tests/js); present once node deps are installed
@@ -16,7 +17,8 @@ except ImportError:  # pragma: no cover
     pass
 
 #: Fixtures that start or use a real redis-server: a test needing any of them is marked ``redis``.
-REDIS_FIXTURES = {"redis_server", "own_redis", "flushed_redis", "redis_url"}
+REDIS_FIXTURES = {"redis_server", "own_redis", "flushed_redis", "redis_url",
+                  "redis_cluster", "flushed_cluster", "redis_cluster_ha"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,3 +55,28 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A real Redis Cluster of 3 masters (no replicas), shared by the session: tests use their own
+    keys, or ``flushed_cluster``."""
+    cluster = RedisClusterServer(masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def flushed_cluster(redis_cluster: RedisClusterServer) -> Iterator[RedisClusterServer]:
+    """The session's cluster, emptied before the test."""
+    redis_cluster.flushall()
+    yield redis_cluster
+
+
+@pytest.fixture
+def redis_cluster_ha() -> Iterator[RedisClusterServer]:
+    """A cluster of this test alone: 3 masters with one replica each, to kill or pause a master
+    (``kill_master``/``pause_master``) and ``wait_failover``."""
+    cluster = RedisClusterServer(masters=3, replicas=1).start()
+    yield cluster
+    cluster.stop()

@@ -4,10 +4,15 @@ Keys join their parts with ``:``. An id that may itself contain ``:`` is encoded
 different tuples of ids never join into the same key: ``%``, ``:`` and ``#`` are
 percent-encoded (RFC 3986 §2.1). Ids without those characters are unchanged, so keys of such ids
 read the same before and after this encoding was introduced.
+
+:func:`tag` is the Redis Cluster hash tag of one Pusher channel (or one user): every key and the
+pub/sub channel of that channel carry it, so they all live in one hash slot and a script may touch
+them together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 _ESCAPES = {"%": "%25", ":": "%3A", "#": "%23"}
@@ -30,3 +35,14 @@ def unsegment(value: str) -> str:
 def join(*parts: str) -> str:
     """Parts joined by ``:``, each a :func:`segment`: distinct tuples give distinct keys."""
     return ":".join(segment(part) for part in parts)
+
+
+def tag(app_id: str, name: str) -> str:
+    """The hash tag of ``name`` (a channel, a user id, or ``""`` for the app itself) in ``app_id``.
+
+    ``{`` + 10 hex digits of SHA-1 over ``app_id NUL name`` + ``}``: the same for every key of one
+    channel, never containing a brace of its own, so Redis Cluster hashes exactly the digits
+    (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags).
+    """
+    digest = hashlib.sha1(f"{app_id}\0{name}".encode(), usedforsecurity=False).hexdigest()
+    return "{" + digest[:10] + "}"
