@@ -19,12 +19,18 @@ except ImportError:  # pragma: no cover
 #: Fixtures that start or use a real redis-server: a test needing any of them is marked ``redis``.
 REDIS_FIXTURES = {"redis_server", "own_redis", "flushed_redis", "redis_url",
                   "redis_cluster", "flushed_cluster", "redis_cluster_ha"}
+#: Fixtures that start a real Redis Cluster: such a test is marked ``rediscluster`` too; `make test`
+#: leaves those to `make test-cluster`.
+CLUSTER_FIXTURES = {"redis_cluster", "flushed_cluster", "redis_cluster_ha"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if REDIS_FIXTURES & fixtures:
             item.add_marker(pytest.mark.redis)
+        if CLUSTER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.rediscluster)
 
 
 @pytest.fixture
