@@ -120,8 +120,10 @@ def idle_round(root: Path, n: int, publishes: int, subscribers: int) -> dict[str
         hot.reset_count()
         received0, bytes0 = _received(nodes), _redis_bytes_out(c["redis"].url)
         meter = CpuMeter(others).start()
+        redis_meter = CpuMeter([c["redis"].proc.pid]).start()
         _publish(pub, ["hot"], publishes, lambda k: hot.wait_delivered(k, timeout=30))
         meter.stop()
+        redis_meter.stop()
         received = _received(nodes) - received0
         bytes_out = _redis_bytes_out(c["redis"].url) - bytes0
     extra_cpu = max(0.0, meter.cpu - idle_rate * meter.wall)
@@ -129,6 +131,7 @@ def idle_round(root: Path, n: int, publishes: int, subscribers: int) -> dict[str
         "idle_node_us_per_publish": extra_cpu / (publishes * (n - 1)) * 1e6,
         "deliveries_per_publish": received / publishes,
         "redis_bytes_out_per_publish": bytes_out / publishes,
+        "redis_us_per_publish": redis_meter.cpu / publishes * 1e6,
         "publishes_per_s": publishes / meter.wall,
     }
 
@@ -202,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                      _median([x["deliveries_per_publish"] for x in b]),
                      _median([x["deliveries_per_publish"] for x in cur]),
                      _median([x["redis_bytes_out_per_publish"] for x in b]),
-                     _median([x["redis_bytes_out_per_publish"] for x in cur])])
+                     _median([x["redis_bytes_out_per_publish"] for x in cur]),
+                     _median([x["redis_us_per_publish"] for x in b]),
+                     _median([x["redis_us_per_publish"] for x in cur])])
     print("\nCPU of a node without a subscriber of the channel, per publish (µs), and Redis deliveries per publish")
     print_rows(["nodes", "baseline µs", "current µs", "current/baseline", "baseline deliv.", "current deliv.",
-                "baseline B out", "current B out"], rows)
+                "baseline B out", "current B out", "baseline Redis µs", "current Redis µs"], rows)
 
     thr: dict[tuple[str, str], list[dict[str, float]]] = {}
     for shape in ("one channel", "a channel per node"):
