@@ -38,8 +38,8 @@ def test_webhooks_queue_on_their_own_redis(
     finally:
         worker.stop()
 
-    queue_keys = [k.decode() for k in redis.Redis(port=queue_redis.port).keys("*")]
-    adapter_keys = [k.decode() for k in redis.Redis.from_url(redis_url).keys("*")]
+    queue_keys = [str(k) for k in redis.Redis(port=queue_redis.port, decode_responses=True).keys("*")]
+    adapter_keys = [str(k) for k in redis.Redis.from_url(redis_url, decode_responses=True).keys("*")]
     assert any(k.startswith("rq:") for k in queue_keys), queue_keys  # the worker, its queue and registries
     assert not [k for k in adapter_keys if k.startswith("rq:") or ":webhooks:" in k], adapter_keys
     assert any(k.startswith("sockudo_adapter:") for k in adapter_keys)  # the adapter did use its Redis
