@@ -59,6 +59,12 @@ def make_client(config: Config, url: str | None = None, **options: Any) -> redis
     return redis.Redis(connection_pool=pool)
 
 
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client: the stores then put a hash tag in their keys so
+    that every script and multi-key command touches one slot (one Redis or Sentinel: keys unchanged)."""
+    return isinstance(client, RedisCluster)
+
+
 def make_cluster_client(config: Config, **options: Any) -> RedisCluster:
     """A ``RedisCluster`` client seeded with ``REDIS_CLUSTER_NODES``; it learns the slot map from
     them and follows MOVED/ASK redirections and failovers itself."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import RedisServer, ServerProcess
-from tests.support.rediscluster import RedisClusterServer
+from tests.support.rediscluster import STORE_BACKENDS, RedisClusterServer, store_client
 from tests.support.sdk import APP
 
 try:  # the pusher-js harness (tests/js); present once node deps are installed
@@ -86,3 +86,12 @@ def redis_cluster_ha() -> Iterator[RedisClusterServer]:
     cluster = RedisClusterServer(masters=3, replicas=1).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_redis(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An empty Redis for a store: a database of the session's redis-server (a ``redis.Redis``),
+    then the session's Redis Cluster (a ``RedisCluster``; the stores put hash tags in their keys)."""
+    client = store_client(request, request.param)
+    yield client
+    client.close()

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 
+import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
@@ -301,3 +302,22 @@ class RedisClusterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: The two kinds of Redis a store runs on, as pytest params: a store test parametrized with them
+#: runs once on each (the cluster run is marked ``rediscluster``: ``make test-cluster`` runs it).
+STORE_BACKENDS = [pytest.param("redis", marks=pytest.mark.redis),
+                  pytest.param("cluster", marks=[pytest.mark.redis, pytest.mark.rediscluster])]
+
+
+def store_client(request: pytest.FixtureRequest, kind: str) -> redis.Redis | RedisCluster:
+    """An emptied client of ``kind`` (a ``STORE_BACKENDS`` value): database 12 of the session's
+    redis-server, or the session's Redis Cluster."""
+    if kind == "cluster":
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return cluster.client()
+    server = request.getfixturevalue("redis_server")
+    client = redis.Redis(port=server.port, db=12)
+    client.flushdb()
+    return client
