@@ -54,3 +54,18 @@ def test_on_the_cluster_alone_the_queues_have_no_redis(redis_cluster: RedisClust
     # one seed node is enough: the client learns the others
     one = load_config(None, env={"REDIS_CLUSTER_NODES": redis_cluster.nodes[0].address})
     assert len(RedisClients(one).shared.get_primaries()) == 3
+
+
+def test_push_uses_the_queue_redis(redis_server: RedisServer) -> None:
+    """Push state and jobs are shared with the push workers: they follow QUEUE_REDIS_URL."""
+    from sockudo.push.service import build_push
+
+    other = RedisServer().start()
+    try:
+        config = load_config(None, env={"REDIS_URL": redis_server.url, "QUEUE_REDIS_URL": other.url})
+        service = build_push(config)
+        assert service is not None
+        assert service.store.r.connection_pool.connection_kwargs["port"] == other.port
+        assert service.queue.client.connection_pool.connection_kwargs["port"] == other.port
+    finally:
+        other.stop()
