@@ -13,7 +13,7 @@ BENCH_VENV := bench/.venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: run test test-quick test-unit test-integration redis-server prometheus chromium venv js clean lint bench soak
+.PHONY: run test test-cluster test-quick test-unit test-integration redis-server prometheus chromium venv js clean lint bench soak
 
 run: $(STAMP)
 	$(PY) -m sockudo $(ARGS)
@@ -57,15 +57,20 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
 	  || { echo "make: could not install chromium"; exit 1; }; }
 
+# Everything but the Redis Cluster tests, which `make test-cluster` runs (CI runs both).
 test: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not rediscluster" $(PYTEST_ARGS)
+
+# The tests against a real Redis Cluster the suite starts (3 masters; 3 + 3 replicas for failovers).
+test-cluster: $(STAMP) $(JS_STAMP) redis-server
+	$(PY) -m pytest -m rediscluster $(PYTEST_ARGS)
 
 test-unit: $(STAMP) redis-server
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (outages, soaks, kill -9 runs): a few minutes less.
 test-quick: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not rediscluster" $(PYTEST_ARGS)
 
 test-integration: $(STAMP) $(JS_STAMP) redis-server prometheus chromium
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -34,6 +35,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 APP_ID = "12345"
 APP_KEY = "bench-key"
 APP_SECRET = "bench-secret"
+
+
+def extract_tree(rev: str) -> Path:
+    """The source tree of git revision ``rev`` in a temporary directory: a benchmark runs an
+    older revision's processes from there as its baseline, side by side with the current tree."""
+    out = Path(tempfile.mkdtemp(prefix="bench-base-"))
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+    tar = out / "tree.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as fh:
+        fh.extractall(out, filter="data")
+    tar.unlink()
+    return out
 
 
 # -- /proc ---------------------------------------------------------------------

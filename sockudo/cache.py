@@ -7,6 +7,9 @@ from typing import Any, Protocol
 
 import redis
 
+from sockudo.core.keys import tag
+from sockudo.redis import is_cluster
+
 
 class Cache(Protocol):
     def get(self, key: str) -> tuple[str, float] | None:
@@ -49,11 +52,17 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Cache-channel payloads shared by every node."""
+    """Cache-channel payloads shared by every node. On a Redis Cluster a key starts with a hash tag
+    of the whole key (one key per channel: its slot is the channel's own); on one Redis or Sentinel
+    the keys are as before."""
 
     def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
         self.client = client
         self.prefix = prefix
+        self.cluster = is_cluster(client)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + tag("", key) + key if self.cluster else self.prefix + key
 
     def readiness_probe(self) -> Callable[[], bool]:
         return lambda: bool(self.client.ping())
@@ -61,8 +70,8 @@ class RedisCache:
     def get(self, key: str) -> tuple[str, float] | None:
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.get(self.prefix + key)
-            pipe.pttl(self.prefix + key)
+            pipe.get(self._key(key))
+            pipe.pttl(self._key(key))
             value, pttl = pipe.execute()
         except redis.RedisError:  # a cache miss is the safe answer when Redis is away
             return None
@@ -72,7 +81,7 @@ class RedisCache:
 
     def set(self, key: str, value: str, ttl_seconds: float) -> None:
         try:
-            self.client.set(self.prefix + key, value, px=int(ttl_seconds * 1000))
+            self.client.set(self._key(key), value, px=int(ttl_seconds * 1000))
         except redis.RedisError:
             pass  # best effort: a later publish stores it again
 

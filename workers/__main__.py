@@ -4,8 +4,8 @@ webhook metrics and prompt recovery of jobs left by crashed workers.
 
     python -m workers [--url redis://…] [--config sockudo.toml] [--metrics-port 9602] [--concurrency 100] [queue …]
 
-Redis comes from ``--url``, else ``REDIS_URL`` / ``REDIS_SENTINELS`` or the config file's
-``[database.redis]`` (the server's settings). Plain ``rq worker --with-scheduler webhooks``
+Redis comes from ``--url``, else the server's queue Redis: ``QUEUE_REDIS_URL``, else ``REDIS_URL`` /
+``REDIS_SENTINELS`` or the config file's ``[database.redis]``. Plain ``rq worker --with-scheduler webhooks``
 also delivers; see docs/webhooks.md for what it lacks.
 """
 
@@ -33,7 +33,8 @@ def pooled(args: argparse.Namespace) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workers", description="Webhook delivery worker (RQ)")
     parser.add_argument("queues", nargs="*", default=[RQ_QUEUE], help=f"queues to work on (default: {RQ_QUEUE})")
-    parser.add_argument("--url", help="Redis URL (default: $REDIS_URL, else the config's [database.redis])")
+    parser.add_argument("--url", help="Redis URL (default: $QUEUE_REDIS_URL, else $REDIS_URL, else the config's "
+                                      "[database.redis])")
     parser.add_argument("--config", help="sockudo TOML config, for Redis settings (default: $SOCKUDO_CONFIG)")
     parser.add_argument("--name", help="worker name (default: RQ's)")
     parser.add_argument("--metrics-port", type=int, default=None,
@@ -74,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         import redis
 
         connection = redis.Redis.from_url(args.url)
-    elif config.redis_url or config.redis_sentinels:
-        from sockudo.redis import make_client
-
-        connection = make_client(config)
     else:
-        print("workers: no Redis configured (use --url, REDIS_URL or [database.redis] url)", file=sys.stderr)
-        return 2
+        from sockudo.redis import RedisClients, queue_configured
+
+        if not queue_configured(config):
+            print("workers: no Redis configured (use --url, QUEUE_REDIS_URL, REDIS_URL or [database.redis] url)",
+                  file=sys.stderr)
+            return 2
+        connection = RedisClients(config).queue
 
     metrics_port = args.metrics_port
     if metrics_port is None and os.environ.get("WORKER_METRICS_PORT"):

@@ -69,8 +69,10 @@ def service() -> Any:
         from sockudo.push.service import build_push
 
         config = _config or load_config(os.environ.get("SOCKUDO_CONFIG") or None)
-        if not (config.redis_url or config.redis_sentinels):
-            raise RuntimeError("push workers need Redis (REDIS_URL or the config's [database.redis])")
+        from sockudo.redis import queue_configured
+
+        if not queue_configured(config):
+            raise RuntimeError("push workers need Redis (QUEUE_REDIS_URL, REDIS_URL or the config's [database.redis])")
         _metrics = RecordingMetrics()
         _service = build_push(config, _metrics)
         if _service is None:

@@ -45,10 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _store(config: Config) -> Any:
-    from sockudo.redis import make_client
+    from sockudo.redis import RedisClients
     from sockudo.webhooks.queue import RqQueue
 
-    return RqQueue(make_client(config), f"{config.redis_prefix}webhooks:",
+    return RqQueue(RedisClients(config).queue, f"{config.redis_prefix}webhooks:",
                    dead_letter_limit=config.webhooks.dead_letter_limit)
 
 
@@ -65,7 +65,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"sockudo: {exc}", file=sys.stderr)
         return 2
-    if not (config.redis_url or config.redis_sentinels):
+    from sockudo.redis import queue_configured
+
+    if not queue_configured(config):
         print("sockudo: dead letters are kept in Redis; without REDIS_URL (embedded mode) they live in the "
               "server's memory and are not reachable from here", file=sys.stderr)
         return 2

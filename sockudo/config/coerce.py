@@ -121,6 +121,22 @@ def to_str_tuple(key: str, value: Any) -> tuple[str, ...]:
     raise ConfigError(f"config: {key} must be a list of strings or a comma-separated string")
 
 
+def node_address(key: str, value: str) -> tuple[str, int, bool]:
+    """``(host, port, tls)`` of one Redis node given as ``host:port`` or ``redis://host:port``
+    (``rediss://``: TLS). Raises ConfigError naming ``key`` otherwise."""
+    text = value.strip()
+    tls = text.startswith("rediss://")
+    rest = text.split("://", 1)[1] if "://" in text else text
+    if "://" in text and not text.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"config: {key} entries must be host:port or redis://host:port, got {value!r}")
+    rest = rest.rstrip("/").rsplit("@", 1)[-1]  # credentials belong in the password setting
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config: {key} entries must be host:port or redis://host:port, got {value!r}")
+    return host, int(port), tls
+
+
 def table(key: str, value: Any) -> Mapping[str, Any]:
     """A TOML table / JSON object."""
     if not isinstance(value, Mapping):

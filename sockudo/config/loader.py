@@ -22,6 +22,7 @@ from sockudo.config.coerce import (
     build_values,
     check_keys,
     coerce_field,
+    node_address,
     table,
     to_str,
     unknown_key,
@@ -174,7 +175,8 @@ _SECTION_KEYS: dict[str, dict[str, str]] = {  # section -> {key: Config field}
                       "heartbeat_interval": "heartbeat_interval", "node_timeout": "node_timeout"},
     "database.redis": {"url": "redis_url", "sentinels": "redis_sentinels", "sentinel_master": "redis_sentinel_master",
                        "password": "redis_password", "db": "redis_db", "tls": "redis_tls",
-                       "sentinel_password": "redis_sentinel_password"},
+                       "sentinel_password": "redis_sentinel_password", "cluster_nodes": "redis_cluster_nodes",
+                       "queue_url": "queue_redis_url"},
 }
 FIELD_KEYS: dict[str, str] = {name: name for name in _TOP_LEVEL}
 for _table_path, _keys in _SECTION_KEYS.items():
@@ -207,6 +209,8 @@ _ENV = {
     "REDIS_DB": "redis_db",
     "REDIS_TLS": "redis_tls",
     "REDIS_SENTINEL_PASSWORD": "redis_sentinel_password",
+    "REDIS_CLUSTER_NODES": "redis_cluster_nodes",
+    "QUEUE_REDIS_URL": "queue_redis_url",
     "ADAPTER_REQUESTS_TIMEOUT_MS": "requests_timeout_ms",
     "ADAPTER_HEARTBEAT_INTERVAL": "heartbeat_interval",
     "ADAPTER_NODE_TIMEOUT": "node_timeout",
@@ -347,7 +351,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     console = parse_console(raw.pop("console", {}), env)
     cors = parse_cors(raw.pop("cors", {}))
     apps: tuple[AppConfig, ...] = raw.pop("apps", ())
-    if "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
+    if "adapter_driver" not in raw and raw.get("redis_cluster_nodes"):
+        raw["adapter_driver"] = "redis-cluster"  # cluster nodes turn scale-out on, over the cluster
+    elif "adapter_driver" not in raw and (raw.get("redis_url") or raw.get("redis_sentinels")):
         raw["adapter_driver"] = "redis"  # REDIS_URL alone turns scale-out on
     known = {f.name: f for f in fields(Config)}
     config = Config(**{name: coerce_field(display[name], known[name].type, value) for name, value in raw.items()})
@@ -376,11 +382,11 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
                      idempotency=features["idempotency"], rate_limiter=rate_limiter, ssl=ssl, console=console,
                      cors=cors)
     limiter = config.rate_limiter
-    if limiter.enabled and limiter.driver == "redis" and not (config.redis_url or config.redis_sentinels):
-        raise ConfigError("config: rate_limiter.driver = \"redis\" needs Redis (REDIS_URL, REDIS_SENTINELS or "
-                          "[database.redis] url)")
-    redis_configured = bool(config.redis_url or config.redis_sentinels)
-    config = replace(config, push=parse_push_settings(push_raw, env, redis_configured=redis_configured))
+    if limiter.enabled and limiter.driver == "redis" and not (
+            config.redis_url or config.redis_sentinels or config.adapter_driver == "redis-cluster"):
+        raise ConfigError("config: rate_limiter.driver = \"redis\" needs Redis (REDIS_URL, REDIS_SENTINELS, "
+                          "REDIS_CLUSTER_NODES or [database.redis] url)")
+    config = replace(config, push=parse_push_settings(push_raw, env, redis_configured=queue_redis_configured(config)))
     apps = tuple(_resolve_features(app, config) for app in apps)
     for app in apps:
         for required in ("id", "key", "secret"):
@@ -420,13 +426,21 @@ def _validate(config: Config) -> None:
             for name in names:
                 if getattr(getattr(holder, section), name) < 1:
                     raise ConfigError(f"config: {where}{section}.{name} must be at least 1")
-    if config.adapter_driver not in ("local", "redis"):
-        raise ConfigError(f"config: adapter.driver must be \"local\" or \"redis\", got {config.adapter_driver!r}")
+    if config.adapter_driver not in ("local", "redis", "redis-cluster"):
+        raise ConfigError("config: adapter.driver must be \"local\", \"redis\" or \"redis-cluster\", "
+                          f"got {config.adapter_driver!r}")
     if config.adapter_driver == "redis" and not (config.redis_url or config.redis_sentinels):
         raise ConfigError("config: adapter.driver \"redis\" needs a Redis address: REDIS_URL, database.redis.url, "
                           "database.redis.host/port or database.redis.sentinels")
-    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("config: database.redis.url (REDIS_URL) must start with redis://, rediss:// or unix://")
+    if config.adapter_driver == "redis-cluster" and not config.redis_cluster_nodes:
+        raise ConfigError("config: adapter.driver \"redis-cluster\" needs the cluster's nodes: REDIS_CLUSTER_NODES "
+                          "or database.redis.cluster_nodes (host:port each)")
+    for key, url in (("database.redis.url (REDIS_URL)", config.redis_url),
+                     ("database.redis.queue_url (QUEUE_REDIS_URL)", config.queue_redis_url)):
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"config: {key} must start with redis://, rediss:// or unix://")
+    for entry in config.redis_cluster_nodes:
+        node_address("database.redis.cluster_nodes (REDIS_CLUSTER_NODES)", entry)
     for entry in config.redis_sentinels:
         host, _, port = entry.rpartition(":")
         if not host or not port.isdigit():
@@ -444,5 +458,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: websocket.max_buffer_bytes must be at least 65536")
     if config.websocket_max_fragments < 1:
         raise ConfigError("config: websocket.max_fragments must be at least 1")
-    if config.webhooks.queue_driver == "redis" and not (config.redis_url or config.redis_sentinels):
-        raise ConfigError("config: webhooks.queue_driver \"redis\" needs REDIS_URL (database.redis.url) or sentinels")
+    if config.webhooks.queue_driver == "redis" and not queue_redis_configured(config):
+        raise ConfigError("config: webhooks.queue_driver \"redis\" needs one Redis for RQ: QUEUE_REDIS_URL "
+                          "(database.redis.queue_url), REDIS_URL (database.redis.url) or sentinels")
+
+
+def queue_redis_configured(config: Config) -> bool:
+    """Whether the RQ queues (webhooks, push) have a Redis: QUEUE_REDIS_URL, else the standalone or
+    Sentinel Redis (never the cluster: RQ needs one Redis)."""
+    return bool(config.queue_redis_url or config.redis_url or config.redis_sentinels)

@@ -130,7 +130,9 @@ class Config:
     http_header_timeout: float = 10.0
     http_body_timeout: float = 30.0
     shutdown_grace_period: int = 10
-    adapter_driver: str = "local"  # "redis" when REDIS_URL is set, unless ADAPTER_DRIVER says otherwise
+    # "redis" when REDIS_URL or sentinels are set, "redis-cluster" when REDIS_CLUSTER_NODES is, unless
+    # ADAPTER_DRIVER says otherwise
+    adapter_driver: str = "local"
     redis_url: str | None = None
     redis_prefix: str = "sockudo_adapter:"
     redis_sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
@@ -141,6 +143,12 @@ class Config:
     redis_db: int = 0
     redis_tls: bool = False
     redis_sentinel_password: str | None = None
+    # Redis Cluster seed nodes ("host:port", or redis:// / rediss:// URLs of one node each): the adapter
+    # and the stores use the cluster; password and TLS as for sentinels (redis_password, redis_tls).
+    redis_cluster_nodes: tuple[str, ...] = ()
+    # The Redis of the RQ queues (webhooks, push) and the state their workers share; default: the
+    # standalone/Sentinel Redis above. RQ needs one Redis: it cannot use the cluster.
+    queue_redis_url: str | None = None
     requests_timeout_ms: int = 2000  # cross-node query deadline
     heartbeat_interval: float = 5.0  # seconds between node heartbeats
     node_timeout: float = 15.0  # a node silent this long is dead; its sockets are cleaned up

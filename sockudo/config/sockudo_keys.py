@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from sockudo.config.coerce import table, to_bool, to_float, to_int, to_str, unknown_key
+from sockudo.config.coerce import node_address, table, to_bool, to_float, to_int, to_str, unknown_key
 from sockudo.core.errors import ConfigError
 
 SAME = "same"
@@ -91,7 +91,7 @@ def _any(*tests: Callable[[Mapping[str, Any]], bool]) -> Callable[[Mapping[str, 
     return lambda root: any(test(root) for test in tests)
 
 
-ONE_TRANSPORT = "this server scales out over Redis only (adapter.driver = \"redis\")"
+ONE_TRANSPORT = "this server scales out over Redis only (adapter.driver = \"redis\" or \"redis-cluster\")"
 NO_SQL = "apps come from this file or SOCKUDO_DEFAULT_APP_* here; there is no database app manager"
 
 # -- top level ---------------------------------------------------------------------------
@@ -106,14 +106,14 @@ renamed("instance.process_id", "node_id")
 
 # -- [adapter] ---------------------------------------------------------------------------
 
-renamed("adapter.driver", "adapter.driver", "\"local\" and \"redis\" as is; any other driver: a warning, "
-        "then \"redis\" if Redis is configured, else \"local\"", apply="adapter_driver")
+renamed("adapter.driver", "adapter.driver", "\"local\", \"redis\" and \"redis-cluster\" as is; any other driver: "
+        "a warning, then \"redis\" if Redis is configured, else \"local\"", apply="adapter_driver")
 same("adapter.redis.requests_timeout adapter.redis.prefix")
 renamed("adapter.redis.redis_pub_options", "database.redis.url", "its url (and redis_sub_options' url) "
         "becomes the Redis URL; other client options have no effect", apply="redis_client_options")
 renamed("adapter.redis.redis_sub_options", "database.redis.url", "as redis_pub_options",
         apply="redis_client_options")
-ignored("adapter.redis.cluster_mode", "Redis Cluster is not supported here; use one Redis or Sentinel",
+ignored("adapter.redis.cluster_mode", "use adapter.driver = \"redis-cluster\" with [adapter.cluster] nodes",
         inert=(False,))
 #: Sockudo's message brokers (as adapters and as queues) and their keys.
 _BROKERS = {
@@ -133,9 +133,9 @@ for _name, _keys in _BROKERS.items():
     _driver = {"google_pubsub": "google-pubsub"}.get(_name, _name)
     ignored(f"adapter.{_name}", f"the {_name} adapter is not available: {ONE_TRANSPORT}", keys=_keys,
             when=_driver_is("adapter.driver", _driver))
-ignored("adapter.cluster", "the Redis Cluster adapter is not available: " + ONE_TRANSPORT,
-        keys="nodes prefix request_timeout_ms use_connection_manager use_sharded_pubsub tls",
-        when=_driver_is("adapter.driver", "redis-cluster"))
+renamed("adapter.cluster", "database.redis.cluster_nodes", "with adapter.driver = \"redis-cluster\": nodes become "
+        "database.redis.cluster_nodes, prefix adapter.redis.prefix, request_timeout_ms "
+        "adapter.redis.requests_timeout, tls database.redis.tls; pub/sub is always sharded", apply="adapter_cluster")
 ignored("adapter.buffer_multiplier_per_cpu", "a tuning knob of Sockudo's Rust adapter")
 ignored("adapter.enable_socket_counting", "sockets are always counted here", inert=(True,))
 ignored("adapter.fallback_to_local", "while Redis is down each node always keeps serving its own sockets",
@@ -210,9 +210,9 @@ ignored("queue.reliability", "webhook jobs are retried by [webhooks.retry] and R
         keys="max_attempts retry_base_delay_ms retry_max_delay_ms retry_jitter lease_duration_ms "
              "lease_renew_interval_ms stalled_batch_size worker_poll_interval_ms worker_prefetch shutdown_timeout_ms "
              "completed_retention failed_retention event_retention deduplication_ttl_ms memory_capacity max_batch_size")
-ignored("queue.redis", "webhook jobs use RQ's own keys; concurrency is the number of workers you run",
-        keys="concurrency prefix url_override cluster_mode response_timeout_ms",
-        when=_driver_is("queue.driver", "redis"))
+renamed("queue.redis", "database.redis.queue_url", "url_override becomes database.redis.queue_url (the Redis of "
+        "the RQ queues); the other keys have no effect: webhook jobs use RQ's own keys and concurrency is the "
+        "number of workers you run", apply="queue_redis")
 for _name, _keys in {
     "redis_cluster": "concurrency prefix nodes request_timeout_ms",
     **_BROKERS,
@@ -237,9 +237,11 @@ renamed("database.redis.master_tls", "database.redis.tls", "enabled becomes tls;
         "no effect (the system CAs are trusted)", apply="master_tls")
 ignored("database.redis.sentinel_tls", "sentinels are reached without TLS",
         keys="enabled accept_invalid_certs acceptInvalidCerts ca_path client_cert_path client_key_path", inert=(False,))
-ignored("database.redis.cluster", "Redis Cluster is not supported here", keys="nodes username password use_tls useTLS",
-        inert=([],))
-ignored("database.redis.cluster_nodes", "Redis Cluster is not supported here", inert=([],))
+renamed("database.redis.cluster", "database.redis.cluster_nodes", "nodes become database.redis.cluster_nodes, "
+        "password database.redis.password, use_tls database.redis.tls; a username has no effect",
+        apply="redis_cluster")
+renamed("database.redis.cluster_nodes", "database.redis.cluster_nodes", "{host, port} tables and redis:// URLs "
+        "become \"host:port\"", apply="cluster_nodes")
 _SQL = "host port username password database table_name connection_pool_size pool_min pool_max cache_ttl " \
        "cache_cleanup_interval cache_max_capacity"
 _uses = {
@@ -287,8 +289,9 @@ ignored("ssl.redirect_http", "there is no plain-HTTP redirect listener", inert=(
 ignored("ssl.http_port", "there is no plain-HTTP redirect listener",
         when=lambda root: _get(root, "ssl.redirect_http") is True)
 same("rate_limiter.enabled")
-renamed("rate_limiter.driver", "rate_limiter.driver", "\"memory\" and \"redis\" as is; \"redis-cluster\" and "
-        "\"none\": a warning, and counting in memory", apply="rate_limiter_driver")
+renamed("rate_limiter.driver", "rate_limiter.driver", "\"memory\" and \"redis\" as is; \"redis-cluster\" as "
+        "\"redis\" (the adapter's Redis or cluster); \"none\": a warning, and counting in memory",
+        apply="rate_limiter_driver")
 for _name in ("api_rate_limit", "websocket_rate_limit"):
     same(" ".join(f"rate_limiter.{_name}.{k}" for k in ("max_requests", "window_seconds", "identifier", "trust_hops")))
 ignored("rate_limiter.redis", "the Redis rate limiter uses the adapter's Redis connection and prefix",
@@ -543,7 +546,7 @@ class _Translator:
 
     def _adapter_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
         driver = to_str(where, value).strip().lower()
-        if driver in ("local", "redis"):
+        if driver in ("local", "redis", "redis-cluster"):
             out[name] = driver
         else:
             self.warn(f"{where} = {driver!r}", ONE_TRANSPORT + "; the adapter is \"redis\" when Redis is "
@@ -558,7 +561,7 @@ class _Translator:
 
     def _cache_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
         driver = to_str(where, value).strip().lower()
-        if driver not in ("memory", "redis"):
+        if driver not in ("memory", "redis", "redis-cluster"):
             self.warn(f"{where} = {driver!r}", entry.note)
 
     def _queue_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
@@ -574,8 +577,8 @@ class _Translator:
     def _rate_limiter_driver(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any],
                              name: str) -> None:
         driver = to_str(where, value).strip().lower()
-        if driver in ("memory", "redis"):
-            out[name] = driver
+        if driver in ("memory", "redis", "redis-cluster"):
+            out[name] = "redis" if driver == "redis-cluster" else driver
         else:
             self.warn(f"{where} = {driver!r}", "the limits are counted in this process's memory, or in Redis with "
                       "driver = \"redis\"")
@@ -640,6 +643,92 @@ class _Translator:
             else:
                 entries.append(item)
         out[name] = entries
+
+    def _node_list(self, where: str, value: Any) -> list[str]:
+        """Cluster nodes as "host:port" strings (``rediss://`` ones also turn TLS on)."""
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {where} must be a list of \"host:port\" strings or {{host, port}} tables")
+        nodes: list[str] = []
+        for i, item in enumerate(value):
+            if isinstance(item, Mapping):
+                for key in item:
+                    if key not in ("host", "port"):
+                        raise unknown_key(f"{where}[{i}].{key}", key, ("host", "port"))
+                host = to_str(f"{where}[{i}].host", item.get("host", "127.0.0.1"))
+                nodes.append(f"{host}:{to_int(f'{where}[{i}].port', item.get('port', 6379), 1, 65535)}")
+            else:
+                host, port, tls = node_address(f"{where}[{i}]", to_str(f"{where}[{i}]", item))
+                nodes.append(f"{host}:{port}")
+                if tls and not any(move[0] == "database.redis.tls" for move in self.moves):
+                    self.moves.append(("database.redis.tls", True, f"{where}[{i}]"))
+        return nodes
+
+    def _cluster_nodes(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
+        if isinstance(value, str):
+            out[name] = value  # our own comma-separated form; the loader checks it
+            return
+        nodes = self._node_list(where, value)
+        if nodes:
+            out[name] = nodes
+
+    def _redis_cluster(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
+        allowed = ("nodes", "username", "password", "use_tls", "useTLS")
+        for key, option in table(where, value).items():
+            shown = f"{where}.{key}"
+            if key == "nodes":
+                nodes = self._node_list(shown, option)
+                if nodes:
+                    self.moves.append(("database.redis.cluster_nodes", nodes, shown))
+            elif key == "password":
+                if option:
+                    self.moves.append(("database.redis.password", option, shown))
+            elif key in ("use_tls", "useTLS"):
+                if to_bool(shown, option):
+                    self.moves.append(("database.redis.tls", True, shown))
+            elif key == "username":
+                if option:
+                    self.warn(shown, "the cluster is reached with a password only")
+            else:
+                raise unknown_key(shown, key, allowed)
+
+    def _adapter_cluster(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
+        allowed = ("nodes", "prefix", "request_timeout_ms", "use_connection_manager", "use_sharded_pubsub", "tls")
+        options = table(where, value)
+        for key in options:
+            if key not in allowed:
+                raise unknown_key(f"{where}.{key}", key, allowed)
+        if not _driver_is("adapter.driver", "redis-cluster")(self.root):
+            return  # the settings of a driver that is not selected
+        for key, option in options.items():
+            shown = f"{where}.{key}"
+            if key == "nodes":
+                nodes = self._node_list(shown, option)
+                if nodes:
+                    self.moves.append(("database.redis.cluster_nodes", nodes, shown))
+            elif key == "prefix":
+                self.moves.append(("adapter.redis.prefix", option, shown))
+            elif key == "request_timeout_ms":
+                self.moves.append(("adapter.redis.requests_timeout", option, shown))
+            elif key == "tls":
+                if isinstance(option, Mapping):
+                    if option.get("enabled"):
+                        self.moves.append(("database.redis.tls", True, shown))
+                elif to_bool(shown, option):
+                    self.moves.append(("database.redis.tls", True, shown))
+            elif key == "use_sharded_pubsub" and option is False:
+                self.warn(shown, "the Redis Cluster adapter always uses sharded pub/sub (SSUBSCRIBE)")
+
+    def _queue_redis(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
+        allowed = ("concurrency", "prefix", "url_override", "cluster_mode", "response_timeout_ms")
+        for key, option in table(where, value).items():
+            shown = f"{where}.{key}"
+            if key not in allowed:
+                raise unknown_key(shown, key, allowed)
+            if key == "url_override" and option:
+                self.moves.append(("database.redis.queue_url", to_str(shown, option), shown))
+            elif key == "cluster_mode" and option is True:
+                self.warn(shown, "RQ needs one Redis (its queues and registries change together in MULTI and "
+                          "Lua): give the queues their own Redis with url_override or QUEUE_REDIS_URL")
 
     def _master_tls(self, entry: SockudoKey, value: Any, where: str, out: dict[str, Any], name: str) -> None:
         options = table(where, value)

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import redis
 
 from sockudo.core.errors import ApiError
+from sockudo.core.keys import tag
+from sockudo.redis import is_cluster
 
 PROCESSING = "__processing__"
 POLLS = 6
@@ -68,12 +70,17 @@ class MemoryIdempotency:
 
 
 class RedisIdempotency:
+    """Idempotency keys shared by every node. Each is one Redis key, used alone; on a Redis Cluster
+    it starts with a hash tag of the whole key, so that braces in a client's idempotency key cannot
+    pick its slot (on one Redis or Sentinel the keys are as before)."""
+
     def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
         self.client = client
         self.prefix = prefix
+        self.cluster = is_cluster(client)
 
     def _key(self, key: str) -> str:
-        return self.prefix + key
+        return self.prefix + tag("", key) + key if self.cluster else self.prefix + key
 
     def get(self, key: str) -> str | None:
         try:

@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
+from redis.crc import key_slot
 
 from sockudo.config import AppConfig, HistoryConfig
 from sockudo.core import protocol as p
 from sockudo.core.errors import ApiError
+from sockudo.core.keys import tag
+from sockudo.redis import is_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -301,11 +304,16 @@ def _decode_entry(entry: Any) -> StoredMessage | None:
 
 
 class RedisSequencer:
-    """Cluster-wide serials and history in Redis (survives node restarts)."""
+    """Cluster-wide serials and history in Redis (survives node restarts).
+
+    On a Redis Cluster (a ``RedisCluster`` client) both keys of a channel start with its hash tag,
+    ``tag(app_id, channel)``, so the numbering script touches one slot; on one Redis or Sentinel the
+    keys are exactly as before the cluster existed (an upgrade keeps its history)."""
 
     def __init__(self, client: Any, prefix: str = "sockudo:") -> None:
         self.client = client
         self.prefix = prefix
+        self.cluster = is_cluster(client)
         self._next = client.register_script(NEXT_LUA)
         self._trim = client.register_script(TRIM_LUA)
         self.purged = 0
@@ -313,7 +321,8 @@ class RedisSequencer:
         self.expiry_due: dict[tuple[str, str], int] = {}
 
     def _keys(self, app_id: str, channel: str) -> tuple[str, str]:
-        return f"{self.prefix}app:{app_id}:stream:{channel}", f"{self.prefix}app:{app_id}:history:{channel}"
+        head = self.prefix + tag(app_id, channel) if self.cluster else self.prefix
+        return f"{head}app:{app_id}:stream:{channel}", f"{head}app:{app_id}:history:{channel}"
 
     def next(self, app: AppConfig, channel: str, message_id: str, event: str, data: Any,
              user_id: str | None) -> tuple[str, int, int]:
@@ -322,19 +331,34 @@ class RedisSequencer:
     def next_many(self, app: AppConfig, items: list[Numbering]) -> list[tuple[str, int, int]]:
         """One script call numbers (and stores) every message: Redis runs it whole or, out of
         memory, refuses it at its first write (the only point it checks the limit, so a script is never
-        cut off half-way) — never some channels and not others."""
+        cut off half-way) — never some channels and not others.
+
+        On a Redis Cluster one script runs per hash slot (the channels of one slot together, the
+        slots in ascending order): all-or-none per slot, not across slots. A slot that fails raises
+        ``SequencerUnavailable`` after the slots before it were numbered."""
         cfg = app.history
         keep_ms = max(cfg.retention_window_seconds, app.connection_recovery.buffer_ttl_seconds, 86400) * 1000
-        keys: list[str] = []
-        args: list[Any] = []
+        keys: list[list[str]] = []
+        args: list[list[Any]] = []
         for channel, message_id, event, data, user_id in items:
-            keys.extend(self._keys(app.id, channel))
-            args.extend((str(uuid.uuid4()), "1" if cfg.enabled else "0", keep_ms, cfg.max_messages_per_channel,
-                         cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or ""))
-        try:
-            flat = self._next(keys=keys, args=args)
-        except redis.RedisError as exc:  # including out of memory with noeviction
-            raise SequencerUnavailable(str(exc)) from exc
+            keys.append(list(self._keys(app.id, channel)))
+            args.append([str(uuid.uuid4()), "1" if cfg.enabled else "0", keep_ms, cfg.max_messages_per_channel,
+                         cfg.retention_window_seconds * 1000, message_id, event, p.dumps(data), user_id or ""])
+        if self.cluster:
+            groups: dict[int, list[int]] = {}
+            for i, pair in enumerate(keys):
+                groups.setdefault(key_slot(pair[0].encode()), []).append(i)
+            batches = [groups[slot] for slot in sorted(groups)]
+        else:
+            batches = [list(range(len(items)))]
+        flat: list[Any] = [None] * (4 * len(items))
+        for batch in batches:
+            try:
+                result = self._next(keys=[k for i in batch for k in keys[i]], args=[a for i in batch for a in args[i]])
+            except redis.RedisError as exc:  # including out of memory with noeviction
+                raise SequencerUnavailable(str(exc)) from exc
+            for j, i in enumerate(batch):
+                flat[4 * i:4 * i + 4] = result[4 * j:4 * j + 4]
         out: list[tuple[str, int, int]] = []
         for i, (channel, *_rest) in enumerate(items):
             sid, serial, ms, purged = flat[4 * i:4 * i + 4]

@@ -416,17 +416,15 @@ def build_push(
         metrics = PushMetrics(registry if registry is not None else CollectorRegistry())
         metrics.prepare([app.id for app in config.apps])
     from sockudo.push.providers import MemoryTokenCache, ProviderClients, RedisTokenCache
+    from sockudo.redis import RedisClients, queue_configured
 
-    redis_configured = bool(config.redis_url or config.redis_sentinels)
     queue: Any
-    if uses_redis(settings, redis_configured):
+    if uses_redis(settings, queue_configured(config)):
         from sockudo.push.queue import RqPushQueue
         from sockudo.push.redis_store import RedisStore
 
         if client is None:
-            from sockudo.redis import make_client
-
-            client = make_client(config)
+            client = RedisClients(config).queue  # the queue's Redis: RQ needs one Redis, not the cluster
         conflict_metrics = metrics
 
         def on_conflict(component: str) -> None:

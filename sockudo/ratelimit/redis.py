@@ -23,7 +23,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sockudo.core.keys import tag
 from sockudo.ratelimit.memory import RateLimiter
+from sockudo.redis import is_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class RedisRateLimiter:
         self.key_prefix = f"{prefix}rate_limit:{name}:"
         self.fallback = RateLimiter(max_requests, window, monotonic)
         self._script = client.register_script(_HIT)
+        # On a Redis Cluster both windows of one address must share a slot: their keys start with
+        # a hash tag of the limiter and the address (one Redis or Sentinel: keys as before).
+        self.cluster = is_cluster(client)
         self._down_until = 0.0
         # Two windows of life: a counter is read as "the previous window" for one more window.
         self._ttl_ms = int(self.window * 2000) + 1000
@@ -71,8 +76,9 @@ class RedisRateLimiter:
         elapsed = (now % self.window) / self.window
         reset = self.window - (now % self.window)
         try:
+            head = f"{self.key_prefix}{tag(self.key_prefix, key)}" if self.cluster else self.key_prefix
             allowed, used_text = self._script(
-                keys=[f"{self.key_prefix}{key}:{index}", f"{self.key_prefix}{key}:{index - 1}"],
+                keys=[f"{head}{key}:{index}", f"{head}{key}:{index - 1}"],
                 args=[self.max_requests, repr(elapsed), self._ttl_ms])
         except RedisError as exc:
             self._down_until = self.monotonic() + RETRY_AFTER_FAILURE_S

@@ -20,7 +20,7 @@ from sockudo.http_api import create_app, fastpath
 from sockudo.http_api.common import chunked_body_gate
 from sockudo.metrics.registry import Metrics
 from sockudo.metrics.tcp.exporter import TcpExporter
-from sockudo.redis import RedisClients, redis_configured
+from sockudo.redis import CLUSTER_DRIVER, RedisClients, queue_configured
 from sockudo.server import console, observability, runtime
 from sockudo.server.guard import Guard, GuardedHandler, main_server
 from sockudo.server.websocket import APP_PATH_PREFIX, ConnectionRegistry, protocol_version, serve_websocket
@@ -61,7 +61,7 @@ def build_services(config: Config) -> Services:
     cache: Any = MemoryCache(time.time)
     clients = RedisClients(config)
     extras["redis"] = clients
-    if config.adapter_driver == "redis":
+    if config.adapter_driver in ("redis", CLUSTER_DRIVER):
         from sockudo.adapter.redis import RedisAdapter
         from sockudo.cache import RedisCache
         from sockudo.history.idempotency import RedisIdempotency
@@ -84,7 +84,7 @@ def build_services(config: Config) -> Services:
     from sockudo.push.service import build_push
 
     extras["push"] = build_push(config, registry=metrics.registry,
-                                client=clients.shared if redis_configured(config) else None)
+                                client=clients.queue if queue_configured(config) else None)
     if extras["push"] is not None:
         from sockudo.push.metrics import PushQueueCollector
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sockudo.config import AppConfig, Config
-from sockudo.redis import RedisClients
+from sockudo.redis import RedisClients, queue_configured
 from sockudo.services import Runtime
 from sockudo.webhooks.delivery import (
     MemoryDeadLetters,
@@ -368,7 +368,7 @@ class WebhookSink:
 
 def uses_redis(config: Config) -> bool:
     driver = config.webhooks.queue_driver
-    return driver == "redis" or (driver == "auto" and bool(config.redis_url or config.redis_sentinels))
+    return driver == "redis" or (driver == "auto" and queue_configured(config))
 
 
 def warn_duplicate_endpoints(config: Config) -> None:
@@ -403,7 +403,7 @@ def build_webhook_sink(config: Config, registry: Any, runtime: Runtime, adapter:
         from sockudo.webhooks.markers import RedisMarkers
         from sockudo.webhooks.queue import RqQueue
 
-        client = (clients or RedisClients(config)).shared
+        client = (clients or RedisClients(config)).queue  # RQ and the markers its jobs read: one Redis
         queue = RqQueue(client, key_prefix, dead_letter_limit=settings.dead_letter_limit)
         registry.register(QueueCollector(queue.stats, prefix))
         if not enabled:

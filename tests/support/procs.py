@@ -147,8 +147,9 @@ class ServerProcess:
 
     def __init__(self, apps: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None,
                  config_text: str | None = None, extra_args: list[str] | None = None,
-                 config_name: str = "sockudo.toml", **top: Any) -> None:
+                 config_name: str = "sockudo.toml", root: Path | None = None, **top: Any) -> None:
         self.extra_args = list(extra_args or [])  # e.g. ["--workers", "2"]
+        self.root = root or ROOT  # the source tree ``python -m sockudo`` runs from (a benchmark's baseline)
         self.port = free_port()
         self.metrics_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sockudo-test-")
@@ -177,7 +178,7 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sockudo", "--config", self.config_path, *self.extra_args],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.root, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait:
             wait_until(self._ready, timeout=20, message=f"server on port {self.port} to answer /live")

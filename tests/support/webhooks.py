@@ -152,9 +152,9 @@ class Receiver:
 class WorkerProcess:
     """``python -m workers`` in its own process group (``kill -9`` takes the whole worker)."""
 
-    def __init__(self, redis_url: str, concurrency: int | None = None, queues: tuple[str, ...] = (),
+    def __init__(self, redis_url: str | None, concurrency: int | None = None, queues: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:
-        self.redis_url = redis_url
+        self.redis_url = redis_url  # --url; None: the worker picks its Redis from ``env`` as in production
         self.concurrency = concurrency  # job slots (--concurrency); default: the worker's
         self.queues = queues  # default: the worker's (webhooks)
         self.extra_env = dict(env or {})  # e.g. SOCKUDO_CONFIG, for the apps of a server's config
@@ -164,11 +164,13 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_"))}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SOCKUDO_", "REDIS_", "WEBHOOK_", "QUEUE_REDIS_"))}
         env.update({"PYTHONUNBUFFERED": "1", "WEBHOOK_REAP_INTERVAL_MS": "300", **self.extra_env})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", *self.queues, "--url", self.redis_url, "--metrics-port",
+            [sys.executable, "-m", "workers", *self.queues, *(["--url", self.redis_url] if self.redis_url else []),
+             "--metrics-port",
              str(self.metrics_port), *(["--concurrency", str(self.concurrency)] if self.concurrency else [])],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )

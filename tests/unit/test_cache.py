@@ -1,10 +1,15 @@
-"""The TTL cache behind cache channels: in memory on a fake clock, and Redis away."""
+"""The TTL cache behind cache channels: in memory on a fake clock, in a real Redis and Redis Cluster,
+and Redis away."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from redis.cluster import RedisCluster
 
 from sockudo.cache import MemoryCache, RedisCache, cache_channel_key
+from sockudo.core.keys import tag
 from tests.support.fakes import FakeClock
 from tests.support.procs import unreachable_redis
 
@@ -84,3 +89,16 @@ def test_a_bug_behind_the_redis_cache_is_not_taken_for_redis_being_away() -> Non
         cache.get("k")
     with pytest.raises(TypeError):
         cache.set("k", "v", 10)
+
+
+def test_redis_cache_keeps_the_last_message_on_redis_and_on_a_cluster(store_redis: Any) -> None:
+    """The payload and its seconds left, from a real Redis and a real Redis Cluster; on one Redis
+    the key is the one of before the cluster existed."""
+    cache = RedisCache(store_redis)
+    key = cache_channel_key("app-1", "cache-{prices}")
+    assert cache.get(key) is None
+    cache.set(key, '{"event":"ev"}', 30)
+    value, left = cache.get(key)  # type: ignore[misc]
+    assert value == '{"event":"ev"}' and 29 < left <= 30
+    stored = f"sockudo:{tag('', key)}{key}" if isinstance(store_redis, RedisCluster) else f"sockudo:{key}"
+    assert store_redis.exists(stored) == 1

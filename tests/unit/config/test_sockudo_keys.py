@@ -223,9 +223,79 @@ def test_an_adapter_this_server_lacks_warns_and_falls_back(write: Callable[..., 
 
 
 def test_a_rate_limiter_driver_this_server_lacks_counts_in_memory(write: Callable[..., str]) -> None:
-    config = load_config(write('[rate_limiter]\nenabled = true\ndriver = "redis-cluster"\n'), env={})
+    config = load_config(write('[rate_limiter]\nenabled = true\ndriver = "none"\n'), env={})
     assert (config.rate_limiter.enabled, config.rate_limiter.driver) == (True, "memory")
-    assert "rate_limiter.driver = 'redis-cluster' has no effect here" in " ".join(config.warnings)
+    assert "rate_limiter.driver = 'none' has no effect here" in " ".join(config.warnings)
+
+
+def test_the_redis_cluster_rate_limiter_counts_on_the_cluster(write: Callable[..., str]) -> None:
+    text = '[rate_limiter]\nenabled = true\ndriver = "redis-cluster"\n'
+    config = load_config(write(text), env={"REDIS_CLUSTER_NODES": "10.0.0.1:7000"})
+    assert (config.rate_limiter.driver, config.adapter_driver) == ("redis", "redis-cluster")
+    assert config.warnings == ()
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER_NODES"):
+        load_config(write(text), env={})
+
+
+def test_sockudo_redis_cluster_adapter_settings(write: Callable[..., str]) -> None:
+    text = """
+[adapter]
+driver = "redis-cluster"
+[adapter.cluster]
+nodes = ["redis://10.0.0.1:7000", "rediss://10.0.0.2:7001"]
+prefix = "cl_"
+request_timeout_ms = 3000
+use_connection_manager = true
+use_sharded_pubsub = true
+[database.redis.cluster]
+password = "s3cret"
+"""
+    config = load_config(write(text), env={})
+    assert config.adapter_driver == "redis-cluster"
+    assert config.redis_cluster_nodes == ("10.0.0.1:7000", "10.0.0.2:7001")
+    assert (config.redis_prefix, config.requests_timeout_ms) == ("cl_", 3000)
+    assert (config.redis_password, config.redis_tls) == ("s3cret", True)
+    assert config.warnings == ()
+
+
+def test_sockudo_cluster_nodes_tables_and_an_unselected_cluster_adapter(write: Callable[..., str]) -> None:
+    text = """
+[adapter]
+driver = "local"
+[adapter.cluster]
+nodes = ["redis://10.0.0.1:7000"]
+prefix = "ignored_"
+[database.redis]
+cluster_nodes = [{host = "10.0.0.3", port = 7002}, {host = "10.0.0.4", port = 7003}]
+"""
+    config = load_config(write(text), env={})
+    assert config.adapter_driver == "local"
+    assert config.redis_prefix == "sockudo_adapter:"  # [adapter.cluster] only counts with its driver
+    assert config.redis_cluster_nodes == ("10.0.0.3:7002", "10.0.0.4:7003")
+
+
+def test_cluster_nodes_from_the_environment_select_the_cluster_adapter(write: Callable[..., str]) -> None:
+    env = {"REDIS_CLUSTER_NODES": "10.0.0.1:7000, 10.0.0.2:7001", "REDIS_URL": "redis://10.0.0.9:6379/0"}
+    config = load_config(None, env=env)
+    assert config.adapter_driver == "redis-cluster"
+    assert config.redis_cluster_nodes == ("10.0.0.1:7000", "10.0.0.2:7001")
+    with pytest.raises(ConfigError, match="host:port"):
+        load_config(None, env={"REDIS_CLUSTER_NODES": "10.0.0.1"})
+    with pytest.raises(ConfigError, match="redis-cluster.*needs"):
+        load_config(None, env={"ADAPTER_DRIVER": "redis-cluster"})
+
+
+def test_the_queue_redis_url(write: Callable[..., str]) -> None:
+    config = load_config(write('[queue]\ndriver = "redis"\n[queue.redis]\nurl_override = "redis://10.0.0.7:6379/1"\n'
+                               'concurrency = 5\n'), env={"REDIS_CLUSTER_NODES": "10.0.0.1:7000"})
+    assert (config.queue_redis_url, config.webhooks.queue_driver) == ("redis://10.0.0.7:6379/1", "redis")
+    config = load_config(None, env={"QUEUE_REDIS_URL": "redis://10.0.0.8:6379/0"})
+    assert config.queue_redis_url == "redis://10.0.0.8:6379/0" and config.adapter_driver == "local"
+    with pytest.raises(ConfigError, match="QUEUE_REDIS_URL"):
+        load_config(None, env={"QUEUE_REDIS_URL": "http://x"})
+    # on the cluster alone the RQ queues have no Redis
+    with pytest.raises(ConfigError, match="one Redis for RQ"):
+        load_config(write('[webhooks]\nqueue_driver = "redis"\n'), env={"REDIS_CLUSTER_NODES": "10.0.0.1:7000"})
 
 
 def test_lambda_webhooks_are_left_out_with_a_warning(write: Callable[..., str]) -> None:

@@ -15,11 +15,13 @@ import pytest
 from sockudo import rest
 from sockudo.config import IdempotencyConfig, RecoveryConfig
 from sockudo.core.errors import ApiError
+from sockudo.core.keys import tag
 from sockudo.history import idempotency
 from sockudo.history.idempotency import PROCESSING, IdempotencyUnavailable, MemoryIdempotency, RedisIdempotency
 from sockudo.history.store import MemorySequencer, SequencerUnavailable
 from tests.support.fakes import Client, FakeClock, World, make_app
 from tests.support.procs import unreachable_redis
+from tests.support.rediscluster import STORE_BACKENDS, store_client
 
 CH = "payments"
 
@@ -40,10 +42,13 @@ class Sleeps:
             self.action(len(self.calls))
 
 
-@pytest.fixture
-def world() -> World:
+@pytest.fixture(params=["memory", *STORE_BACKENDS])
+def world(request: pytest.FixtureRequest) -> World:
+    """A world whose idempotency store is in memory, then in a real Redis and a real Redis Cluster."""
     w = World(make_app())
     w.services.sleep = Sleeps(w)
+    if request.param != "memory":
+        w.services.idempotency = RedisIdempotency(store_client(request, request.param))
     return w
 
 
@@ -342,3 +347,17 @@ def test_response_stored_is_json(world: World) -> None:
     assert store is not None
     stored = store.get(f"app:{world.app.id}:idempotency:k") or ""
     assert json.loads(stored) == {"channels": {CH: {"subscription_count": 0}}}
+
+
+def test_the_redis_store_claims_once_replays_and_releases(store_redis: Any) -> None:
+    store = RedisIdempotency(store_redis)
+    key = "app:1:idempotency:{order}-7"  # a client's braces do not choose the slot on a cluster
+    assert store.claim(key, 60) is None
+    assert store.claim(key, 60) == PROCESSING
+    store.store(key, '{"ok":1}', 60)
+    assert store.claim(key, 60) == store.get(key) == '{"ok":1}'
+    store.release(key)
+    assert store.get(key) is None
+    expected = f"sockudo:{tag('', key)}{key}" if store.cluster else f"sockudo:{key}"
+    store.claim(key, 60)
+    assert store_redis.exists(expected) == 1  # one Redis: the key of before the cluster existed

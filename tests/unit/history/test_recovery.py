@@ -21,8 +21,9 @@ from sockudo.history.recovery import (
     ReplayBuffers,
     ResumeOutcome,
 )
-from sockudo.history.store import MemorySequencer, SequencerUnavailable
+from sockudo.history.store import MemorySequencer, RedisSequencer, SequencerUnavailable
 from tests.support.fakes import START, World, make_app
+from tests.support.rediscluster import STORE_BACKENDS, store_client
 
 CH = "orders"
 
@@ -369,8 +370,18 @@ def test_history_down_during_the_cold_tier_is_persistence_unavailable() -> None:
 # -- cold tier ----------------------------------------------------------------------------------
 
 
-def test_gap_larger_than_the_buffer_but_inside_history_is_recovered_cold() -> None:
-    w = World(recovery_app(buffer=5, history=True))
+@pytest.fixture(params=["memory", *STORE_BACKENDS])
+def stored(request: pytest.FixtureRequest) -> Any:
+    """Puts the world's history in memory, then in a real Redis and a real Redis Cluster."""
+    def into(w: World) -> World:
+        if request.param != "memory":
+            use_sequencer(w, RedisSequencer(store_client(request, request.param)))
+        return w
+    return into
+
+
+def test_gap_larger_than_the_buffer_but_inside_history_is_recovered_cold(stored: Any) -> None:
+    w = stored(World(recovery_app(buffer=5, history=True)))
     live = w.connect(protocol=2)
     live.subscribe(CH)
     live.take()
@@ -401,8 +412,8 @@ def test_cold_tier_covers_frames_the_buffer_ttl_dropped() -> None:
     assert serials(outcome) == [2, 3, 4, 5, 6]
 
 
-def test_gap_beyond_history_is_position_expired_with_the_available_range() -> None:
-    w = World(recovery_app(buffer=5, history=True, keep=10))
+def test_gap_beyond_history_is_position_expired_with_the_available_range(stored: Any) -> None:
+    w = stored(World(recovery_app(buffer=5, history=True, keep=10)))
     publish(w, 30)
     stream_id, _ = position(w)
     outcome = resume(w, stream_id, 3)

@@ -26,6 +26,7 @@ from sockudo.history.store import (
 from sockudo.metrics.registry import Metrics
 from tests.support.fakes import FakeClock, make_app
 from tests.support.procs import unreachable_redis
+from tests.support.rediscluster import STORE_BACKENDS, store_client
 
 REST = object()  # Store.read's default: a REST read (no socket)
 CH = "news"
@@ -38,12 +39,12 @@ def history_app(*, keep: int = 1000, retention: int = 86400, page: int = 100, en
 
 
 class Store:
-    """A MemorySequencer with its clock, metrics and one app."""
+    """A MemorySequencer with its clock (or the given sequencer), metrics and one app."""
 
-    def __init__(self, app: AppConfig | None = None) -> None:
+    def __init__(self, app: AppConfig | None = None, seq: MemorySequencer | RedisSequencer | None = None) -> None:
         self.app = app or history_app()
         self.clock = FakeClock()
-        self.seq = MemorySequencer(self.clock)
+        self.seq = seq or MemorySequencer(self.clock)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
 
@@ -67,9 +68,13 @@ class Store:
         return self.registry.get_sample_value(name, {"app_id": self.app.id, "port": "9601"}) or 0.0
 
 
-@pytest.fixture
-def store() -> Store:
-    return Store()
+@pytest.fixture(params=["memory", *STORE_BACKENDS])
+def store(request: pytest.FixtureRequest) -> Store:
+    """In memory, then in a real Redis and a real Redis Cluster (tests that move the clock make
+    their own memory ``Store``)."""
+    if request.param == "memory":
+        return Store()
+    return Store(seq=RedisSequencer(store_client(request, request.param)))
 
 
 def page_serials(page: dict[str, Any]) -> list[int]:
@@ -258,7 +263,8 @@ def test_paging_inside_serial_bounds(store: Store) -> None:
     assert seen == list(range(30, 9, -1))
 
 
-def test_time_bounds(store: Store) -> None:
+def test_time_bounds() -> None:
+    store = Store()
     store.add(3)
     t1 = int(store.clock.advance(10) * 1000)
     store.add(3)

@@ -6,29 +6,33 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from sockudo.config import load_config
 from sockudo.core.errors import ConfigError
+from sockudo.core.keys import tag
 from sockudo.ratelimit.redis import RETRY_AFTER_FAILURE_S, RedisRateLimiter
 from tests.support.fakes import FakeClock
-from tests.support.procs import RedisServer, free_port
+from tests.support.procs import free_port
 
 WINDOW = 10.0
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(redis_server.url)
+def client(store_redis: Any) -> Any:
+    """A real Redis, then a real Redis Cluster (both windows of an address share a slot there)."""
+    return store_redis
 
 
-def limiter(client: redis.Redis, prefix: str, clock: FakeClock, max_requests: int = 5) -> RedisRateLimiter:
+def limiter(client: Any, prefix: str, clock: FakeClock, max_requests: int = 5) -> RedisRateLimiter:
     return RedisRateLimiter(client, prefix, "api", max_requests, WINDOW, clock=clock, monotonic=clock)
 
 
-def test_two_nodes_share_one_allowance_per_address(client: redis.Redis) -> None:
+def test_two_nodes_share_one_allowance_per_address(client: Any) -> None:
     prefix, clock = f"t-{uuid.uuid4().hex[:8]}:", FakeClock(1_000_000.0)  # the start of a window
     node_a, node_b = limiter(client, prefix, clock), limiter(client, prefix, clock)
     assert [node_a.hit("10.0.0.1")[:2] for _ in range(3)] == [(True, 4), (True, 3), (True, 2)]
@@ -39,7 +43,7 @@ def test_two_nodes_share_one_allowance_per_address(client: redis.Redis) -> None:
     assert node_b.hit("10.0.0.2")[0]  # another address has its own allowance
 
 
-def test_the_previous_window_counts_less_as_it_slides_out(client: redis.Redis) -> None:
+def test_the_previous_window_counts_less_as_it_slides_out(client: Any) -> None:
     prefix, clock = f"t-{uuid.uuid4().hex[:8]}:", FakeClock(1_000_000.0)
     node = limiter(client, prefix, clock, max_requests=4)
     for _ in range(4):
@@ -53,7 +57,7 @@ def test_the_previous_window_counts_less_as_it_slides_out(client: redis.Redis) -
     assert all(node.hit("ip")[0] for _ in range(4))
 
 
-def test_racing_nodes_never_both_take_the_last_slot(client: redis.Redis) -> None:
+def test_racing_nodes_never_both_take_the_last_slot(client: Any) -> None:
     prefix, clock = f"t-{uuid.uuid4().hex[:8]}:", FakeClock(1_000_000.0)
     nodes = [limiter(client, prefix, clock, max_requests=25) for _ in range(8)]
     results: list[bool] = []
@@ -93,3 +97,13 @@ def test_the_redis_driver_without_redis_is_refused_at_start_up() -> None:
     config = load_config(None, {"RATE_LIMITER_ENABLED": "true", "RATE_LIMITER_DRIVER": "redis",
                                 "REDIS_URL": "redis://127.0.0.1:6379/0"})
     assert config.rate_limiter.driver == "redis"
+
+
+def test_one_redis_keeps_the_counter_keys_of_before_the_cluster(client: Any) -> None:
+    clock = FakeClock(1_000_000.0)
+    limiter(client, "kl:", clock).hit("10.1.2.3")
+    index = int(1_000_000.0 // WINDOW)
+    if isinstance(client, RedisCluster):  # both windows of the address in one slot
+        assert client.get(f"kl:rate_limit:api:{tag('kl:rate_limit:api:', '10.1.2.3')}10.1.2.3:{index}") == b"1"
+    else:
+        assert client.get(f"kl:rate_limit:api:10.1.2.3:{index}") == b"1"
