@@ -145,6 +145,11 @@ class RedisAdapter:
         self._counts_dirty: set[tuple[str, str]] = set()
         self._connections_dirty: set[str] = set()
         self._counts_scheduled = False
+        # Bound metric children of the receive path (one lookup per message otherwise).
+        port = metrics.port
+        self._received = {kind: metrics.adapter_received_envelopes.labels(port, kind) for kind in c.KINDS}
+        self._suppressed = metrics.adapter_duplicates_suppressed.labels(port)
+        self._receive_latency = metrics.adapter_receive_latency_ms.labels(port)
         self.bus.set_interest([self.keys.control], [])
 
     # -- lifecycle --------------------------------------------------------------
@@ -335,12 +340,12 @@ class RedisAdapter:
             kind = self.keys.kind_of(topic)
             if kind is None:
                 return
-            self.metrics.adapter_received_envelopes.labels(self.metrics.port, kind).inc()
+            self._received[kind].inc()
             msg = c.decode(data)
             if msg is None:
                 return
             if msg.get("node_id") == self.node_id:
-                self.metrics.adapter_duplicates_suppressed.labels(self.metrics.port).inc()
+                self._suppressed.inc()
                 return
             action = c.route(kind, msg, self.node_id)
             if action == c.TO_CHANNEL or action == c.TO_USER:
@@ -381,7 +386,7 @@ class RedisAdapter:
         sent_ms = msg.get("timestamp_ms")
         if isinstance(sent_ms, (int, float)):
             latency_ms = max(0.0, time.time() * 1000 - sent_ms)
-            self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(latency_ms)
+            self._receive_latency.observe(latency_ms)
 
     def _partial(self, app_id: str, what: str, missing: set[str] | None = None) -> None:
         """A partial answer (the caller marks it): counted, and logged as a warning at most once

@@ -12,6 +12,7 @@ them together.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -37,6 +38,7 @@ def join(*parts: str) -> str:
     return ":".join(segment(part) for part in parts)
 
 
+@functools.lru_cache(maxsize=16384)  # computed for every publish and subscribe; bounded
 def tag(app_id: str, name: str) -> str:
     """The hash tag of ``name`` (a channel, a user id, or ``""`` for the app itself) in ``app_id``.
 
