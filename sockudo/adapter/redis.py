@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sockudo.adapter import cluster as c
@@ -91,7 +92,7 @@ def _queue_eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> Non
 
 class RedisAdapter:
     def __init__(self, config: Config, metrics: Metrics, runtime: Runtime, node_id: str | None = None,
-                 client: redis.Redis | None = None, bus: Bus | None = None) -> None:
+                 client: redis.Redis | RedisCluster | None = None, bus: Bus | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.runtime = runtime
@@ -99,7 +100,11 @@ class RedisAdapter:
         self.node_id = node_id or uuid.uuid4().hex
         self.keys = c.Keys(config.redis_prefix)
         self.client = client or make_client(config)
-        self.bus: Bus = bus if bus is not None else RedisBus(self.client, runtime)
+        if bus is None:
+            if isinstance(self.client, RedisCluster):
+                raise ValueError("a Redis Cluster client needs the sharded-pub/sub bus (pass bus=)")
+            bus = RedisBus(self.client, runtime)
+        self.bus: Bus = bus
         self._node_acquire = self.client.register_script(c.NODE_ACQUIRE_LUA)
         self._node_release = self.client.register_script(c.NODE_RELEASE_LUA)
         self._presence_acquire = self.client.register_script(c.PRESENCE_ACQUIRE_LUA)

@@ -1,0 +1,111 @@
+"""The adapter's counts and transitions on a real Redis and on a real Redis Cluster.
+
+Two adapters in this process share one store: occupied/vacated, presence first join / last
+leave and online/offline happen once; counts sum both nodes; a dead node's share is released
+by the other; afterwards nothing is left but the dead node's cleanup lock. On the cluster every script's keys share
+one hash slot (the cluster refuses anything else), and no command the adapter sends may be one a
+cluster pipeline refuses. Messages between nodes are not the subject here: the bus is a silent
+stand-in (``test_bus.py`` and ``test_cluster.py`` cover the real one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sockudo.adapter.redis import RedisAdapter
+from sockudo.config import AppConfig, Config
+from sockudo.core.connection import Connection
+from sockudo.metrics.registry import Metrics
+from tests.support.fakes import FakeRuntime, RecordingTransport
+from tests.support.rediscluster import STORE_BACKENDS, store_client
+
+APP = AppConfig(id="1", key="k", secret="s")
+
+
+class SilentBus:
+    """A bus that carries nothing (this module tests what the adapter keeps in Redis)."""
+
+    def publish(self, items: Sequence[tuple[str, str]]) -> None: ...
+    def run(self, on_message: Any, on_connected: Any, stopping: Any) -> None: ...
+    def set_interest(self, add: Collection[str], remove: Collection[str]) -> None: ...
+    def wait_applied(self, timeout: float) -> bool:
+        return True
+    def close(self) -> None: ...
+
+
+class Transitions:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
+        self.calls.append(("member_removed", channel, user_id))
+
+    def on_channel_vacated(self, app_id: str, channel: str) -> None:
+        self.calls.append(("channel_vacated", channel))
+
+    def on_user_offline(self, app_id: str, user_id: str) -> None:
+        self.calls.append(("user_offline", user_id))
+
+
+def node(client: Any, node_id: str) -> tuple[RedisAdapter, Transitions]:
+    config = replace(Config(), adapter_driver="redis", heartbeat_interval=1.0, node_timeout=30.0)
+    adapter = RedisAdapter(config, Metrics(CollectorRegistry()), FakeRuntime(), node_id=node_id, client=client,
+                           bus=SilentBus())
+    transitions = Transitions()
+    adapter.set_listener(transitions)
+    adapter._connected(True)  # what the bus calls once subscribed: resync, register, healthy
+    return adapter, transitions
+
+
+@pytest.mark.parametrize("kind", STORE_BACKENDS)
+def test_transitions_once_counts_summed_and_a_dead_node_released(request: pytest.FixtureRequest, kind: str) -> None:
+    client = store_client(request, kind)
+    one, seen = node(client, "node-one")
+    two, _ = node(client, "node-two")
+    one._heartbeat()
+    conns = {sid: Connection(sid, APP, RecordingTransport(), 7, 0.0) for sid in ("1.1", "1.2", "2.1")}
+    for sid, adapter in (("1.1", one), ("1.2", one), ("2.1", two)):
+        adapter.add_socket(APP.id, conns[sid])
+    channels = [f"ch-{i}" for i in range(12)]  # spread over the cluster's slots
+    for name in channels:
+        assert one.subscribe(APP.id, name, conns["1.1"]) == (1, True)
+        assert two.subscribe(APP.id, name, conns["2.1"]) == (1, False)
+    assert one.subscribe(APP.id, "ch-0", conns["1.2"]) == (2, False)
+    one._flush_counts()  # the per-tick batches (their greenlet is not running here)
+    two._flush_counts()
+    for adapter in (one, two):
+        assert adapter.subscriber_count_checked(APP.id, "ch-0") == (3, True)
+        assert adapter.channels_checked(APP.id) == ({name: 3 if name == "ch-0" else 2 for name in channels}, True)
+        assert adapter.socket_count(APP.id) == 3
+
+    assert two.presence_join(APP.id, "presence-x", "2.1", "u2", {"name": "u2"}) is True
+    assert one.presence_join(APP.id, "presence-x", "1.1", "u2", {"name": "u2"}) is False  # same user
+    assert two.add_user_socket(APP.id, "u2", conns["2.1"]) is True
+    assert one.presence_members_checked(APP.id, "presence-x") == ({"u2": {"name": "u2"}}, True)
+    assert one.user_online(APP.id, "u2") is True
+
+    # node two dies: node one releases its share, announcing only what was two's alone
+    one._cleanup_dead("node-two")
+    assert sorted(seen.calls) == [("user_offline", "u2")]
+    assert one.subscriber_count_checked(APP.id, "ch-1") == (1, True)
+    assert one.presence_members_checked(APP.id, "presence-x") == ({"u2": {"name": "u2"}}, True)  # still on one
+
+    for name in channels:
+        assert one.unsubscribe(APP.id, name, "1.1") == ((1, False) if name == "ch-0" else (0, True))
+    assert one.unsubscribe(APP.id, "ch-0", "1.2") == (0, True)
+    assert one.presence_leave(APP.id, "presence-x", "1.1", "u2") is True
+    assert one.channels_checked(APP.id) == ({}, True)
+    for sid in ("1.1", "1.2"):
+        one.remove_socket(APP.id, sid)
+    one._flush_counts()
+    one._leave(FakeRuntime().event())
+    servers = [client] if kind == "redis" else [
+        client.get_redis_connection(primary) for primary in client.get_primaries()]  # type: ignore[union-attr]
+    keys = [k for server in servers for k in server.keys("sockudo_adapter:*")]
+    left = sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+    assert left == ["sockudo_adapter:node:node-two:cleanup"], left  # the cleanup lock (it expires)
