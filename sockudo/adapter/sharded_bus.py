@@ -54,9 +54,14 @@ FAILURES = (RedisError, OSError)
 #: A refresh of the slot map can also fail with the cluster client's own errors.
 REFRESH_FAILURES = (RedisError, RedisClusterException, OSError)
 
-#: Reconnect / refresh backoff: from MIN, doubling, up to MAX seconds (with jitter).
+#: Reconnect backoff: from MIN, doubling, up to MAX seconds (with jitter).
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
+#: Slot-map refreshes back off the same way, up to this (one CLUSTER SLOTS a second at most).
+REFRESH_MAX_S = 1.0
+#: After a master timed out a publish, its items are dropped at once for this long (or until its
+#: listener hears from it again), so that a hung master does not hold up every batch.
+PUBLISH_HOLD_S = 5.0
 #: How often the ``run`` loop wakes with nothing to do (it wakes at once on any change).
 TICK_S = 0.25
 
@@ -193,6 +198,9 @@ class _Listener:
             self.bus.stats.resubscribed += resubscribing
             logger.info("pub/sub connection to a cluster master re-established; resubscribing",
                         extra={"node": self.name, "channels": resubscribing})
+            # A master that hung and came back may now be a replica of its shard (a replica still
+            # delivers the shard's messages, but the slots belong to the promoted node): look again.
+            self.bus._request_refresh()
         self.last_ping = time.monotonic()
         self.ping_outstanding_since = None
 
@@ -313,6 +321,7 @@ class _Listener:
                 raise redis.ConnectionError("PING reply out of order on a pub/sub connection")
             self.inflight.popleft()
             self.ping_outstanding_since = None
+            bus._publish_hold.pop(self.name, None)  # it answers again: publish to it again
             with bus._lock:
                 self.applied = max(self.applied, head.gen)
                 bus._notify()
@@ -404,6 +413,8 @@ class ShardedBus:
         self._refresh_delay = BACKOFF_MIN_S
         self._next_refresh = 0.0
         self._on_message: Callable[[str, bytes], None] | None = None
+        #: master name -> until when publish skips it (it timed out; see PUBLISH_HOLD_S)
+        self._publish_hold: dict[str, float] = {}
 
     # -- publish ----------------------------------------------------------------------------
 
@@ -423,11 +434,14 @@ class ShardedBus:
                 continue
             groups.setdefault(node.name, []).append((channel, payload))
         redirected: list[tuple[str, str]] = []
+        now = time.monotonic()
         for name, group in groups.items():
             node = self.client.get_node(node_name=name)
             try:
                 if node is None:
                     raise redis.ConnectionError("master left the slot map")
+                if self._publish_hold.get(name, 0.0) > now:
+                    raise redis.TimeoutError("master timed out a moment ago")
                 pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
                 for channel, payload in group:
                     pipe.execute_command("SPUBLISH", channel, payload)
@@ -435,8 +449,14 @@ class ShardedBus:
             except FAILURES as exc:
                 dropped += len(group)
                 first_error = first_error or exc
+                if isinstance(exc, redis.TimeoutError | TimeoutError) and self._publish_hold.get(name, 0.0) <= now:
+                    if name not in self._publish_hold:
+                        logger.warning("a cluster master timed out a publish; skipping it for a while",
+                                       extra={"node": name, "hold_s": PUBLISH_HOLD_S})
+                    self._publish_hold[name] = now + PUBLISH_HOLD_S
                 self._request_refresh()
                 continue
+            self._publish_hold.pop(name, None)
             for item, result in zip(group, results, strict=True):
                 if isinstance(result, MovedError):
                     redirected.append(item)
@@ -621,7 +641,7 @@ class ShardedBus:
         """In the ``run`` loop, without the lock: CLUSTER SLOTS, then move the slots that changed owner."""
         self._refresh_wanted = False
         self._next_refresh = time.monotonic() + self._refresh_delay * random.uniform(0.8, 1.2)
-        self._refresh_delay = min(self._refresh_delay * 2, BACKOFF_MAX_S)
+        self._refresh_delay = min(self._refresh_delay * 2, REFRESH_MAX_S)
         self.stats.slot_refreshes += 1
         try:
             self.client.nodes_manager.initialize()
@@ -654,6 +674,8 @@ class ShardedBus:
             for listener in touched:
                 listener.requested += 1
             self.stats.slots_moved += moved
+            if moved:
+                self._degraded = True  # messages published during the move may be lost
         if moved:
             logger.info("cluster slots with subscriptions changed master; moving them",
                         extra={"slots": moved})
