@@ -404,6 +404,8 @@ class ShardedBus:
         self._releasing: dict[int, _Listener] = {}
         #: slots with interest whose owner is unknown until the next refresh
         self._unassigned: set[int] = set()
+        #: unassigned slot -> the master that refused or dropped it (to count a move)
+        self._dropped_by: dict[int, str] = {}
         self._listeners: dict[str, _Listener] = {}
         self._waiters: list[tuple[dict[str, int], Any]] = []
         self._running = False
@@ -505,6 +507,7 @@ class ShardedBus:
                     del self._by_slot[slot]
                     del self._assign[slot]
                     self._unassigned.discard(slot)
+                    self._dropped_by.pop(slot, None)
                 if owner is not None and owner in self._listeners:
                     listener = self._listeners[owner]
                     listener.want.discard(channel)
@@ -657,6 +660,9 @@ class ShardedBus:
                 current = self._assign.get(slot)
                 if owner == current:
                     continue
+                dropped_by = self._dropped_by.pop(slot, None) if owner is not None else None
+                if dropped_by is not None and dropped_by != owner:
+                    moved += 1
                 if current is not None:
                     moved += 1
                     old = self._listeners.get(current)
@@ -694,6 +700,7 @@ class ShardedBus:
             listener.expect -= gone
         if self._assign.get(slot) == listener.name:
             self._place(slot, None)
+            self._dropped_by[slot] = listener.name
             listener.want -= self._by_slot.get(slot, set())
             listener.requested += 1
             if not pushed and slot not in self._releasing and self._holds(listener, slot):

@@ -251,3 +251,52 @@ def test_master_failover_under_traffic(redis_cluster_ha: RedisClusterServer, how
     assert victim.port not in {int(lst.split(":")[1]) for lst in bus._listeners}
     running.close()
     client.close()
+
+
+def move_slot(cluster: RedisClusterServer, slot: int, source: int, target: int) -> None:
+    """Migrate ``slot`` (it holds no keys) from master port ``source`` to ``target``, as
+    ``redis-cli --cluster reshard`` does: IMPORTING / MIGRATING, then SETSLOT NODE on both."""
+    nodes = {n.port: n for n in cluster.nodes}
+    with nodes[source].client() as src, nodes[target].client() as dst:
+        target_id = dst.execute_command("CLUSTER", "MYID").decode()
+        source_id = src.execute_command("CLUSTER", "MYID").decode()
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    cluster.wait_ok()
+
+
+def test_subscription_follows_a_migrated_slot(redis_cluster: RedisClusterServer) -> None:
+    cluster = redis_cluster
+    client = cluster.client()
+    bus = ShardedBus(client, FakeRuntime())
+    running = Running(bus).start()
+    names = spread(cluster, 12)
+    moving = names[0]
+    slot = client.keyslot(moving)
+    source = cluster.master_for_key(moving).port
+    target = next(n.port for n in cluster.masters() if n.port != source)
+    bus.set_interest(names, ())
+    assert bus.wait_applied(10)
+    publisher = Publisher(bus, names).start()
+    try:
+        wait_until(lambda: all(numbers(running, n) for n in names), timeout=10, message="traffic on every channel")
+        moved_at = publisher.round
+        move_slot(cluster, slot, source, target)
+        check_resumed(running, publisher, names, since_round=publisher.round)
+        assert bus.stats.pushed_unsubscribes >= 1 and bus.stats.slots_moved >= 1
+        assert f"127.0.0.1:{target}" in bus._listeners
+        # the other channels of the source master kept their subscription: nothing else resubscribed
+        assert bus.stats.resubscribed == 1 and bus.stats.connection_losses == 0
+        wait_until(lambda: running.connected == [True, False], timeout=10, message="on_connected(False) once")
+    finally:
+        publisher.close()
+        try:
+            move_slot(cluster, slot, target, source)  # the session's cluster as it was
+        finally:
+            running.close()
+            client.close()
+    check_resumed(running, publisher, names, since_round=moved_at)
+    missed, window = largest_gap(running, publisher, names)
+    print(f"\nslot migration: largest gap {missed} rounds, {window:.2f} s; stats {bus.stats}")
