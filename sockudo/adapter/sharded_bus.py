@@ -64,6 +64,8 @@ REFRESH_MAX_S = 1.0
 PUBLISH_HOLD_S = 5.0
 #: How often the ``run`` loop wakes with nothing to do (it wakes at once on any change).
 TICK_S = 0.25
+#: A listener reading a burst lets the other greenlets run at least this often.
+FAIR_SLICE_S = 0.01
 
 
 class PublishFailed(RedisError):
@@ -118,6 +120,8 @@ class _Listener:
         self.requested = 1  # a new listener has its first subscription to make
         self.applied = 0
         self.sent_gen = 0
+        #: ``requested`` when channels last moved here from another master: ``wait_applied`` waits for them
+        self.moved_gen = 0
         self.connected = False
         self.started = False
         self.retired = False
@@ -168,6 +172,11 @@ class _Listener:
                     if self.applied >= self.sent_gen and self.connected:
                         backoff = BACKOFF_MIN_S
                 except FAILURES as exc:
+                    self._lost(exc)
+                    bus.runtime.sleep(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                except Exception as exc:  # a bug here must not end this master's delivery: start over
+                    logger.exception("error in a cluster pub/sub listener", extra={"node": self.name})
                     self._lost(exc)
                     bus.runtime.sleep(backoff * random.uniform(0.8, 1.2))
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -279,7 +288,14 @@ class _Listener:
         self._health(conn)
 
     def _drain(self, conn: redis.Connection) -> None:
+        # Reading bytes already received never yields to the other greenlets: do it now and then
+        # (as the server's FairSlice does for sockets), so a flood on one shard holds nobody up.
+        last_yield = time.monotonic()
         while conn.can_read(timeout=0):
+            now = time.monotonic()
+            if now - last_yield >= FAIR_SLICE_S:
+                self.bus.runtime.sleep(0.0001)
+                last_yield = now
             try:
                 reply = conn.read_response(disconnect_on_error=True)
             except ResponseError as err:  # an error reply to the oldest command in flight
@@ -679,6 +695,7 @@ class ShardedBus:
                     self.stats.resubscribed += len(channels)
             for listener in touched:
                 listener.requested += 1
+                listener.moved_gen = listener.requested
             self.stats.slots_moved += moved
             if moved:
                 self._degraded = True  # messages published during the move may be lost
@@ -724,6 +741,7 @@ class ShardedBus:
                 new = self._listener(owner)
                 new.want |= channels
                 new.requested += 1
+                new.moved_gen = new.requested
                 self.stats.resubscribed += len(channels)
                 new.poke()
         self._notify()
@@ -733,9 +751,8 @@ class ShardedBus:
             return False
         if self._releasing or self._unassigned:
             return False
-        for name, gen in target.items():
-            listener = self._listeners.get(name)
-            if listener is not None and listener.applied < gen:
+        for name, listener in self._listeners.items():
+            if listener.applied < max(target.get(name, 0), listener.moved_gen):
                 return False
         return True
 
