@@ -5,6 +5,10 @@ delivering any message twice."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -307,3 +311,54 @@ def test_subscription_follows_a_migrated_slot(redis_cluster: RedisClusterServer)
     check_resumed(running, publisher, names, since_round=moved_at)
     missed, window = largest_gap(running, publisher, names)
     print(f"\nslot migration: largest gap {missed} rounds, {window:.2f} s; stats {bus.stats}")
+
+
+GEVENT_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import json, os, sys, time
+import gevent
+from redis.cluster import ClusterNode, RedisCluster
+from sockudo.adapter.sharded_bus import ShardedBus
+from sockudo.server.runtime import GeventRuntime
+
+nodes = [ClusterNode(h, int(p)) for h, p in (a.split(":") for a in os.environ["NODES"].split(","))]
+client = RedisCluster(startup_nodes=nodes, socket_timeout=2, socket_connect_timeout=2)
+bus = ShardedBus(client, GeventRuntime())
+got, connected, stop = [], [], []
+runner = gevent.spawn(bus.run, lambda ch, data: got.append(ch), connected.append, lambda: bool(stop))
+names = sys.argv[1:]
+bus.set_interest(names[:-1], ())
+first = bus.wait_applied(5)
+started = time.monotonic()
+bus.set_interest(names[-1:], ())
+one = bus.wait_applied(5)
+one_ms = (time.monotonic() - started) * 1000
+bus.publish([(name, "x") for name in names])
+deadline = time.monotonic() + 5
+while len(got) < len(names) and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+bus.set_interest((), names)
+removed = bus.wait_applied(5)
+while bus._listeners and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+stop.append(True)
+runner.join(timeout=5)
+print(json.dumps({"applied": [first, one, removed], "one_ms": one_ms, "received": sorted(got),
+                  "connected": connected, "listeners_left": len(bus._listeners), "returned": runner.dead}))
+"""
+
+
+def test_runs_under_gevent(redis_cluster: RedisClusterServer) -> None:
+    """The server runs the bus under gevent's monkey-patching: listeners are greenlets that wait
+    on their connection and their wake-up socket at once, so a new interest is confirmed without
+    waiting for a poll interval, and every listener ends once nothing is wanted."""
+    names = spread(redis_cluster, 21)
+    result = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT, *names], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "NODES": redis_cluster.nodes_env},
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["applied"] == [True, True, True]
+    assert report["received"] == sorted(names)
+    assert report["connected"] == [True] and report["listeners_left"] == 0 and report["returned"]
+    assert report["one_ms"] < 100  # a poll interval (the bus's tick is 250 ms) would show here
