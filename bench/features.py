@@ -490,7 +490,8 @@ def cross_churn(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
         _connect(p_s, n, "clients on the single node")
         nodes = (a, b)
         before = {node.label: node.metric(uncomplete) for node in nodes}
-        sent_before = {node.label: node.metric("sockudo_horizontal_adapter_sent_requests_total") for node in nodes}
+        envelopes = "sockudo_adapter_received_envelopes_total"
+        received_before = {node.label: node.metric(envelopes) for node in nodes}
         polls: list[dict[str, Any]] = []
         stop = threading.Event()
 
@@ -543,7 +544,7 @@ def cross_churn(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
                 if status != 200 or body.get("subscription_count") != want or body.get("occupied") != (want > 0):
                     single_wrong.append({"node": node.label, "channel": name, "want": want, "got": body})
         after = {node.label: node.metric(uncomplete) for node in nodes}
-        sent_after = {node.label: node.metric("sockudo_horizontal_adapter_sent_requests_total") for node in nodes}
+        received_after = {node.label: node.metric(envelopes) for node in nodes}
         logs = {node.label: node.server.log() for node in nodes}
     cycles = sum(rep["cycles"] for rep in replies)
     cycles_s = sum(rep["cycles"] for rep in replies_s)
@@ -564,12 +565,12 @@ def cross_churn(sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
         "single_channel_wrong": single_wrong[:5],
         "single_channel_wrong_count": len(single_wrong),
         "uncomplete_promises_delta": {k: after[k] - before[k] for k in after},
-        "cross_node_queries_sent": {k: sent_after[k] - sent_before[k] for k in sent_after},
+        "envelopes_received": {k: received_after[k] - received_before[k] for k in received_after},
         "polls_during_churn": len(polls),
         "poll_errors": [p for p in polls if "error" in p][:3],
         "poll_incomplete": sum(1 for p in ok_polls if not p["complete"]),
         "poll_ms": percentiles([p["ms"] for p in ok_polls], (50, 99)),
-        "partial_answer_log_lines": {k: v.count("answered partially") for k, v in logs.items()},
+        "partial_answer_log_lines": {k: v.count("marked partial") for k, v in logs.items()},
         "server_cpu_s_by_process": list(meter.by_pid.values()),
         "cpu_us_per_cycle": round(meter.cpu / cycles * 1e6, 1) if cycles else None,
         "cpu_us_per_cycle_nodes_only": round((meter.cpu - list(meter.by_pid.values())[-1]) / cycles * 1e6, 1)

@@ -2,24 +2,31 @@
 
 Three layers, as in python-socketio: the ``LocalAdapter`` keeps this node's bookkeeping and
 delivers to its sockets; this class handles everything here first, then tells the other nodes
-through Redis pub/sub (dropping its own echoes by node id); Redis only publishes and stores.
+through a message :class:`~sockudo.adapter.bus.Bus` (dropping its own echoes by node id); Redis
+only publishes and stores.
 
-- **Broadcasts** go to ``{prefix}#broadcast``. Local delivery never waits on Redis: the
-  envelope is queued for a publisher greenlet that pipelines it out.
-- **Transitions** that must happen exactly once cluster-wide (channel occupied/vacated, a
-  presence user's first join / last leave, a user online/offline) are refcounts of *nodes*
-  kept in Redis hashes and changed by Lua scripts, atomically. Presence member lists and
-  ``/users`` are read from the same hashes; such a read is flagged partial when Redis is
-  unreachable or a live peer has not (re)registered since Redis lost its data.
-- **Counts** that change with every subscribe (sockets per channel, ``/channels``) stay in
-  each node's memory and are gathered by request/reply with a deadline; a partial answer is
-  flagged to the caller, counted and logged.
+- **Interest routing.** A node listens only to what it has local sockets for: the pub/sub
+  channel of each Pusher channel with a local subscriber (``{prefix}#c{tag}``), of each user with
+  a local socket or watcher (``{prefix}#u{tag}``), and the control channel. Interest changes are
+  batched per event-loop tick (the wanted set is computed from local state and diffed against
+  what the bus was told); a subscriber's ``subscription_succeeded`` waits until Redis has
+  confirmed the subscription, so nothing published after it is missed.
+- **Broadcasts** go to the channel's pub/sub channel only. Local delivery never waits on Redis:
+  the envelope is queued for a publisher greenlet that pipelines it out.
+- **Counts and transitions** live in Redis, in the channel's (or user's) hash slot: a hash of
+  node → subscribers per channel, presence hashes, a hash of node → 1 per online user, the
+  app's occupied-channel set and node → sockets per app. The first/last node of a hash is
+  decided by a one-key Lua script, so occupied/vacated, a presence user's first join / last
+  leave and online/offline happen exactly once cluster-wide. Readers sum the hashes of live
+  nodes (pipelined reads, no question to other nodes); an answer is flagged partial when Redis
+  is unreachable or a live peer has not (re)registered since Redis lost its data.
 - **Heartbeats** go into a sorted set; a node silent for ``node_timeout`` is dead and one
-  survivor releases its holdings, sending ``member_removed`` for its presence users.
+  survivor releases its holdings (listed in its holdings set), sending ``member_removed`` for
+  its presence users.
 - **Redis outages**: everything falls back to this node's own answers and is marked
-  incomplete; the listener reconnects with backoff and, once back (or when Redis's run id
-  changes after a restart), re-registers this node's holdings. A holding released during the
-  outage was announced then, so the resync releases it from Redis without announcing it again.
+  incomplete; the bus reconnects with backoff and resubscribes, and once back (or when Redis's
+  run id changes after a restart) this node re-registers its holdings. A holding released during
+  the outage was announced then, so the resync releases it from Redis without announcing it again.
 
 Blocking calls are fine here: under gevent they yield. Greenlets come from the injected
 ``runtime`` so this module imports no gevent.
@@ -32,7 +39,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -40,6 +47,7 @@ from redis.exceptions import RedisError
 
 from sockudo.adapter import cluster as c
 from sockudo.adapter.base import ClusterListener, RemoteMessageRecorder
+from sockudo.adapter.bus import Bus, RedisBus
 from sockudo.adapter.local import LocalAdapter
 from sockudo.config import Config
 from sockudo.core import protocol
@@ -53,14 +61,20 @@ logger = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 20000
 PARTIAL_LOG_INTERVAL = 30.0  # seconds between warnings about answers given from this node only
+INTEREST_LOG_INTERVAL = 30.0  # seconds between warnings about subscriptions Redis confirmed late
 PUBLISH_BATCH = 256
+READ_BATCH = 500  # keys per pipelined read or resync write
 LEAVE_TIMEOUT = 2.0  # seconds a graceful stop spends leaving the cluster through Redis
 FAILURES = (RedisError, OSError)
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisAdapter:
     def __init__(self, config: Config, metrics: Metrics, runtime: Runtime, node_id: str | None = None,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, bus: Bus | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.runtime = runtime
@@ -68,22 +82,24 @@ class RedisAdapter:
         self.node_id = node_id or uuid.uuid4().hex
         self.keys = c.Keys(config.redis_prefix)
         self.client = client or make_client(config)
-        self._acquire_script = self.client.register_script(c.ACQUIRE_LUA)
-        self._release_script = self.client.register_script(c.RELEASE_LUA)
+        self.bus: Bus = bus if bus is not None else RedisBus(self.client, runtime)
+        self._node_acquire = self.client.register_script(c.NODE_ACQUIRE_LUA)
+        self._node_release = self.client.register_script(c.NODE_RELEASE_LUA)
+        self._presence_acquire = self.client.register_script(c.PRESENCE_ACQUIRE_LUA)
+        self._presence_release = self.client.register_script(c.PRESENCE_RELEASE_LUA)
         self.listener: ClusterListener | None = None
         # Called with (app_id, channel, v2_text, stream_id, serial, published_ms, message_id) for a
         # sequenced message published elsewhere, so this node's replay buffer has it too.
         self.on_remote_message: RemoteMessageRecorder | None = None
         self.healthy = False
         self._dirty = True  # holdings must be (re)written to Redis
-        self._listening = False  # the pub/sub listener is subscribed (commands may still fail)
+        self._listening = False  # the bus has subscribed once (commands may still fail)
         self._stopping = False
         self._peers: set[str] = set()
         # Peer → when it was last seen live (monotonic). A peer missing from Redis's node set
         # (Redis restarted empty, or failed over) is still expected until node_timeout passes,
-        # so queries wait for it and are marked partial instead of being silently local.
+        # so reads are marked partial instead of being silently local.
         self._peer_seen: dict[str, float] = {}
-        self._pending: dict[str, tuple[c.PendingQuery, Any]] = {}
         self._outbox: deque[tuple[str, str, float]] = deque()
         self._outbox_wakeup = runtime.event()
         self._redis_run_id: str | None = None
@@ -92,14 +108,27 @@ class RedisAdapter:
         # node_timeout to beat again (0.0: never lost Redis, no grace needed).
         self._back_since = 0.0
         self._coming_back = False  # set on (re)connection; the first answered heartbeat starts the grace
-        self._connection_apps: set[str] = set()
         self._last_error_log = 0.0
         self._last_partial_log = -PARTIAL_LOG_INTERVAL
+        self._last_interest_log = -INTEREST_LOG_INTERVAL
         # Holdings this node released while Redis could not be told. Their last leave was
         # announced then (from this node's own answer); when Redis kept them through the outage,
         # the resync releases them without announcing the leave a second time.
         self._released_unsynced: set[str] = set()
         self._timeout = config.requests_timeout_ms / 1000.0
+        # Holding member → event set when the Redis call changing it returns: calls about one
+        # holding never overtake each other (a release and the next acquire arrive in order).
+        self._inflight: dict[str, Any] = {}
+        # Interest: pub/sub channel → (kind, app_id, name) for the ones told or about to be.
+        self._topics: dict[str, tuple[str, str, str]] = {}
+        self._told: set[str] = {self.keys.control}
+        self._interest_dirty: set[str] = set()
+        self._interest_scheduled = False
+        # Per-tick batches of count writes: (app_id, channel) subscriber counts, app socket counts.
+        self._counts_dirty: set[tuple[str, str]] = set()
+        self._connections_dirty: set[str] = set()
+        self._counts_scheduled = False
+        self.bus.set_interest([self.keys.control], [])
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -116,6 +145,7 @@ class RedisAdapter:
         self._stopping = True
         if not self.healthy:
             logger.warning("redis unreachable; leaving this node's cleanup to the dead-node timeout")
+            self.bus.close()
             return
         finished = self.runtime.event()
         self.runtime.spawn(self._leave, finished)
@@ -123,16 +153,15 @@ class RedisAdapter:
         if not finished.is_set():
             logger.warning("leaving the cluster timed out; the dead-node timeout will clean up",
                            extra={"timeout_s": timeout})
+        self.bus.close()
 
     def _leave(self, finished: Any) -> None:
         try:
             self._flush_outbox()
             pipe = self.client.pipeline(transaction=False)
             pipe.zrem(self.keys.nodes, self.node_id)
-            for app_id in self._connection_apps:
-                pipe.hdel(self.keys.connections(app_id), self.node_id)
-            # Tell the others now: until their next heartbeat they would wait for our replies.
-            pipe.publish(self.keys.requests, self._node_dead_message(self.node_id))
+            # Tell the others now: until their next heartbeat they would count this node.
+            pipe.publish(self.keys.control, self._node_dead_message(self.node_id))
             pipe.execute()
             self._release_all_holdings(self.node_id, notify=False)
         except FAILURES as exc:
@@ -175,11 +204,11 @@ class RedisAdapter:
 
     # -- publishing (never on the caller's time) ---------------------------------
 
-    def _publish(self, channel: str, payload: str) -> None:
+    def _publish(self, topic: str, payload: str) -> None:
         if len(self._outbox) >= OUTBOX_LIMIT:
             self.metrics.transport_dropped.labels("redis").inc()
             return
-        self._outbox.append((channel, payload, time.perf_counter()))
+        self._outbox.append((topic, payload, time.perf_counter()))
         self._outbox_wakeup.set()
 
     def _publish_loop(self) -> None:
@@ -198,10 +227,7 @@ class RedisAdapter:
         while self._outbox:
             batch = [self._outbox.popleft() for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for channel, payload, _ in batch:
-                    pipe.publish(channel, payload)
-                pipe.execute()
+                self.bus.publish([(topic, payload) for topic, payload, _ in batch])
             except FAILURES as exc:
                 self.metrics.transport_dropped.labels("redis").inc(len(batch))
                 self._failed("publish", exc)
@@ -210,43 +236,75 @@ class RedisAdapter:
             histogram = self.metrics.adapter_publish_latency_ms.labels(self.metrics.port)
             histogram.observe((now - batch[0][2]) * 1000)
 
+    # -- interest (what this node listens to) -----------------------------------
+
+    def _interest_changed(self, kind: str, app_id: str, name: str) -> None:
+        """Local state of a channel or user changed: its pub/sub channel is looked at again at
+        the next flush (this tick's end, or a subscriber's own flush)."""
+        topic = self.keys.channel_topic(app_id, name) if kind == c.KIND_CHANNEL else self.keys.user_topic(app_id, name)
+        self._topics[topic] = (kind, app_id, name)
+        self._interest_dirty.add(topic)
+        if not self._interest_scheduled:
+            self._interest_scheduled = True
+            self.runtime.spawn(self._scheduled_interest_flush)
+
+    def _scheduled_interest_flush(self) -> None:
+        self._interest_scheduled = False
+        self._flush_interest()
+
+    def _wants(self, topic: str) -> bool:
+        entry = self._topics.get(topic)
+        if entry is None:
+            return False
+        kind, app_id, name = entry
+        ns = self.local.namespaces.get(app_id)
+        if ns is None:
+            return False
+        if kind == c.KIND_CHANNEL:
+            return bool(ns.channels.get(name))
+        return bool(ns.users.get(name) or ns.watchers.get(name))
+
+    def _flush_interest(self) -> None:
+        if not self._interest_dirty:
+            return
+        dirty, self._interest_dirty = self._interest_dirty, set()
+        add, remove = c.interest_diff(dirty, self._wants, self._told)
+        self._told.update(add)
+        self._told.difference_update(remove)
+        for topic in dirty:
+            if topic not in self._told:
+                self._topics.pop(topic, None)
+        if add or remove:
+            self.bus.set_interest(add, remove)
+
+    def _await_interest(self) -> None:
+        """Flush the interest now and wait (bounded) until Redis confirmed it: what is published
+        after this returns reaches this node."""
+        self._flush_interest()
+        if not self.healthy or not self._listening:
+            return  # nothing to wait for during an outage; the bus resubscribes when back
+        if self.bus.wait_applied(self._timeout):
+            return
+        self.metrics.adapter_interest_timeouts.labels(self.metrics.port).inc()
+        now = time.monotonic()
+        if now - self._last_interest_log >= INTEREST_LOG_INTERVAL:
+            self._last_interest_log = now
+            logger.warning("redis did not confirm a subscription in time; subscribed anyway",
+                           extra={"timeout_ms": self.config.requests_timeout_ms})
+
     # -- the pub/sub listener --------------------------------------------------
 
     def _listen_loop(self) -> None:
-        backoff = 0.1
-        first = True
-        while not self._stopping:
-            pubsub = None
-            try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.keys.broadcast, self.keys.requests, self.keys.node_inbox(self.node_id))
-                self._connected(first)
-                first = False
-                backoff = 0.1
-                while not self._stopping:
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._dispatch(message["channel"], message["data"])
-            except FAILURES as exc:
-                self._listening = False
-                self._failed("subscribe", exc)
-                self.runtime.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a bug in dispatch must not end cross-node delivery
-                self._listening = False
-                logger.exception("error in the redis listener")
-                self.runtime.sleep(backoff)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except FAILURES:
-                        pass
+        self.bus.run(self._dispatch, self._connected, lambda: self._stopping)
 
     def _connected(self, first: bool) -> None:
         if not first:
             self._coming_back = True
-        self._heartbeat(resync=True)
+        try:
+            self._heartbeat(resync=True)
+        except FAILURES as exc:
+            self._failed("resync", exc)
+            return
         self._listening = True
         if not first:
             self.metrics.transport_reconnections.labels("redis").inc()
@@ -255,25 +313,33 @@ class RedisAdapter:
         self.metrics.adapter_up.labels("redis").set(1)
         self._outbox_wakeup.set()
 
-    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        msg = c.decode(data)
-        if msg is None:
-            return
-        if msg.get("node_id") == self.node_id:
-            self.metrics.adapter_duplicates_suppressed.labels(self.metrics.port).inc()
-            return
-        if name == self.keys.broadcast:
-            self._on_broadcast(msg)
-        elif name == self.keys.requests:
-            self._on_request(msg)
-        else:
-            self._on_response(msg)
+    def _dispatch(self, topic: str, data: bytes) -> None:
+        try:
+            kind = self.keys.kind_of(topic)
+            if kind is None:
+                return
+            self.metrics.adapter_received_envelopes.labels(self.metrics.port, kind).inc()
+            msg = c.decode(data)
+            if msg is None:
+                return
+            if msg.get("node_id") == self.node_id:
+                self.metrics.adapter_duplicates_suppressed.labels(self.metrics.port).inc()
+                return
+            action = c.route(kind, msg, self.node_id)
+            if action == c.TO_CHANNEL or action == c.TO_USER:
+                self._on_broadcast(msg)
+            elif action == c.TERMINATE:
+                self.local.terminate_user(msg["app_id"], msg["user_id"], int(msg.get("code", 4009)),
+                                          str(msg.get("message", "")))
+            elif action == c.WATCHLIST:
+                self.local.notify_watchers(msg["app_id"], msg["user_id"], OutFrame(msg["message"]))
+            elif action == c.FORGET_NODE:
+                self._forget_peer(msg["dead_node_id"])
+        except Exception:  # a bug in dispatch must not end cross-node delivery
+            logger.exception("error handling a cross-node message")
 
     def _on_broadcast(self, msg: dict[str, Any]) -> None:
-        app_id, text = msg.get("app_id"), msg.get("message")
-        if not isinstance(app_id, str) or not isinstance(text, str):
-            return
+        app_id, text = msg["app_id"], msg["message"]
         v2_text = msg.get("message_v2")
         serial = msg.get("serial")
         frame = OutFrame(text, v2_text if isinstance(v2_text, str) else None, msg.get("channel"),
@@ -290,93 +356,15 @@ class RedisAdapter:
         if isinstance(user_id, str):
             self.local.send_to_user(app_id, user_id, frame, except_id)
         else:
-            channel = msg.get("channel")
-            if isinstance(channel, str):
-                sent = self.local.broadcast(app_id, channel, frame, except_id)
-                if sent:
-                    bound = self.metrics.app(app_id)
-                    bound.ws_sent.inc(sent)
-                    bound.bytes_sent.inc(sent * len(text))
+            sent = self.local.broadcast(app_id, msg["channel"], frame, except_id)
+            if sent:
+                bound = self.metrics.app(app_id)
+                bound.ws_sent.inc(sent)
+                bound.bytes_sent.inc(sent * len(text))
         sent_ms = msg.get("timestamp_ms")
         if isinstance(sent_ms, (int, float)):
             latency_ms = max(0.0, time.time() * 1000 - sent_ms)
             self.metrics.adapter_receive_latency_ms.labels(self.metrics.port).observe(latency_ms)
-
-    def _on_request(self, req: dict[str, Any]) -> None:
-        kind, app_id = req.get("request_type"), req.get("app_id")
-        if kind == c.NODE_DEAD and isinstance(req.get("dead_node_id"), str):
-            self._forget_peer(req["dead_node_id"])
-            return
-        if not isinstance(app_id, str):
-            return
-        reply: dict[str, Any] = {"request_id": req.get("request_id"), "node_id": self.node_id, "app_id": app_id}
-        if kind == c.CHANNEL_SOCKETS_COUNT:
-            reply["sockets_count"] = self.local.subscriber_count(app_id, str(req.get("channel", "")))
-        elif kind == c.CHANNELS_WITH_SOCKETS_COUNT:
-            reply["channels_with_sockets_count"] = self.local.channels(app_id, str(req.get("prefix", "")))
-        elif kind == c.SOCKETS_COUNT:
-            reply["sockets_count"] = self.local.socket_count(app_id)
-        elif kind == c.TERMINATE_USER:
-            self.local.terminate_user(app_id, str(req.get("user_id")), int(req.get("code", 4009)),
-                                      str(req.get("message", "")))
-            return
-        elif kind == c.WATCHLIST_NOTIFY and isinstance(req.get("message"), str):
-            self.local.notify_watchers(app_id, str(req.get("user_id")), OutFrame(req["message"]))
-            return
-        else:
-            return
-        self.metrics.adapter_received_requests.labels(app_id, self.metrics.port).inc()
-        reply_to = req.get("reply_to")
-        if isinstance(reply_to, str) and reply_to.startswith(self.keys.prefix):
-            self._publish(reply_to, c.encode(reply))
-
-    def _on_response(self, reply: dict[str, Any]) -> None:
-        entry = self._pending.get(str(reply.get("request_id")))
-        node = reply.get("node_id")
-        if entry is None or not isinstance(node, str):
-            return
-        pending, done = entry
-        pending.replies[node] = reply
-        self.metrics.adapter_received_responses.labels(str(reply.get("app_id")), self.metrics.port).inc()
-        if pending.complete:
-            done.set()
-
-    # -- request/reply ------------------------------------------------------------
-
-    def _query(self, app_id: str, request_type: str, **fields: Any) -> tuple[list[dict[str, Any]], bool]:
-        """Ask every other live node; returns (replies, complete)."""
-        if not self.healthy:
-            self._partial(app_id, request_type)
-            return [], False
-        peers = set(self._peers)
-        if not peers:
-            return [], True
-        request_id = uuid.uuid4().hex
-        pending = c.PendingQuery(expected=peers)
-        done = self.runtime.event()
-        self._pending[request_id] = (pending, done)
-        started = time.perf_counter()
-        labels = (app_id, self.metrics.port)
-        self.metrics.adapter_sent_requests.labels(*labels).inc()
-        try:
-            self._publish(self.keys.requests, c.encode({
-                "request_id": request_id, "node_id": self.node_id, "app_id": app_id, "request_type": request_type,
-                "reply_to": self.keys.node_inbox(self.node_id), **fields,
-            }))
-            done.wait(self._timeout)
-        finally:
-            self._pending.pop(request_id, None)
-        self.metrics.adapter_resolve_time.labels(*labels).observe((time.perf_counter() - started) * 1000)
-        if pending.complete:
-            self.metrics.adapter_resolved.labels(*labels).inc()
-        else:
-            self.metrics.adapter_uncomplete.labels(*labels).inc()
-            logger.warning(
-                "cross-node query answered partially",
-                extra={"app_id": app_id, "request_type": request_type,
-                       "missing_nodes": sorted(pending.expected - set(pending.replies))},
-            )
-        return list(pending.replies.values()), pending.complete
 
     def _partial(self, app_id: str, what: str, missing: set[str] | None = None) -> None:
         """A partial answer (the caller marks it): counted, and logged as a warning at most once
@@ -427,8 +415,8 @@ class RedisAdapter:
         """Beat, learn the live and dead peers, resync when needed (``resync``: always).
 
         This node is (re)registered in the node set only after its holdings are written, so a
-        peer expected but absent from the set tells a reader that a presence list read from
-        Redis may lack that peer's members (``presence_members_checked``)."""
+        peer expected but absent from the set tells a reader that counts and presence read from
+        Redis may lack that peer's share (the answer is flagged partial)."""
         now_ms = int(time.time() * 1000)
         cutoff = now_ms - int(self.config.node_timeout * 1000)
         pipe = self.client.pipeline(transaction=False)
@@ -441,7 +429,7 @@ class RedisAdapter:
             self._coming_back = False
             self._back_since = now
         for n in live:
-            self._peer_seen[n.decode() if isinstance(n, bytes) else n] = now
+            self._peer_seen[_text(n)] = now
         self._peer_seen.pop(self.node_id, None)
         self._peer_seen = {n: t for n, t in self._peer_seen.items() if now - t < self.config.node_timeout}
         self._peers = set(self._peer_seen)
@@ -457,23 +445,18 @@ class RedisAdapter:
         if self._back_since and now - self._back_since < self.config.node_timeout:
             return  # just back from an outage: old heartbeats are not deaths (yet)
         for node in dead:
-            self._cleanup_dead(node.decode() if isinstance(node, bytes) else node)
+            self._cleanup_dead(_text(node))
 
     def _node_dead_message(self, dead_node_id: str) -> str:
-        return c.encode({"request_id": uuid.uuid4().hex, "node_id": self.node_id, "app_id": "",
-                         "request_type": c.NODE_DEAD, "dead_node_id": dead_node_id})
+        return c.encode({"node_id": self.node_id, "request_type": c.NODE_DEAD, "dead_node_id": dead_node_id})
 
     def _forget_peer(self, node_id: str) -> None:
-        """``node_id`` is gone: stop counting on it, and stop waiting for its replies."""
+        """``node_id`` is gone: stop counting on it."""
         if node_id == self.node_id:
             return
         self._peers.discard(node_id)
         self._peer_seen.pop(node_id, None)
         self.metrics.cluster_nodes.set(len(self._peers) + 1)
-        for pending, done in list(self._pending.values()):
-            pending.expected.discard(node_id)
-            if pending.complete:
-                done.set()
 
     def _cleanup_dead(self, node_id: str) -> None:
         if node_id == self.node_id:
@@ -482,15 +465,11 @@ class RedisAdapter:
         if not self.client.set(self.keys.cleanup_lock(node_id), self.node_id, nx=True, ex=60):
             return  # another survivor is on it
         logger.warning("node is dead; removing its sockets from the cluster", extra={"dead_node_id": node_id})
-        # Queued ahead of the member_removed broadcasts, so peers have dropped the node
-        # from their queries by the time clients see its members leave.
-        self._publish(self.keys.requests, self._node_dead_message(node_id))
+        # Queued ahead of the member_removed broadcasts, so peers have stopped counting the node
+        # by the time clients see its members leave.
+        self._publish(self.keys.control, self._node_dead_message(node_id))
         released = self._release_all_holdings(node_id, notify=True)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(self.keys.nodes, node_id)
-        for key in self.client.scan_iter(match=f"{self.keys.prefix}app:*:connections", count=500):
-            pipe.hdel(key, node_id)
-        pipe.execute()
+        self.client.zrem(self.keys.nodes, node_id)
         self.metrics.dead_nodes_cleaned.inc()
         logger.info("dead node removed", extra={"dead_node_id": node_id, "released": released})
 
@@ -501,7 +480,7 @@ class RedisAdapter:
             holding = c.Holding.from_member(member)
             if holding is None:
                 continue
-            if self._release_holding(holding, node_id, member) and notify:
+            if self._do_release(holding, node_id) and notify:
                 self._notify_release(holding)
             count += 1
         self.client.delete(self.keys.holdings(node_id))
@@ -522,49 +501,119 @@ class RedisAdapter:
 
     # -- holdings (cluster refcounts) ------------------------------------------------
 
-    def _acquire(self, holding: c.Holding, info: str = "") -> bool | None:
+    def _serialized(self, member: str, call: Callable[[], bool]) -> bool:
+        """Run ``call`` once no other call about the same holding is on its way to Redis."""
+        while (pending := self._inflight.get(member)) is not None:
+            pending.wait(self._timeout + 5.0)
+        done = self.runtime.event()
+        self._inflight[member] = done
+        try:
+            return call()
+        finally:
+            if self._inflight.get(member) is done:
+                del self._inflight[member]
+            done.set()
+
+    def _do_acquire(self, holding: c.Holding, node_id: str, info: str = "", count: int = 1) -> bool:
+        """Take ``node_id``'s share; True if it is the first share (listed in the holdings set
+        first, so a node dying in between leaves nothing the cleanup cannot find)."""
+        self.client.sadd(self.keys.holdings(node_id), holding.member())
+        app_id = holding.app_id
+        if holding.kind == c.HOLD_CHANNEL:
+            first = bool(self._node_acquire(keys=[self.keys.subs(app_id, holding.channel)], args=[node_id, count]))
+            if first:
+                self.client.sadd(self.keys.channels(app_id), holding.channel)
+            return first
+        if holding.kind == c.HOLD_PRESENCE:
+            keys = [self.keys.presence(app_id, holding.channel), self.keys.presence_info(app_id, holding.channel),
+                    self.keys.presence_held(app_id, holding.channel)]
+            return bool(self._presence_acquire(keys=keys, args=[holding.user_id,
+                                                                c.presence_field(node_id, holding.user_id), info]))
+        if holding.kind == c.HOLD_USER:
+            return bool(self._node_acquire(keys=[self.keys.online(app_id, holding.user_id)], args=[node_id, 1]))
+        if holding.kind == c.HOLD_CONNECTIONS:
+            self.client.hset(self.keys.connections(app_id), node_id, count)
+        return False
+
+    def _do_release(self, holding: c.Holding, node_id: str) -> bool:
+        """Give ``node_id``'s share back; True if it was the last."""
+        app_id = holding.app_id
+        last = False
+        if holding.kind == c.HOLD_CHANNEL:
+            last = bool(self._node_release(keys=[self.keys.subs(app_id, holding.channel)], args=[node_id]))
+            if last:
+                self._unlist_channels(app_id, [holding.channel])
+        elif holding.kind == c.HOLD_PRESENCE:
+            keys = [self.keys.presence(app_id, holding.channel), self.keys.presence_info(app_id, holding.channel),
+                    self.keys.presence_held(app_id, holding.channel)]
+            last = bool(self._presence_release(keys=keys, args=[holding.user_id,
+                                                                c.presence_field(node_id, holding.user_id)]))
+        elif holding.kind == c.HOLD_USER:
+            last = bool(self._node_release(keys=[self.keys.online(app_id, holding.user_id)], args=[node_id]))
+        elif holding.kind == c.HOLD_CONNECTIONS:
+            self.client.hdel(self.keys.connections(app_id), node_id)
+        self.client.srem(self.keys.holdings(node_id), holding.member())
+        return last
+
+    def _unlist_channels(self, app_id: str, channels: list[str]) -> None:
+        """Take vacated channels out of the app's index. The index lives in another slot than
+        the channels, so this is not atomic with the vacate: a channel occupied again meanwhile
+        (its occupier adds it before or after this removal) is put back after looking again."""
+        if not channels:
+            return
+        index = self.keys.channels(app_id)
+        self.client.srem(index, *channels)
+        pipe = self.client.pipeline(transaction=False)
+        for channel in channels:
+            pipe.exists(self.keys.subs(app_id, channel))
+        back = [channel for channel, exists in zip(channels, pipe.execute(), strict=True) if exists]
+        if back:
+            self.client.sadd(index, *back)
+
+    def _acquire(self, holding: c.Holding, info: str = "", count: int = 1) -> bool | None:
         """True if this node made the count go 0→1; None when Redis could not be asked."""
         if not self.healthy:
             self._dirty = True
             return None
-        keys, fld = holding.redis_keys(self.keys, self.node_id)
         try:
-            return bool(self._acquire_script(keys=keys, args=[holding.member(), fld, info]))
+            return self._serialized(holding.member(), lambda: self._do_acquire(holding, self.node_id, info, count))
         except FAILURES as exc:
             self._failed("acquire", exc)
             return None
 
-    def _release_holding(self, holding: c.Holding, node_id: str, member: Any = None) -> bool:
-        keys, fld = holding.redis_keys(self.keys, node_id)
-        return bool(self._release_script(keys=keys, args=[member if member is not None else holding.member(), fld, ""]))
-
     def _release(self, holding: c.Holding) -> bool | None:
         """True if this node made the count go 1→0; None when Redis could not be asked (the
         caller then announces from this node's own answer, and the resync stays silent)."""
+        member = holding.member()
         if not self.healthy:
             self._dirty = True
-            self._released_unsynced.add(holding.member())
+            self._released_unsynced.add(member)
             return None
         try:
-            return self._release_holding(holding, self.node_id)
+            return self._serialized(member, lambda: self._do_release(holding, self.node_id))
         except FAILURES as exc:
             self._failed("release", exc)
-            self._released_unsynced.add(holding.member())
+            self._released_unsynced.add(member)
             return None
 
-    def _desired_holdings(self) -> dict[str, tuple[c.Holding, str]]:
-        desired: dict[str, tuple[c.Holding, str]] = {}
+    def _desired_holdings(self) -> dict[str, tuple[c.Holding, str, int]]:
+        desired: dict[str, tuple[c.Holding, str, int]] = {}
         for app_id, ns in list(self.local.namespaces.items()):
-            for channel in list(ns.channels):
-                h = c.Holding(c.HOLD_CHANNEL, app_id, channel)
-                desired[h.member()] = (h, "")
+            if ns.sockets:
+                h = c.Holding(c.HOLD_CONNECTIONS, app_id)
+                desired[h.member()] = (h, "", len(ns.sockets))
+            for channel, subs in list(ns.channels.items()):
+                if subs:
+                    h = c.Holding(c.HOLD_CHANNEL, app_id, channel)
+                    desired[h.member()] = (h, "", len(subs))
             for channel, members in list(ns.presence.items()):
                 for user_id, member in list(members.items()):
                     h = c.Holding(c.HOLD_PRESENCE, app_id, channel, user_id)
-                    desired[h.member()] = (h, protocol.dumps(member.user_info))
-            for user_id in list(ns.users):
-                h = c.Holding(c.HOLD_USER, app_id, "", user_id)
-                desired[h.member()] = (h, "")
+                    desired[h.member()] = (h, protocol.dumps(member.user_info), 1)
+            for user_id, sockets in list(ns.users.items()):
+                if sockets:
+                    h = c.Holding(c.HOLD_USER, app_id, "", user_id)
+                    desired[h.member()] = (h, "", 1)
         return desired
 
     def _resync(self) -> None:
@@ -574,49 +623,129 @@ class RedisAdapter:
         self._dirty = False
         announced = set(self._released_unsynced)
         desired = self._desired_holdings()
-        held = self.client.smembers(self.keys.holdings(self.node_id))
-        current = {m.decode() if isinstance(m, bytes) else m for m in held}
+        current = {_text(m) for m in self.client.smembers(self.keys.holdings(self.node_id))}
         for member in current - set(desired):
             holding = c.Holding.from_member(member)
-            if holding is not None and self._release_holding(holding, self.node_id, member) \
-                    and member not in announced:
+            if holding is None:
+                self.client.srem(self.keys.holdings(self.node_id), member)
+                continue
+            if self._serialized(member, self._releaser(holding)) and member not in announced:
                 self._notify_release(holding)
-        for member, (holding, info) in desired.items():
-            if member not in current or holding.kind == c.HOLD_PRESENCE:
-                keys, fld = holding.redis_keys(self.keys, self.node_id)
-                self._acquire_script(keys=keys, args=[member, fld, info])
-        pipe = self.client.pipeline(transaction=False)
-        for app_id, ns in list(self.local.namespaces.items()):
-            pipe.hset(self.keys.connections(app_id), self.node_id, len(ns.sockets))
-            self._connection_apps.add(app_id)
-        for app_id in self._connection_apps - set(self.local.namespaces):
-            pipe.hdel(self.keys.connections(app_id), self.node_id)
-        pipe.execute()
+        entries = list(desired.items())
+        for i in range(0, len(entries), READ_BATCH):
+            chunk = entries[i:i + READ_BATCH]
+            self.client.sadd(self.keys.holdings(self.node_id), *[member for member, _ in chunk])
+            pipe = self.client.pipeline(transaction=False)
+            for _, (holding, info, count) in chunk:
+                self._queue_acquire(pipe, holding, info, count)
+            pipe.execute()
         # Released now, or held again (then in ``desired``): either way settled. A release
         # that happened during this resync stays for the next one.
         self._released_unsynced -= announced
+        if set(self._desired_holdings()) != set(desired):
+            self._dirty = True  # local state moved while this ran: look again at the next beat
 
-    def _connections_delta(self, app_id: str, delta: int) -> None:
+    def _releaser(self, holding: c.Holding) -> Callable[[], bool]:
+        return lambda: self._do_release(holding, self.node_id)
+
+    def _queue_acquire(self, pipe: Any, holding: c.Holding, info: str, count: int) -> None:
+        """A resync's (re)acquire on a pipeline: same writes as :meth:`_do_acquire`, no answer."""
+        app_id, node = holding.app_id, self.node_id
+        if holding.kind == c.HOLD_CHANNEL:
+            pipe.eval(c.NODE_ACQUIRE_LUA, 1, self.keys.subs(app_id, holding.channel), node, count)
+            pipe.sadd(self.keys.channels(app_id), holding.channel)
+        elif holding.kind == c.HOLD_PRESENCE:
+            pipe.eval(c.PRESENCE_ACQUIRE_LUA, 3, self.keys.presence(app_id, holding.channel),
+                      self.keys.presence_info(app_id, holding.channel),
+                      self.keys.presence_held(app_id, holding.channel),
+                      holding.user_id, c.presence_field(node, holding.user_id), info)
+        elif holding.kind == c.HOLD_USER:
+            pipe.eval(c.NODE_ACQUIRE_LUA, 1, self.keys.online(app_id, holding.user_id), node, 1)
+        elif holding.kind == c.HOLD_CONNECTIONS:
+            pipe.hset(self.keys.connections(app_id), node, count)
+
+    # -- counts written in per-tick batches ----------------------------------------------
+
+    def _count_changed(self, app_id: str, channel: str) -> None:
+        self._counts_dirty.add((app_id, channel))
+        self._schedule_counts()
+
+    def _connections_changed(self, app_id: str) -> None:
+        self._connections_dirty.add(app_id)
+        self._schedule_counts()
+
+    def _schedule_counts(self) -> None:
+        if not self._counts_scheduled:
+            self._counts_scheduled = True
+            self.runtime.spawn(self._flush_counts)
+
+    def _flush_counts(self) -> None:
+        self._counts_scheduled = False
+        counts, self._counts_dirty = self._counts_dirty, set()
+        apps, self._connections_dirty = self._connections_dirty, set()
         if not self.healthy:
-            self._dirty = True
+            self._dirty = True  # the resync writes every count when Redis is back
             return
-        self._connection_apps.add(app_id)
+        node = self.node_id
+        holdings = self.keys.holdings(node)
+        pipe = self.client.pipeline(transaction=False)
+        for app_id in apps:
+            n = self.local.socket_count(app_id)
+            if n:
+                pipe.sadd(holdings, c.Holding(c.HOLD_CONNECTIONS, app_id).member())
+                pipe.hset(self.keys.connections(app_id), node, n)
+            else:
+                pipe.hdel(self.keys.connections(app_id), node)
+        for app_id, channel in counts:
+            n = self.local.subscriber_count(app_id, channel)
+            if n:
+                pipe.eval(c.NODE_UPDATE_LUA, 1, self.keys.subs(app_id, channel), node, n)
         try:
-            self.client.hincrby(self.keys.connections(app_id), self.node_id, delta)
+            pipe.execute()
         except FAILURES as exc:
-            self._failed("connections", exc)
+            self._failed("counts", exc)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _live(self, registered: Iterable[tuple[str | bytes, float]]) -> tuple[set[str], set[str]]:
+        """(nodes whose shares count, expected peers missing from the node set) from
+        ``ZRANGE nodes 0 -1 WITHSCORES``: a node counts while its heartbeat is fresh."""
+        cutoff = time.time() * 1000 - self.config.node_timeout * 1000
+        every, fresh = c.live_nodes(registered, cutoff)
+        return fresh | self._peers, set(self._peers) - every
+
+    def _read(self, app_id: str, what: str, call: Callable[[Any], Any]) -> tuple[Any, set[str], bool] | None:
+        """Run ``call`` on a pipeline with a read of the node set: (its reply, the live nodes,
+        complete), or None when Redis cannot be asked. Incomplete (counted and logged) when an
+        expected peer is not registered."""
+        if not self.healthy:
+            self._partial(app_id, what)
+            return None
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            call(pipe)
+            pipe.zrange(self.keys.nodes, 0, -1, withscores=True)
+            reply, registered = pipe.execute()
+        except FAILURES as exc:
+            self._failed(what, exc)
+            self._partial(app_id, what)
+            return None
+        live, missing = self._live(registered)
+        if missing:
+            self._partial(app_id, what, missing)
+        return reply, live, not missing
 
     # -- Adapter interface: sockets --------------------------------------------------
 
     def add_socket(self, app_id: str, conn: Connection) -> None:
         self.local.add_socket(app_id, conn)
-        self._connections_delta(app_id, 1)
+        self._connections_changed(app_id)
 
     def remove_socket(self, app_id: str, socket_id: str) -> None:
         had = self.local.socket_count(app_id)
         self.local.remove_socket(app_id, socket_id)
         if self.local.socket_count(app_id) < had:
-            self._connections_delta(app_id, -1)
+            self._connections_changed(app_id)
 
     def socket_count(self, app_id: str) -> int:
         """Open sockets of the app on every live node (for ``max_connections``)."""
@@ -624,16 +753,15 @@ class RedisAdapter:
         if not self.healthy:
             return local
         try:
-            counts = self.client.hgetall(self.keys.connections(app_id))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(self.keys.connections(app_id))
+            pipe.zrange(self.keys.nodes, 0, -1, withscores=True)
+            counts, registered = pipe.execute()
         except FAILURES as exc:
             self._failed("socket_count", exc)
             return local
-        total = local
-        for node, value in counts.items():
-            node_id = node.decode() if isinstance(node, bytes) else node
-            if node_id in self._peers:
-                total += max(0, int(value))
-        return total
+        live, _ = self._live(registered)
+        return local + c.sum_counts(counts, live, self.node_id)
 
     def node_socket_count(self) -> int:
         return self.local.node_socket_count()
@@ -654,7 +782,7 @@ class RedisAdapter:
             return nodes
         for counts in replies:
             for node, value in counts.items():
-                node_id = node.decode() if isinstance(node, bytes) else node
+                node_id = _text(node)
                 if node_id in self._peers:
                     nodes[node_id] += max(0, int(value))
         return nodes
@@ -666,28 +794,67 @@ class RedisAdapter:
 
     def subscribe(self, app_id: str, channel: str, conn: Connection) -> tuple[int, bool]:
         count, first_here = self.local.subscribe(app_id, channel, conn)
-        if not first_here:
-            return count, False
-        occupied = self._acquire(c.Holding(c.HOLD_CHANNEL, app_id, channel))
-        return count, first_here if occupied is None else occupied
+        occupied = False
+        if first_here:
+            self._interest_changed(c.KIND_CHANNEL, app_id, channel)
+            result = self._acquire(c.Holding(c.HOLD_CHANNEL, app_id, channel), count=count)
+            occupied = first_here if result is None else result
+            if self.local.subscriber_count(app_id, channel) != count:
+                self._count_changed(app_id, channel)  # others joined while the acquire was on its way
+        else:
+            self._count_changed(app_id, channel)
+        self._await_interest()
+        return count, occupied
 
     def unsubscribe(self, app_id: str, channel: str, socket_id: str) -> tuple[int, bool]:
         remaining, last_here = self.local.unsubscribe(app_id, channel, socket_id)
         if not last_here:
+            if remaining:
+                self._count_changed(app_id, channel)
             return remaining, False
+        self._interest_changed(c.KIND_CHANNEL, app_id, channel)
         vacated = self._release(c.Holding(c.HOLD_CHANNEL, app_id, channel))
         return remaining, last_here if vacated is None else vacated
 
     def subscriber_count_checked(self, app_id: str, channel: str) -> tuple[int, bool]:
-        replies, complete = self._query(app_id, c.CHANNEL_SOCKETS_COUNT, channel=channel)
-        return c.merge_counts(self.local.subscriber_count(app_id, channel), replies), complete
+        local = self.local.subscriber_count(app_id, channel)
+        read = self._read(app_id, "subscription_count", lambda p: p.hgetall(self.keys.subs(app_id, channel)))
+        if read is None:
+            return local, False
+        fields, live, complete = read
+        return local + c.sum_counts(fields, live, self.node_id), complete
 
     def subscriber_count(self, app_id: str, channel: str) -> int:
         return self.subscriber_count_checked(app_id, channel)[0]
 
     def channels_checked(self, app_id: str, prefix: str = "") -> tuple[dict[str, int], bool]:
-        replies, complete = self._query(app_id, c.CHANNELS_WITH_SOCKETS_COUNT, prefix=prefix)
-        return c.merge_channel_counts(self.local.channels(app_id, prefix), replies), complete
+        local = self.local.channels(app_id, prefix)
+        read = self._read(app_id, "channels", lambda p: p.smembers(self.keys.channels(app_id)))
+        if read is None:
+            return local, False
+        members, live, complete = read
+        names = sorted(n for n in (_text(m) for m in members) if n.startswith(prefix))
+        counts = dict(local)
+        empty: list[str] = []
+        try:
+            for i in range(0, len(names), READ_BATCH):
+                chunk = names[i:i + READ_BATCH]
+                pipe = self.client.pipeline(transaction=False)
+                for name in chunk:
+                    pipe.hgetall(self.keys.subs(app_id, name))
+                for name, fields in zip(chunk, pipe.execute(), strict=True):
+                    if not fields:
+                        empty.append(name)
+                        continue
+                    n = c.sum_counts(fields, live, self.node_id)
+                    if n:
+                        counts[name] = counts.get(name, 0) + n
+            self._unlist_channels(app_id, empty)  # left over by a race; see _unlist_channels
+        except FAILURES as exc:
+            self._failed("channels", exc)
+            self._partial(app_id, "channels")
+            return local, False
+        return {name: n for name, n in counts.items() if n > 0}, complete
 
     def channels(self, app_id: str, prefix: str = "") -> dict[str, int]:
         return self.channels_checked(app_id, prefix)[0]
@@ -703,7 +870,7 @@ class RedisAdapter:
         if frame.meta is not None and frame.serial is not None:
             envelope["stream_id"], envelope["published_ms"], envelope["message_id"] = frame.meta
             envelope["serial"] = frame.serial
-        self._publish(self.keys.broadcast, c.encode(envelope))
+        self._publish(self.keys.channel_topic(app_id, channel), c.encode(envelope))
         return sent
 
     # -- presence -----------------------------------------------------------------
@@ -730,30 +897,18 @@ class RedisAdapter:
         Redis is unreachable, or when a peer this node still expects has not (re)registered
         in Redis yet (Redis restarted or failed over and lost its holdings)."""
         members = self.local.presence_members(app_id, channel)
-        if not self.healthy:
-            self._partial(app_id, "presence_members")
+        read = self._read(app_id, "presence_members", lambda p: p.hgetall(self.keys.presence_info(app_id, channel)))
+        if read is None:
             return members, False
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hgetall(self.keys.presence_info(app_id, channel))
-            pipe.zrange(self.keys.nodes, 0, -1)
-            stored, registered = pipe.execute()
-        except FAILURES as exc:
-            self._failed("presence_members", exc)
-            self._partial(app_id, "presence_members")
-            return members, False
-        missing = set(self._peers) - {n.decode() if isinstance(n, bytes) else n for n in registered}
-        if missing:
-            self._partial(app_id, "presence_members", missing)
+        stored, _, complete = read
         merged: dict[str, Any] = {}
         for uid, info in stored.items():
-            user_id = uid.decode() if isinstance(uid, bytes) else uid
             try:
-                merged[user_id] = json.loads(info)
+                merged[_text(uid)] = json.loads(info)
             except ValueError:
-                merged[user_id] = {}
+                merged[_text(uid)] = {}
         merged.update(members)
-        return merged, not missing
+        return merged, complete
 
     # -- users ----------------------------------------------------------------------
 
@@ -761,6 +916,7 @@ class RedisAdapter:
         first_here = self.local.add_user_socket(app_id, user_id, conn)
         if not first_here:
             return False
+        self._interest_changed(c.KIND_USER, app_id, user_id)
         first = self._acquire(c.Holding(c.HOLD_USER, app_id, "", user_id))
         return first_here if first is None else first
 
@@ -768,6 +924,7 @@ class RedisAdapter:
         last_here = self.local.remove_user_socket(app_id, user_id, socket_id)
         if not last_here:
             return False
+        self._interest_changed(c.KIND_USER, app_id, user_id)
         last = self._release(c.Holding(c.HOLD_USER, app_id, "", user_id))
         return last_here if last is None else last
 
@@ -777,7 +934,7 @@ class RedisAdapter:
         if not self.healthy:
             return False
         try:
-            return bool(self.client.hexists(self.keys.users(app_id), user_id))
+            return bool(self.client.exists(self.keys.online(app_id, user_id)))
         except FAILURES as exc:
             self._failed("user_online", exc)
             return False
@@ -789,14 +946,14 @@ class RedisAdapter:
                                     "timestamp_ms": time.time() * 1000}
         if except_socket_id is not None:
             envelope["except_socket_id"] = except_socket_id
-        self._publish(self.keys.broadcast, c.encode(envelope))
+        self._publish(self.keys.user_topic(app_id, user_id), c.encode(envelope))
         return sent
 
     def terminate_user(self, app_id: str, user_id: str, code: int, message: str) -> int:
         closed = self.local.terminate_user(app_id, user_id, code, message)
-        self._publish(self.keys.requests, c.encode({
-            "request_id": uuid.uuid4().hex, "node_id": self.node_id, "app_id": app_id,
-            "request_type": c.TERMINATE_USER, "user_id": user_id, "code": code, "message": message,
+        self._publish(self.keys.user_topic(app_id, user_id), c.encode({
+            "node_id": self.node_id, "app_id": app_id, "request_type": c.TERMINATE_USER, "user_id": user_id,
+            "code": code, "message": message,
         }))
         return closed
 
@@ -804,14 +961,19 @@ class RedisAdapter:
 
     def watch(self, app_id: str, conn: Connection, user_ids: tuple[str, ...]) -> None:
         self.local.watch(app_id, conn, user_ids)
+        for user_id in user_ids:
+            self._interest_changed(c.KIND_USER, app_id, user_id)
+        self._await_interest()  # an online/offline change after this reaches the watcher
 
     def unwatch(self, app_id: str, conn: Connection, user_ids: tuple[str, ...]) -> None:
         self.local.unwatch(app_id, conn, user_ids)
+        for user_id in user_ids:
+            self._interest_changed(c.KIND_USER, app_id, user_id)
 
     def notify_watchers(self, app_id: str, user_id: str, frame: OutFrame) -> int:
         sent = self.local.notify_watchers(app_id, user_id, frame)
-        self._publish(self.keys.requests, c.encode({
-            "request_id": uuid.uuid4().hex, "node_id": self.node_id, "app_id": app_id,
-            "request_type": c.WATCHLIST_NOTIFY, "user_id": user_id, "message": frame.text,
+        self._publish(self.keys.user_topic(app_id, user_id), c.encode({
+            "node_id": self.node_id, "app_id": app_id, "request_type": c.WATCHLIST_NOTIFY, "user_id": user_id,
+            "message": frame.text,
         }))
         return sent

@@ -200,25 +200,21 @@ class Metrics:
             registry=r
         )
         # -- horizontal adapter (Sockudo names where they exist) --
-        self.adapter_resolve_time = Histogram(
-            f"{p}horizontal_adapter_resolve_time", "Cross-node query time, in ms", app,
-            buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000), registry=r,
+        self.adapter_received_envelopes = Counter(
+            f"{p}adapter_received_envelopes",
+            "Messages from the other nodes received through Redis pub/sub (own echoes included), by kind of "
+            "pub/sub channel: channel, user, control",
+            ["port", "kind"], registry=r,
         )
-        self.adapter_sent_requests = Counter(
-            f"{p}horizontal_adapter_sent_requests", "Cross-node queries sent", app, registry=r
-        )
-        self.adapter_received_requests = Counter(
-            f"{p}horizontal_adapter_received_requests", "Cross-node queries answered by this node", app, registry=r
-        )
-        self.adapter_received_responses = Counter(
-            f"{p}horizontal_adapter_received_responses", "Replies received from other nodes", app, registry=r
-        )
-        self.adapter_resolved = Counter(
-            f"{p}horizontal_adapter_resolved_promises", "Cross-node queries answered by every node", app, registry=r
+        self.adapter_interest_timeouts = Counter(
+            f"{p}adapter_interest_timeouts",
+            "Subscribes acknowledged to the client before Redis confirmed the node's subscription in time",
+            ["port"], registry=r,
         )
         self.adapter_uncomplete = Counter(
             f"{p}horizontal_adapter_uncomplete_promises",
-            "Cross-node queries that timed out with a partial answer (marked in the response and logged)", app,
+            "Cross-node answers that are partial: Redis unreachable or a live node not registered (marked and logged)",
+            app,
             registry=r,
         )
         self.adapter_publish_latency_ms = Histogram(
@@ -333,8 +329,10 @@ class Metrics:
             self.connection_errors.labels(UNKNOWN_APP, port, error_type)
         for limiter_type, context in IP_RATE_LIMITS:
             self.rate_limit_triggered.labels(UNKNOWN_APP, port, limiter_type, context)
-        for metric in (self.adapter_duplicates_suppressed, self.history_evictions):
+        for metric in (self.adapter_duplicates_suppressed, self.adapter_interest_timeouts, self.history_evictions):
             metric.labels(port)
+        for kind in ("channel", "user", "control"):
+            self.adapter_received_envelopes.labels(port, kind)
         if adapter_driver is not None and adapter_driver != "local":
             self.adapter_up.labels(adapter_driver)
             self.transport_dropped.labels(adapter_driver)

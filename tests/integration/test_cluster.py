@@ -14,6 +14,7 @@ fixed time.
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import socket
 import threading
@@ -27,7 +28,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from sockudo.adapter.cluster import HOLD_PRESENCE, Holding
+from sockudo.adapter.cluster import HOLD_PRESENCE, Holding, Keys
 from sockudo.adapter.redis import RedisAdapter
 from sockudo.config import AppConfig, Config
 from sockudo.core.connection import Connection
@@ -820,8 +821,7 @@ def test_leaves_announced_during_an_outage_are_not_announced_again_by_the_resync
     assert adapter.presence_members_checked(app.id, "presence-x") == ({}, False)
     # a holding this node has in Redis but never announced (say, left over from before)
     stale = Holding(HOLD_PRESENCE, app.id, "presence-y", "u9")
-    keys, fld = stale.redis_keys(adapter.keys, adapter.node_id)
-    adapter._acquire_script(keys=keys, args=[stale.member(), fld, "{}"])
+    adapter._do_acquire(stale, adapter.node_id, "{}")
 
     adapter._recovered()  # Redis answers again
     assert transitions.calls == [("member_removed", "presence-y", "u9")]
@@ -1079,3 +1079,145 @@ def test_sigterm_sends_4200_and_clients_move_to_the_surviving_node(cluster, push
         assert tracebacks(a, b) == 0
     finally:
         proxy.close()
+
+
+# -- interest routing: a node hears only what it has subscribers for ------------------------------
+
+KEYS = Keys("sockudo_adapter:")  # the nodes' default adapter.redis.prefix
+
+
+def envelopes(node: ServerProcess, kind: str = "channel") -> float:
+    return metric(node.metrics_text(), "sockudo_adapter_received_envelopes_total", kind=kind)
+
+
+def listeners(redis_server: RedisServer, channel: str) -> int:
+    """How many nodes listen to ``channel``'s pub/sub channel (``PUBSUB NUMSUB``)."""
+    client = redis.Redis(port=redis_server.port)
+    try:
+        return int(client.pubsub_numsub(KEYS.channel_topic(APP["id"], channel))[0][1])
+    finally:
+        client.close()
+
+
+def test_a_node_without_subscribers_of_a_channel_receives_nothing_for_it(cluster, redis_server) -> None:
+    a, b = cluster(2)
+    channel = "routed-only-to-a"
+    sub = RawClient.connect(a, APP["key"])
+    try:
+        sub.subscribe(channel)
+        before_a, before_b = envelopes(a), envelopes(b)
+        for n in range(20):  # through B, which has no subscriber of the channel
+            sdk_for(b).trigger(channel, "news", {"n": n})
+        for n in range(20, 25):  # and through A itself
+            sdk_for(a).trigger(channel, "news", {"n": n})
+        got = [json.loads(sub.expect("news", timeout=5)["data"])["n"] for _ in range(25)]
+        assert got == list(range(25))  # each once, in order per publishing node
+        assert envelopes(a) - before_a >= 20
+        assert envelopes(b) == before_b  # B never heard of the channel: not even its own publishes
+        assert listeners(redis_server, channel) == 1  # A alone listens
+    finally:
+        sub.close()
+
+
+def test_two_publishers_on_two_nodes_reach_every_subscriber_once_and_in_order(cluster) -> None:
+    a, b = cluster(2)
+    channel = "routed-two-publishers"
+    subs = [RawClient.connect(node, APP["key"]) for node in (a, a, b)]
+    failures: list[str] = []
+    try:
+        for sub in subs:
+            sub.subscribe(channel)
+
+        def publish(node: ServerProcess, origin: str) -> None:
+            sdk = sdk_for(node)
+            for n in range(40):
+                try:
+                    sdk.trigger(channel, "news", {"origin": origin, "n": n})
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    failures.append(repr(exc))
+
+        threads = [threading.Thread(target=publish, args=(node, name), daemon=True)
+                   for node, name in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failures, failures[:3]
+        for sub in subs:
+            got = [json.loads(sub.expect("news", timeout=5)["data"]) for _ in range(80)]
+            for origin in ("a", "b"):
+                assert [d["n"] for d in got if d["origin"] == origin] == list(range(40)), origin
+            with pytest.raises(AssertionError):
+                sub.expect("news", timeout=DUPLICATE_WINDOW)  # nothing twice
+    finally:
+        for sub in subs:
+            sub.close()
+
+
+def test_subscription_count_is_cluster_wide_right_after_a_node_starts(server_factory, redis_server) -> None:
+    """No question to other nodes and no waiting for a heartbeat: node A counts node B's
+    subscriber as soon as B is up, although A's heartbeat (5 s here) has not seen B yet."""
+    env = node_env(redis_server.url, ADAPTER_HEARTBEAT_INTERVAL="5", ADAPTER_NODE_TIMEOUT="15")
+    a = server_factory([APP], env=env, shutdown_grace_period=GRACE)
+    wait_until(lambda: up_status(a) == 200, timeout=15, message="node A to be ready")
+    channel = "routed-count"
+    on_a = RawClient.connect(a, APP["key"])
+    on_a.subscribe(channel)
+    b = server_factory([APP], env=env, shutdown_grace_period=GRACE)
+    wait_until(lambda: up_status(b) == 200, timeout=15, message="node B to be ready")
+    on_b = RawClient.connect(b, APP["key"])
+    try:
+        on_b.subscribe(channel)
+        counted_at = time.monotonic()
+        for node in (a, b):
+            wait_until(lambda node=node: sdk_for(node).channel_info(channel, ["subscription_count"]) == {
+                "occupied": True, "subscription_count": 2}, timeout=1.0, interval=0.05,
+                message=f"node {node.port} to count both subscribers")
+            listed = sdk_for(node).channels_info(attributes=["subscription_count"])["channels"]
+            assert listed[channel] == {"subscription_count": 2}, listed
+        assert time.monotonic() - counted_at < 1.5
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+def test_churn_leaves_the_node_subscribed_exactly_where_it_has_subscribers(cluster, redis_server) -> None:
+    """Two sockets on A subscribe and unsubscribe five channels over and over without waiting;
+    when they stop, A listens in Redis to exactly the channels it still has subscribers of, and a
+    publish through B to each channel reaches exactly the sockets subscribed to it."""
+    a, b = cluster(2)
+    names = [f"routed-churn-{i}" for i in range(5)]
+    s1, s2 = RawClient.connect(a, APP["key"]), RawClient.connect(a, APP["key"])
+    try:
+        for _ in range(15):
+            for name in names:
+                for sock in (s1, s2):
+                    sock.send_json({"event": "pusher:subscribe", "data": {"channel": name}})
+                    sock.send_json({"event": "pusher:unsubscribe", "data": {"channel": name}})
+        finals = {s1: names[0:2], s2: names[1:3]}
+        for sock, keep in finals.items():
+            for name in keep:
+                sock.send_json({"event": "pusher:subscribe", "data": {"channel": name}})
+            sock.ping_pong(timeout=10)  # everything before it has been handled
+        wanted = {names[0]: 1, names[1]: 1, names[2]: 1, names[3]: 0, names[4]: 0}
+        wait_until(lambda: {n: listeners(redis_server, n) for n in names} == wanted,
+                   timeout=5, interval=0.05, message="A's Redis subscriptions to settle on its subscribers")
+        before = envelopes(a)
+        for name in names:
+            sdk_for(b).trigger(name, "after-churn", {"channel": name})
+        for sock, keep in finals.items():
+            got = []
+            while True:
+                try:
+                    got.append(json.loads(sock.expect("after-churn", timeout=DUPLICATE_WINDOW * 2)["data"])["channel"])
+                except AssertionError:
+                    break
+            assert sorted(got) == keep
+        assert envelopes(a) - before == 3  # nothing for the two channels nobody on A holds
+        for node in (a, b):
+            counts = sdk_for(node).channels_info(attributes=["subscription_count"])["channels"]
+            assert {n: v["subscription_count"] for n, v in counts.items() if n in names} == {
+                names[0]: 1, names[1]: 2, names[2]: 1}
+    finally:
+        s1.close()
+        s2.close()
