@@ -145,6 +145,11 @@ class _Listener:
             except OSError:  # full (a wake-up is pending anyway) or closed (the listener is gone)
                 pass
 
+    def discard(self) -> None:
+        """Release a listener that never ran (the bus closed before ``run``)."""
+        self._wake_r.close()
+        self._wake_w.close()
+
     # -- the listener's own loop ---------------------------------------------------------
 
     def run(self) -> None:
@@ -588,7 +593,10 @@ class ShardedBus:
             for _, event in self._waiters:
                 event.set()
         for listener in listeners:
-            listener.poke()
+            if listener.started:
+                listener.poke()  # it closes its connection and ends
+            else:
+                listener.discard()
         self._wake.set()
 
     # -- internals (callers hold self._lock unless said otherwise) ------------------------------
