@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import MovedError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError
 
 if TYPE_CHECKING:
     from sockudo.services import Runtime
@@ -378,6 +378,10 @@ class _Listener:
 
     def _command_failed(self, err: ResponseError) -> None:
         bus = self.bus
+        if isinstance(err, AskError) and (not self.inflight or self.inflight[0].slot != err.slot_id):
+            # The MOVED answer to a SUNSUBSCRIBE whose channel the server had pushed out just
+            # before: that push was taken for the command's reply already. Nothing to do.
+            return
         if not self.inflight:
             raise redis.ConnectionError(f"error reply with no command in flight: {err}")
         head = self.inflight.popleft()

@@ -313,6 +313,32 @@ def test_subscription_follows_a_migrated_slot(redis_cluster: RedisClusterServer)
     print(f"\nslot migration: largest gap {missed} rounds, {window:.2f} s; stats {bus.stats}")
 
 
+
+def test_subscribe_refused_with_moved_follows_the_slot(redis_cluster: RedisClusterServer) -> None:
+    """The client's slot map is stale (the slot moved after it was read): the SSUBSCRIBE is
+    answered with MOVED, the bus refreshes the map and subscribes on the new owner."""
+    cluster = redis_cluster
+    client = cluster.client()
+    bus = ShardedBus(client, FakeRuntime())
+    running = Running(bus).start()
+    name = channel("moved-before-subscribe")
+    slot = client.keyslot(name)
+    source = cluster.master_for_key(name).port
+    target = next(n.port for n in cluster.masters() if n.port != source)
+    move_slot(cluster, slot, source, target)
+    try:
+        assert client.nodes_manager.get_node_from_slot(slot).port == source  # stale
+        bus.set_interest([name], ())
+        assert bus.wait_applied(10)
+        assert list(bus._listeners) == [f"127.0.0.1:{target}"]
+        assert bus.stats.slot_refreshes >= 1 and bus.stats.slots_moved == 1
+        bus.publish([(name, "found")])
+        wait_until(lambda: running.messages(name) == [b"found"], timeout=10)
+    finally:
+        move_slot(cluster, slot, target, source)
+        running.close()
+        client.close()
+
 GEVENT_SCRIPT = """
 from gevent import monkey; monkey.patch_all()
 import json, os, sys, time
