@@ -278,6 +278,16 @@ def move_slot(cluster: RedisClusterServer, slot: int, source: int, target: int) 
     cluster.wait_ok()
 
 
+def ssubscribe_calls(cluster: RedisClusterServer) -> int:
+    """SSUBSCRIBE commands the masters have run (refused ones included)."""
+    total = 0
+    for node in cluster.masters():
+        with node.client() as c:
+            stats = c.info("commandstats").get("cmdstat_ssubscribe", {})
+        total += int(stats.get("calls", 0)) + int(stats.get("rejected_calls", 0))
+    return total
+
+
 def test_subscription_follows_a_migrated_slot(redis_cluster: RedisClusterServer) -> None:
     cluster = redis_cluster
     client = cluster.client()
@@ -293,13 +303,16 @@ def test_subscription_follows_a_migrated_slot(redis_cluster: RedisClusterServer)
     publisher = Publisher(bus, names).start()
     try:
         wait_until(lambda: all(numbers(running, n) for n in names), timeout=10, message="traffic on every channel")
+        calls_before = ssubscribe_calls(cluster)
         moved_at = publisher.round
         move_slot(cluster, slot, source, target)
         check_resumed(running, publisher, names, since_round=publisher.round)
         assert bus.stats.pushed_unsubscribes >= 1 and bus.stats.slots_moved >= 1
         assert f"127.0.0.1:{target}" in bus._listeners
-        # the other channels of the source master kept their subscription: nothing else resubscribed
-        assert bus.stats.resubscribed == 1 and bus.stats.connection_losses == 0
+        # the other channels kept their subscriptions: only the moving one was subscribed again
+        # (twice at most: a refresh may read a node that has not yet heard of the move)
+        assert 1 <= bus.stats.resubscribed <= 2 and bus.stats.connection_losses == 0
+        assert ssubscribe_calls(cluster) - calls_before == bus.stats.resubscribed
         wait_until(lambda: running.connected == [True, False], timeout=10, message="on_connected(False) once")
     finally:
         publisher.close()
