@@ -64,6 +64,8 @@ REFRESH_MAX_S = 1.0
 PUBLISH_HOLD_S = 5.0
 #: How often the ``run`` loop wakes with nothing to do (it wakes at once on any change).
 TICK_S = 0.25
+#: While a master stays unreachable, one failed attempt in this many is logged as a warning.
+LOG_EVERY = 30
 #: A listener reading a burst lets the other greenlets run at least this often.
 FAIR_SLICE_S = 0.01
 
@@ -155,6 +157,7 @@ class _Listener:
     def run(self) -> None:
         bus = self.bus
         backoff = BACKOFF_MIN_S
+        failures = 0  # connection attempts failed in a row
         try:
             while True:
                 with bus._lock:
@@ -165,12 +168,15 @@ class _Listener:
                     try:
                         self._connect()
                     except FAILURES as exc:
-                        logger.warning("cannot reach a cluster master for pub/sub; retrying",
-                                       extra={"node": self.name, "error": str(exc), "retry_in_s": round(backoff, 2)})
+                        failures += 1
+                        log = logger.warning if failures == 1 or failures % LOG_EVERY == 0 else logger.debug
+                        log("cannot reach a cluster master for pub/sub; retrying",
+                            extra={"node": self.name, "error": str(exc), "attempts": failures})
                         bus._request_refresh()
                         bus.runtime.sleep(backoff * random.uniform(0.8, 1.2))
                         backoff = min(backoff * 2, BACKOFF_MAX_S)
                         continue
+                failures = 0
                 try:
                     self._sync()
                     self._read(TICK_S)
@@ -439,6 +445,7 @@ class ShardedBus:
         self._refresh_wanted = False
         self._refresh_delay = BACKOFF_MIN_S
         self._next_refresh = 0.0
+        self._refresh_failures = 0  # in a row
         self._on_message: Callable[[str, bytes], None] | None = None
         #: master name -> until when publish skips it (it timed out; see PUBLISH_HOLD_S)
         self._publish_hold: dict[str, float] = {}
@@ -677,9 +684,13 @@ class ShardedBus:
         try:
             self.client.nodes_manager.initialize()
         except REFRESH_FAILURES as exc:
-            logger.warning("cannot refresh the cluster slot map; retrying", extra={"error": str(exc)})
+            self._refresh_failures += 1
+            log = logger.warning if self._refresh_failures % LOG_EVERY == 1 else logger.debug
+            log("cannot refresh the cluster slot map; retrying",
+                extra={"error": str(exc), "attempts": self._refresh_failures})
             self._refresh_wanted = True
             return
+        self._refresh_failures = 0
         touched: set[_Listener] = set()
         moved = 0
         with self._lock:
