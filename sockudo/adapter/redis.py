@@ -953,7 +953,10 @@ class RedisAdapter:
         if not first_here:
             return False
         self._interest_changed(c.KIND_USER, app_id, user_id)
+        self._flush_interest()  # the bus subscribes while the acquire below is on its way
         first = self._acquire(c.Holding(c.HOLD_USER, app_id, "", user_id))
+        # signin_success follows: what another node sends to this user after it must arrive
+        self._await_interest()
         return first_here if first is None else first
 
     def remove_user_socket(self, app_id: str, user_id: str, socket_id: str) -> bool:

@@ -52,10 +52,26 @@ class Transitions:
         self.calls.append(("user_offline", user_id))
 
 
-def node(client: Any, node_id: str) -> tuple[RedisAdapter, Transitions]:
+class ConfirmingBus(SilentBus):
+    """A bus whose subscriptions Redis confirms only when the adapter waits for them."""
+
+    def __init__(self) -> None:
+        self.requested: set[str] = set()
+        self.confirmed: set[str] = set()
+
+    def set_interest(self, add: Collection[str], remove: Collection[str]) -> None:
+        self.requested.update(add)
+        self.requested.difference_update(remove)
+
+    def wait_applied(self, timeout: float) -> bool:
+        self.confirmed = set(self.requested)
+        return True
+
+
+def node(client: Any, node_id: str, bus: Any = None) -> tuple[RedisAdapter, Transitions]:
     config = replace(Config(), adapter_driver="redis", heartbeat_interval=1.0, node_timeout=30.0)
     adapter = RedisAdapter(config, Metrics(CollectorRegistry()), FakeRuntime(), node_id=node_id, client=client,
-                           bus=SilentBus())
+                           bus=bus or SilentBus())
     transitions = Transitions()
     adapter.set_listener(transitions)
     adapter._connected(True)  # what the bus calls once subscribed: resync, register, healthy
@@ -109,3 +125,20 @@ def test_transitions_once_counts_summed_and_a_dead_node_released(request: pytest
     keys = [k for server in servers for k in server.keys("sockudo_adapter:*")]
     left = sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
     assert left == ["sockudo_adapter:node:node-two:cleanup"], left  # the cleanup lock (it expires)
+
+
+def test_a_signed_in_user_is_listened_to_before_add_user_socket_returns(request: pytest.FixtureRequest) -> None:
+    """The handler sends ``pusher:signin_success`` right after ``add_user_socket``: a
+    ``#server-to-user-*`` event or ``terminate_connections`` published on another node after that
+    must reach this node, so the user's pub/sub channel is confirmed by then, as a channel's is
+    before ``subscription_succeeded``."""
+    bus = ConfirmingBus()
+    one, _ = node(store_client(request, "redis"), "node-one", bus)
+    conn = Connection("1.1", APP, RecordingTransport(), 7, 0.0)
+    one.add_socket(APP.id, conn)
+    assert one.add_user_socket(APP.id, "u1", conn) is True
+    assert one.keys.user_topic(APP.id, "u1") in bus.confirmed
+    one.remove_user_socket(APP.id, "u1", "1.1")
+    one.remove_socket(APP.id, "1.1")
+    one._flush_counts()
+    one._leave(FakeRuntime().event())
