@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sockudo.core.keys import tag
+from sockudo.core.keys import join, segment, tag
 
 # command types carried by envelopes (Sockudo's names)
 TERMINATE_USER = "TerminateUserConnections"
@@ -44,11 +44,15 @@ class Keys:
     def control(self) -> str:
         return f"{self.prefix}#control"
 
+    # After its hash tag, every name carries the app id and the channel (or user) itself: two
+    # names whose 40-bit tags collide (likely among a million live channels, or sought on
+    # purpose by a client) share a slot, never a key or a pub/sub channel.
+
     def channel_topic(self, app_id: str, channel: str) -> str:
-        return f"{self.prefix}#c{tag(app_id, channel)}"
+        return f"{self.prefix}#c{tag(app_id, channel)}{join(app_id, channel)}"
 
     def user_topic(self, app_id: str, user_id: str) -> str:
-        return f"{self.prefix}#u{tag(app_id, user_id)}"
+        return f"{self.prefix}#u{tag(app_id, user_id)}{join(app_id, user_id)}"
 
     def kind_of(self, topic: str) -> str | None:
         """``channel``, ``user`` or ``control`` for a pub/sub channel of this prefix, else None."""
@@ -81,35 +85,35 @@ class Keys:
 
     def subs(self, app_id: str, channel: str) -> str:
         """Hash: node id → that node's subscribers of the channel."""
-        return f"{self.prefix}{tag(app_id, channel)}:subs"
+        return f"{self.prefix}{tag(app_id, channel)}:subs:{join(app_id, channel)}"
 
     def presence(self, app_id: str, channel: str) -> str:
         """Hash: user id → number of nodes where the user is a member."""
-        return f"{self.prefix}{tag(app_id, channel)}:presence"
+        return f"{self.prefix}{tag(app_id, channel)}:presence:{join(app_id, channel)}"
 
     def presence_info(self, app_id: str, channel: str) -> str:
         """Hash: user id → user_info JSON."""
-        return f"{self.prefix}{tag(app_id, channel)}:presence_info"
+        return f"{self.prefix}{tag(app_id, channel)}:presence_info:{join(app_id, channel)}"
 
     def presence_held(self, app_id: str, channel: str) -> str:
         """Hash: ``[node, user]`` → 1 while that node holds that member (makes joins idempotent)."""
-        return f"{self.prefix}{tag(app_id, channel)}:presence_held"
+        return f"{self.prefix}{tag(app_id, channel)}:presence_held:{join(app_id, channel)}"
 
     # -- one user (the user's slot) --
 
     def online(self, app_id: str, user_id: str) -> str:
         """Hash: node id → 1 while the node has a socket of the user."""
-        return f"{self.prefix}{tag(app_id, user_id)}:online"
+        return f"{self.prefix}{tag(app_id, user_id)}:online:{join(app_id, user_id)}"
 
     # -- one app (the app's slot) --
 
     def channels(self, app_id: str) -> str:
         """Set: the app's occupied channels (a superset for a moment after a race; readers check)."""
-        return f"{self.prefix}{tag(app_id, '')}:channels"
+        return f"{self.prefix}{tag(app_id, '')}:channels:{segment(app_id)}"
 
     def connections(self, app_id: str) -> str:
         """Hash: node id → open sockets of the app on that node."""
-        return f"{self.prefix}{tag(app_id, '')}:connections"
+        return f"{self.prefix}{tag(app_id, '')}:connections:{segment(app_id)}"
 
 
 # Node refcounts: a hash of node → value per channel (subscribers) or user (online). The first
