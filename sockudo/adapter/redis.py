@@ -125,6 +125,7 @@ class RedisAdapter:
         self._outbox: deque[tuple[str, str, float]] = deque()
         self._outbox_wakeup = runtime.event()
         self._redis_run_id: str | None = None
+        self._registered = False  # this node has written its heartbeat once
         # Monotonic time this node got Redis back after losing it. Heartbeats written before an
         # outage look expired afterwards: nobody is taken for dead until every live peer has had
         # node_timeout to beat again (0.0: never lost Redis, no grace needed).
@@ -473,9 +474,16 @@ class RedisAdapter:
             logger.warning("redis restarted or failed over; re-registering this node's state")
             self._dirty = True
         self._redis_run_id = run_id
+        if self._registered and self.node_id not in {_text(n) for n in live}:
+            # This node beat before, yet its heartbeat is not fresh: it was frozen longer than
+            # node_timeout and a survivor may have released its shares. Its sockets are still
+            # here, so it puts them back (and registers again below).
+            logger.warning("this node was taken for dead (paused too long); re-registering its state")
+            self._dirty = True
         if resync or (self._dirty and self.healthy):
             self._resync()
         self.client.zadd(self.keys.nodes, {self.node_id: now_ms})
+        self._registered = True
         if self._back_since and now - self._back_since < self.config.node_timeout:
             return  # just back from an outage: old heartbeats are not deaths (yet)
         for node in dead:

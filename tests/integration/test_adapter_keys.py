@@ -142,3 +142,30 @@ def test_a_signed_in_user_is_listened_to_before_add_user_socket_returns(request:
     one.remove_socket(APP.id, "1.1")
     one._flush_counts()
     one._leave(FakeRuntime().event())
+
+
+def test_a_node_taken_for_dead_while_paused_registers_its_shares_again(request: pytest.FixtureRequest) -> None:
+    """A node frozen longer than ``node_timeout`` (SIGSTOP, a suspended VM, a blocked loop): a
+    survivor releases its shares. When it runs again its sockets are still there, so its next
+    heartbeat must put its shares back; else its subscribers and members stay invisible to every
+    other node (counts, ``GET /channels``, member lists) until it restarts."""
+    client = store_client(request, "redis")
+    one, _ = node(client, "node-one")
+    two, _ = node(client, "node-two")
+    conn = Connection("2.1", APP, RecordingTransport(), 7, 0.0)
+    two.add_socket(APP.id, conn)
+    assert two.subscribe(APP.id, "presence-p", conn) == (1, True)
+    assert two.presence_join(APP.id, "presence-p", "2.1", "u2", {"n": 2}) is True
+    one._cleanup_dead("node-two")  # what a survivor does once node two's heartbeat is too old
+    assert one.subscriber_count_checked(APP.id, "presence-p") == (0, True)
+    two._heartbeat()  # node two runs again
+    assert one.subscriber_count_checked(APP.id, "presence-p") == (1, True)
+    assert one.presence_members_checked(APP.id, "presence-p") == ({"u2": {"n": 2}}, True)
+    assert one.channels_checked(APP.id) == ({"presence-p": 1}, True)
+    two.unsubscribe(APP.id, "presence-p", "2.1")
+    two.presence_leave(APP.id, "presence-p", "2.1", "u2")
+    two.remove_socket(APP.id, "2.1")
+    for adapter in (one, two):
+        adapter._flush_counts()
+        adapter._leave(FakeRuntime().event())
+    client.delete(one.keys.cleanup_lock("node-two"))
