@@ -675,12 +675,26 @@ class RedisAdapter:
                 self._notify_release(holding)
         entries = list(desired.items())
         for i in range(0, len(entries), READ_BATCH):
-            chunk = entries[i:i + READ_BATCH]
-            self.client.sadd(self.keys.holdings(self.node_id), *[member for member, _ in chunk])
-            pipe = self.client.pipeline(transaction=False)
-            for _, (holding, info, count) in chunk:
-                self._queue_acquire(pipe, holding, info, count)
-            pipe.execute()
+            # Only what is still held here and has no live call on its way: a live release
+            # waits for this write instead of being undone by it (and announced again later).
+            chunk = [(member, entry) for member, entry in entries[i:i + READ_BATCH]
+                     if member not in self._inflight and self._held_here(entry[0])]
+            if not chunk:
+                continue
+            done = self.runtime.event()
+            for member, _ in chunk:
+                self._inflight[member] = done
+            try:
+                self.client.sadd(self.keys.holdings(self.node_id), *[member for member, _ in chunk])
+                pipe = self.client.pipeline(transaction=False)
+                for _, (holding, info, count) in chunk:
+                    self._queue_acquire(pipe, holding, info, count)
+                pipe.execute()
+            finally:
+                for member, _ in chunk:
+                    if self._inflight.get(member) is done:
+                        del self._inflight[member]
+                done.set()
         # Released now, or held again (then in ``desired``): either way settled. A release
         # that happened during this resync stays for the next one.
         self._released_unsynced -= announced
@@ -688,7 +702,21 @@ class RedisAdapter:
             self._dirty = True  # local state moved while this ran: look again at the next beat
 
     def _releaser(self, holding: c.Holding) -> Callable[[], bool]:
-        return lambda: self._do_release(holding, self.node_id)
+        """A resync's release, skipped if a live acquire took the holding again meanwhile."""
+        return lambda: False if self._held_here(holding) else self._do_release(holding, self.node_id)
+
+    def _held_here(self, holding: c.Holding) -> bool:
+        """This node's local state has ``holding`` now."""
+        ns = self.local.namespaces.get(holding.app_id)
+        if ns is None:
+            return False
+        if holding.kind == c.HOLD_CHANNEL:
+            return bool(ns.channels.get(holding.channel))
+        if holding.kind == c.HOLD_PRESENCE:
+            return holding.user_id in ns.presence.get(holding.channel, {})
+        if holding.kind == c.HOLD_USER:
+            return bool(ns.users.get(holding.user_id))
+        return bool(ns.sockets)
 
     def _queue_acquire(self, pipe: Any, holding: c.Holding, info: str, count: int) -> None:
         """A resync's (re)acquire on a pipeline: same writes as :meth:`_do_acquire`, no answer."""

@@ -10,6 +10,7 @@ stand-in (``test_bus.py`` and ``test_cluster.py`` cover the real one).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any
@@ -169,3 +170,51 @@ def test_a_node_taken_for_dead_while_paused_registers_its_shares_again(request: 
         adapter._flush_counts()
         adapter._leave(FakeRuntime().event())
     client.delete(one.keys.cleanup_lock("node-two"))
+
+
+class _HookedClient:
+    """The adapter's Redis client, running ``hook`` once just before the next SADD."""
+
+    def __init__(self, real: Any, hook: Any) -> None:
+        self.real, self.hook = real, hook
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def sadd(self, key: str, *members: Any) -> Any:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return self.real.sadd(key, *members)
+
+
+def test_a_leave_while_the_resync_writes_the_shares_is_neither_undone_nor_announced_twice(
+        request: pytest.FixtureRequest) -> None:
+    """The resync (after an outage, or when local state moved during the last one) writes the
+    shares it listed; a socket leaving meanwhile releases its share and announces the vacate.
+    The resync must not put that share back: the channel would count a subscriber nobody has,
+    and the next resync would release it again and announce ``channel_vacated`` a second time."""
+    client = store_client(request, "redis")
+    two, seen = node(client, "node-two")
+    conn = Connection("2.1", APP, RecordingTransport(), 7, 0.0)
+    two.add_socket(APP.id, conn)
+    assert two.subscribe(APP.id, "raced", conn) == (1, True)
+    left: list[tuple[int, bool]] = []
+
+    def leave_meanwhile() -> None:  # the socket leaves while the resync is on its way to Redis
+        thread = threading.Thread(target=lambda: left.append(two.unsubscribe(APP.id, "raced", "2.1")), daemon=True)
+        thread.start()
+        thread.join(timeout=1.0)  # done at once, or waiting for the resync's write of this share
+        threads.append(thread)
+
+    threads: list[threading.Thread] = []
+    two.client = _HookedClient(client, leave_meanwhile)  # type: ignore[assignment]
+    two._resync()
+    threads[0].join(timeout=10)
+    assert left == [(0, True)]  # the leave was announced by the unsubscribe itself
+    assert client.hgetall(two.keys.subs(APP.id, "raced")) == {}
+    two._resync()  # local state moved during the first one: the next beat looks again
+    assert seen.calls == []
+    two.remove_socket(APP.id, "2.1")
+    two._flush_counts()
+    two._leave(FakeRuntime().event())
