@@ -138,6 +138,10 @@ class RedisAdapter:
         # announced then (from this node's own answer); when Redis kept them through the outage,
         # the resync releases them without announcing the leave a second time.
         self._released_unsynced: set[str] = set()
+        # Holdings taken while Redis could not be told (never written there): their release
+        # during the same outage leaves nothing for the resync, so it is not remembered above
+        # (a client churning channels during an outage would otherwise grow that set unbounded).
+        self._acquired_unsynced: set[str] = set()
         self._timeout = config.requests_timeout_ms / 1000.0
         # Holding member → event set when the Redis call changing it returns: calls about one
         # holding never overtake each other (a release and the next acquire arrive in order).
@@ -616,6 +620,7 @@ class RedisAdapter:
         """True if this node made the count go 0→1; None when Redis could not be asked."""
         if not self.healthy:
             self._dirty = True
+            self._acquired_unsynced.add(holding.member())
             return None
         try:
             return self._serialized(holding.member(), lambda: self._do_acquire(holding, self.node_id, info, count))
@@ -629,7 +634,10 @@ class RedisAdapter:
         member = holding.member()
         if not self.healthy:
             self._dirty = True
-            self._released_unsynced.add(member)
+            if member in self._acquired_unsynced:
+                self._acquired_unsynced.discard(member)  # never reached Redis: nothing to release there
+            else:
+                self._released_unsynced.add(member)
             return None
         try:
             return self._serialized(member, lambda: self._do_release(holding, self.node_id))
@@ -664,6 +672,7 @@ class RedisAdapter:
         except those this node already announced when it released them during the outage."""
         self._dirty = False
         announced = set(self._released_unsynced)
+        self._acquired_unsynced.clear()  # from here on, whatever is held locally is written below
         desired = self._desired_holdings()
         current = {_text(m) for m in self.client.smembers(self.keys.holdings(self.node_id))}
         for member in current - set(desired):

@@ -218,3 +218,27 @@ def test_a_leave_while_the_resync_writes_the_shares_is_neither_undone_nor_announ
     two.remove_socket(APP.id, "2.1")
     two._flush_counts()
     two._leave(FakeRuntime().event())
+
+
+def test_churn_during_an_outage_keeps_the_outage_bookkeeping_bounded(request: pytest.FixtureRequest) -> None:
+    """While Redis is unreachable a client subscribing to and leaving fresh channels must not
+    grow what the node remembers for the resync: a holding taken and given back during the
+    outage never reached Redis, so there is nothing to release silently afterwards. What was
+    held before the outage and released during it is still not announced again."""
+    client = store_client(request, "redis")
+    one, seen = node(client, "node-one")
+    conn = Connection("1.1", APP, RecordingTransport(), 7, 0.0)
+    one.add_socket(APP.id, conn)
+    assert one.subscribe(APP.id, "before", conn) == (1, True)
+    one.healthy = False  # Redis unreachable (what a failed call leaves behind)
+    assert one.unsubscribe(APP.id, "before", "1.1") == (0, True)  # announced from this node's answer
+    for i in range(2000):
+        assert one.subscribe(APP.id, f"churn-{i}", conn) == (1, True)
+        assert one.unsubscribe(APP.id, f"churn-{i}", "1.1") == (0, True)
+    assert len(one._released_unsynced) <= 1
+    one._connected(False)  # Redis back: the resync releases "before" without announcing it again
+    assert seen.calls == []
+    assert one.channels_checked(APP.id) == ({}, True)
+    one.remove_socket(APP.id, "1.1")
+    one._flush_counts()
+    one._leave(FakeRuntime().event())
