@@ -478,7 +478,7 @@ class RedisAdapter:
             logger.warning("redis restarted or failed over; re-registering this node's state")
             self._dirty = True
         self._redis_run_id = run_id
-        if self._registered and self.node_id not in {_text(n) for n in live}:
+        if self._registered and not self._stopping and self.node_id not in {_text(n) for n in live}:
             # This node beat before, yet its heartbeat is not fresh: it was frozen longer than
             # node_timeout and a survivor may have released its shares. Its sockets are still
             # here, so it puts them back (and registers again below).
