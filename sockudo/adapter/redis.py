@@ -50,6 +50,7 @@ from sockudo.adapter import cluster as c
 from sockudo.adapter.base import ClusterListener, RemoteMessageRecorder
 from sockudo.adapter.bus import Bus, RedisBus
 from sockudo.adapter.local import LocalAdapter
+from sockudo.adapter.sharded_bus import PublishFailed, ShardedBus
 from sockudo.config import Config
 from sockudo.core import protocol
 from sockudo.core.connection import Connection
@@ -100,10 +101,9 @@ class RedisAdapter:
         self.node_id = node_id or uuid.uuid4().hex
         self.keys = c.Keys(config.redis_prefix)
         self.client = client or make_client(config)
-        if bus is None:
-            if isinstance(self.client, RedisCluster):
-                raise ValueError("a Redis Cluster client needs the sharded-pub/sub bus (pass bus=)")
-            bus = RedisBus(self.client, runtime)
+        if bus is None:  # sharded pub/sub on a Redis Cluster, PUBLISH/SUBSCRIBE on one Redis or Sentinel
+            bus = ShardedBus(self.client, runtime) if isinstance(self.client, RedisCluster) \
+                else RedisBus(self.client, runtime)
         self.bus: Bus = bus
         self._node_acquire = self.client.register_script(c.NODE_ACQUIRE_LUA)
         self._node_release = self.client.register_script(c.NODE_RELEASE_LUA)
@@ -253,6 +253,13 @@ class RedisAdapter:
             batch = [self._outbox.popleft() for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
             try:
                 self.bus.publish([(topic, payload) for topic, payload, _ in batch])
+            except PublishFailed as exc:
+                # Some masters of a cluster were unreachable (a failover): the others got their
+                # items; the lost ones are counted and the next batch goes out as usual.
+                self.metrics.transport_dropped.labels("redis").inc(exc.dropped)
+                logger.warning("publish to some cluster masters failed", extra={"dropped": exc.dropped,
+                                                                              "error": str(exc)})
+                continue
             except FAILURES as exc:
                 self.metrics.transport_dropped.labels("redis").inc(len(batch))
                 self._failed("publish", exc)

@@ -140,7 +140,9 @@ ignored("adapter.buffer_multiplier_per_cpu", "a tuning knob of Sockudo's Rust ad
 ignored("adapter.enable_socket_counting", "sockets are always counted here", inert=(True,))
 ignored("adapter.fallback_to_local", "while Redis is down each node always keeps serving its own sockets",
         inert=(True,))
-ignored("adapter.aggregate_counts", "counts are always exact (asked of every node)", inert=(False,))
+ignored("adapter.aggregate_counts",
+        "counts are always exact (each node writes its share to Redis; readers sum the live nodes' shares)",
+        inert=(False,))
 ignored("adapter.fast_presence_transitions", "presence transitions are always announced once, cluster-wide",
         inert=(False,))
 for _where in ("adapter.cluster_health", "cluster_health"):

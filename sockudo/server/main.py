@@ -68,13 +68,7 @@ def build_services(config: Config) -> Services:
         from sockudo.history.store import RedisSequencer
 
         client = clients.shared
-        green = runtime.GeventRuntime()
-        bus = None
-        if config.adapter_driver == CLUSTER_DRIVER:  # sharded pub/sub: one listener per master
-            from sockudo.adapter.sharded_bus import ShardedBus
-
-            bus = ShardedBus(client, green)
-        adapter = RedisAdapter(config, metrics, green, node_id=config.node_id, client=client, bus=bus)
+        adapter = RedisAdapter(config, metrics, runtime.GeventRuntime(), node_id=config.node_id, client=client)
         # Shared state must be cluster-wide: serials/history, idempotency keys and
         # cache-channel payloads live in Redis, under their own prefix.
         extras["sequencer"] = RedisSequencer(client, prefix="sockudo:")
