@@ -673,6 +673,10 @@ class RedisAdapter:
             for _, (holding, info, count) in chunk:
                 self._queue_acquire(pipe, holding, info, count)
             pipe.execute()
+        # Left while this ran: their leave released (and announced) them, but the writes above,
+        # made from the state read at the start, may have taken them again. Give them back, silently.
+        for member in set(desired) - set(self._desired_holdings()):
+            self._serialized(member, self._releaser(desired[member][0]))
         # Released now, or held again (then in ``desired``): either way settled. A release
         # that happened during this resync stays for the next one.
         self._released_unsynced -= announced
@@ -680,7 +684,24 @@ class RedisAdapter:
             self._dirty = True  # local state moved while this ran: look again at the next beat
 
     def _releaser(self, holding: c.Holding) -> Callable[[], bool]:
-        return lambda: self._do_release(holding, self.node_id)
+        """A resync's release of this node's share, skipped if the node holds it again by the time
+        it runs (a join while the resync waited on Redis: that join's own acquire counts)."""
+        return lambda: not self._held_here(holding) and self._do_release(holding, self.node_id)
+
+    def _held_here(self, holding: c.Holding) -> bool:
+        """Whether this node's local state holds ``holding`` now (as :meth:`_desired_holdings` sees it)."""
+        ns = self.local.namespaces.get(holding.app_id)
+        if ns is None:
+            return False
+        if holding.kind == c.HOLD_CONNECTIONS:
+            return bool(ns.sockets)
+        if holding.kind == c.HOLD_CHANNEL:
+            return bool(ns.channels.get(holding.channel))
+        if holding.kind == c.HOLD_PRESENCE:
+            return holding.user_id in ns.presence.get(holding.channel, {})
+        if holding.kind == c.HOLD_USER:
+            return bool(ns.users.get(holding.user_id))
+        return False
 
     def _queue_acquire(self, pipe: Any, holding: c.Holding, info: str, count: int) -> None:
         """A resync's (re)acquire on a pipeline: same writes as :meth:`_do_acquire`, no answer."""
