@@ -145,7 +145,8 @@ def test_a_leave_during_a_resync_is_announced_once_and_stays_left(request: pytes
     assert one.presence_join(APP.id, "presence-r", "1.1", "u1", {"name": "u1"}) is True
     left: list[bool] = []
     # the leave lands while the resync writes its shares (its first SADD of the holdings set)
-    one.client = CallFirst(client, "sadd", lambda: left.append(one.presence_leave(APP.id, "presence-r", "1.1", "u1")))
+    one.client = CallFirst(  # type: ignore[assignment]
+        client, "sadd", lambda: left.append(one.presence_leave(APP.id, "presence-r", "1.1", "u1")))
     one._resync()
     one.client = client
     assert left == [True]  # the handler announces this leave
@@ -164,7 +165,7 @@ def test_a_join_during_a_resync_is_not_announced_gone(request: pytest.FixtureReq
     one.add_socket(APP.id, conn)
     one.subscribe(APP.id, "presence-j", conn)
     joined: list[bool] = []
-    one.client = CallFirst(client, "smembers",
+    one.client = CallFirst(client, "smembers",  # type: ignore[assignment]
                            lambda: joined.append(one.presence_join(APP.id, "presence-j", "1.1", "u2", {"name": "u2"})))
     one._resync()
     one.client = client
