@@ -438,8 +438,8 @@ def test_master_failover_under_traffic(redis_cluster_ha, pusherjs, server_factor
     shard. The other shards' channels keep receiving; the victim's resume once a replica is
     promoted; nothing arrives twice or out of order; presence works again on every node."""
     cluster = redis_cluster_ha
-    # A node timeout longer than the failover (as in production: 15 s by default): a node whose
-    # commands go to the dead master for a few seconds is not taken for a dead node.
+    # A node timeout longer than the failover, as docs/scaling.md asks: a node whose commands go
+    # to the dead master for a few seconds is not taken for a dead node.
     nodes = start_nodes(cluster, 3, server_factory, ADAPTER_NODE_TIMEOUT="10")
     n0, n1, n2 = nodes
     channels = one_per_master(cluster, "rc-failover")
@@ -509,10 +509,8 @@ def test_master_failover_under_traffic(redis_cluster_ha, pusherjs, server_factor
           f"{resumed_at - killed_at:.1f}s after it, gap {gap:.1f}s; {len(failures)} publishes failed")
     assert gap < 20, gap
 
-    # presence converges: a user joining and leaving after the failover is seen on every node.
-    # First each node has resubscribed and rewritten its shares (``_resync``): a leave during that
-    # rewrite can be announced twice (the rewrite re-acquires the member from its snapshot of the
-    # node's state, and the next one releases it again).
+    # presence converges: a user joining and leaving after the failover (once every node has
+    # resubscribed and rewritten its shares) is seen once on every node
     for node in nodes:
         wait_until(lambda node=node: up_status(node) == 200 and metric(
             node.metrics_text(), "sockudo_horizontal_transport_reconnections_total") >= 1, timeout=15,
