@@ -243,3 +243,67 @@ def test_churn_during_an_outage_keeps_the_outage_bookkeeping_bounded(request: py
     one.remove_socket(APP.id, "1.1")
     one._flush_counts()
     one._leave(FakeRuntime().event())
+class CallFirst:
+    """The adapter's Redis client, except that the first call of ``method`` runs ``before`` first:
+    what another greenlet does while the resync waits on Redis at that point."""
+
+    def __init__(self, client: Any, method: str, before: Any) -> None:
+        self._client, self._method, self._before = client, method, before
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if name != self._method or self._before is None:
+            return value
+        before, self._before = self._before, None
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            before()
+            return value(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("kind", STORE_BACKENDS)
+def test_a_leave_during_a_resync_is_announced_once_and_stays_left(request: pytest.FixtureRequest,
+                                                                  kind: str) -> None:
+    """The resync writes the state it read before waiting on Redis: a member who left meanwhile
+    (the leave announced by its handler) must not be put back, then announced gone a second time
+    by the next resync."""
+    client = store_client(request, kind)
+    one, seen = node(client, "node-one")
+    conn = Connection("1.1", APP, RecordingTransport(), 7, 0.0)
+    one.add_socket(APP.id, conn)
+    one.subscribe(APP.id, "presence-r", conn)
+    assert one.presence_join(APP.id, "presence-r", "1.1", "u1", {"name": "u1"}) is True
+    left: list[bool] = []
+    # the leave lands while the resync writes its shares (its first SADD of the holdings set)
+    one.client = CallFirst(  # type: ignore[assignment]
+        client, "sadd", lambda: left.append(one.presence_leave(APP.id, "presence-r", "1.1", "u1")))
+    one._resync()
+    one.client = client
+    assert left == [True]  # the handler announces this leave
+    assert one.presence_members_checked(APP.id, "presence-r") == ({}, True)
+    one._resync()
+    assert seen.calls == []  # and nobody else does
+
+
+@pytest.mark.parametrize("kind", STORE_BACKENDS)
+def test_a_join_during_a_resync_is_not_announced_gone(request: pytest.FixtureRequest, kind: str) -> None:
+    """A member who joins while the resync reads the node's holdings is not taken for a stale
+    holding: no member_removed, and the member stays listed."""
+    client = store_client(request, kind)
+    one, seen = node(client, "node-one")
+    conn = Connection("1.1", APP, RecordingTransport(), 7, 0.0)
+    one.add_socket(APP.id, conn)
+    one.subscribe(APP.id, "presence-j", conn)
+    joined: list[bool] = []
+    one.client = CallFirst(client, "smembers",  # type: ignore[assignment]
+                           lambda: joined.append(one.presence_join(APP.id, "presence-j", "1.1", "u2", {"name": "u2"})))
+    one._resync()
+    one.client = client
+    assert joined == [True]  # the handler announces this join
+    assert seen.calls == []
+    assert one.presence_members_checked(APP.id, "presence-j") == ({"u2": {"name": "u2"}}, True)
+    one._resync()
+    assert seen.calls == []
+    assert one.presence_members_checked(APP.id, "presence-j") == ({"u2": {"name": "u2"}}, True)
