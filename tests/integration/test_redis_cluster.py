@@ -432,9 +432,9 @@ def test_kill_9_of_a_node_removes_its_members_within_the_bound(nodes, redis_clus
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "a node taken for dead while it was only frozen does not learn it: its holdings were released "
-    "by a survivor and it never writes them again (no resync), so it still lists its member while "
-    "the other nodes and their clients do not, and its client still believes it is subscribed"))
+    "a node taken for dead while it was only frozen writes its shares back when it runs again, so "
+    "the REST lists agree, but the member_removed its survivors sent meanwhile is not followed by a "
+    "member_added: clients on the other nodes no longer list its members"))
 def test_a_node_frozen_past_the_node_timeout_ends_with_lists_that_agree(nodes, redis_cluster, pusherjs,
                                                                          server_factory) -> None:
     """A node hangs (SIGSTOP) longer than the node timeout: the others take it for dead and
