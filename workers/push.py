@@ -37,7 +37,6 @@ def preload() -> None:
     pool in a forked child), and the provider clients are made per process on first use."""
     global _config
     import h2.connection  # noqa: F401
-    import httpx  # noqa: F401
 
     import sockudo.push.providers  # noqa: F401
     import sockudo.push.redis_store  # noqa: F401

@@ -3,8 +3,8 @@
 The classifiers (``classify_*``) are pure functions of (status, headers, body). The senders
 speak the real protocols against configurable base URLs: HTTP/2 for APNs (ALPN ``h2`` on https,
 prior knowledge on ``http://`` test endpoints) and for FCM on https, with our small client on
-``h2`` (``h2client.py``); ``httpx`` over HTTP/1.1 for Web Push, the OAuth token endpoint and
-plain-http FCM endpoints. Plain http and
+``h2`` (``h2client.py``); our lean keep-alive HTTP/1.1 client (``http1.py``) for Web Push, the
+OAuth token endpoint and plain-http FCM endpoints. Plain http and
 local/private hosts (including names resolving to them) are refused unless
 ``push.allow_insecure_endpoints`` is set (tests/dev only).
 
@@ -39,11 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
 from sockudo.push.h2client import H2Client, H2Expired
+from sockudo.push.http1 import BadHeader, Http1Client
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
@@ -338,67 +339,6 @@ def attempt_deadline(seconds: float) -> Iterator[None]:
         _deadline.at = previous
 
 
-def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
-    at = getattr(_deadline, "at", None)
-    if at is None:
-        return timeout
-    left = float(at) - time.monotonic()
-    if left <= 0:
-        raise error("push attempt deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-def deadline_backend() -> Any:
-    """An httpcore network backend whose connects, reads and writes never outlast the calling
-    thread's :func:`attempt_deadline` (httpx's own timeouts restart at every byte received).
-    On a shared HTTP/2 connection the thread reading for everyone uses its own deadline: when it
-    passes, the connection is dropped and its other requests fail as transport errors (retried)."""
-    import httpcore
-
-    class DeadlineStream(httpcore.NetworkStream):
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            return bytes(self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout)))
-
-        def write(self, buffer: bytes, timeout: float | None = None) -> None:
-            self.inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
-
-        def close(self) -> None:
-            self.inner.close()
-
-        def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
-            return DeadlineStream(
-                self.inner.start_tls(ssl_context, server_hostname, _clamp(timeout, httpcore.ConnectTimeout))
-            )
-
-        def get_extra_info(self, info: str) -> Any:
-            return self.inner.get_extra_info(info)
-
-    class DeadlineBackend(httpcore.NetworkBackend):
-        def __init__(self) -> None:
-            self.inner = httpcore.SyncBackend()
-
-        def connect_tcp(
-            self,
-            host: str,
-            port: int,
-            timeout: float | None = None,
-            local_address: str | None = None,
-            socket_options: Any = None,
-        ) -> Any:
-            stream = self.inner.connect_tcp(
-                host, port, _clamp(timeout, httpcore.ConnectTimeout), local_address, socket_options
-            )
-            return DeadlineStream(stream)
-
-        def sleep(self, seconds: float) -> None:
-            self.inner.sleep(seconds)
-
-    return DeadlineBackend()
-
-
 class ProviderGate:
     """Back-pressure of one provider in this process: a pause (``Retry-After``) and an adaptive
     concurrency cap — halved by a throttled answer (at most once per :data:`THROTTLE_WINDOW_S`,
@@ -487,35 +427,18 @@ class ProviderClients:
         clock: Callable[[], float] = time.time,
         resolver: Callable[[str], list[str]] | None = None,
     ) -> None:
-        import httpx  # imported here so the pure modules never need it
-
         self.settings = settings
         self.tokens = tokens
         self.clock = clock
         self.resolver = resolver or _resolve
         total = settings.request_timeout_ms / 1000
-        timeout = httpx.Timeout(total, connect=min(total, settings.connect_timeout_ms / 1000))
-        verify = tls_context(settings.ca_file, "http/1.1")
-        self._httpx = httpx
-        # httpx logs every request URL at INFO: APNs paths and Web Push endpoints are device tokens.
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
-
-        def client(http1: bool, http2: bool, concurrency: int) -> Any:
-            transport = httpx.HTTPTransport(
-                http1=http1,
-                http2=http2,
-                verify=verify,
-                trust_env=False,
-                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            )
-            transport._pool._network_backend = deadline_backend()  # httpx has no parameter for it
-            return httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
-
+        connect = min(total, settings.connect_timeout_ms / 1000)
         # APNs, and FCM on https: our own HTTP/2 client (see h2client.py), one connection per
-        # origin shared by every sending thread. Plain-http FCM endpoints (tests) use HTTP/1.1.
-        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), min(total, settings.connect_timeout_ms / 1000))
-        self.fcm = client(True, False, settings.fcm_concurrency)
-        self.http = client(True, False, settings.webpush_concurrency)  # Web Push and OAuth token endpoints
+        # origin shared by every sending thread. Web Push, the OAuth token endpoint and plain-http
+        # FCM endpoints (tests): pooled HTTP/1.1 keep-alive connections (http1.py).
+        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), connect)
+        self.http = Http1Client(tls_context(settings.ca_file, "http/1.1"), connect,
+                                idle_per_origin=max(settings.webpush_concurrency, settings.fcm_concurrency))
         self.limits = {
             "apns": settings.apns_concurrency,
             "fcm": settings.fcm_concurrency,
@@ -531,7 +454,6 @@ class ProviderClients:
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self.h2.close()
-        self.fcm.close()
         self.http.close()
 
     def submit(
@@ -623,8 +545,8 @@ class ProviderClients:
             return ProviderResult(REJECTED, UNKNOWN, f"endpoint_refused: {exc}")
         except H2Expired:
             return ProviderResult(EXPIRED, reason="expired")  # not sent: its expiresAtMs passed
-        except self._httpx.HTTPError as exc:
-            return transport_failure(exc)
+        except BadHeader:
+            return ProviderResult(REJECTED, CALLER_PAYLOAD, "bad_header")
         except (OSError, ssl.SSLError) as exc:
             return transport_failure(exc)
 
@@ -721,8 +643,12 @@ class ProviderClients:
             },
             key,
         )
+        form = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
         resp = self.http.post(
-            token_uri, data={"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+            token_uri,
+            content=form.encode("ascii"),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=_time_left(self.settings),
         )
         if resp.status_code >= 500 or resp.status_code == 429:
             return ProviderResult(
@@ -768,7 +694,7 @@ class ProviderClients:
                 )
             else:
                 _check_expiry(ctx)
-                resp = self.fcm.post(url, content=body, headers=headers)
+                resp = self.http.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
             result = classify_fcm(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token or attempt > 0:
                 break
@@ -819,7 +745,7 @@ class ProviderClients:
         if wp.get("topic"):
             headers["topic"] = wp["topic"]
         _check_expiry(ctx)
-        resp = self.http.post(endpoint, content=body, headers=headers)
+        resp = self.http.post(endpoint, content=body, headers=headers, timeout=_time_left(self.settings))
         return classify_webpush(resp.status_code, resp.headers, resp.content)
 
 
@@ -831,7 +757,7 @@ def tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
     """The TLS client context for provider connections (system CAs plus ``push.ca_file``),
     made once per process — loading the CA store takes tens of milliseconds. A worker's main
     process makes it before forking (``workers.push.preload``), so work-horses inherit it.
-    One per ALPN protocol: httpx sets its own ALPN list on the context it is given."""
+    One per ALPN protocol (``h2`` for the HTTP/2 client, ``http/1.1`` for the other)."""
     key = (ca_file, alpn)
     with _tls_lock:
         ctx = _tls_contexts.get(key)
