@@ -602,7 +602,12 @@ class ProviderClients:
             token = self.apns_jwt(creds, cache_name)
             headers["authorization"] = f"bearer {token}"
             resp = self.h2.post(
-                url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+                url,
+                content=body,
+                headers=headers,
+                timeout=_time_left(self.settings),
+                not_after=_not_after(ctx),
+                unique=(":path", "apns-id"),
             )
             result = classify_apns(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token:
@@ -675,11 +680,11 @@ class ProviderClients:
         base = self.settings.fcm_endpoint.rstrip("/")
         url = f"{base}/v1/projects/{quote(account['project_id'], safe='')}/messages:send"
         self.check_target(base)
-        message = json.loads(json.dumps(rendered["message"]))
+        message = dict(rendered["message"])  # a shallow copy: only these two keys change per device
         message["token"] = device["recipient"]["registrationToken"]
         if ctx.expires_at_ms is not None:
             remaining = max(0, int(ctx.expires_at_ms / 1000 - ctx.now))
-            message.setdefault("android", {})["ttl"] = f"{remaining}s"
+            message["android"] = {**(message.get("android") or {}), "ttl": f"{remaining}s"}
         body = compact({"message": message})
         cache_name = f"fcm:{ctx.app_id}:{account['client_email']}:{creds.get('version', 1)}"
         result = ProviderResult(REJECTED, UNKNOWN, "not_sent")
