@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -401,6 +401,24 @@ class EndpointRefused(Exception):
     pass
 
 
+class Executor(Protocol):
+    """What runs the sends: ``concurrent.futures.Executor``'s ``submit`` and ``shutdown``; the
+    pending answer needs only ``add_done_callback`` and ``result`` (see the dispatcher's
+    ``Pending``)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Any: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+#: ``(provider, concurrency) -> Executor``: the provider's pool of senders.
+Executors = Callable[[str, int], Executor]
+
+
+def _thread_pool(name: str, limit: int) -> Executor:
+    return ThreadPoolExecutor(limit, thread_name_prefix=f"push-{name}")
+
+
 class ProviderClients:
     """The HTTP side of all three providers; one instance per process, connections reused."""
 
@@ -408,7 +426,9 @@ class ProviderClients:
     _process_lock = threading.Lock()
 
     @classmethod
-    def for_process(cls, settings: PushSettings, tokens: TokenCache) -> ProviderClients:
+    def for_process(
+        cls, settings: PushSettings, tokens: TokenCache, executor: Executors | None = None
+    ) -> ProviderClients:
         """This process's clients for these settings: made once, reused by every job; a forked
         child (RQ's work-horse) makes its own (sockets are never shared across a fork)."""
         key = (os.getpid(), id(settings))
@@ -417,7 +437,7 @@ class ProviderClients:
             if clients is None:
                 for stale in [k for k in cls._process if k[0] != key[0]]:
                     del cls._process[stale]  # inherited from the parent: not ours to close
-                clients = cls._process[key] = cls(settings, tokens)
+                clients = cls._process[key] = cls(settings, tokens, executor=executor)
             return clients
 
     def __init__(
@@ -426,8 +446,10 @@ class ProviderClients:
         tokens: TokenCache,
         clock: Callable[[], float] = time.time,
         resolver: Callable[[str], list[str]] | None = None,
+        executor: Executors | None = None,
     ) -> None:
         self.settings = settings
+        self._executor = executor or _thread_pool
         self.tokens = tokens
         self.clock = clock
         self.resolver = resolver or _resolve
@@ -445,7 +467,7 @@ class ProviderClients:
             "webpush": settings.webpush_concurrency,
         }
         self.gates = {name: ProviderGate(limit) for name, limit in self.limits.items()}
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[str, Executor] = {}
         self._vapid: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._token_locks: dict[str, threading.Lock] = {}
@@ -463,13 +485,13 @@ class ProviderClients:
         rendered: Mapping[str, Any],
         credentials: Mapping[str, Any],
         ctx: SendContext,
-    ) -> Future[ProviderResult]:
-        """Run :meth:`send_paced` on the provider's pool (its concurrency bounds the threads)."""
+    ) -> Any:
+        """Run :meth:`send_paced` on the provider's executor (at most its concurrency at once)."""
         name = provider if provider in self.limits else "webpush"
         with self._lock:
             pool = self._pools.get(name)
             if pool is None:
-                pool = self._pools[name] = ThreadPoolExecutor(self.limits[name], thread_name_prefix=f"push-{name}")
+                pool = self._pools[name] = self._executor(name, self.limits[name])
         return pool.submit(self.send_paced, provider, device, rendered, credentials, ctx)
 
     def send_paced(
