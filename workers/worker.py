@@ -636,11 +636,17 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         for run in itertools.count():
             # A restarted loop takes a new name: the old one may still be registered as alive.
             worker_class = PoolWorker if pooled else ForkingWorker
-            worker = worker_class(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
-                                   # A short maintenance interval lets this worker take over RQ's scheduler
-                                   # lock soon after the worker holding it died (the lock expires ~1 min
-                                   # after its last beat).
-                                   maintenance_interval=30)
+            try:
+                worker = worker_class(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
+                                       # A short maintenance interval lets this worker take over RQ's scheduler
+                                       # lock soon after the worker holding it died (the lock expires ~1 min
+                                       # after its last beat).
+                                       maintenance_interval=30)
+            except RedisError as exc:  # RQ names its connection on creation: Redis is away (starting up?)
+                logger.warning("worker could not reach Redis to register: %s; starting once Redis answers", exc)
+                if not wait_for_redis(connection, stop):
+                    return worked
+                continue
             if isinstance(worker, PoolWorker):
                 worker.concurrency = max(1, concurrency)
             worker.webhook_metrics = metrics
