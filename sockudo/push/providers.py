@@ -51,6 +51,8 @@ from sockudo.push.settings import PushSettings
 logger = logging.getLogger(__name__)
 
 APNS_JWT_REUSE_S = 50 * 60
+PUBLIC_HOST_TTL_S = 60.0  # a provider host's DNS answer checked for local addresses is trusted this long
+PUBLIC_HOSTS_MAX = 10_000  # bound on remembered hosts (Web Push endpoints name many push services)
 FCM_TOKEN_MARGIN_S = 5 * 60
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -469,6 +471,7 @@ class ProviderClients:
         self.gates = {name: ProviderGate(limit) for name, limit in self.limits.items()}
         self._pools: dict[str, Executor] = {}
         self._vapid: dict[str, tuple[str, float]] = {}
+        self._public_hosts: dict[str, float] = {}  # host → until when it is known to resolve to public addresses
         self._lock = threading.Lock()
         self._token_locks: dict[str, threading.Lock] = {}
 
@@ -529,7 +532,9 @@ class ProviderClients:
     # -- safety --
 
     def check_target(self, url: str) -> None:
-        """Refuse http and local/private targets (also by DNS answer) unless insecure is allowed."""
+        """Refuse http and local/private targets (also by DNS answer) unless insecure is allowed.
+        A host found to resolve to public addresses only is not resolved again for
+        :data:`PUBLIC_HOST_TTL_S` (a DNS lookup per request would cost more than the request)."""
         if self.settings.allow_insecure_endpoints:
             return
         try:
@@ -537,6 +542,9 @@ class ProviderClients:
         except Exception as exc:
             raise EndpointRefused(str(getattr(exc, "message", exc))) from None
         host = urlsplit(url).hostname or ""
+        now = time.monotonic()
+        if self._public_hosts.get(host, 0.0) > now:
+            return
         import ipaddress
 
         for addr in self.resolver(host):
@@ -545,6 +553,9 @@ class ProviderClients:
                     raise EndpointRefused("provider endpoint resolves to a local or private address")
             except ValueError:
                 continue
+        if len(self._public_hosts) >= PUBLIC_HOSTS_MAX:
+            self._public_hosts.clear()
+        self._public_hosts[host] = now + PUBLIC_HOST_TTL_S
 
     # -- dispatch --
 
