@@ -571,6 +571,7 @@ class FakeWebPush(_Scripted):
     ) -> None:
         super().__init__(delay=delay, max_concurrency=max_concurrency)
         self.vapid_public_key = vapid_public_key.rstrip("=")
+        self.verified: dict[str, tuple[str, dict[str, Any]]] = {}  # Authorization → (key, claims) once verified
         self.bodies: dict[str, list[tuple[bytes, dict[str, str]]]] = defaultdict(list)
         fake = self
 
@@ -602,13 +603,18 @@ class FakeWebPush(_Scripted):
         self.server.server_close()
 
     def receive(self, sub: str, headers: dict[str, str], body: bytes) -> Reply:
-        try:
-            token, key = push_crypto.parse_vapid_authorization(headers.get("authorization", ""))
-            public = crypto.p256_public_from_raw(crypto.b64url_decode(key))
-            _, claims = push_crypto.jwt_verify(token, public)
-        except crypto.CryptoError:
-            self.auth_failures += 1
-            return (401, None, {})
+        authorization = headers.get("authorization", "")
+        verified = self.verified.get(authorization)  # a token is verified once, not per request
+        if verified is None:
+            try:
+                token, key = push_crypto.parse_vapid_authorization(authorization)
+                public = crypto.p256_public_from_raw(crypto.b64url_decode(key))
+                _, claims = push_crypto.jwt_verify(token, public)
+            except crypto.CryptoError:
+                self.auth_failures += 1
+                return (401, None, {})
+            verified = self.verified[authorization] = (key, claims)
+        key, claims = verified
         now = time.time()
         exp = claims.get("exp")
         if (
