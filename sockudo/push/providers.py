@@ -43,8 +43,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
-from sockudo.push.h2client import H2Client, H2Expired
-from sockudo.push.http1 import BadHeader, Http1Client
+from sockudo.push.h2client import H2Client, H2Expired, H2Response
+from sockudo.push.http1 import BadHeader, Http1Client, Http1Response
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
@@ -726,6 +726,7 @@ class ProviderClients:
             if isinstance(token, ProviderResult):
                 return token
             headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            resp: H2Response | Http1Response
             if url.startswith("https:"):
                 resp = self.h2.post(
                     url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
