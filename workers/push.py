@@ -81,7 +81,8 @@ def service() -> Any:
             raise RuntimeError("push workers need Redis (REDIS_URL or the config's [database.redis])")
         if _direct_metrics is None:
             _metrics = RecordingMetrics()
-        _service = build_push(config, _direct_metrics or _metrics, executor=_executor)
+        metrics = _direct_metrics if _direct_metrics is not None else _metrics
+        _service = build_push(config, metrics, executor=_executor)
         if _service is None:
             raise RuntimeError("push is disabled in the configuration ([push] enabled = false)")
     return _service
