@@ -24,10 +24,10 @@ from workers import DEFAULT_CONCURRENCY
 
 
 def pooled(args: argparse.Namespace) -> bool:
-    """The pool runs the webhooks queue. Other queues (push) keep RQ's forking worker, one
-    work-horse per job, until their jobs are tested in the pool (the push dispatcher has its
-    own send concurrency). ``--fork`` forces the forking worker."""
-    return not args.fork and all(queue == RQ_QUEUE for queue in args.queues)
+    """Every queue (webhooks, push) runs in the pool: jobs in the worker's own long-lived process,
+    so its modules, configuration and provider connections serve every job. ``--fork`` forces
+    RQ's forking worker (one work-horse process per job)."""
+    return not args.fork
 
 
 def _parser() -> argparse.ArgumentParser:

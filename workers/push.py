@@ -4,9 +4,11 @@ record id. Run them with ``python -m workers push`` (or plain
 (``SOCKUDO_CONFIG`` / ``--config`` and the environment: Redis, ``[push]``, the credentials key).
 
 Each job is idempotent: deliveries are claimed and settled in the store, so RQ or the lease
-reaper may run a job again after a crash without double counting. The job's metric operations
-are left in ``job.meta["sockudo_push_metrics"]`` for the worker's main process to count (forked
-work-horses share no registry).
+reaper may run a job again after a crash without double counting. In the pooled worker (the
+default of ``python -m workers``) jobs run in the worker's own process and count their metrics
+in its registry; under a forking worker the job's metric operations are left in
+``job.meta["sockudo_push_metrics"]`` for the worker's main process to count (forked work-horses
+share no registry).
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ METRICS_META = "sockudo_push_metrics"
 _service: Any = None
 _metrics: RecordingMetrics | None = None
 _config: Any = None
+_direct_metrics: Any = None  # the pooled worker's PushMetrics (see preload)
+_executor: Any = None  # the pooled worker's executors for the sends (see preload)
 
 
-def preload() -> None:
+def preload(metrics: Any = None, executor: Any = None) -> None:
     """Called in the worker's main process, before any job. It builds this process's push
     composition (and the TLS contexts), so a worker that forks a work-horse per job hands it
     ready-made instead of paying imports, configuration and CA loading on every job, and a
     worker that runs jobs in its own process reuses it (and the provider connections) for all
     of them. Opens no connection: the Redis pool connects on first use (redis-py starts a fresh
-    pool in a forked child), and the provider clients are made per process on first use."""
-    global _config
+    pool in a forked child), and the provider clients are made per process on first use.
+
+    A worker that runs the jobs in its own process (the pool) passes its ``metrics``
+    (``PushMetrics``: counted directly, not carried home in each job's meta) and its
+    ``executor`` for the provider clients' sends (greenlet pools)."""
+    global _config, _direct_metrics, _executor
+    _direct_metrics, _executor = metrics, executor
     import h2.connection  # noqa: F401
-    import httpx  # noqa: F401
 
     import sockudo.push.providers  # noqa: F401
     import sockudo.push.redis_store  # noqa: F401
@@ -73,8 +81,10 @@ def service() -> Any:
 
         if not queue_configured(config):
             raise RuntimeError("push workers need Redis (QUEUE_REDIS_URL, REDIS_URL or the config's [database.redis])")
-        _metrics = RecordingMetrics()
-        _service = build_push(config, _metrics)
+        if _direct_metrics is None:
+            _metrics = RecordingMetrics()
+        metrics = _direct_metrics if _direct_metrics is not None else _metrics
+        _service = build_push(config, metrics, executor=_executor)
         if _service is None:
             raise RuntimeError("push is disabled in the configuration ([push] enabled = false)")
     return _service

@@ -37,6 +37,7 @@ lock so one worker does it at a time:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -44,7 +45,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -84,6 +85,91 @@ BATCH = 500
 POLL_S = 1  # the main greenlet's longest wait (BLPOP, a full pool): how soon it sees a stop request
 HEARTBEAT_S = 10.0  # the worker's own heartbeat while jobs keep coming (RQ's TTL is worker_ttl + 60 s)
 WEBHOOKS_PREFIX = "webhooks:"  # the server keys its webhooks under "{redis prefix}webhooks:"
+
+
+class _Sent:
+    """A send under way in a :class:`GreenletExecutor` (what the push dispatcher needs of a
+    future: ``add_done_callback`` and ``result`` once done), without the locks and condition a
+    ``concurrent.futures.Future`` makes for each send."""
+
+    __slots__ = ("_value", "_error", "_callbacks", "_done")
+
+    def __init__(self) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], object]] = []
+        self._done = False
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        if self._done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def result(self) -> Any:
+        if not self._done:
+            raise RuntimeError("the send has not finished")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        self._value, self._error, self._done = value, error, True
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                logger.exception("push send callback failed")
+
+
+class GreenletExecutor:
+    """The push provider clients' sends in the pooled worker: at most ``limit`` greenlets run
+    submitted calls, the others wait their turn in order (``submit`` never blocks, like a
+    thread pool's). A greenlet that finishes a call takes the next waiting one."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = max(1, limit)
+        self.running = 0
+        self.waiting: collections.deque[tuple[_Sent, Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self.closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> _Sent:
+        if self.closed:
+            raise RuntimeError("executor shut down")
+        sent = _Sent()
+        if self.running < self.limit:
+            self.running += 1
+            gevent.spawn(self._drain, sent, fn, args)
+        else:
+            self.waiting.append((sent, fn, args))
+        return sent
+
+    def _drain(self, sent: _Sent, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            while True:
+                try:
+                    value = fn(*args)
+                except Exception as exc:
+                    sent._finish(None, exc)
+                except BaseException as exc:  # killed (GreenletExit): the send ends with it
+                    sent._finish(None, exc)
+                    raise
+                else:
+                    sent._finish(value, None)
+                if not self.waiting:
+                    return
+                sent, fn, args = self.waiting.popleft()
+        finally:
+            self.running -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.closed = True
+        if cancel_futures:
+            while self.waiting:
+                sent, _, _ = self.waiting.popleft()
+                sent._finish(None, RuntimeError("executor shut down"))
 
 
 class _Counting:
@@ -526,7 +612,12 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
 
     push_metrics = PushMetrics(registry)
     push_metrics.prepare([app.id for app in apps])
-    push_jobs.preload()  # import push's modules and read the configuration once, before the first job
+    # Import push's modules and read the configuration once, before the first job. The pool runs
+    # push jobs in this process: they count into this registry directly and send on greenlets.
+    if pooled:
+        push_jobs.preload(metrics=push_metrics, executor=GreenletExecutor)
+    else:
+        push_jobs.preload()
     if metrics_port is not None:
         from prometheus_client import make_wsgi_app
 
@@ -545,11 +636,17 @@ def run_worker(connection: Any, queue_names: list[str], *, name: str | None = No
         for run in itertools.count():
             # A restarted loop takes a new name: the old one may still be registered as alive.
             worker_class = PoolWorker if pooled else ForkingWorker
-            worker = worker_class(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
-                                   # A short maintenance interval lets this worker take over RQ's scheduler
-                                   # lock soon after the worker holding it died (the lock expires ~1 min
-                                   # after its last beat).
-                                   maintenance_interval=30)
+            try:
+                worker = worker_class(queues, connection=connection, name=_run_name(name, run), worker_ttl=60,
+                                       # A short maintenance interval lets this worker take over RQ's scheduler
+                                       # lock soon after the worker holding it died (the lock expires ~1 min
+                                       # after its last beat).
+                                       maintenance_interval=30)
+            except RedisError as exc:  # RQ names its connection on creation: Redis is away (starting up?)
+                logger.warning("worker could not reach Redis to register: %s; starting once Redis answers", exc)
+                if not wait_for_redis(connection, stop):
+                    return worked
+                continue
             if isinstance(worker, PoolWorker):
                 worker.concurrency = max(1, concurrency)
             worker.webhook_metrics = metrics

@@ -21,7 +21,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,11 +104,20 @@ class _Settles:
     )
 
 
+class Pending(Protocol):
+    """A send under way: a ``concurrent.futures.Future`` or anything with these two methods
+    (``result`` is only called once the callback ran)."""
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None: ...
+
+    def result(self) -> ProviderResult: ...
+
+
 class Sender(Protocol):
     """What the dispatcher sends with: ``ProviderClients`` (tests hand it a scripted one)."""
 
     def submit(self, provider: str, device: Mapping[str, Any], rendered: Mapping[str, Any],
-               credentials: Mapping[str, Any], ctx: SendContext) -> Future[ProviderResult]: ...
+               credentials: Mapping[str, Any], ctx: SendContext) -> Pending: ...
 
 
 class Dispatcher:
@@ -320,10 +328,10 @@ class Dispatcher:
         settles = _Settles(app_id, publish_id)
         credentials: dict[str, dict[str, Any] | None] = {}
         expires = plan.get("expiresAtMs")
-        in_flight: dict[Future[ProviderResult], tuple[_Delivery, float]] = {}
+        in_flight: dict[Pending, tuple[_Delivery, float]] = {}
         # Finished sends arrive here (a queue, not concurrent.futures.wait: that re-registers a
         # waiter on every pending future at each call, quadratic in the batch).
-        answers: queue.SimpleQueue[Future[ProviderResult]] = queue.SimpleQueue()
+        answers: queue.SimpleQueue[Pending] = queue.SimpleQueue()
         busy = False
         for delivery, claim in zip(deliveries, claims, strict=True):
             if claim.claim is st.Claim.BUSY:

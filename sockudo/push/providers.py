@@ -3,8 +3,8 @@
 The classifiers (``classify_*``) are pure functions of (status, headers, body). The senders
 speak the real protocols against configurable base URLs: HTTP/2 for APNs (ALPN ``h2`` on https,
 prior knowledge on ``http://`` test endpoints) and for FCM on https, with our small client on
-``h2`` (``h2client.py``); ``httpx`` over HTTP/1.1 for Web Push, the OAuth token endpoint and
-plain-http FCM endpoints. Plain http and
+``h2`` (``h2client.py``); our lean keep-alive HTTP/1.1 client (``http1.py``) for Web Push, the
+OAuth token endpoint and plain-http FCM endpoints. Plain http and
 local/private hosts (including names resolving to them) are refused unless
 ``push.allow_insecure_endpoints`` is set (tests/dev only).
 
@@ -35,21 +35,24 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from sockudo.push import crypto
 from sockudo.push.crypto import CryptoError
-from sockudo.push.h2client import H2Client, H2Expired
+from sockudo.push.h2client import H2Client, H2Expired, H2Response
+from sockudo.push.http1 import BadHeader, Http1Client, Http1Response
 from sockudo.push.model import bad, check_endpoint_url, compact, ip_is_local
 from sockudo.push.settings import PushSettings
 
 logger = logging.getLogger(__name__)
 
 APNS_JWT_REUSE_S = 50 * 60
+PUBLIC_HOST_TTL_S = 60.0  # a provider host's DNS answer checked for local addresses is trusted this long
+PUBLIC_HOSTS_MAX = 10_000  # bound on remembered hosts (Web Push endpoints name many push services)
 FCM_TOKEN_MARGIN_S = 5 * 60
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -338,67 +341,6 @@ def attempt_deadline(seconds: float) -> Iterator[None]:
         _deadline.at = previous
 
 
-def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
-    at = getattr(_deadline, "at", None)
-    if at is None:
-        return timeout
-    left = float(at) - time.monotonic()
-    if left <= 0:
-        raise error("push attempt deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-def deadline_backend() -> Any:
-    """An httpcore network backend whose connects, reads and writes never outlast the calling
-    thread's :func:`attempt_deadline` (httpx's own timeouts restart at every byte received).
-    On a shared HTTP/2 connection the thread reading for everyone uses its own deadline: when it
-    passes, the connection is dropped and its other requests fail as transport errors (retried)."""
-    import httpcore
-
-    class DeadlineStream(httpcore.NetworkStream):
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            return bytes(self.inner.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout)))
-
-        def write(self, buffer: bytes, timeout: float | None = None) -> None:
-            self.inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
-
-        def close(self) -> None:
-            self.inner.close()
-
-        def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
-            return DeadlineStream(
-                self.inner.start_tls(ssl_context, server_hostname, _clamp(timeout, httpcore.ConnectTimeout))
-            )
-
-        def get_extra_info(self, info: str) -> Any:
-            return self.inner.get_extra_info(info)
-
-    class DeadlineBackend(httpcore.NetworkBackend):
-        def __init__(self) -> None:
-            self.inner = httpcore.SyncBackend()
-
-        def connect_tcp(
-            self,
-            host: str,
-            port: int,
-            timeout: float | None = None,
-            local_address: str | None = None,
-            socket_options: Any = None,
-        ) -> Any:
-            stream = self.inner.connect_tcp(
-                host, port, _clamp(timeout, httpcore.ConnectTimeout), local_address, socket_options
-            )
-            return DeadlineStream(stream)
-
-        def sleep(self, seconds: float) -> None:
-            self.inner.sleep(seconds)
-
-    return DeadlineBackend()
-
-
 class ProviderGate:
     """Back-pressure of one provider in this process: a pause (``Retry-After``) and an adaptive
     concurrency cap — halved by a throttled answer (at most once per :data:`THROTTLE_WINDOW_S`,
@@ -461,6 +403,24 @@ class EndpointRefused(Exception):
     pass
 
 
+class Executor(Protocol):
+    """What runs the sends: ``concurrent.futures.Executor``'s ``submit`` and ``shutdown``; the
+    pending answer needs only ``add_done_callback`` and ``result`` (see the dispatcher's
+    ``Pending``)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Any: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+#: ``(provider, concurrency) -> Executor``: the provider's pool of senders.
+Executors = Callable[[str, int], Executor]
+
+
+def _thread_pool(name: str, limit: int) -> Executor:
+    return ThreadPoolExecutor(limit, thread_name_prefix=f"push-{name}")
+
+
 class ProviderClients:
     """The HTTP side of all three providers; one instance per process, connections reused."""
 
@@ -468,7 +428,9 @@ class ProviderClients:
     _process_lock = threading.Lock()
 
     @classmethod
-    def for_process(cls, settings: PushSettings, tokens: TokenCache) -> ProviderClients:
+    def for_process(
+        cls, settings: PushSettings, tokens: TokenCache, executor: Executors | None = None
+    ) -> ProviderClients:
         """This process's clients for these settings: made once, reused by every job; a forked
         child (RQ's work-horse) makes its own (sockets are never shared across a fork)."""
         key = (os.getpid(), id(settings))
@@ -477,7 +439,7 @@ class ProviderClients:
             if clients is None:
                 for stale in [k for k in cls._process if k[0] != key[0]]:
                     del cls._process[stale]  # inherited from the parent: not ours to close
-                clients = cls._process[key] = cls(settings, tokens)
+                clients = cls._process[key] = cls(settings, tokens, executor=executor)
             return clients
 
     def __init__(
@@ -486,44 +448,30 @@ class ProviderClients:
         tokens: TokenCache,
         clock: Callable[[], float] = time.time,
         resolver: Callable[[str], list[str]] | None = None,
+        executor: Executors | None = None,
     ) -> None:
-        import httpx  # imported here so the pure modules never need it
-
         self.settings = settings
+        self._executor = executor or _thread_pool
         self.tokens = tokens
         self.clock = clock
         self.resolver = resolver or _resolve
         total = settings.request_timeout_ms / 1000
-        timeout = httpx.Timeout(total, connect=min(total, settings.connect_timeout_ms / 1000))
-        verify = tls_context(settings.ca_file, "http/1.1")
-        self._httpx = httpx
-        # httpx logs every request URL at INFO: APNs paths and Web Push endpoints are device tokens.
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
-
-        def client(http1: bool, http2: bool, concurrency: int) -> Any:
-            transport = httpx.HTTPTransport(
-                http1=http1,
-                http2=http2,
-                verify=verify,
-                trust_env=False,
-                limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            )
-            transport._pool._network_backend = deadline_backend()  # httpx has no parameter for it
-            return httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
-
+        connect = min(total, settings.connect_timeout_ms / 1000)
         # APNs, and FCM on https: our own HTTP/2 client (see h2client.py), one connection per
-        # origin shared by every sending thread. Plain-http FCM endpoints (tests) use HTTP/1.1.
-        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), min(total, settings.connect_timeout_ms / 1000))
-        self.fcm = client(True, False, settings.fcm_concurrency)
-        self.http = client(True, False, settings.webpush_concurrency)  # Web Push and OAuth token endpoints
+        # origin shared by every sending thread. Web Push, the OAuth token endpoint and plain-http
+        # FCM endpoints (tests): pooled HTTP/1.1 keep-alive connections (http1.py).
+        self.h2 = H2Client(tls_context(settings.ca_file, "h2"), connect)
+        self.http = Http1Client(tls_context(settings.ca_file, "http/1.1"), connect,
+                                idle_per_origin=max(settings.webpush_concurrency, settings.fcm_concurrency))
         self.limits = {
             "apns": settings.apns_concurrency,
             "fcm": settings.fcm_concurrency,
             "webpush": settings.webpush_concurrency,
         }
         self.gates = {name: ProviderGate(limit) for name, limit in self.limits.items()}
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[str, Executor] = {}
         self._vapid: dict[str, tuple[str, float]] = {}
+        self._public_hosts: dict[str, float] = {}  # host → until when it is known to resolve to public addresses
         self._lock = threading.Lock()
         self._token_locks: dict[str, threading.Lock] = {}
 
@@ -531,7 +479,6 @@ class ProviderClients:
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self.h2.close()
-        self.fcm.close()
         self.http.close()
 
     def submit(
@@ -541,13 +488,13 @@ class ProviderClients:
         rendered: Mapping[str, Any],
         credentials: Mapping[str, Any],
         ctx: SendContext,
-    ) -> Future[ProviderResult]:
-        """Run :meth:`send_paced` on the provider's pool (its concurrency bounds the threads)."""
+    ) -> Any:
+        """Run :meth:`send_paced` on the provider's executor (at most its concurrency at once)."""
         name = provider if provider in self.limits else "webpush"
         with self._lock:
             pool = self._pools.get(name)
             if pool is None:
-                pool = self._pools[name] = ThreadPoolExecutor(self.limits[name], thread_name_prefix=f"push-{name}")
+                pool = self._pools[name] = self._executor(name, self.limits[name])
         return pool.submit(self.send_paced, provider, device, rendered, credentials, ctx)
 
     def send_paced(
@@ -585,7 +532,9 @@ class ProviderClients:
     # -- safety --
 
     def check_target(self, url: str) -> None:
-        """Refuse http and local/private targets (also by DNS answer) unless insecure is allowed."""
+        """Refuse http and local/private targets (also by DNS answer) unless insecure is allowed.
+        A host found to resolve to public addresses only is not resolved again for
+        :data:`PUBLIC_HOST_TTL_S` (a DNS lookup per request would cost more than the request)."""
         if self.settings.allow_insecure_endpoints:
             return
         try:
@@ -593,6 +542,9 @@ class ProviderClients:
         except Exception as exc:
             raise EndpointRefused(str(getattr(exc, "message", exc))) from None
         host = urlsplit(url).hostname or ""
+        now = time.monotonic()
+        if self._public_hosts.get(host, 0.0) > now:
+            return
         import ipaddress
 
         for addr in self.resolver(host):
@@ -601,6 +553,9 @@ class ProviderClients:
                     raise EndpointRefused("provider endpoint resolves to a local or private address")
             except ValueError:
                 continue
+        if len(self._public_hosts) >= PUBLIC_HOSTS_MAX:
+            self._public_hosts.clear()
+        self._public_hosts[host] = now + PUBLIC_HOST_TTL_S
 
     # -- dispatch --
 
@@ -623,8 +578,8 @@ class ProviderClients:
             return ProviderResult(REJECTED, UNKNOWN, f"endpoint_refused: {exc}")
         except H2Expired:
             return ProviderResult(EXPIRED, reason="expired")  # not sent: its expiresAtMs passed
-        except self._httpx.HTTPError as exc:
-            return transport_failure(exc)
+        except BadHeader:
+            return ProviderResult(REJECTED, CALLER_PAYLOAD, "bad_header")
         except (OSError, ssl.SSLError) as exc:
             return transport_failure(exc)
 
@@ -680,7 +635,12 @@ class ProviderClients:
             token = self.apns_jwt(creds, cache_name)
             headers["authorization"] = f"bearer {token}"
             resp = self.h2.post(
-                url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
+                url,
+                content=body,
+                headers=headers,
+                timeout=_time_left(self.settings),
+                not_after=_not_after(ctx),
+                unique=(":path", "apns-id"),
             )
             result = classify_apns(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token:
@@ -721,8 +681,12 @@ class ProviderClients:
             },
             key,
         )
+        form = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
         resp = self.http.post(
-            token_uri, data={"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+            token_uri,
+            content=form.encode("ascii"),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=_time_left(self.settings),
         )
         if resp.status_code >= 500 or resp.status_code == 429:
             return ProviderResult(
@@ -749,11 +713,11 @@ class ProviderClients:
         base = self.settings.fcm_endpoint.rstrip("/")
         url = f"{base}/v1/projects/{quote(account['project_id'], safe='')}/messages:send"
         self.check_target(base)
-        message = json.loads(json.dumps(rendered["message"]))
+        message = dict(rendered["message"])  # a shallow copy: only these two keys change per device
         message["token"] = device["recipient"]["registrationToken"]
         if ctx.expires_at_ms is not None:
             remaining = max(0, int(ctx.expires_at_ms / 1000 - ctx.now))
-            message.setdefault("android", {})["ttl"] = f"{remaining}s"
+            message["android"] = {**(message.get("android") or {}), "ttl": f"{remaining}s"}
         body = compact({"message": message})
         cache_name = f"fcm:{ctx.app_id}:{account['client_email']}:{creds.get('version', 1)}"
         result = ProviderResult(REJECTED, UNKNOWN, "not_sent")
@@ -762,13 +726,14 @@ class ProviderClients:
             if isinstance(token, ProviderResult):
                 return token
             headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            resp: H2Response | Http1Response
             if url.startswith("https:"):
                 resp = self.h2.post(
                     url, content=body, headers=headers, timeout=_time_left(self.settings), not_after=_not_after(ctx)
                 )
             else:
                 _check_expiry(ctx)
-                resp = self.fcm.post(url, content=body, headers=headers)
+                resp = self.http.post(url, content=body, headers=headers, timeout=_time_left(self.settings))
             result = classify_fcm(resp.status_code, resp.headers, resp.content)
             if not result.refresh_token or attempt > 0:
                 break
@@ -819,7 +784,7 @@ class ProviderClients:
         if wp.get("topic"):
             headers["topic"] = wp["topic"]
         _check_expiry(ctx)
-        resp = self.http.post(endpoint, content=body, headers=headers)
+        resp = self.http.post(endpoint, content=body, headers=headers, timeout=_time_left(self.settings))
         return classify_webpush(resp.status_code, resp.headers, resp.content)
 
 
@@ -831,7 +796,7 @@ def tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
     """The TLS client context for provider connections (system CAs plus ``push.ca_file``),
     made once per process — loading the CA store takes tens of milliseconds. A worker's main
     process makes it before forking (``workers.push.preload``), so work-horses inherit it.
-    One per ALPN protocol: httpx sets its own ALPN list on the context it is given."""
+    One per ALPN protocol (``h2`` for the HTTP/2 client, ``http/1.1`` for the other)."""
     key = (ca_file, alpn)
     with _tls_lock:
         ctx = _tls_contexts.get(key)

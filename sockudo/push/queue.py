@@ -50,7 +50,10 @@ class RqPushQueue:
         return str(job.id)
 
     def job_state(self, job_id: str | None) -> str:
-        """``queued`` (waiting its turn), ``scheduled`` (waiting for its time) or ``other``."""
+        """``queued`` (waiting its turn in the queue), ``scheduled`` (waiting for its time) or
+        ``other``. A job whose status says queued but that is not in the queue's list is
+        ``other``: a worker took it and died (or lost Redis) before RQ marked it started, and
+        nothing would ever run it again."""
         if not job_id:
             return "other"
         from rq.exceptions import NoSuchJobError
@@ -60,7 +63,9 @@ class RqPushQueue:
             status = Job.fetch(job_id, connection=self.client).get_status(refresh=False)
         except NoSuchJobError:
             return "other"
-        if status in (JobStatus.QUEUED, JobStatus.DEFERRED):
+        if status == JobStatus.QUEUED:
+            return "queued" if self.client.lpos(self.queue.key, job_id) is not None else "other"
+        if status == JobStatus.DEFERRED:
             return "queued"
         return "scheduled" if status == JobStatus.SCHEDULED else "other"
 

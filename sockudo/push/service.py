@@ -21,7 +21,7 @@ from sockudo.push import status as st
 from sockudo.push.crypto import seal
 from sockudo.push.dispatcher import Dispatcher, credential_aad
 from sockudo.push.metrics import PushMetrics, RecordingMetrics
-from sockudo.push.providers import validate_credentials
+from sockudo.push.providers import Executors, validate_credentials
 from sockudo.push.settings import PushSettings, uses_redis
 
 logger = logging.getLogger("sockudo_push")
@@ -404,9 +404,16 @@ class PushService:
 
 
 def build_push(
-    config: Any, metrics: PushMetrics | RecordingMetrics | None = None, *, registry: Any = None, client: Any = None
+    config: Any,
+    metrics: PushMetrics | RecordingMetrics | None = None,
+    *,
+    registry: Any = None,
+    client: Any = None,
+    executor: Executors | None = None,
 ) -> PushService | None:
-    """Compose push from the config; None when ``[push] enabled = false``."""
+    """Compose push from the config; None when ``[push] enabled = false``. ``executor`` makes
+    the provider clients' per-provider executors (default: thread pools; the pooled worker
+    passes greenlet pools)."""
     settings: PushSettings = config.push
     if not settings.enabled:
         return None
@@ -446,7 +453,9 @@ def build_push(
         store = MemoryStore()
         tokens = MemoryTokenCache()
         queue = None
-    dispatcher = Dispatcher(settings, store, queue, lambda: ProviderClients.for_process(settings, tokens), metrics)
+    dispatcher = Dispatcher(
+        settings, store, queue, lambda: ProviderClients.for_process(settings, tokens, executor), metrics
+    )
     if queue is None:
         queue = InProcessQueue(dispatcher.run)
         dispatcher.queue = queue

@@ -222,6 +222,21 @@ def test_the_worker_outlives_a_redis_restart_in_the_middle_of_a_delivery(
         worker.stop()
 
 
+def test_a_worker_started_while_redis_is_away_waits_for_it(own_redis: RedisServer) -> None:
+    """A worker (re)started during a Redis outage — a deploy, a crash loop, a Redis failover —
+    waits for Redis instead of dying on RQ's first command, then serves its queue."""
+    worker = WorkerProcess(own_redis.url).start()  # Redis is not running yet
+    try:
+        wait_until(lambda: "could not reach Redis to register" in worker.log(), timeout=20,
+                   message="the worker to notice Redis is away")
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log()[-2000:]
+        own_redis.start()
+        wait_until(lambda: "Listening on" in worker.log(), timeout=20, message="the worker to serve its queue")
+        assert worker.proc.poll() is None, worker.log()[-2000:]
+    finally:
+        worker.stop()
+
+
 @pytest.mark.parametrize("when", ["starting", "idle"])
 def test_sigterm_still_stops_the_worker(own_redis: RedisServer, when: str) -> None:
     """The restart-on-error loop must not swallow a requested stop: a worker given SIGTERM (a

@@ -147,3 +147,16 @@ def test_provider_back_pressure_slows_the_sender_and_fails_no_device(push: Push)
     counters = status["counters"]
     assert counters["succeeded"] == 100 and counters["failed"] == 0 and counters["deadLettered"] == 0
     assert all(accepted(token) == 1 for token in tokens.values())
+
+
+def test_provider_connections_outlive_the_jobs(push: Push) -> None:
+    """Each worker process keeps one APNs connection for all its jobs (as Apple asks): two
+    publishes of two dispatch jobs each open at most one connection per worker — a worker that
+    forked a work-horse per job would open one per job."""
+    before = push.apns.connections
+    for _ in range(2):
+        channel, tokens, accepted = register(push, "apns", DEVICES)
+        status = push.wait_state(publish(push, channel), FINAL, timeout=30)
+        assert status["state"] == "succeeded", status
+        assert all(accepted(token) == 1 for token in tokens.values())
+    assert push.apns.connections - before <= len(push.workers), push.apns.connections - before

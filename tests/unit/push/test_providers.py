@@ -153,6 +153,27 @@ def test_endpoint_guard_refuses_http_local_and_private_answers() -> None:
     clients(True, {}).check_target("http://127.0.0.1:9/x")  # the explicit test/dev switch
 
 
+def test_endpoint_guard_resolves_a_public_host_once_a_minute_and_a_local_one_every_time() -> None:
+    lookups: list[str] = []
+    answers = {"push.example.com": ["93.184.216.34"], "evil.example.com": ["10.0.0.5"]}
+
+    def resolve(host: str) -> list[str]:
+        lookups.append(host)
+        return answers[host]
+
+    guard = p.ProviderClients(parse_settings({}), p.MemoryTokenCache(), resolver=resolve)
+    for _ in range(3):
+        guard.check_target("https://push.example.com/a")
+        with pytest.raises(p.EndpointRefused):
+            guard.check_target("https://evil.example.com/b")
+    assert lookups.count("push.example.com") == 1 and lookups.count("evil.example.com") == 3
+    guard._public_hosts["push.example.com"] = 0.0  # a minute later
+    answers["push.example.com"] = ["127.0.0.1"]  # the name now points inside
+    with pytest.raises(p.EndpointRefused):
+        guard.check_target("https://push.example.com/a")
+    guard.close()
+
+
 def test_credential_validation() -> None:
     from sockudo.core.errors import ApiError
 

@@ -126,3 +126,22 @@ def test_batch_claim_and_settle_match_one_by_one(redis_server: RedisServer) -> N
     last = store.settle_many("a", "p", [st.SettleOp("d2", st.Outcome.ACCEPTED)], 700)
     assert last[0].terminal == st.PARTIALLY_SUCCEEDED
     assert store.get_status("a", "p")["state"] == st.PARTIALLY_SUCCEEDED  # type: ignore[index]
+
+
+def test_a_queued_job_missing_from_its_queue_is_not_waiting_its_turn(redis_server: RedisServer) -> None:
+    """The lease reaper leaves a job that waits its turn in the queue alone; one whose status says
+    queued but that is in no queue list (its worker took it and died, or lost Redis, before RQ
+    marked it started) must be taken over, or its deliveries wait forever."""
+    import time
+
+    from sockudo.push.queue import DISPATCH_JOB, RqPushQueue
+
+    client = redis.Redis.from_url(redis_server.url)
+    queue = RqPushQueue(client, "push-" + uuid.uuid4().hex[:8])
+    waiting = queue.enqueue(DISPATCH_JOB, "a:p:d0")
+    later = queue.enqueue(DISPATCH_JOB, "a:p:d1", at_ms=int(time.time() * 1000) + 60_000)
+    assert queue.job_state(waiting) == "queued"
+    assert queue.job_state(later) == "scheduled"
+    client.lrem(queue.queue.key, 0, waiting)  # taken off the queue by a worker that then died
+    assert queue.job_state(waiting) == "other"
+    assert queue.job_state("no-such-job") == "other"
