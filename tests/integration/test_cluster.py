@@ -37,17 +37,24 @@ from tests.support.cluster import (
     DEAD_NODE_BOUND,
     HEARTBEAT_INTERVAL,
     SentinelServer,
+    connect,
+    member_view,
     metrics_at,
     node_env,
+    presence_frames,
+    received,
     start_all,
+    succeeded_presence,
     tracebacks,
     up_status,
+    user_ids,
     wait_formed,
+    wait_member_frame,
 )
 from tests.support.fakes import FakeRuntime, RecordingTransport
 from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, free_port, free_port_pair, wait_until
-from tests.support.pusherjs import PusherJsClient, PusherJsDriver
+from tests.support.pusherjs import PusherJsClient
 from tests.support.sdk import APP, sdk_for
 from tests.support.wsraw import RawClient
 
@@ -85,73 +92,6 @@ pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def user(uid: str) -> dict[str, Any]:
-    return {"user_id": uid, "user_info": {"name": uid.upper()}}
-
-
-def connect(js: PusherJsDriver, name: str, node: ServerProcess | int, app: dict[str, Any] = APP,
-            uid: str | None = None, *channels: str) -> PusherJsClient:
-    """A connected pusher-js client of ``app`` on ``node`` (or a port), subscribed to ``channels``."""
-    port = node if isinstance(node, int) else node.port
-    client = js.connect(name, key=app["key"], port=port, secret=app["secret"], app_id=app["id"],
-                        user_data=user(uid) if uid else None, raw=False)
-    client.wait_connected()
-    for channel in channels:
-        client.subscribe(channel)
-    for channel in channels:
-        client.wait_subscribed(channel)
-    return client
-
-
-def received(client: PusherJsClient, channel: str, event: str) -> list[Any]:
-    """Data of every ``event`` pusher-js emitted on ``channel`` so far."""
-    return [e["data"] for e in client.events("event") if e["channel"] == channel and e["event"] == event]
-
-
-def presence_frames(client: PusherJsClient, channel: str, kind: str) -> list[str]:
-    """User ids of the ``pusher_internal:member_{kind}`` frames the client received. Frames, not
-    pusher-js events: pusher-js hides a member_removed for a member it no longer lists."""
-    return [str(e["data"]["user_id"]) for e in client.events("message")
-            if e["channel"] == channel and e["event"] == f"pusher_internal:member_{kind}"]
-
-
-def succeeded_presence(client: PusherJsClient, channel: str) -> dict[str, Any]:
-    """The ``presence`` object of the raw subscription_succeeded frame (ids as sent, duplicates kept)."""
-    frames = [e for e in client.events("message")
-              if e["channel"] == channel and e["event"] == "pusher_internal:subscription_succeeded"]
-    assert frames, f"{client.name} has no subscription_succeeded on {channel}"
-    return frames[-1]["data"]["presence"]
-
-
-def member_view(client: PusherJsClient, channel: str) -> set[str]:
-    """The member list an app shows: the last subscription_succeeded, then added/removed in order."""
-    view: set[str] = set()
-    for e in client.events("message"):
-        if e["channel"] != channel:
-            continue
-        if e["event"] == "pusher_internal:subscription_succeeded":
-            view = {str(i) for i in e["data"]["presence"]["ids"]}
-        elif e["event"] == "pusher_internal:member_added":
-            view.add(str(e["data"]["user_id"]))
-        elif e["event"] == "pusher_internal:member_removed":
-            view.discard(str(e["data"]["user_id"]))
-    return view
-
-
-def user_ids(node: ServerProcess, channel: str) -> list[str]:
-    """``GET /channels/{channel}/users`` through the SDK, sorted."""
-    return sorted(u["id"] for u in sdk_for(node).users_info(channel)["users"])
-
-
-def wait_member_frame(client: PusherJsClient, channel: str, kind: str, uid: str,
-                      timeout: float = 10.0) -> dict[str, Any]:
-    return client.wait_for(
-        lambda e: e.get("type") == "message" and e.get("channel") == channel
-        and e.get("event") == f"pusher_internal:member_{kind}" and str(e["data"].get("user_id")) == uid,
-        timeout=timeout, desc=f"member_{kind} {uid} on {channel}",
-    )
 
 
 _attempts = itertools.count()
