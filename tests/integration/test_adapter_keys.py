@@ -276,11 +276,20 @@ def test_a_leave_during_a_resync_is_announced_once_and_stays_left(request: pytes
     one.subscribe(APP.id, "presence-r", conn)
     assert one.presence_join(APP.id, "presence-r", "1.1", "u1", {"name": "u1"}) is True
     left: list[bool] = []
+    threads: list[threading.Thread] = []
+
+    def leave_meanwhile() -> None:  # another greenlet's leave, while the resync is on its way to Redis
+        thread = threading.Thread(
+            target=lambda: left.append(one.presence_leave(APP.id, "presence-r", "1.1", "u1")), daemon=True)
+        thread.start()
+        thread.join(timeout=1.0)  # done at once, or waiting for the resync's write of this share
+        threads.append(thread)
+
     # the leave lands while the resync writes its shares (its first SADD of the holdings set)
-    one.client = CallFirst(  # type: ignore[assignment]
-        client, "sadd", lambda: left.append(one.presence_leave(APP.id, "presence-r", "1.1", "u1")))
+    one.client = CallFirst(client, "sadd", leave_meanwhile)  # type: ignore[assignment]
     one._resync()
     one.client = client
+    threads[0].join(timeout=10)
     assert left == [True]  # the handler announces this leave
     assert one.presence_members_checked(APP.id, "presence-r") == ({}, True)
     one._resync()
