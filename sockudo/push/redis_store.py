@@ -48,6 +48,16 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
 """
 
+# A job record and its lease in one step: a record written without its lease (Redis stopping
+# between the two writes) would be found by a re-run of its planner ("already exists", so not
+# enqueued again) and by no lease reaper, and its deliveries would never be sent.
+_PUT_BATCH_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+
 MAX_CAS = 64
 
 
@@ -77,6 +87,7 @@ class RedisStore:
         self.status_ttl_s = status_ttl_s
         self.on_conflict = on_conflict or (lambda component: None)
         self._take_expired = client.register_script(_TAKE_EXPIRED_LUA)
+        self._put_batch = client.register_script(_PUT_BATCH_LUA)
 
     def k(self, *parts: str) -> str:
         return self.p + ":".join(parts)
@@ -606,13 +617,9 @@ class RedisStore:
     # -- batches --
 
     def put_batch(self, batch_id: str, batch: dict[str, Any], deadline_ms: int) -> bool:
-        if not self.r.set(self.k("batch", batch_id), dumps(batch), nx=True, ex=self.status_ttl_s):
-            return False
-        with self.r.pipeline() as pipe:
-            pipe.zadd(self.k("leases"), {batch_id: deadline_ms})
-            pipe.zadd(self.k("due"), {batch_id: int(batch.get("dueMs") or 0)})
-            pipe.execute()
-        return True
+        names = [self.k("batch", batch_id), self.k("leases"), self.k("due")]
+        args = [dumps(batch), self.status_ttl_s, deadline_ms, int(batch.get("dueMs") or 0), batch_id]
+        return bool(self._put_batch(keys=names, args=args))
 
     def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self.k("batch", batch_id))

@@ -145,3 +145,44 @@ def test_a_queued_job_missing_from_its_queue_is_not_waiting_its_turn(redis_serve
     client.lrem(queue.queue.key, 0, waiting)  # taken off the queue by a worker that then died
     assert queue.job_state(waiting) == "other"
     assert queue.job_state("no-such-job") == "other"
+
+
+class _CutAfter(redis.Connection):
+    """A connection to the real server that is cut once ``budget`` more commands have gone out
+    (Redis stopping between two of a caller's writes)."""
+
+    budget: int | None = None
+
+    def send_packed_command(self, command: object, check_health: bool = True) -> None:
+        if _CutAfter.budget is not None:
+            if _CutAfter.budget <= 0:
+                raise redis.ConnectionError("connection cut")
+            _CutAfter.budget -= 1
+        super().send_packed_command(command, check_health)
+
+
+def test_a_job_record_is_never_left_without_its_lease(redis_server: RedisServer) -> None:
+    """A job record that exists without its lease is never run: a re-run of its planner finds it
+    already recorded (so does not enqueue it) and the lease reaper does not know it. Whichever
+    command the connection is cut after, the record and its lease are written together or not
+    at all."""
+    prefix = f"t:{uuid.uuid4().hex[:6]}:"
+    healthy = RedisStore(redis.Redis.from_url(redis_server.url), prefix)
+    pool = redis.ConnectionPool.from_url(redis_server.url, connection_class=_CutAfter)
+    cut = RedisStore(redis.Redis(connection_pool=pool), prefix)
+    assert cut.put_batch("warm", {"kind": "dispatch", "dueMs": 0}, 1000)  # the connection is up
+    try:
+        for budget in range(4):
+            batch_id = f"b{budget}"
+            cut.r.ping()  # connected again: the budget counts the store's own commands
+            _CutAfter.budget = budget
+            try:
+                cut.put_batch(batch_id, {"kind": "dispatch", "dueMs": 0}, 1000)
+            except redis.ConnectionError:
+                pass
+            _CutAfter.budget = None
+            if healthy.get_batch(batch_id) is not None:
+                assert batch_id in healthy.take_expired(1000, 5000), budget
+    finally:
+        _CutAfter.budget = None
+        pool.disconnect()
