@@ -41,7 +41,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
+from bench.harness import extract_tree  # noqa: E402
 from sockudo.push import crypto  # noqa: E402
 from tests.support.fake_push import FakeAPNs, FakeFCM, FakeWebPush, web_subscription  # noqa: E402
 from tests.support.procs import RedisServer, ServerProcess, free_port, wait_until  # noqa: E402
@@ -71,18 +71,6 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def extract(rev: str) -> Path:
-    """The tree of ``rev`` in a temporary directory (its workers run from there)."""
-    out = Path(tempfile.mkdtemp(prefix="push-bench-base-"))
-    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
-    tar = out / "tree.tar"
-    tar.write_bytes(archive)
-    with tarfile.open(tar) as fh:
-        fh.extractall(out, filter="data")
-    tar.unlink()
-    return out
 
 
 class Bench:
@@ -290,7 +278,7 @@ def main() -> int:
     args = parser.parse_args()
     providers = [p for p in args.providers.split(",") if p]
 
-    base = extract(args.baseline_rev) if args.baseline_rev else None
+    base = extract_tree(args.baseline_rev) if args.baseline_rev else None
     bench = Bench(args)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"baseline": [], "concurrent": []} for p in providers}
     try:

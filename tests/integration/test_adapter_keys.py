@@ -22,7 +22,7 @@ from sockudo.adapter.redis import RedisAdapter
 from sockudo.config import AppConfig, Config
 from sockudo.core.connection import Connection
 from sockudo.metrics.registry import Metrics
-from tests.support.fakes import FakeRuntime, RecordingTransport
+from tests.support.fakes import FakeRuntime, RecordingListener, RecordingTransport
 from tests.support.procs import wait_until
 from tests.support.rediscluster import STORE_BACKENDS, store_client
 
@@ -38,20 +38,6 @@ class SilentBus:
     def wait_applied(self, timeout: float) -> bool:
         return True
     def close(self) -> None: ...
-
-
-class Transitions:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, ...]] = []
-
-    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
-        self.calls.append(("member_removed", channel, user_id))
-
-    def on_channel_vacated(self, app_id: str, channel: str) -> None:
-        self.calls.append(("channel_vacated", channel))
-
-    def on_user_offline(self, app_id: str, user_id: str) -> None:
-        self.calls.append(("user_offline", user_id))
 
 
 class ConfirmingBus(SilentBus):
@@ -70,11 +56,11 @@ class ConfirmingBus(SilentBus):
         return True
 
 
-def node(client: Any, node_id: str, bus: Any = None) -> tuple[RedisAdapter, Transitions]:
+def node(client: Any, node_id: str, bus: Any = None) -> tuple[RedisAdapter, RecordingListener]:
     config = replace(Config(), adapter_driver="redis", heartbeat_interval=1.0, node_timeout=30.0)
     adapter = RedisAdapter(config, Metrics(CollectorRegistry()), FakeRuntime(), node_id=node_id, client=client,
                            bus=bus or SilentBus())
-    transitions = Transitions()
+    transitions = RecordingListener()
     adapter.set_listener(transitions)
     adapter._connected(True)  # what the bus calls once subscribed: resync, register, healthy
     return adapter, transitions

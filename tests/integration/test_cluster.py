@@ -51,7 +51,7 @@ from tests.support.cluster import (
     wait_formed,
     wait_member_frame,
 )
-from tests.support.fakes import FakeRuntime, RecordingTransport
+from tests.support.fakes import FakeRuntime, RecordingListener, RecordingTransport
 from tests.support.metrics import metric
 from tests.support.procs import RedisServer, ServerProcess, free_port, free_port_pair, wait_until
 from tests.support.pusherjs import PusherJsClient
@@ -706,28 +706,12 @@ def test_redis_away_longer_than_the_node_timeout_is_not_mistaken_for_dead_nodes(
     assert tracebacks(a, b) == 0
 
 
-class _Transitions:
-    """The adapter's cluster listener: records what it is told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, ...]] = []
-
-    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
-        self.calls.append(("member_removed", channel, user_id))
-
-    def on_channel_vacated(self, app_id: str, channel: str) -> None:
-        self.calls.append(("channel_vacated", channel))
-
-    def on_user_offline(self, app_id: str, user_id: str) -> None:
-        self.calls.append(("user_offline", user_id))
-
-
-def _hand_adapter(redis_server: RedisServer, node_id: str) -> tuple[RedisAdapter, _Transitions]:
+def _hand_adapter(redis_server: RedisServer, node_id: str) -> tuple[RedisAdapter, RecordingListener]:
     """A Redis adapter in this process, connected by hand (its greenlets are not started)."""
     config = replace(Config(), adapter_driver="redis", redis_url=redis_server.url, heartbeat_interval=1.0,
                      node_timeout=30.0)
     adapter = RedisAdapter(config, Metrics(CollectorRegistry()), FakeRuntime(), node_id=node_id)
-    transitions = _Transitions()
+    transitions = RecordingListener()
     adapter.set_listener(transitions)
     adapter._heartbeat(resync=True)
     adapter.healthy = True

@@ -247,3 +247,19 @@ class World:
     def sample(self, metric: str, app_id: str | None = None, **labels: str) -> float:
         value = self.registry.get_sample_value(metric, {"app_id": app_id or self.app.id, "port": "9601", **labels})
         return 0.0 if value is None else value
+
+
+class RecordingListener:
+    """The Redis adapter's cluster listener: records each transition it is told of."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def on_member_removed(self, app_id: str, channel: str, user_id: str) -> None:
+        self.calls.append(("member_removed", channel, user_id))
+
+    def on_channel_vacated(self, app_id: str, channel: str) -> None:
+        self.calls.append(("channel_vacated", channel))
+
+    def on_user_offline(self, app_id: str, user_id: str) -> None:
+        self.calls.append(("user_offline", user_id))
