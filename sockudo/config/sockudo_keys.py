@@ -474,6 +474,15 @@ class Translated:
     warnings: list[str] = field(default_factory=list)
 
 
+
+def _host_port(where: str, table: Mapping[str, Any], default_port: int) -> str:
+    """A ``{host, port}`` table of a node list as ``"host:port"``."""
+    for key in table:
+        if key not in ("host", "port"):
+            raise unknown_key(f"{where}.{key}", key, ("host", "port"))
+    host = to_str(f"{where}.host", table.get("host", "127.0.0.1"))
+    return f"{host}:{to_int(f'{where}.port', table.get('port', default_port), 1, 65535)}"
+
 class _Translator:
     def __init__(self, root: Mapping[str, Any], env: Mapping[str, str]) -> None:
         self.root = root
@@ -637,11 +646,7 @@ class _Translator:
         entries: list[Any] = []
         for i, item in enumerate(value):
             if isinstance(item, Mapping):
-                for key in item:
-                    if key not in ("host", "port"):
-                        raise unknown_key(f"{where}[{i}].{key}", key, ("host", "port"))
-                host = to_str(f"{where}[{i}].host", item.get("host", "127.0.0.1"))
-                entries.append(f"{host}:{to_int(f'{where}[{i}].port', item.get('port', 26379), 1, 65535)}")
+                entries.append(_host_port(f"{where}[{i}]", item, 26379))
             else:
                 entries.append(item)
         out[name] = entries
@@ -653,11 +658,7 @@ class _Translator:
         nodes: list[str] = []
         for i, item in enumerate(value):
             if isinstance(item, Mapping):
-                for key in item:
-                    if key not in ("host", "port"):
-                        raise unknown_key(f"{where}[{i}].{key}", key, ("host", "port"))
-                host = to_str(f"{where}[{i}].host", item.get("host", "127.0.0.1"))
-                nodes.append(f"{host}:{to_int(f'{where}[{i}].port', item.get('port', 6379), 1, 65535)}")
+                nodes.append(_host_port(f"{where}[{i}]", item, 6379))
             else:
                 host, port, tls = node_address(f"{where}[{i}]", to_str(f"{where}[{i}]", item))
                 nodes.append(f"{host}:{port}")
